@@ -1,0 +1,54 @@
+# facefed: `make demo` runs the main job, `make test` runs the tests; both set up .venv on first use.
+# Data: with ../shared beside this checkout nothing needs setting; otherwise set FACEFED_LFW
+# (and FACEFED_PRETRAINED) or pass them on the command line: make demo FACEFED_LFW=/path/lfw-deepfunneled.tgz
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED ?= $(abspath $(CURDIR)/../shared)
+
+FACEFED_LFW ?= $(wildcard $(SHARED)/datasets/lfw/lfw-deepfunneled.tgz)
+FACEFED_PRETRAINED ?= $(wildcard $(SHARED)/weights/mobilefacenet-casia/arcface_mobilefacenet.pth)
+export FACEFED_LFW FACEFED_PRETRAINED
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+STAMP := $(VENV)/.facefed-installed
+
+.PHONY: install test test-fast demo bench check-data clean
+
+install: $(STAMP)
+
+# torch 2.13.0 CPU first (pip takes it from local disk), then the project with its dev extra.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+check-data:
+	@if [ -z "$(FACEFED_LFW)" ] || [ ! -e "$(FACEFED_LFW)" ]; then \
+	  echo "LFW not found. Put lfw-deepfunneled.tgz (from the LFW website, with its pairs files) at"; \
+	  echo "  $(SHARED)/datasets/lfw/lfw-deepfunneled.tgz"; \
+	  echo "or run: make $(MAKECMDGOALS) FACEFED_LFW=/path/to/lfw-deepfunneled.tgz"; exit 2; fi
+	@if [ -z "$(FACEFED_PRETRAINED)" ] || [ ! -e "$(FACEFED_PRETRAINED)" ]; then \
+	  echo "Pretrained MobileFaceNet not found. Put arcface_mobilefacenet.pth at"; \
+	  echo "  $(SHARED)/weights/mobilefacenet-casia/arcface_mobilefacenet.pth"; \
+	  echo "or run: make $(MAKECMDGOALS) FACEFED_PRETRAINED=/path/to/arcface_mobilefacenet.pth"; exit 2; fi
+
+test: install check-data
+	$(BIN)/python -m pytest -q
+
+test-fast: install check-data
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+demo: install check-data
+	$(BIN)/python demo/run.py
+
+bench: install check-data
+	@for b in bench/vault.py bench/train.py bench/federation.py bench/forget.py; do \
+	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit $$?; fi; done
+
+clean:
+	rm -rf demo-state bench-out .pytest_cache

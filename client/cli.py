@@ -1,0 +1,27 @@
+"""`facefed-client`: everything a site operator runs. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from client import cli_node, cli_store, cli_train, cli_vault
+
+app = typer.Typer(
+    name="facefed-client",
+    help="Site side of facefed: keep faces as secret shares, train locally with DP, join the federation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cli_vault.app, name="vault")
+app.add_typer(cli_store.app, name="store")
+cli_train.register(app)
+cli_node.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

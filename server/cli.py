@@ -1,0 +1,25 @@
+"""`facefed-server`: everything the federation operator runs. Command groups live in their own modules."""
+
+from __future__ import annotations
+
+import typer
+
+from server import cli_eval, cli_federation
+
+app = typer.Typer(
+    name="facefed-server",
+    help="Server side of facefed: run the SuperLink, submit training, keep the ledger, evaluate models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cli_eval.register(app)
+cli_federation.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

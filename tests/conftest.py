@@ -1,0 +1,38 @@
+"""Shared fixtures: the real LFW archive and pretrained weights, found through the environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from common.lfw import LFW
+from common.paths import DataNotFound, lfw_path, pretrained_path
+
+# Two cores on CI: keep each test process from oversubscribing them.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture(scope="session")
+def lfw_file():
+    """Path of the LFW archive; tests fail (not skip) without it, saying where to put it."""
+    try:
+        return lfw_path()
+    except DataNotFound as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def lfw(lfw_file) -> LFW:
+    return LFW(lfw_file)
+
+
+@pytest.fixture(scope="session")
+def pretrained_file():
+    try:
+        return pretrained_path()
+    except DataNotFound as e:
+        pytest.fail(str(e))
