@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from client import cli_node, cli_store, cli_train, cli_vault
+from client import cli_forget, cli_node, cli_store, cli_train, cli_vault
 
 app = typer.Typer(
     name="facefed-client",
@@ -17,6 +17,7 @@ app.add_typer(cli_vault.app, name="vault")
 app.add_typer(cli_store.app, name="store")
 cli_train.register(app)
 cli_node.register(app)
+cli_forget.register(app)
 
 
 def main() -> None:

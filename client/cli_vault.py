@@ -22,6 +22,7 @@ from rich.text import Text
 from client.vault import Vault, VaultError
 from client.vault.sharefile import MAX_IMAGE_BYTES
 from client.vault.store import StoreError
+from client.vault.tombstones import tombstoned
 from client.vault.validate import check_image
 from common.lfw import LFW, PROTOCOL_FILES, LFWFormatError, partition_people
 from common.paths import DataNotFound, lfw_path
@@ -92,6 +93,8 @@ def import_(
     min_images: Annotated[int, typer.Option("--min-images", help="Only people with at least this many images.")] = 1,
     max_people: Annotated[int | None, typer.Option("--max-people", help="At most this many people (first by "
                                                    "name within this site's share).")] = None,
+    allow_reenrol: Annotated[bool, typer.Option("--allow-reenrol", help="Also import people who were forgotten "
+                                                "here (only with their new consent).")] = False,
 ) -> None:
     """Import this site's share of LFW people into the vault (resumable: images already stored are skipped)."""
     if num_sites < 1:
@@ -119,6 +122,11 @@ def import_(
         _fail(f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
               f"of {num_sites})")
     with _open(vault) as v:
+        forgotten = set() if allow_reenrol else set(tombstoned(v.path, mine))
+        if forgotten:  # a forgotten person stays forgotten when the site re-runs its import
+            out.print(f"skipping {len(forgotten)} person(s) who asked to be forgotten here (--allow-reenrol to "
+                      f"enrol them again with new consent)")
+            mine = [n for n in mine if n not in forgotten]
         done = v.sources()
         keys = [k for name in mine for k in dataset.keys(name) if (name, Path(k.relpath).name) not in done]
         total = sum(counts[n] for n in mine)
@@ -131,11 +139,11 @@ def import_(
             for key, data in dataset.iter_images(keys):
                 batch.append((key.name, data, Path(key.relpath).name))
                 if len(batch) == IMPORT_BATCH:
-                    stored += len(v.put_many(batch))
+                    stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
                     progress.advance(task, len(batch))
                     batch = []
             if batch:
-                stored += len(v.put_many(batch))
+                stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
                 progress.advance(task, len(batch))
         elapsed = time.perf_counter() - started
         rate = f" ({stored / elapsed:.0f} images/s)" if stored and elapsed > 0 else ""
@@ -149,6 +157,8 @@ def add(
     person: Annotated[str, typer.Option("--person", help="The person's id (your own identifier, kept only in the "
                                         "manifest; stores see a random pseudonym).")],
     images: Annotated[list[Path], typer.Argument(help="JPEG/PNG files of this person.", show_default=False)],
+    allow_reenrol: Annotated[bool, typer.Option("--allow-reenrol", help="Enrol a person who was forgotten here "
+                                                "(only with their new consent).")] = False,
 ) -> None:
     """Add image files of one person. All files are checked first; if any is bad, nothing is stored."""
     items = []
@@ -161,7 +171,7 @@ def add(
         check_image(data, str(path))
         items.append((person, data, path.name[:255]))
     with _open(vault) as v:
-        ids = v.put_many(items)
+        ids = v.put_many(items, allow_reenrol=allow_reenrol)
         out.print(f"stored {len(ids)} image(s) of {person} ({v.person(person).n_images} in the vault)", markup=False)
 
 

@@ -32,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
+
 from client.vault import audit
+from client.vault.tombstones import lift_tombstones, tombstoned
 from client.vault.config import CONFIG_NAME, VaultConfig, load_config, write_config
 from client.vault.errors import (CorruptShare, InvalidConfig, InvalidImage, NotEnoughShares, UnknownImage, UnknownPerson,
                                  VaultError)
@@ -192,14 +194,15 @@ class Vault:
         return self._manifest.sources()
 
     # -- writing ----------------------------------------------------------------------------------
-    def put(self, person_id: str, data: bytes, *, source_name: str | None = None) -> str:
+    def put(self, person_id: str, data: bytes, *, source_name: str | None = None, allow_reenrol: bool = False) -> str:
         """Store one image of a person (original bytes, validated first); returns its image id."""
-        return self.put_many([(person_id, data, source_name)])[0]
+        return self.put_many([(person_id, data, source_name)], allow_reenrol=allow_reenrol)[0]
 
-    def put_many(self, items: Sequence[tuple[str, bytes, str | None]]) -> list[str]:
+    def put_many(self, items: Sequence[tuple[str, bytes, str | None]], *, allow_reenrol: bool = False) -> list[str]:
         """Store several images at once (one fsync per store directory and one commit for the lot).
 
         All items are validated before anything is written; on any failure nothing is kept.
+        A person forgotten here (`facefed-client forget`) is refused unless `allow_reenrol`.
         """
         self._check_open()
         checked = []
@@ -216,6 +219,10 @@ class Vault:
             checked.append((person_id, data, source_name))
         if not checked:
             return []
+        forgotten = tombstoned(self.path, [pid for pid, _, _ in checked])
+        if forgotten and not allow_reenrol:
+            raise VaultError(f"person {forgotten[0]!r} asked to be forgotten at this site; nothing was stored. "
+                             f"Enrol them again only with their new consent, using --allow-reenrol")
         self._ensure_writer()
         pseudonyms: dict[str, str] = {}
         for person_id, _, _ in checked:
@@ -238,6 +245,8 @@ class Vault:
                 raise VaultError(f"person {e.args[0]!r} was added by another process at the same moment; "
                                  f"nothing was stored, run the command again") from None
             raise
+        if forgotten:  # enrolled again by the operator's explicit choice: later imports need no flag
+            lift_tombstones(self.path, forgotten)
         return [plan.image_id for plan in plans]
 
     def _seal_batch(self, plans: list[NewImage], images: list[bytes]) -> list[list[tuple[str, bytes]]]:
