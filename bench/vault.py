@@ -219,8 +219,10 @@ def read_rows(vault: Vault, ids: list[str], images: list[tuple[str, str, bytes]]
 
 # -- hook: rows added by other store kinds (e.g. three grpcs:// holders vs three local dirs) ---------
 def extra_rows(images: list[tuple[str, str, bytes]], root: Path, rounds: int) -> list[Row]:
-    """Place for the remote-store comparison; reuse `read_throughput` with a vault over holders."""
-    return []
+    """The remote-store row (issue 6): the same images through three gRPC holders vs local dirs."""
+    from remote_stores import vault_rows
+
+    return vault_rows(images, root, rounds)
 
 
 # -- main ---------------------------------------------------------------------------------------------
