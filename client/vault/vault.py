@@ -309,6 +309,9 @@ class Vault:
             if unknown:
                 raise UnknownImage(f"{len(unknown)} unknown image id(s), e.g. {unknown[0]!r}")
             infos = [by_id[i] for i in wanted]
+        if any(hasattr(s, "get_many") for s in self.stores):
+            yield from self._iter_batched(infos)
+            return
         if self._read_threads() <= 1:
             # One CPU and local stores: threads would only add GIL hand-offs; read in line.
             for info in infos:
@@ -329,16 +332,56 @@ class Vault:
             for _, future in window:
                 future.cancel()
 
-    def _load_share(self, info: ImageInfo, x: int) -> memoryview:
+    def _iter_batched(self, infos: Sequence[ImageInfo], window: int = 32) -> Iterator[tuple[str, str, bytes]]:
+        """Reads for stores that answer many shares per call (remote holders): a network call costs far
+        more than its payload, so each window of images is fetched with one `get_many` per store from
+        the k stores tried first, the next window is fetched while this one is combined, and anything
+        missing, corrupt or unreachable falls back to `_read`'s per-share path (same checks, same errors)."""
+        pool = self._executor()
+        # Fetches get their own threads: a fetch waits on its per-store calls, which must never queue
+        # behind it in a pool it occupies (with one worker that would deadlock).
+        fetchers = ThreadPoolExecutor(max_workers=self.k + 1, thread_name_prefix="vault-fetch")
+
+        def fetch(chunk: Sequence[ImageInfo]) -> dict[int, dict[str, bytes]]:
+            now = time.monotonic()
+            xs = sorted(range(1, self.n + 1), key=lambda x: (self._down_until[x - 1] > now, x))[:self.k]
+
+            def one(x: int) -> dict[str, bytes]:
+                ids = [info.shares[x] for info in chunk if x in info.shares]
+                store = self.stores[x - 1]
+                try:
+                    return store.get_many(ids) if hasattr(store, "get_many") else {}
+                except StoreUnavailable:
+                    self._down_until[x - 1] = time.monotonic() + _DOWN_RETRY_S
+                except StoreError as e:
+                    log.warning("batched read from %s failed, reading share by share: %s", store.url, e)
+                return {}
+
+            return dict(zip(xs, fetchers.map(one, xs)))
+
+        chunks = [infos[i:i + window] for i in range(0, len(infos), window)]
+        try:
+            pending = fetchers.submit(fetch, chunks[0]) if chunks else None
+            for i, chunk in enumerate(chunks):
+                prefetched = pending.result()
+                pending = fetchers.submit(fetch, chunks[i + 1]) if i + 1 < len(chunks) else None
+                for info, data in zip(chunk, pool.map(lambda info: self._read(info, prefetched), chunk)):
+                    yield info.person_id, info.image_id, data
+        finally:
+            fetchers.shutdown(wait=False, cancel_futures=True)
+
+    def _load_share(self, info: ImageInfo, x: int, prefetched: dict[int, dict[str, bytes]] | None = None) -> memoryview:
         """One verified share payload; raises ShareNotFound, StoreError or ShareFormatError."""
         share_id = info.shares.get(x)
         if share_id is None:
             raise ShareNotFound(f"no share x={x} recorded")
-        blob = self.stores[x - 1].get(share_id)
+        blob = (prefetched or {}).get(x, {}).get(share_id)
+        if blob is None:  # not prefetched (or that fetch failed): ask the store itself
+            blob = self.stores[x - 1].get(share_id)
         return unseal_expected(self._keys, blob, share_id=share_id, image_id=info.image_id, x=x, k=self.k,
                                n=self.n, padded=info.padded)
 
-    def _read(self, info: ImageInfo) -> bytes:
+    def _read(self, info: ImageInfo, prefetched: dict[int, dict[str, bytes]] | None = None) -> bytes:
         now = time.monotonic()
         order: Iterable[int] = range(1, self.n + 1)
         if any(t > now for t in self._down_until):  # stores that were just unreachable go last
@@ -350,7 +393,7 @@ class Vault:
                 break
             url = self.stores[x - 1].url
             try:
-                valid.append((x, self._load_share(info, x)))
+                valid.append((x, self._load_share(info, x, prefetched)))
                 self._down_until[x - 1] = 0.0
             except ShareNotFound:
                 notes.append(f"store {url}: share missing")
