@@ -1,7 +1,69 @@
 """`facefed-server evaluate`: the LFW verification protocol on a model checkpoint."""
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.evaluate import PAIR_FILES, evaluate_lfw, EvalCache
+from common.lfw import LFW, LFWFormatError
+from common.model import CheckpointMismatch, load_checkpoint
+from common.paths import DataNotFound
+
+
+def _fail(msg: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def evaluate(
+    model: Path = typer.Option(..., "--model", help="facefed checkpoint (or the CASIA .pth) to evaluate"),
+    lfw: str = typer.Option(None, "--lfw", help="LFW archive or tree (default: $FACEFED_LFW)"),
+    pairs: str = typer.Option("pairsDevTest.txt", "--pairs",
+                              help="pairsDevTest.txt (View 1 test) or pairs.txt (View 2, 10 folds)"),
+    no_flip: bool = typer.Option(False, "--no-flip", help="no horizontal-flip test-time averaging"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    max_pairs: int = typer.Option(None, "--max-pairs", min=20,
+                                  help="quick look on a balanced subset of the pairs (not the protocol)"),
+) -> None:
+    """Accuracy (10-fold CV thresholds, mean ± std), ROC AUC and TAR@FAR on LFW pairs."""
+    if pairs not in PAIR_FILES[:2]:
+        _fail(f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} "
+              "(pairsDevTrain's people are training people)")
+    try:
+        net, meta = load_checkpoint(model)
+    except (FileNotFoundError, CheckpointMismatch) as e:
+        _fail(str(e))
+    try:
+        data = LFW(lfw)
+        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs)
+    except (DataNotFound, LFWFormatError) as e:
+        _fail(str(e))
+    result = evaluate_lfw(net, data, pairs, flip=not no_flip, cache=cache)
+    if as_json:
+        print(json.dumps({"model": str(model), "meta": meta, **result.to_dict()}, indent=1, default=str))
+        return
+    table = Table(title=f"LFW {pairs}{' (subset)' if max_pairs else ''}: {model.name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    table.add_row("accuracy", f"{100 * result.accuracy_mean:.2f} ± {100 * result.accuracy_std:.2f} %",
+                  f"{len(result.fold_accuracies)}-fold CV thresholds, {result.n_pairs} pairs")
+    table.add_row("ROC AUC", f"{result.auc:.4f}", "")
+    for t in result.tar_at_far.values():
+        table.add_row(f"TAR @ FAR={t.far:g}", f"{100 * t.tar:.2f} %",
+                      f"{t.n_impostor} impostor pairs, {t.impostors_accepted} accepted")
+    table.add_row("flip averaging", "yes" if result.flip else "no", "")
+    if "epsilon" in meta:
+        table.add_row("privacy", f"ε={meta['epsilon']}", f"δ={meta.get('delta')}, per {meta.get('privacy_unit')}, "
+                                                         f"{meta.get('accountant')}")
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add the `evaluate` command to the main CLI."""
+    app.command("evaluate")(evaluate)

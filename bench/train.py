@@ -1,0 +1,175 @@
+"""Benchmark: DP-SGD cost and accuracy of the face embedder (issue 3). Run: `make bench` or
+`.venv/bin/python bench/train.py` with FACEFED_LFW and FACEFED_PRETRAINED set.
+
+1. Throughput: DP-SGD (per-person, Opacus) vs non-private SGD on the same model (trainable tail +
+   CosFace head), the same batches of the same images, interleaved in one run; images/s and ratio.
+2. Accuracy on LFW pairsDevTest (people disjoint from training; 10-fold CV thresholds, flip
+   averaging), training on peopleDevTrain people with >= 2 images: pretrained as is; fine-tuned
+   non-private; fine-tuned with per-person DP at epsilon 8 and 2 (delta 1e-5, RDP); from scratch
+   non-private and DP (time-boxed: a few minutes each on 2 cores).
+Hyper-parameters come from configs/bench/*.toml, chosen on held-out peopleDevTrain people (see
+bench/README notes in the closing report), never on pairsDevTest. Output is also written to
+bench-out/train.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from client.sampling import PersonSampler  # noqa: E402
+from client.trainer import _Loop, _Net, train_local  # noqa: E402
+from common.accountant import SiteAccountant  # noqa: E402
+from common.config import TrainConfig, load_config  # noqa: E402
+from common.heads import MarginHead  # noqa: E402
+from common.lfw import LFW  # noqa: E402
+from common.model import build_embedder, count_params, prefix_fingerprint  # noqa: E402
+from common.paths import pretrained_path  # noqa: E402
+from train_data import load_eval, load_faces, train_people  # noqa: E402
+
+OUT = ROOT / "bench-out"
+CONFIGS = ROOT / "configs" / "bench"
+
+
+class Tee:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w")
+
+    def __call__(self, *args) -> None:
+        line = " ".join(str(a) for a in args)
+        print(line, flush=True)
+        self.f.write(line + "\n")
+        self.f.flush()
+
+
+def throughput(model, faces, log, *, batch: int, rounds: int, steps: int) -> None:
+    """Same model, same batches, same images: DP and non-private steps interleaved."""
+    q = batch / faces.n_people
+    sampler = PersonSampler(faces.counts, q, generator=torch.Generator().manual_seed(0))
+    batches = [sampler.sample() for _ in range(steps)]
+    feats = faces.cache[("prefix", prefix_fingerprint(model))]
+    xs = [feats[b.rows, b.flips.long()] for b in batches]
+    head = MarginHead(faces.pseudonyms)
+    labels = [head.indices(faces.pseudonyms)[faces.labels[b.rows]] for b in batches]
+    n_images = sum(len(b) for b in batches)
+    timings = {"none": 0.0, "person": 0.0}
+    for r in range(rounds + 1):  # round 0 warms up
+        for unit in ("none", "person"):
+            cfg = TrainConfig(privacy_unit=unit, noise_multiplier=1.0 if unit != "none" else None,
+                              sample_rate=q, lr=1e-4, head_lr=1e-4)
+            net = _Net(model, head)
+            groups = [{"params": [p for p in net.tail.parameters() if p.requires_grad], "lr": cfg.lr},
+                      {"params": list(head.parameters()), "lr": cfg.head_lr}]
+            loop = _Loop(net, groups, head, cfg, 1.0, q * faces.n_people, seed=r)
+            t = time.perf_counter()
+            for x, y in zip(xs, labels):
+                loop.step(x, y)
+            if r:
+                timings[unit] += time.perf_counter() - t
+            loop.close()
+    ips = {u: rounds * n_images / s for u, s in timings.items()}
+    log(f"  trainable: {model.train_from}..features ({count_params(model, True):,} params) + head "
+        f"({len(head)} x 128); batches of ~{batch} people (mean {n_images / steps:.0f}), {steps} steps x {rounds} rounds")
+    log(f"  non-private SGD : {ips['none']:8.1f} images/s")
+    log(f"  DP-SGD (Opacus) : {ips['person']:8.1f} images/s")
+    log(f"  DP cost ratio   : {ips['none'] / ips['person']:.2f}x  (target <= 2x)")
+
+
+def run_row(name, model, faces, cfg: TrainConfig, evalc, log, seed: int = 0):
+    head = MarginHead(faces.pseudonyms, scale=cfg.scale, margin=cfg.margin, seed=seed)
+    acc = None
+    if cfg.privacy_unit != "none":
+        path = OUT / "state" / f"accountant-{name.replace(' ', '_')}.json"
+        path.unlink(missing_ok=True)
+        acc = SiteAccountant(path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+    report = train_local(model, head, faces, cfg, acc, seed=seed)
+    t = time.perf_counter()
+    result = evalc.evaluate(model) if evalc is not None else None
+    return report, result, time.perf_counter() - t
+
+
+def fmt_row(name, result, report=None, train_s=None, eval_s=None) -> str:
+    tar = result.tar_at_far
+    if report is None:
+        priv, steps = "-", "-"
+    elif report.unit == "none":
+        priv, steps = "non-private", f"{report.steps}"
+    else:
+        priv, steps = f"eps={report.epsilon:.2f} (sigma {report.noise_multiplier:.2f})", f"{report.steps}"
+    return (f"  {name:<28} {100 * result.accuracy_mean:6.2f} ± {100 * result.accuracy_std:4.2f}  {result.auc:.4f}  "
+            f"{100 * tar[1e-2].tar:6.1f}  {100 * tar[1e-3].tar:6.1f}  {steps:>6}  "
+            f"{'' if train_s is None else f'{train_s:6.0f}'}  {priv}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--skip-scratch", action="store_true", help="leave out the from-scratch rows")
+    ap.add_argument("--only", default=None, help="comma list of rows: pretrained,nonprivate,dp8,dp2,scratch,scratch_dp")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    log = Tee(OUT / "train.txt")
+    t_all = time.perf_counter()
+    log(f"bench/train.py  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start")
+    lfw = LFW()
+    pretrained = pretrained_path()
+    model = build_embedder(pretrained)
+    names = train_people(lfw)
+    log(f"training people: peopleDevTrain with >= 2 images")
+    faces = load_faces(lfw, names, model, log=log)
+    evalc = load_eval(lfw, model, log=log)
+
+    log("\n1. Throughput: DP-SGD vs non-private SGD (same model, batches and images; frozen prefix cached)")
+    throughput(model, faces, log, batch=256, rounds=3, steps=6)
+
+    only = set(args.only.split(",")) if args.only else None
+    want = lambda k: only is None or k in only  # noqa: E731
+    log("\n2. Accuracy on LFW pairsDevTest (1,000 pairs of people disjoint from training; 10-fold CV thresholds; "
+        "flip averaging; TAR over 500 impostor pairs)")
+    log(f"  {'model':<28} {'acc %':>14}  {'AUC':>6}  {'TAR@1e-2':>6}  {'@1e-3':>6}  {'steps':>6}  {'train s':>6}  privacy")
+    if want("pretrained"):
+        log(fmt_row("pretrained (CASIA) as is", evalc.evaluate(model)))
+    rows = [("nonprivate", "fine-tuned, non-private", "finetune-nonprivate.toml"),
+            ("dp8", "fine-tuned, DP person eps 8", "finetune-dp8.toml"),
+            ("dp2", "fine-tuned, DP person eps 2", "finetune-dp2.toml")]
+    for key, name, file in rows:
+        if not want(key):
+            continue
+        cfg = load_config(CONFIGS / file, TrainConfig)
+        m = build_embedder(pretrained, train_from=cfg.train_from)
+        t = time.perf_counter()
+        report, result, _ = run_row(name, m, faces, cfg, evalc, log)
+        log(fmt_row(name, result, report, time.perf_counter() - t))
+    if not args.skip_scratch:
+        scratch_faces = None
+        for key, name, file in [("scratch", "from scratch, non-private", "scratch-nonprivate.toml"),
+                                ("scratch_dp", "from scratch, DP person eps 8", "scratch-dp8.toml")]:
+            if not want(key):
+                continue
+            cfg = load_config(CONFIGS / file, TrainConfig)
+            m = build_embedder(None, train_from="conv1")
+            if scratch_faces is None:
+                scratch_faces = faces.subset(faces.person_ids)
+                scratch_faces.cache.clear()
+            scratch_eval = load_eval(lfw, m, log=log)
+            t = time.perf_counter()
+            report, result, _ = run_row(name, m, scratch_faces, cfg, scratch_eval, log)
+            log(fmt_row(name, result, report, time.perf_counter() - t))
+    log(f"\nper-person epsilon at delta 1e-5, RDP accountant (Opacus analysis); whole benchmark "
+        f"{(time.perf_counter() - t_all) / 60:.1f} min; load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

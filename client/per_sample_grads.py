@@ -1,0 +1,101 @@
+"""Fast per-sample gradients for the layers Opacus handles slowly in MobileFaceNet.
+
+Importing this module registers two grad samplers with Opacus (its registry is global):
+- `nn.PReLU`: Opacus has none, so it falls back to functorch per layer, which is slow. The per-sample
+  gradient of a channel-wise PReLU weight is sum over positions of backprop * min(input, 0).
+- `nn.Conv2d` with groups == channels (depthwise): Opacus' generic conv sampler computes the full
+  (out x in*k*k) product per sample and keeps its block diagonal, i.e. `groups` times too much work
+  (256x for MobileFaceNet's 3x3 depthwise layers). Here only the diagonal is computed. Other convs go
+  to Opacus' own sampler, except 1x1 stride-1 convs, which need no unfold (a batched matmul).
+For ghost clipping (the default, see client/trainer.py) it also registers per-sample gradient NORM
+samplers for Conv2d (Gram-matrix trick for 1x1 convs) and PReLU.
+tests/test_trainer_grads.py checks all of them against a per-example autograd loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import nn
+
+
+@register_grad_sampler(nn.PReLU)
+def prelu_grad_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    x = activations[0].to(backprops.dtype)
+    if not layer.weight.requires_grad:
+        return {}
+    neg = torch.clamp(x, max=0) * backprops
+    if layer.weight.numel() == 1:
+        return {layer.weight: neg.reshape(len(x), -1).sum(1, keepdim=True)}
+    # channel dim is 1; sum over all other non-batch dims
+    dims = [d for d in range(2, x.dim())]
+    return {layer.weight: neg.sum(dim=dims) if dims else neg}
+
+
+@register_grad_sampler(nn.Conv2d)
+def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    depthwise = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+    pointwise = (layer.groups == 1 and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+                 and layer.padding == (0, 0))
+    if not (depthwise or pointwise) or len(activations[0]) == 0 or isinstance(layer.padding, str):
+        return compute_conv_grad_sample(layer, activations, backprops)
+    x = activations[0].to(backprops.dtype)
+    n, c = x.shape[:2]
+    if pointwise:  # a 1x1 conv is a per-position linear map: no unfold needed
+        g = backprops.reshape(n, layer.out_channels, -1)
+        ret = {}
+        if layer.weight.requires_grad:
+            ret[layer.weight] = torch.bmm(g, x.reshape(n, c, -1).transpose(1, 2)).view(n, *layer.weight.shape)
+        if layer.bias is not None and layer.bias.requires_grad:
+            ret[layer.bias] = g.sum(2)
+        return ret
+    k = layer.kernel_size[0] * layer.kernel_size[1]
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    cols = cols.view(n, c, k, -1)                      # (n, C, k*k, L)
+    g = backprops.reshape(n, c, -1)                    # (n, C, L)
+    ret = {}
+    if layer.weight.requires_grad:
+        ret[layer.weight] = torch.einsum("nckl,ncl->nck", cols, g).reshape(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = g.sum(2)
+    return ret
+
+
+@register_norm_sampler(nn.Conv2d)
+def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Per-sample gradient norms for ghost clipping, without materialising the gradients where cheap.
+
+    A 1x1 stride-1 conv's per-sample weight gradient is sum_l g_l a_l^T over positions l, so its squared
+    norm is sum_{l,l'} (g_l . g_l')(a_l . a_l'): two L x L Gram matrices instead of a C_out x C_in
+    matrix per sample (with L = 1 after the global depthwise conv, just |g| |a|), used when that is
+    cheaper (small maps). Other convs: norms of the per-sample gradients above.
+    """
+    pointwise = (layer.groups == 1 and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+                 and layer.padding == (0, 0))
+    n = len(activations[0])
+    positions = backprops[0].numel() // layer.out_channels if n else 0
+    # Gram matrices cost L^2 (C_in + C_out) per sample, the gradient C_in C_out L: pick the cheaper.
+    gram = pointwise and positions * (layer.in_channels + layer.out_channels) < layer.in_channels * layer.out_channels
+    if not gram or n == 0:
+        grads = conv2d_grad_sample(layer, activations, backprops)
+        return {p: g.reshape(len(g), -1).norm(2, dim=1) for p, g in grads.items()}
+    a = activations[0].to(backprops.dtype).reshape(n, layer.in_channels, -1)
+    g = backprops.reshape(n, layer.out_channels, -1)
+    ret = {}
+    if layer.weight.requires_grad:
+        if a.shape[2] == 1:
+            sq = (g.squeeze(2) ** 2).sum(1) * (a.squeeze(2) ** 2).sum(1)
+        else:
+            sq = (torch.bmm(g.transpose(1, 2), g) * torch.bmm(a.transpose(1, 2), a)).sum((1, 2))
+        ret[layer.weight] = sq.clamp(min=0).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = g.sum(2).norm(2, dim=1)
+    return ret
+
+
+@register_norm_sampler(nn.PReLU)
+def prelu_norm_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    return {p: g.reshape(len(g), -1).norm(2, dim=1)
+            for p, g in prelu_grad_sample(layer, activations, backprops).items()}

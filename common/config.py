@@ -1,0 +1,115 @@
+"""Configuration files: TOML validated by pydantic models that forbid unknown keys.
+
+`load_config(path, Model)` is generic (the federation reuses it for its own model): it reads TOML and
+turns every validation error into one line `config FILE: key `a.b`: problem`, so a typo or an
+out-of-range value names the key instead of dumping a pydantic trace.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.model import STAGES
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names file and key."""
+
+
+def format_validation_error(e: ValidationError, where: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/ for the accepted keys)"
+        lines.append(f"config {where}: key `{key}`: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict, model_cls: type[M], *, where: str = "<dict>") -> M:
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, where)) from None
+
+
+def load_config(path: str | os.PathLike, model_cls: type[M]) -> M:
+    """Read a TOML file into `model_cls`; ConfigError names the file and the first offending key(s)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: not valid TOML ({e})") from None
+    return validate_config(data, model_cls, where=str(path))
+
+
+class TrainConfig(BaseModel):
+    """Local training of one site (one `train_local` call = `probe_steps` + `steps` DP-SGD steps).
+
+    Privacy: `privacy_unit = "person"` samples people (Poisson, rate `sample_rate`) and one image of
+    each; `"image"` samples images; `"none"` is non-private (no clipping, no noise), for baselines only.
+    Noise: give `noise_multiplier`, or `target_epsilon` (the site's total epsilon after this call;
+    the noise is calibrated to land on it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    privacy_unit: Literal["person", "image", "none"] = "person"
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float = Field(8.0, gt=0, description="site budget; training past it is refused")
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clipping: Literal["ghost", "hooks"] = Field("ghost", description="Opacus per-sample clipping: ghost "
+                                                "(norms only, two backward passes) or hooks (materialised)")
+    sample_rate: float = Field(0.1, gt=0, le=1, description="q: Poisson rate per person (or image)")
+    steps: int = Field(100, ge=0, description="fine-tuning steps per call")
+    probe_steps: int = Field(0, ge=0, description="head-only DP steps on frozen features, once per fresh head")
+    lr: float = Field(0.05, gt=0)
+    head_lr: float = Field(1.0, gt=0)
+    probe_lr: float = Field(2.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    prox: float = Field(0.0, ge=0, lt=1, description="per step, pull the tail this fraction of the way back "
+                                                      "to the weights the call started from (data-independent)")
+    train_from: str = Field("conv_5", description=f"first trainable stage: one of {', '.join(STAGES)}")
+    tune: Literal["all", "bias"] = Field("all", description="fine-tune all tail parameters, or only their "
+                                         "biases (DP-BiTFiT: far fewer dimensions for the noise)")
+    flip: bool = True
+    margin: float = Field(0.35, ge=0, lt=1)
+    scale: float = Field(32.0, gt=0)
+    min_people: int = Field(2, ge=1, description="refuse sites with fewer people than this")
+    pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.train_from not in STAGES:
+            raise ValueError(f"train_from must be one of {', '.join(STAGES)}; got {self.train_from!r}")
+        if self.privacy_unit != "none":
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                raise ValueError("give exactly one of noise_multiplier and target_epsilon for DP training")
+            if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:
+                raise ValueError(f"target_epsilon {self.target_epsilon} is over max_epsilon {self.max_epsilon}")
+        return self
+
+    def check_people(self, n_people: int, n_images: int | None = None) -> None:
+        """Checks that need the site's data: delta must be below 1/N for the unit, enough people."""
+        if n_people < self.min_people:
+            raise ValueError(f"the site has {n_people} people, fewer than min_people={self.min_people} "
+                             "needed for one batch; enrol more people or lower min_people")
+        n_units = n_images if self.privacy_unit == "image" and n_images is not None else n_people
+        if self.privacy_unit != "none" and self.delta >= 1.0 / n_units:
+            raise ValueError(f"delta {self.delta:g} must be below 1/{n_units} (one over the number of "
+                             f"{self.privacy_unit}s at the site); lower delta")

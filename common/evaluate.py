@@ -1,0 +1,230 @@
+"""The LFW verification protocol: accuracy with 10-fold cross-validated thresholds, ROC AUC, TAR@FAR.
+
+- `pairs.txt` (View 2): its 10 official folds; for each fold the threshold is the one that maximises
+  accuracy on the other 9 folds; we report mean and std of the 10 held-out accuracies.
+- `pairsDevTest.txt` (View 1 test, people disjoint from `peopleDevTrain`): one list of 500 matched +
+  500 mismatched pairs, split into 10 stratified folds (every 10th matched and every 10th mismatched
+  pair) and treated the same way. Thresholds never come from `pairsDevTrain`, whose people train.
+- ROC AUC over all pairs (Mann-Whitney statistic, ties count one half).
+- TAR at FAR 1e-2 and 1e-3 over all pairs: the threshold is the smallest that accepts at most
+  floor(FAR x impostors) impostor pairs; `n_impostor` says how many impostor pairs stand behind each
+  figure (with 500 impostors, FAR 1e-3 means "no impostor accepted").
+Scores are cosine similarities of unit embeddings; with `flip`, an image's embedding is the
+normalised sum of the embeddings of the image and its mirror.
+
+`EvalCache` decodes the evaluation images once and runs the model's frozen prefix on them once, so
+per-round evaluation in the federation runs only the trainable tail.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from common.lfw import LFW, ImageKey, Pair
+from common.model import STAGES, MobileFaceNet, prefix_fingerprint
+from common.preprocess import decode_faces, to_input
+
+FARS = (1e-2, 1e-3)
+PAIR_FILES = ("pairsDevTest.txt", "pairs.txt", "pairsDevTrain.txt")
+
+
+@dataclass(frozen=True)
+class TarAtFar:
+    far: float
+    tar: float
+    threshold: float
+    n_impostor: int
+    n_genuine: int
+    impostors_accepted: int
+
+
+@dataclass
+class EvalResult:
+    pairs_file: str
+    n_pairs: int
+    flip: bool
+    accuracy_mean: float
+    accuracy_std: float
+    fold_accuracies: list[float]
+    auc: float
+    tar_at_far: dict[float, TarAtFar] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tar_at_far"] = {f"{far:g}": asdict(t) for far, t in self.tar_at_far.items()}
+        return d
+
+    def summary(self) -> str:
+        tars = ", ".join(f"TAR@FAR={t.far:g} {100 * t.tar:.1f}% ({t.n_impostor} impostors)"
+                         for t in self.tar_at_far.values())
+        return (f"{self.pairs_file}: accuracy {100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % "
+                f"(10-fold CV), AUC {self.auc:.4f}, {tars}")
+
+
+# -- metrics from scores (pure functions, tested against scikit-learn) -----------------------------
+def folds_of(pairs_folds: list[list[Pair]], n_folds: int = 10) -> list[int]:
+    """Fold index of every pair (flattened): official folds if there are several, else stratified."""
+    if len(pairs_folds) > 1:
+        return [f for f, fold in enumerate(pairs_folds) for _ in fold]
+    pairs = pairs_folds[0]
+    out, seen = [], {True: 0, False: 0}
+    for p in pairs:
+        out.append(seen[p.same] % n_folds)
+        seen[p.same] += 1
+    return out
+
+
+def best_threshold(scores: torch.Tensor, same: torch.Tensor) -> float:
+    """Threshold (accept if score > t) that maximises accuracy; midpoint between adjacent scores."""
+    s, order = torch.sort(scores.double())
+    y = same[order].long()
+    n = len(s)
+    # accepting everything above position i: correct = impostors at or below i + genuines above i
+    neg_below = torch.cumsum(1 - y, 0)
+    pos_above = y.sum() - torch.cumsum(y, 0)
+    correct = torch.cat([torch.tensor([int(y.sum())]), neg_below + pos_above])  # index 0: accept all
+    i = int(torch.argmax(correct))
+    if i == 0:
+        return float(s[0]) - 1e-6
+    if i == n:
+        return float(s[-1]) + 1e-6
+    return float((s[i - 1] + s[i]) / 2)
+
+
+def cv_accuracy(scores: torch.Tensor, same: torch.Tensor, folds: list[int]) -> list[float]:
+    folds_t = torch.tensor(folds)
+    accs = []
+    for f in sorted(set(folds)):
+        test = folds_t == f
+        t = best_threshold(scores[~test], same[~test])
+        accs.append(float(((scores[test] > t) == same[test]).double().mean()))
+    return accs
+
+
+def roc_auc(scores: torch.Tensor, same: torch.Tensor) -> float:
+    """P(score of a genuine pair > score of an impostor pair), ties 1/2 (average ranks)."""
+    s = scores.double()
+    order = torch.argsort(s)
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+    # average ranks over ties
+    uniq, inv = torch.unique(s, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, ranks)
+    cnts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
+    ranks = (sums / cnts)[inv]
+    pos = same.bool()
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tar_at_far(scores: torch.Tensor, same: torch.Tensor, far: float) -> TarAtFar:
+    pos, neg = scores[same.bool()].double(), scores[~same.bool()].double()
+    allowed = int(math.floor(far * len(neg)))
+    neg_sorted = torch.sort(neg, descending=True).values
+    # accept score > threshold: at most `allowed` impostors are strictly above neg_sorted[allowed]
+    threshold = float(neg_sorted[allowed]) if allowed < len(neg) else -math.inf
+    accepted = int((neg > threshold).sum())
+    return TarAtFar(far, float((pos > threshold).double().mean()), threshold, len(neg), len(pos), accepted)
+
+
+def metrics_from_scores(scores: torch.Tensor, same: torch.Tensor, folds: list[int], *, pairs_file: str,
+                        flip: bool) -> EvalResult:
+    accs = cv_accuracy(scores, same, folds)
+    mean = sum(accs) / len(accs)
+    std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
+    return EvalResult(pairs_file, len(scores), flip, mean, std, accs, roc_auc(scores, same),
+                      {far: tar_at_far(scores, same, far) for far in FARS})
+
+
+# -- embeddings --------------------------------------------------------------------------------
+class EvalCache:
+    """Decoded evaluation images and frozen-prefix features, computed once, reused per evaluation.
+
+    Memory: 2 x 25 KB per image with `train_from = conv_5` (about 80 MB for pairsDevTest's 1,549
+    images); when everything trains, only the uint8 images (37 KB each) are kept.
+    """
+
+    def __init__(self, lfw: LFW, pairs_file: str = "pairsDevTest.txt", *, flip: bool = True, threads: int = 2,
+                 max_pairs: int | None = None):
+        """`max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
+        look for tests and smoke runs, not the protocol."""
+        if pairs_file not in PAIR_FILES:
+            raise ValueError(f"pairs file must be one of {', '.join(PAIR_FILES)}, got {pairs_file!r}")
+        self.pairs_file, self.flip = pairs_file, flip
+        self.pair_folds = lfw.pairs(pairs_file)
+        if max_pairs is not None:
+            if max_pairs < 20:
+                raise ValueError(f"max_pairs must be >= 20 (10 folds of a matched and a mismatched pair), got {max_pairs}")
+            k = max_pairs // (2 * len(self.pair_folds))
+            self.pair_folds = [[p for p in fold if p.same][:k] + [p for p in fold if not p.same][:k]
+                               for fold in self.pair_folds]
+        self.pairs = [p for fold in self.pair_folds for p in fold]
+        self.keys: list[ImageKey] = sorted({k for p in self.pairs for k in (p.a, p.b)})
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        data = lfw.load_images(self.keys)
+        self.images = decode_faces([data[k] for k in self.keys], threads=threads)
+        self.folds = folds_of(self.pair_folds)
+        self.same = torch.tensor([p.same for p in self.pairs])
+        self.ia = torch.tensor([self.index[p.a] for p in self.pairs])
+        self.ib = torch.tensor([self.index[p.b] for p in self.pairs])
+        self._feats: tuple[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def _features(self, model: MobileFaceNet, batch_size: int = 64) -> torch.Tensor | None:
+        if model.train_from == STAGES[0]:
+            return None
+        key = prefix_fingerprint(model)
+        if self._feats is None or self._feats[0] != key:
+            self._feats = None
+            views = 2 if self.flip else 1
+            out = None
+            for i in range(0, len(self.images), batch_size):
+                x = to_input(self.images[i:i + batch_size])
+                f = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
+                f = torch.stack(f, 1)
+                if out is None:
+                    out = torch.empty((len(self.images), views, *f.shape[2:]))
+                out[i:i + len(f)] = f
+            self._feats = (key, out)
+        return self._feats[1]
+
+    @torch.no_grad()
+    def embeddings(self, model: MobileFaceNet, batch_size: int = 128) -> torch.Tensor:
+        """(N, 128) unit embeddings of the evaluation images (flip-averaged if `flip`)."""
+        was_training = model.training
+        model.eval()
+        feats = self._features(model)
+        out = []
+        for i in range(0, len(self.images), batch_size):
+            if feats is not None:
+                f = feats[i:i + batch_size]
+                e = model.forward_tail(f.flatten(0, 1)).view(len(f), f.shape[1], -1).sum(1)
+            else:
+                x = to_input(self.images[i:i + batch_size])
+                e = model(x) + (model(x.flip(3)) if self.flip else 0)
+            out.append(F.normalize(e, dim=1))
+        model.train(was_training)
+        return torch.cat(out)
+
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return (embeddings[self.ia] * embeddings[self.ib]).sum(1)
+
+    def evaluate(self, model: MobileFaceNet) -> EvalResult:
+        return metrics_from_scores(self.scores(self.embeddings(model)), self.same, self.folds,
+                                   pairs_file=self.pairs_file, flip=self.flip)
+
+
+def evaluate_lfw(model: MobileFaceNet, lfw: LFW, pairs_file: str = "pairsDevTest.txt", flip: bool = True, *,
+                 cache: EvalCache | None = None) -> EvalResult:
+    """Run the LFW protocol on `pairs_file` (use an EvalCache to evaluate several models cheaply)."""
+    if cache is None:
+        cache = EvalCache(lfw, pairs_file, flip=flip)
+    elif cache.pairs_file != pairs_file or cache.flip != flip:
+        raise ValueError(f"the cache holds {cache.pairs_file} (flip={cache.flip}), not {pairs_file} (flip={flip})")
+    return cache.evaluate(model)

@@ -1,0 +1,488 @@
+"""The federation ledger (SQLite): what was trained, from what, by whom, with what privacy cost.
+
+It is the source of truth for resuming and, later, for exact unlearning and receipts:
+- `runs`: one row per training run (our id, not Flower's: a run survives server restarts and is
+  worked on by one or more Flower runs, listed in `attempts`), with its frozen configuration.
+- `checkpoints`: every global model file: run, round, sha256 and the parent it was trained from, so
+  any checkpoint's lineage can be walked back to the run's base. Deleting a checkpoint (unlearning)
+  keeps the row and records when and why.
+- `rounds`: one row per round attempt: time, participating and missing sites, aggregated metrics,
+  parent and resulting checkpoint. At most one *committed* attempt per (run, round) (unique index):
+  a round counts only when its checkpoint file is on disk and this row is committed, in that order.
+  Attempts that timed out with too few sites are kept as `failed`.
+- `site_rounds`: per site and round attempt: status (ok / missing / error / rejected), the weight it
+  got, people and images used, its epsilon with unit, delta and accountant, compute time, bytes each
+  way, and the array keys the server received from it (evidence that no head left the site).
+- `sites`: registered site names, node key fingerprints, Flower node ids, revocation time.
+
+WAL mode lets `facefed-server status` read while the ServerApp writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sites (
+    name          TEXT PRIMARY KEY,
+    fingerprint   TEXT NOT NULL,
+    public_key    TEXT NOT NULL,
+    node_id       TEXT,
+    registered_at REAL NOT NULL,
+    revoked_at    REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sites_active_fp ON sites(fingerprint) WHERE revoked_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id          TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL DEFAULT 'train',
+    parent_run_id   TEXT,
+    created_at      REAL NOT NULL,
+    ended_at        REAL,
+    status          TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'stopped')),
+    rounds_planned  INTEGER NOT NULL,
+    config_sha256   TEXT NOT NULL,
+    config_json     TEXT NOT NULL,
+    base_checkpoint TEXT NOT NULL,
+    base_metrics    TEXT,
+    detail          TEXT
+);
+
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id      TEXT NOT NULL REFERENCES runs(run_id),
+    flwr_run_id TEXT NOT NULL,
+    started_at  REAL NOT NULL,
+    ended_at    REAL,
+    outcome     TEXT,
+    PRIMARY KEY (run_id, flwr_run_id)
+);
+
+CREATE TABLE IF NOT EXISTS checkpoints (
+    checkpoint_id  TEXT PRIMARY KEY,
+    run_id         TEXT,
+    round          INTEGER NOT NULL,
+    path           TEXT NOT NULL,
+    sha256         TEXT NOT NULL,
+    parent_id      TEXT REFERENCES checkpoints(checkpoint_id),
+    created_at     REAL NOT NULL,
+    deleted_at     REAL,
+    deleted_reason TEXT
+);
+
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id               TEXT NOT NULL REFERENCES runs(run_id),
+    round                INTEGER NOT NULL,
+    attempt              INTEGER NOT NULL,
+    status               TEXT NOT NULL CHECK (status IN ('committed', 'failed')),
+    flwr_run_id          TEXT,
+    started_at           REAL NOT NULL,
+    ended_at             REAL NOT NULL,
+    parent_checkpoint    TEXT NOT NULL REFERENCES checkpoints(checkpoint_id),
+    parent_sha256        TEXT NOT NULL,
+    checkpoint_id        TEXT REFERENCES checkpoints(checkpoint_id),
+    checkpoint_sha256    TEXT,
+    participants         TEXT NOT NULL,
+    missing              TEXT NOT NULL,
+    weighting            TEXT NOT NULL,
+    total_weight         REAL NOT NULL,
+    metrics              TEXT NOT NULL,
+    detail               TEXT,
+    PRIMARY KEY (run_id, round, attempt)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS rounds_one_commit ON rounds(run_id, round) WHERE status = 'committed';
+
+CREATE TABLE IF NOT EXISTS site_rounds (
+    run_id        TEXT NOT NULL,
+    round         INTEGER NOT NULL,
+    attempt       INTEGER NOT NULL,
+    site          TEXT NOT NULL,
+    node_id       TEXT,
+    status        TEXT NOT NULL CHECK (status IN ('ok', 'missing', 'error', 'rejected')),
+    weight        REAL NOT NULL DEFAULT 0,
+    people        INTEGER,
+    images        INTEGER,
+    steps         INTEGER,
+    loss          REAL,
+    epsilon       REAL,
+    delta         REAL,
+    unit          TEXT,
+    accountant    TEXT,
+    compute_s     REAL,
+    bytes_down    INTEGER,
+    bytes_up      INTEGER,
+    received_keys TEXT,
+    detail        TEXT,
+    PRIMARY KEY (run_id, round, attempt, site)
+);
+"""
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation that would break an invariant (e.g. committing a round twice)."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+# -- records ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteRow:
+    name: str
+    fingerprint: str
+    public_key: str
+    node_id: str | None
+    registered_at: float
+    revoked_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    kind: str
+    parent_run_id: str | None
+    created_at: float
+    ended_at: float | None
+    status: str
+    rounds_planned: int
+    config_sha256: str
+    config_json: str
+    base_checkpoint: str
+    base_metrics: dict | None
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    checkpoint_id: str
+    run_id: str | None
+    round: int
+    path: str
+    sha256: str
+    parent_id: str | None
+    created_at: float
+    deleted_at: float | None = None
+    deleted_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SiteRound:
+    """One site's part in one round attempt."""
+
+    site: str
+    status: str  # ok | missing | error | rejected
+    node_id: str | None = None
+    weight: float = 0.0
+    people: int | None = None
+    images: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    unit: str | None = None
+    accountant: str | None = None
+    compute_s: float | None = None
+    bytes_down: int | None = None
+    bytes_up: int | None = None
+    received_keys: list[str] | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    run_id: str
+    round: int
+    attempt: int
+    status: str
+    flwr_run_id: str | None
+    started_at: float
+    ended_at: float
+    parent_checkpoint: str
+    parent_sha256: str
+    checkpoint_id: str | None
+    checkpoint_sha256: str | None
+    participants: list[str]
+    missing: list[str]
+    weighting: str
+    total_weight: float
+    metrics: dict
+    detail: str | None
+    sites: list[SiteRound] = field(default_factory=list)
+
+
+# -- the ledger -----------------------------------------------------------------------------------
+class Ledger:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed round must survive power loss
+        self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"{self.path} has ledger schema {version}, newer than this facefed ({SCHEMA_VERSION}); "
+                              f"upgrade facefed")
+        if version == 0:  # executescript commits on its own; the DDL is idempotent
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- sites --------------------------------------------------------------------------------
+    def add_site(self, name: str, fingerprint: str, public_key: str, node_id: str | None) -> SiteRow:
+        with self._tx() as db:
+            current = db.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
+            if current and current["revoked_at"] is None:
+                raise LedgerError(f"site {name!r} is already registered (key {current['fingerprint']}); "
+                                  f"revoke it first with `facefed-server sites revoke {name}`")
+            other = db.execute("SELECT name FROM sites WHERE fingerprint = ? AND revoked_at IS NULL",
+                               (fingerprint,)).fetchone()
+            if other:
+                raise LedgerError(f"this key ({fingerprint}) is already registered for site {other['name']!r}")
+            db.execute("INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?, ?, NULL)",
+                       (name, fingerprint, public_key, node_id, _now()))
+        return self.site(name)
+
+    def revoke_site(self, name: str) -> SiteRow:
+        with self._tx() as db:
+            cur = db.execute("UPDATE sites SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (_now(), name))
+            if cur.rowcount == 0:
+                raise LedgerError(f"no active site named {name!r}; see `facefed-server sites ls`")
+        return self.site(name)
+
+    def site(self, name: str) -> SiteRow:
+        row = self._db.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no site named {name!r}; see `facefed-server sites ls`")
+        return SiteRow(**dict(row))
+
+    def sites(self) -> list[SiteRow]:
+        return [SiteRow(**dict(r)) for r in self._db.execute("SELECT * FROM sites ORDER BY name")]
+
+    def site_by_fingerprint(self, fingerprint: str) -> SiteRow | None:
+        row = self._db.execute("SELECT * FROM sites WHERE fingerprint = ? AND revoked_at IS NULL",
+                               (fingerprint,)).fetchone()
+        return SiteRow(**dict(row)) if row else None
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def add_checkpoint(self, row: CheckpointRow) -> None:
+        """Record a checkpoint that is not a round's result (a run's base model)."""
+        with self._tx() as db:
+            existing = db.execute("SELECT sha256 FROM checkpoints WHERE checkpoint_id = ?",
+                                  (row.checkpoint_id,)).fetchone()
+            if existing:
+                if existing["sha256"] != row.sha256:
+                    raise LedgerError(f"checkpoint {row.checkpoint_id} already recorded with another sha256")
+                return
+            self._insert_checkpoint(db, row)
+
+    @staticmethod
+    def _insert_checkpoint(db: sqlite3.Connection, row: CheckpointRow) -> None:
+        db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                   (row.checkpoint_id, row.run_id, row.round, row.path, row.sha256, row.parent_id, row.created_at))
+
+    def checkpoint(self, checkpoint_id: str) -> CheckpointRow:
+        row = self._db.execute("SELECT * FROM checkpoints WHERE checkpoint_id = ?", (checkpoint_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no checkpoint {checkpoint_id!r} in {self.path}")
+        return CheckpointRow(**dict(row))
+
+    def lineage(self, checkpoint_id: str) -> list[CheckpointRow]:
+        """The checkpoint and its ancestors, newest first, back to a root (no parent)."""
+        out, seen, cur = [], set(), checkpoint_id
+        while cur is not None and cur not in seen:
+            seen.add(cur)
+            row = self.checkpoint(cur)
+            out.append(row)
+            cur = row.parent_id
+        return out
+
+    def mark_checkpoint_deleted(self, checkpoint_id: str, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE checkpoints SET deleted_at = ?, deleted_reason = ? WHERE checkpoint_id = ?",
+                       (_now(), reason, checkpoint_id))
+
+    # -- runs ---------------------------------------------------------------------------------
+    def create_run(self, run_id: str, *, config_json: str, config_sha256: str, rounds: int,
+                   base: CheckpointRow, kind: str = "train", parent_run_id: str | None = None) -> RunRow:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", (base.checkpoint_id,)).fetchone() is None:
+                self._insert_checkpoint(db, base)
+            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL)",
+                       (run_id, kind, parent_run_id, _now(), rounds, config_sha256, config_json, base.checkpoint_id))
+        return self.run(run_id)
+
+    @staticmethod
+    def _run_row(row: sqlite3.Row) -> RunRow:
+        d = dict(row)
+        d["base_metrics"] = json.loads(d["base_metrics"]) if d["base_metrics"] else None
+        return RunRow(**d)
+
+    def run(self, run_id: str) -> RunRow:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no run {run_id!r} in {self.path}; see `facefed-server status`")
+        return self._run_row(row)
+
+    def runs(self) -> list[RunRow]:
+        return [self._run_row(r) for r in self._db.execute("SELECT * FROM runs ORDER BY created_at")]
+
+    def set_base_metrics(self, run_id: str, metrics: dict) -> None:
+        """Evaluation of the run's base model (round 0), the reference for every later round."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET base_metrics = ? WHERE run_id = ?", (json.dumps(metrics), run_id))
+
+    def resumable_run(self, config_sha256: str) -> RunRow | None:
+        """The newest unfinished run (running, or failed/stopped part-way) with this exact configuration."""
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE config_sha256 = ? AND status != 'completed' AND kind = 'train' "
+            "ORDER BY created_at DESC LIMIT 1", (config_sha256,)).fetchone()
+        return self._run_row(row) if row else None
+
+    def set_run_status(self, run_id: str, status: str, detail: str | None = None) -> None:
+        ended = _now() if status in ("completed", "failed", "stopped") else None
+        with self._tx() as db:
+            db.execute("UPDATE runs SET status = ?, detail = ?, ended_at = ? WHERE run_id = ?",
+                       (status, detail, ended, run_id))
+
+    def add_attempt(self, run_id: str, flwr_run_id: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO attempts VALUES (?, ?, ?, NULL, NULL)", (run_id, flwr_run_id, _now()))
+
+    def end_attempt(self, run_id: str, flwr_run_id: str, outcome: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE run_id = ? AND flwr_run_id = ?",
+                       (_now(), outcome, run_id, flwr_run_id))
+
+    def attempts(self, run_id: str) -> list[dict]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM attempts WHERE run_id = ? ORDER BY started_at",
+                                                  (run_id,))]
+
+    # -- rounds -------------------------------------------------------------------------------
+    def head(self, run_id: str) -> tuple[int, CheckpointRow]:
+        """(last committed round, its checkpoint); (0, base checkpoint) before the first commit."""
+        row = self._db.execute("SELECT round, checkpoint_id FROM rounds WHERE run_id = ? AND status = 'committed' "
+                               "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
+        if row is None:
+            return 0, self.checkpoint(self.run(run_id).base_checkpoint)
+        return row["round"], self.checkpoint(row["checkpoint_id"])
+
+    def next_attempt(self, run_id: str, rnd: int) -> int:
+        row = self._db.execute("SELECT MAX(attempt) FROM rounds WHERE run_id = ? AND round = ?", (run_id, rnd)).fetchone()
+        return (row[0] or 0) + 1
+
+    def commit_round(self, row: RoundRow, checkpoint: CheckpointRow) -> None:
+        """Record a round and its (already durable) checkpoint in one transaction."""
+        if row.status != "committed" or row.checkpoint_id != checkpoint.checkpoint_id:
+            raise LedgerError("commit_round needs a committed row that names its checkpoint")
+        with self._tx() as db:
+            done = db.execute("SELECT attempt FROM rounds WHERE run_id = ? AND round = ? AND status = 'committed'",
+                              (row.run_id, row.round)).fetchone()
+            if done:
+                raise LedgerError(f"round {row.round} of run {row.run_id} is already committed "
+                                  f"(attempt {done['attempt']}); a round is never counted twice")
+            old = db.execute("SELECT checkpoint_id FROM checkpoints WHERE checkpoint_id = ?",
+                             (checkpoint.checkpoint_id,)).fetchone()
+            if old:  # an uncommitted leftover can only come from a failed attempt: replace it
+                db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (checkpoint.checkpoint_id,))
+            self._insert_checkpoint(db, checkpoint)
+            self._insert_round(db, row)
+
+    def record_failed_round(self, row: RoundRow) -> None:
+        if row.status != "failed":
+            raise LedgerError("record_failed_round needs a failed row")
+        with self._tx() as db:
+            self._insert_round(db, row)
+
+    @staticmethod
+    def _insert_round(db: sqlite3.Connection, r: RoundRow) -> None:
+        db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (r.run_id, r.round, r.attempt, r.status, r.flwr_run_id, r.started_at, r.ended_at,
+                    r.parent_checkpoint, r.parent_sha256, r.checkpoint_id, r.checkpoint_sha256,
+                    json.dumps(r.participants), json.dumps(r.missing), r.weighting, r.total_weight,
+                    json.dumps(r.metrics), r.detail))
+        for s in r.sites:
+            db.execute("INSERT INTO site_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (r.run_id, r.round, r.attempt, s.site, s.node_id, s.status, s.weight, s.people, s.images,
+                        s.steps, s.loss, s.epsilon, s.delta, s.unit, s.accountant, s.compute_s, s.bytes_down,
+                        s.bytes_up, json.dumps(s.received_keys) if s.received_keys is not None else None, s.detail))
+
+    def rounds(self, run_id: str, *, committed_only: bool = False) -> list[RoundRow]:
+        sql = "SELECT * FROM rounds WHERE run_id = ?" + (" AND status = 'committed'" if committed_only else "")
+        out = []
+        for r in self._db.execute(sql + " ORDER BY round, attempt", (run_id,)).fetchall():
+            d = dict(r)
+            d["participants"] = json.loads(d["participants"])
+            d["missing"] = json.loads(d["missing"])
+            d["metrics"] = json.loads(d["metrics"])
+            d["sites"] = self.site_rounds(run_id, d["round"], d["attempt"])
+            out.append(RoundRow(**d))
+        return out
+
+    def site_rounds(self, run_id: str, rnd: int, attempt: int) -> list[SiteRound]:
+        out = []
+        for r in self._db.execute("SELECT * FROM site_rounds WHERE run_id = ? AND round = ? AND attempt = ? "
+                                  "ORDER BY site", (run_id, rnd, attempt)):
+            d = dict(r)
+            for k in ("run_id", "round", "attempt"):
+                d.pop(k)
+            d["received_keys"] = json.loads(d["received_keys"]) if d["received_keys"] else None
+            out.append(SiteRound(**d))
+        return out
+
+    def last_site_commit(self, run_id: str, site: str) -> tuple[int, int] | None:
+        """(round, attempt) of the last committed round of `run_id` this site contributed to.
+
+        A site's private head evolves only along the rounds the server committed with its update, so
+        the next round tells the site which of its stored heads to start from.
+        """
+        row = self._db.execute(
+            "SELECT r.round, r.attempt FROM rounds r JOIN site_rounds sr USING (run_id, round, attempt) "
+            "WHERE r.run_id = ? AND r.status = 'committed' AND sr.site = ? AND sr.status = 'ok' "
+            "ORDER BY r.round DESC LIMIT 1", (run_id, site)).fetchone()
+        return (row["round"], row["attempt"]) if row else None
+
+    def site_epsilons(self, run_id: str | None = None) -> dict[str, SiteRound]:
+        """Each site's latest reported privacy spend (its accountant is cumulative)."""
+        sql = ("SELECT sr.* FROM site_rounds sr JOIN rounds r USING (run_id, round, attempt) "
+               "WHERE sr.status = 'ok' AND sr.epsilon IS NOT NULL" + (" AND sr.run_id = ?" if run_id else "") +
+               " ORDER BY r.ended_at")
+        latest: dict[str, SiteRound] = {}
+        for r in self._db.execute(sql, (run_id,) if run_id else ()):
+            d = dict(r)
+            for k in ("run_id", "round", "attempt"):
+                d.pop(k)
+            d["received_keys"] = json.loads(d["received_keys"]) if d["received_keys"] else None
+            latest[d["site"]] = SiteRound(**d)
+        return latest

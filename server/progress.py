@@ -1,0 +1,105 @@
+"""Submitting a run with `flwr run` and following its progress in the ledger.
+
+`train` and `simulate` hand the ServerApp a run config (a small TOML file: the state dir and the
+submission name, plus simulation paths), then print each round as the ledger commits it. The ledger,
+not Flower's log stream, is what is followed: a round shows up only once it really counts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import tomli_w
+import typer
+
+from server.ledger import Ledger, LedgerError, RoundRow
+from server.statedir import StatePaths
+from server.flwr_app import write_app_dir
+from server.superlink import SuperLinkError, flwr_cli
+
+
+def submit(paths: StatePaths, submission: str, extra: dict | None = None) -> str:
+    """`flwr run` our Flower app with this submission; returns Flower's run id."""
+    run_cfg = paths.submissions / (submission.removesuffix(".json") + ".run.toml")
+    run_cfg.write_text(tomli_w.dumps({"state-dir": str(paths.root), "submission": submission, **(extra or {})}))
+    res = flwr_cli(paths, ["run", str(write_app_dir(paths.root)), "--run-config", str(run_cfg)])
+    return str(res.get("run-id", "?"))
+
+
+def print_round(r: RoundRow, planned: int) -> None:
+    if r.status == "failed":
+        typer.secho(f"round {r.round}/{planned} attempt {r.attempt}: FAILED ({r.detail}); "
+                    f"missing {', '.join(r.missing) or 'none'}", fg=typer.colors.YELLOW)
+        return
+    acc = r.metrics.get("lfw_accuracy")
+    eps = ", ".join(f"{s.site} {s.epsilon:.3f}" for s in r.sites
+                    if s.status == "ok" and s.epsilon is not None and s.epsilon >= 0)
+    typer.echo(f"round {r.round}/{planned}: "
+               + (f"LFW accuracy {acc:.4f}; " if acc is not None else "")
+               + (f"epsilon {eps}; " if eps else "")
+               + f"sites {', '.join(r.participants)}"
+               + (f"; missing {', '.join(r.missing)}" if r.missing else "")
+               + f"; {r.metrics.get('round_s', 0):.1f} s (slowest site {r.metrics.get('slowest_site_s', 0):.1f} s)"
+               + f"; checkpoint {r.checkpoint_id} ({(r.checkpoint_sha256 or '')[:12]})")
+
+
+def flwr_status(paths: StatePaths, flwr_run: str) -> str | None:
+    try:
+        runs = flwr_cli(paths, ["ls", "--run-id", flwr_run], timeout=30).get("runs", [])
+    except SuperLinkError:
+        return None
+    return str(runs[0].get("status")) if runs else None
+
+
+def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.0, quiet: bool = False) -> int:
+    """Print rounds as the ledger commits them until the run ends: 0 completed, 1 failed, 2 timeout."""
+    shown: set[tuple[int, int]] = set()
+    t0, last_check, submitted = time.monotonic(), time.monotonic(), time.time()
+    with Ledger(paths.ledger) as ledger:
+        while True:
+            try:
+                run = ledger.run(run_id)
+                rows = ledger.rounds(run_id)
+            except LedgerError:
+                run, rows = None, []
+            if run is not None and run.base_metrics and (0, 0) not in shown:
+                shown.add((0, 0))
+                if not quiet and "lfw_accuracy" in run.base_metrics:
+                    typer.echo(f"round 0 (base model): LFW accuracy {run.base_metrics['lfw_accuracy']:.4f}")
+            for r in rows:
+                if (r.round, r.attempt) not in shown:
+                    shown.add((r.round, r.attempt))
+                    if not quiet:
+                        print_round(r, run.rounds_planned if run else 0)
+            # A resumed run still shows how its previous attempt ended until the new ServerApp opens it.
+            if run is not None and run.status in ("completed", "failed", "stopped") \
+                    and (run.ended_at or 0) >= submitted - 1:
+                if run.status == "completed":
+                    if not quiet:
+                        typer.echo(f"run {run_id} completed")
+                    return 0
+                typer.secho(f"run {run_id} {run.status}: {run.detail}", fg=typer.colors.RED, err=True)
+                return 1
+            if time.monotonic() - last_check > 10:
+                last_check = time.monotonic()
+                st = flwr_status(paths, flwr_run)
+                # The ServerApp died without marking the run (killed, or failed before opening it).
+                if st and st.startswith("finished") and (run is None or run.status == "running"):
+                    time.sleep(2)  # let a final ledger write land
+                    run = ledger.run(run_id) if run is not None else None
+                    if run is None or run.status == "running":
+                        typer.secho(f"the ServerApp ended ({st}) before run {run_id} finished; "
+                                    f"FLWR_HOME={paths.flwr_home} flwr log {flwr_run} shows why; "
+                                    f"`facefed-server train` with the same config resumes it",
+                                    fg=typer.colors.RED, err=True)
+                        return 1
+                    continue
+            if timeout and time.monotonic() - t0 > timeout:
+                typer.echo(f"stopped following after {timeout:.0f} s; the run goes on")
+                return 2
+            time.sleep(1.0)
+
+
+def run_config_path(paths: StatePaths, submission: str) -> Path:
+    return paths.submissions / (submission.removesuffix(".json") + ".run.toml")

@@ -1,0 +1,99 @@
+"""Layout of the server's state directory (`facefed-server start --state DIR`).
+
+Everything the operator must keep (and back up) lives under one directory:
+
+    DIR/superlink.db        Flower's LinkState (runs, messages, registered SuperNodes)
+    DIR/ledger.sqlite       our ledger: runs, rounds, per-site participation, checkpoints, sites
+    DIR/checkpoints/        global model checkpoints, one file per committed round
+    DIR/flwr/               FLWR_HOME for the SuperLink, its ServerApp and the `flwr` CLI
+    DIR/flwr/config.toml    the `facefed` SuperLink connection (`flwr run`, `flwr supernode ...`)
+    DIR/server.json         how this server was started (address, TLS): read by train/sites/status
+    DIR/submissions/        frozen, validated run configurations handed to the ServerApp
+    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/flwr_app.py)
+    DIR/logs/               SuperLink log
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CONNECTION = "facefed"  # name of the SuperLink connection in DIR/flwr/config.toml
+
+
+class StateDirError(FileNotFoundError):
+    """The state directory is missing a part a command needs; the message says which command makes it."""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What `start` recorded about the running server (no secrets: paths and an address only)."""
+
+    address: str  # host:port clients of the Control API use (always a connectable host)
+    bind_host: str
+    port: int
+    tls: bool
+    ca_cert: str | None
+    node_auth: bool
+    pid: int
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path, *, create: bool = False) -> StatePaths:
+        root = Path(root).expanduser().resolve()
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+            for sub in ("checkpoints", "flwr", "submissions", "logs"):
+                (root / sub).mkdir(exist_ok=True)
+        elif not root.is_dir():
+            raise StateDirError(f"state directory {root} does not exist; create it with "
+                                f"`facefed-server start --state {root}`")
+        return cls(root)
+
+    @property
+    def superlink_db(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger.sqlite"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def flwr_config(self) -> Path:
+        return self.flwr_home / "config.toml"
+
+    @property
+    def server_json(self) -> Path:
+        return self.root / "server.json"
+
+    @property
+    def submissions(self) -> Path:
+        return self.root / "submissions"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def write_server_info(self, info: ServerInfo) -> None:
+        tmp = self.server_json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=2))
+        tmp.replace(self.server_json)
+
+    def server_info(self) -> ServerInfo:
+        if not self.server_json.is_file():
+            raise StateDirError(f"no server has been started with state {self.root}; run "
+                                f"`facefed-server start --state {self.root}` first")
+        return ServerInfo(**json.loads(self.server_json.read_text()))

@@ -1,0 +1,52 @@
+"""`facefed-client train` as a real process on a small real vault: checkpoint, epsilon, budget refusal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from common.model import load_checkpoint, sha256_file
+from train_support import make_vault
+
+CONFIG = """
+privacy_unit = "person"
+delta = 1e-3
+max_epsilon = 30.0
+noise_multiplier = 1.0
+sample_rate = 0.5
+probe_steps = 3
+steps = 4
+"""
+
+
+def _train(vault, config, out, env):
+    cmd = [sys.executable, "-m", "client.cli", "train", "--vault", str(vault), "--config", str(config),
+           "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_train_command(lfw, pretrained_file, tmp_path):
+    vault, names = make_vault(tmp_path, lfw, 10, max_per_person=3)
+    env = {**os.environ, "FACEFED_PRETRAINED": str(pretrained_file), "COLUMNS": "200"}
+    config = tmp_path / "train.toml"
+    config.write_text(CONFIG)
+    out = tmp_path / "out" / "model.ckpt"
+    r = _train(vault, config, out, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "per person" in r.stdout and "RDP" in r.stdout and sha256_file(out) in r.stdout
+    model, meta = load_checkpoint(out)
+    assert meta["privacy_unit"] == "person" and meta["steps"] == 7 and meta["people"] == 10
+    assert 0 < meta["epsilon"] < 30 and meta["delta"] == 1e-3 and meta["accountant"] == "rdp"
+    assert (vault / "train-state" / "head.pt").exists() and (vault / "train-state" / "accountant.json").exists()
+    # The budget carries over between runs: a run that would pass it is refused, nothing written.
+    config.write_text(CONFIG.replace("steps = 4", "steps = 400"))
+    before = (vault / "train-state" / "accountant.json").read_bytes()
+    r = _train(vault, config, tmp_path / "second.ckpt", env)
+    assert r.returncode == 2 and "privacy budget exceeded" in r.stderr and "remaining" in r.stderr
+    assert not (tmp_path / "second.ckpt").exists()
+    assert (vault / "train-state" / "accountant.json").read_bytes() == before
+    # A config typo names the key.
+    config.write_text(CONFIG + "learning_rate = 1\n")
+    r = _train(vault, config, tmp_path / "third.ckpt", env)
+    assert r.returncode == 2 and "key `learning_rate`: unknown key" in r.stderr

@@ -1,0 +1,96 @@
+"""The LFW protocol against independent computations from the same real embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from common.evaluate import EvalCache, cv_accuracy, evaluate_lfw, folds_of, metrics_from_scores
+from common.model import build_embedder, load_shared_state, shared_state
+from common.preprocess import to_input
+
+
+@pytest.fixture(scope="module")
+def cache(lfw):
+    return EvalCache(lfw, "pairsDevTest.txt", max_pairs=120)
+
+
+@pytest.fixture(scope="module")
+def model(pretrained_file):
+    return build_embedder(pretrained_file)
+
+
+def _independent_cv(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> list[float]:
+    """Brute force: every candidate threshold (each score, accept >=) on the 9 training folds."""
+    accs = []
+    for f in np.unique(folds):
+        tr, te = folds != f, folds == f
+        cands = np.concatenate([scores[tr], [np.inf]])
+        best = max(cands, key=lambda t: (((scores[tr] >= t) == same[tr]).mean(), -t))
+        accs.append(((scores[te] >= best) == same[te]).mean())
+    return accs
+
+
+def test_metrics_match_independent_computation(cache, model):
+    emb = cache.embeddings(model)
+    scores, same = cache.scores(emb), cache.same
+    s, y = scores.numpy().astype(np.float64), same.numpy()
+    result = metrics_from_scores(scores, same, cache.folds, pairs_file="pairsDevTest.txt", flip=True)
+    assert result.n_pairs == 120 and sum(y) == 60
+    assert result.auc == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    fpr, tpr, _ = roc_curve(y, s)
+    for far, t in result.tar_at_far.items():
+        assert t.n_impostor == 60 and t.impostors_accepted <= far * 60
+        assert t.tar == pytest.approx(tpr[fpr <= far].max(), abs=1e-9)
+    indep = _independent_cv(s, y, np.array(cache.folds))
+    assert result.fold_accuracies == pytest.approx(indep, abs=1e-9)
+    assert result.accuracy_mean == pytest.approx(np.mean(indep)) and result.accuracy_std == pytest.approx(np.std(indep))
+    assert result.accuracy_mean > 0.85 and result.auc > 0.9  # the pretrained model does verify faces
+
+
+def test_cached_tail_path_equals_the_full_forward(cache, model, pretrained_file):
+    x = to_input(cache.images[:6])
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(model(x) + model(x.flip(3)), dim=1)
+    assert torch.allclose(cache.embeddings(model)[:6], direct, atol=1e-5)
+    # Another model with the same frozen prefix reuses the features; its tail is what changes.
+    other = build_embedder(pretrained_file)
+    load_shared_state(other, {k: v * 1.05 for k, v in shared_state(other).items()})
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(other(x) + other(x.flip(3)), dim=1)
+    assert torch.allclose(cache.embeddings(other)[:6], direct, atol=1e-5)
+    assert not torch.allclose(cache.embeddings(other)[:6], cache.embeddings(model)[:6], atol=1e-3)
+    assert evaluate_lfw(other, None, cache=cache).n_pairs == 120
+
+
+def test_folds(lfw):
+    view2 = lfw.pairs("pairs.txt")
+    assert folds_of(view2) == [f for f in range(10) for _ in range(600)]  # the official folds
+    dev = lfw.pairs("pairsDevTest.txt")
+    folds = folds_of(dev)
+    for f in range(10):  # stratified: 50 matched + 50 mismatched in each
+        members = [p for p, k in zip(dev[0], folds) if k == f]
+        assert len(members) == 100 and sum(p.same for p in members) == 50
+    # perfectly separable scores -> 100 % in every fold
+    same = torch.tensor([p.same for p in dev[0]])
+    assert cv_accuracy(same.double() + 0.01 * torch.rand(1000), same, folds) == [1.0] * 10
+
+
+def test_cli_evaluate_json(pretrained_file, lfw_file):
+    env = {**os.environ, "FACEFED_LFW": str(lfw_file)}
+    cmd = [sys.executable, "-m", "server.cli", "evaluate", "--model", str(pretrained_file), "--json",
+           "--max-pairs", "40", "--no-flip"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["n_pairs"] == 40 and data["flip"] is False and 0.7 < data["accuracy_mean"] <= 1.0
+    assert set(data["tar_at_far"]) == {"0.01", "0.001"} and data["tar_at_far"]["0.01"]["n_impostor"] == 20
+    bad = subprocess.run(cmd[:-4] + ["--pairs", "pairsDevTrain.txt"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "training people" in bad.stderr

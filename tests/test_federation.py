@@ -1,0 +1,179 @@
+"""End to end on real processes: one SuperLink and three SuperNodes on 127.0.0.1 with TLS and node
+authentication, real vaults of real LFW faces, per-person DP training, started and stopped by PID.
+
+One federation serves the module (setting it up is most of the cost): a two-round run in which the
+server is killed (SIGKILL) after round 1 and restarted, and one site stays down, so the same run shows
+training, restart safety and a site dropping out; then the refusals.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.accountant import SiteAccountant
+from common.heads import MarginHead
+from common.model import load_checkpoint, sha256_file, shared_state
+from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
+from server.ledger import Ledger
+
+from demo.federation import CLIENT, SERVER, Federation, build_vault, free_port, pick_people, write_config  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SITES = ["north", "south", "east"]
+PEOPLE, IMAGES = 6, 4
+JPEG_HEADER = b"\xff\xd8\xff\xe0\x00\x10JFIF"
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, lfw, pretrained_file):
+    root = tmp_path_factory.mktemp("federation")
+    people = dict(zip(SITES, pick_people(lfw, len(SITES), PEOPLE), strict=True))
+    f = Federation(root, SITES)
+    f.people = people
+    for site in SITES:
+        build_vault(lfw, people[site], f.site_dir(site), max_images=IMAGES)
+    try:
+        f.setup()
+        f.wait_online(len(SITES), timeout=180)
+        yield f
+    finally:
+        f.stop_all()
+
+
+def committed_rounds(state: Path) -> int:
+    try:
+        with sqlite3.connect(state / "ledger.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM rounds WHERE status = 'committed'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
+    cfg = write_config(tmp_path / "fed.toml", rounds=2, min_sites=2, steps=3, probe_steps=2, sample_rate=0.5,
+                       noise=1.0, delta=1e-3, max_epsilon=50.0, flip=False, max_pairs=100, round_timeout=600,
+                       wait_for_sites=60)
+    follower = fed.spawn("train-1", SERVER, "train", "--state", str(fed.state), "--config", str(cfg))
+    deadline = time.monotonic() + 600
+    while committed_rounds(fed.state) < 1:
+        assert time.monotonic() < deadline, fed.procs["server"].output()[-3000:]
+        assert follower.alive(), follower.output()
+        time.sleep(1)
+    # Crash: the SuperLink, its ServerApp and everything in their process group die at once.
+    fed.procs["server"].stop(signal.SIGKILL)
+    follower.stop()
+    fed.procs["node-east"].stop()  # and one site goes away for good
+    fed.start_server()
+    fed.wait_online(2, timeout=120)
+    res = fed.train(cfg, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming run" in res.stdout and "round 2/2" in res.stdout
+
+    with Ledger(fed.state / "ledger.sqlite") as ledger:
+        (run,) = ledger.runs()
+        assert run.status == "completed"
+        rounds = ledger.rounds(run.run_id)
+        committed = [r for r in rounds if r.status == "committed"]
+        assert [r.round for r in committed] == [1, 2]  # each round counted once, none lost
+        r1, r2 = committed
+        assert r1.participants == sorted(SITES) and r1.missing == []
+        assert r2.participants == ["north", "south"] and r2.missing == ["east"]
+        assert next(s for s in r2.sites if s.site == "east").status == "missing"
+        assert len({r1.flwr_run_id, r2.flwr_run_id}) == 2 and len(ledger.attempts(run.run_id)) == 2
+
+        # Checkpoints: on disk with the recorded sha256, each round's parent is the previous round.
+        chain = ledger.lineage(r2.checkpoint_id)
+        assert [c.round for c in chain] == [2, 1, 0]
+        assert r2.parent_checkpoint == r1.checkpoint_id and r2.parent_sha256 == r1.checkpoint_sha256
+        for c in chain:
+            assert sha256_file(c.path) == c.sha256
+        base, _ = load_checkpoint(chain[2].path)
+        final, meta = load_checkpoint(chain[0].path)
+        assert meta["parent_id"] == r1.checkpoint_id
+        moved = [k for k, v in shared_state(final).items() if not torch.equal(v, shared_state(base)[k])]
+        assert moved, "the global tail did not change in two rounds"
+        for k, v in final.state_dict().items():  # the frozen prefix is never touched
+            if k not in shared_state(final):
+                assert torch.equal(v, base.state_dict()[k]), k
+
+        # Evaluation and privacy are recorded per round.
+        for r in committed:
+            assert 0.0 <= r.metrics["lfw_accuracy"] <= 1.0 and r.metrics["lfw_pairs"] == 100
+            for s in r.sites:
+                if s.status == "ok":
+                    assert s.unit == "person" and s.delta == pytest.approx(1e-3) and s.accountant == "rdp"
+                    assert s.epsilon > 0 and s.people == PEOPLE and s.bytes_up == s.bytes_down > 0
+        # What the server received: exactly the shared tail from every site, never a head.
+        tail = shared_state(final)
+        for r in committed:
+            for s in r.sites:
+                if s.status == "ok":
+                    assert set(s.received_keys) == set(tail)
+                    assert all(tail[k].shape[0] != PEOPLE for k in s.received_keys)
+        eps = {s.site: s.epsilon for s in r2.sites if s.status == "ok"}
+
+    # The sites' own records: heads per committed round, contribution logs, the accountant.
+    for site in SITES:
+        state = fed.vault(site) / "site"
+        rounds_here = [1] if site == "east" else [1, 2]
+        for rnd in rounds_here:
+            head = MarginHead.load(state / "heads" / run.run_id / f"r{rnd:04d}-a1.pt")
+            assert len(head) == PEOPLE and not set(head.ids) & set(fed.people[site])  # pseudonyms, not names
+        from client.contributions import ContributionLog
+
+        with ContributionLog(state / "contributions.sqlite") as log:
+            assert log.people_in(run.run_id, 1) == sorted(fed.people[site])
+            assert log.people_in(run.run_id, 2) == ([] if site == "east" else sorted(fed.people[site]))
+        if site in eps:
+            acc = SiteAccountant(state / "accountant.json", 1e-3, 50.0, "person")
+            assert acc.epsilon() == pytest.approx(eps[site], rel=1e-6)
+
+    # No plain image was written anywhere by the server or a site's training.
+    for where in [fed.state] + [fed.vault(s) / "site" for s in SITES]:
+        for p in where.rglob("*"):
+            if p.is_file():
+                assert JPEG_HEADER not in p.read_bytes(), p
+
+    status = fed.status()
+    assert run.run_id[:12] in status and "completed" in status
+
+
+def test_refusals_say_why(fed, tmp_path):
+    vault = fed.vault("north")
+    common = ["--vault", str(vault), "--server", fed.address, "--state", str(tmp_path / "st"),
+              "--runtime-port", str(free_port()), "--max-retries", "2", "--no-worker", "--activation-wait", "0"]
+
+    def refused(*args: str) -> str:
+        res = fed.run(CLIENT, "start", *args, *common, timeout=120, check=False)
+        assert res.returncode != 0, res.stdout + res.stderr
+        return res.stderr
+
+    fed.run(CLIENT, "keygen", "--out", str(tmp_path / "stranger"))
+    out = refused("--site", "stranger", "--root-cert", str(fed.tls / "ca.crt"), "--key", str(tmp_path / "stranger" / "node.key"))
+    assert "not registered" in out and "sites register" in out
+
+    out = refused("--site", "north", "--key", str(fed.key("north")))
+    assert "CA certificate" in out and "--root-cert" in out
+
+    fed.run(SERVER, "certs", "--out", str(tmp_path / "other-ca"))
+    out = refused("--site", "north", "--root-cert", str(tmp_path / "other-ca" / "ca.crt"), "--key", str(fed.key("north")))
+    assert "not trusted" in out
+
+    out = refused("--site", "north", "--insecure")
+    assert "requires TLS" in out
+
+    # A second server on the same state (its database, its ledger) is refused.
+    second = fed.run(SERVER, "start", "--state", str(fed.state), "--tls-dir", str(fed.tls), "--port",
+                     str(free_port()), timeout=120, check=False)
+    assert second.returncode != 0 and "already running" in second.stderr
+
+    # A revoked site's key is refused like an unknown one.
+    fed.run(SERVER, "sites", "revoke", "east", "--state", str(fed.state))
+    assert "revoked" in fed.run(SERVER, "sites", "ls", "--state", str(fed.state)).stdout
+    out = refused("--site", "east", "--root-cert", str(fed.tls / "ca.crt"), "--key", str(fed.key("east")))
+    assert "not registered" in out and "revoked" in out
