@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+# On a shared, oversubscribed machine OpenMP worker threads that spin while waiting for a descheduled
+# peer slow torch down 10-100x; passive waiting keeps 2 threads useful. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))

@@ -84,7 +84,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     prox: float = Field(0.0, ge=0, lt=1, description="per step, pull the tail this fraction of the way back "
                                                       "to the weights the call started from (data-independent)")
-    train_from: str = Field("conv_5", description=f"first trainable stage: one of {', '.join(STAGES)}")
+    train_from: str = Field("features", description=f"first trainable stage: one of {', '.join(STAGES)}")
     tune: Literal["all", "bias"] = Field("all", description="fine-tune all tail parameters, or only their "
                                          "biases (DP-BiTFiT: far fewer dimensions for the noise)")
     flip: bool = True

@@ -271,11 +271,11 @@ def build_embedder(pretrained: str | os.PathLike | None = None, *, train_from: s
                    norm: Norm | None = None) -> MobileFaceNet:
     """A folded, Opacus-valid embedder: from the CASIA checkpoint, or from scratch (GroupNorm) if None.
 
-    `train_from` defaults to `conv1` (all trainable) from scratch and to `conv_5` (the tail) when
-    fine-tuning a pretrained model.
+    `train_from` defaults to `conv1` (all trainable) from scratch and to `features` (the last 512->128
+    layer, the recipe bench/train.py selected) when fine-tuning a pretrained model.
     """
     if pretrained is not None:
-        model = MobileFaceNet(norm or "folded", train_from or "conv_5")
+        model = MobileFaceNet(norm or "folded", train_from or "features")
         state = load_pretrained_state(pretrained)
         check_state(model, state, what=str(pretrained))
         model.load_state_dict(state)
