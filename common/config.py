@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.model import STAGES
+from common.stages import STAGES
 
 M = TypeVar("M", bound=BaseModel)
 

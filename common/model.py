@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.stages import STAGES
+
 Norm = Literal["folded", "group", "batch"]
 EMBEDDING_DIM = 128
 INPUT_SIZE = 112
@@ -38,9 +40,6 @@ CHECKPOINT_FORMAT = "facefed-embedder/1"
 PRETRAINED_PREFIX = "arcface."
 BN_EPS = 1e-5  # torch's BatchNorm default, which the CASIA checkpoint was trained with
 
-# Stages in forward order. A stage name is what `train_from` refers to.
-STAGES = ("conv1", "conv2_dw", "conv_23", "conv_3", "conv_34", "conv_4", "conv_45", "conv_5", "sep", "GDC_dw",
-          "features")
 
 
 class CheckpointMismatch(ValueError):

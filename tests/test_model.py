@@ -59,6 +59,8 @@ def test_prefix_then_tail_is_the_forward(model, real_batch):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(model.tail_param_names()) and all(n.split(".")[0] in
                                                                 STAGES[7:] + ("sep", "prelu") for n in trainable)
+    model.train_from = "features"  # the default for a pretrained model
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"features.weight", "features.bias"}
 
 
 def test_checkpoint_roundtrip(tmp_path, model):
@@ -102,7 +104,7 @@ def test_bad_checkpoints_name_the_first_mismatch(tmp_path, pretrained_file, mode
 
 
 def test_shared_state_is_the_tail_only(pretrained_file):
-    a, b = build_embedder(pretrained_file), build_embedder(pretrained_file)
+    a, b = build_embedder(pretrained_file, train_from="conv_5"), build_embedder(pretrained_file, train_from="conv_5")
     state = shared_state(a)
     assert set(state) == set(a.tail_param_names()) and "conv1.conv.weight" not in state
     assert sum(v.numel() for v in state.values()) < sum(p.numel() for p in a.parameters()) / 2
