@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.durable import immediate
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contributions (
     person_id         TEXT NOT NULL,
@@ -79,16 +81,11 @@ class ContributionLog:
         if unknown:
             raise ValueError(f"sampled person {sorted(unknown)[0]!r} was not in the training set")
         now = time.time()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._db):
             self._db.executemany(
                 "INSERT OR REPLACE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(pid, run_id, rnd, attempt, n, int(pid in sampled), parent_checkpoint, head_file, now)
                  for pid, n in sorted(images.items())])
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
         return len(images)
 
     def of_person(self, person_id: str) -> list[Contribution]:

@@ -28,11 +28,10 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.durable import immediate
 from client.vault.tombstones import REQUESTS_NAME, TOMBSTONES_SCHEMA, id_hash, vault_key
 
 RECEIPTS_DIR = "receipts"
@@ -166,15 +165,8 @@ class RequestLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _write(self):
+        return immediate(self._db)
 
     def hash_of(self, person_id: str) -> str:
         return id_hash(self.key, person_id)

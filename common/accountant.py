@@ -25,7 +25,7 @@ from typing import Literal
 
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from common.model import atomic_write_bytes
+from common.durable import atomic_write_bytes
 
 Unit = Literal["person", "image", "none"]
 ACCOUNTANT = "rdp"

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.model import EMBEDDING_DIM, atomic_write_bytes
+from common.durable import atomic_write_bytes
+from common.model import EMBEDDING_DIM
 
 HEAD_FORMAT = "facefed-head/1"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")

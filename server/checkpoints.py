@@ -11,11 +11,11 @@ easy to match by eye and lets unlearning find "the checkpoint before round r" wi
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 
+from common.durable import fsync_dir
 from common.model import MobileFaceNet, load_checkpoint, save_checkpoint, sha256_file
 from server.ledger import CheckpointRow
 
@@ -49,7 +49,7 @@ class CheckpointStore:
                      "parent_id": parent.checkpoint_id if parent else None,
                      "parent_sha256": parent.sha256 if parent else None, **(meta or {})}
         sha = save_checkpoint(path, model, full_meta)  # atomic: temp + fsync + rename
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return CheckpointRow(checkpoint_id=cid, run_id=run_id, round=rnd, path=str(path), sha256=sha,
                              parent_id=parent.checkpoint_id if parent else None, created_at=time.time())
 
@@ -70,16 +70,8 @@ class CheckpointStore:
         existed = path.exists()
         path.unlink(missing_ok=True)
         if existed:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return existed
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+

@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.durable import immediate
 
 SCHEMA_VERSION = 1
 
@@ -249,15 +249,8 @@ class Ledger:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self):
+        return immediate(self._db)
 
     # -- sites --------------------------------------------------------------------------------
     def add_site(self, name: str, fingerprint: str, public_key: str, node_id: str | None) -> SiteRow:

@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+
 from client.vault.sharefile import LEN_PREFIX, MAX_IMAGE_BYTES, OVERHEAD, bucket
 from client.vault.store import ShareNotFound, StoreError, check_share_id
+from common.durable import fsync_dir, immediate
 
 # The largest share the vault can make (its largest image, padded to its bucket): bounds a request's memory.
 DEFAULT_MAX_SHARE_BYTES = bucket(MAX_IMAGE_BYTES + LEN_PREFIX.size) + OVERHEAD
@@ -43,14 +45,6 @@ class HolderStat:
     shares: int
     bytes: int
     writable: bool
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShareDir:
@@ -143,21 +137,15 @@ class ShareDir:
                     tmp.unlink(missing_ok=True)
                     raise
             for parent in {path.parent for _, path, _ in planned}:
-                _fsync_dir(parent)
+                fsync_dir(parent)
         except OSError:
             self._settle([sid for sid, _, _ in planned])  # leave the index as the files are
             raise
         self._index_many("UPDATE shares SET pending=0, size=? WHERE id=?", [(len(d), sid) for sid, _, d in planned])
 
     def _index_many(self, sql: str, rows: list[tuple]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(sql, rows)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate(self._db):
+            self._db.executemany(sql, rows)
 
     def _settle(self, share_ids: list[str]) -> None:
         with self._lock:
@@ -194,7 +182,7 @@ class ShareDir:
                 os.close(fd)
             try:
                 path.unlink()
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
             except FileNotFoundError:
                 existed = False
         with self._lock:

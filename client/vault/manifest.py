@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.vault.errors import InvalidConfig
+from common.durable import immediate
 
 SCHEMA_VERSION = "1"
 _SCHEMA = """
@@ -128,14 +129,8 @@ class Manifest:
     # -- transactions ---------------------------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, immediate(self._db) as db:
+            yield db
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
