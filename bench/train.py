@@ -35,6 +35,7 @@ from client.sampling import PersonSampler  # noqa: E402
 from client.trainer import _Loop, _Net, train_local  # noqa: E402
 from common.accountant import SiteAccountant  # noqa: E402
 from common.config import TrainConfig, load_config  # noqa: E402
+from common.evaluate import EvalCache  # noqa: E402
 from common.heads import MarginHead  # noqa: E402
 from common.lfw import LFW  # noqa: E402
 from common.model import build_embedder, count_params, prefix_fingerprint  # noqa: E402
@@ -83,7 +84,7 @@ def throughput(model, faces, log, *, batch: int, rounds: int, steps: int) -> Non
                 timings[unit] += time.perf_counter() - t
             loop.close()
     ips = {u: rounds * n_images / s for u, s in timings.items()}
-    log(f"  trainable: {model.train_from}..features ({count_params(model, True):,} params) + head "
+    log(f"  [{model.train_from}] trainable: {model.train_from}..features ({count_params(model, True):,} params) + head "
         f"({len(head)} x 128); batches of ~{batch} people (mean {n_images / steps:.0f}), {steps} steps x {rounds} rounds")
     log(f"  non-private SGD : {ips['none']:8.1f} images/s")
     log(f"  DP-SGD (Opacus) : {ips['person']:8.1f} images/s")
@@ -129,14 +130,17 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start")
     lfw = LFW()
     pretrained = pretrained_path()
-    model = build_embedder(pretrained)
+    model = build_embedder(pretrained)  # train_from = "features", the recipe's trainable stage
     names = train_people(lfw)
-    log(f"training people: peopleDevTrain with >= 2 images")
-    faces = load_faces(lfw, names, model, log=log)
-    evalc = load_eval(lfw, model, log=log)
+    log("training people: peopleDevTrain with >= 2 images")
+    faces = load_faces(lfw, names, pretrained, log=log)
+    evalc = load_eval(lfw, pretrained, log=log)
 
     log("\n1. Throughput: DP-SGD vs non-private SGD (same model, batches and images; frozen prefix cached)")
-    throughput(model, faces, log, batch=256, rounds=3, steps=6)
+    dp8 = load_config(CONFIGS / "finetune-dp8.toml", TrainConfig)
+    batch = round(dp8.sample_rate * faces.n_people)  # the benchmark recipe's expected batch
+    for train_from, steps in (("features", 20), ("conv_5", 3)):
+        throughput(build_embedder(pretrained, train_from=train_from), faces, log, batch=batch, rounds=3, steps=steps)
 
     only = set(args.only.split(",")) if args.only else None
     want = lambda k: only is None or k in only  # noqa: E731
@@ -167,7 +171,7 @@ def main() -> None:
             if scratch_faces is None:
                 scratch_faces = faces.subset(faces.person_ids)
                 scratch_faces.cache.clear()
-            scratch_eval = load_eval(lfw, m, log=log)
+            scratch_eval = EvalCache(lfw, "pairsDevTest.txt", flip=True)
             t = time.perf_counter()
             report, result, _ = run_row(name, m, scratch_faces, cfg, scratch_eval, log)
             log(fmt_row(name, result, report, time.perf_counter() - t))

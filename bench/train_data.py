@@ -17,7 +17,7 @@ from client.faces import SiteFaces, faces_from_lfw
 from client.trainer import prefix_features
 from common.evaluate import EvalCache
 from common.lfw import LFW
-from common.model import MobileFaceNet, prefix_fingerprint
+from common.model import STAGES, MobileFaceNet, build_embedder, prefix_fingerprint
 
 CACHE = Path(__file__).resolve().parent.parent / "bench-out" / "cache"
 
@@ -41,22 +41,51 @@ def _cached(key: str, compute, what: str, log=print):
     return value.half().float()
 
 
-def load_faces(lfw: LFW, names: list[str], model: MobileFaceNet, log=print) -> SiteFaces:
+@torch.no_grad()
+def derive(model: MobileFaceNet, feats: torch.Tensor, stage: str) -> torch.Tensor:
+    """Features entering `stage`, from features entering `model.train_from` (an earlier stage)."""
+    first, last = STAGES.index(model.train_from), STAGES.index(stage)
+    flat, out = feats.flatten(0, 1), []
+    for i in range(0, len(flat), 1024):
+        x = flat[i:i + 1024]
+        for name in STAGES[first:last]:
+            x = model._run_stage(name, x)
+        out.append(x)
+    return torch.cat(out).view(*feats.shape[:2], *out[0].shape[1:])
+
+
+def load_faces(lfw: LFW, names: list[str], pretrained, stages=("conv_5", "features"), log=print) -> SiteFaces:
+    """Faces of `names` with frozen-prefix features for each `train_from` in `stages` (the first is
+    computed once and cached on disk, the later ones derived from it in memory)."""
     t = time.perf_counter()
     faces = faces_from_lfw(lfw, names)
     log(f"  decoded {faces.n_images} images of {faces.n_people} people in {time.perf_counter() - t:.0f} s")
-    if model.train_from != "conv1":
-        key = hashlib.sha256((prefix_fingerprint(model) + "\n".join(faces.image_ids)).encode()).hexdigest()[:24]
-        feats = _cached(f"train-{key}", lambda: prefix_features(model, faces.images), "training prefix features", log)
-        faces.cache[("prefix", prefix_fingerprint(model))] = feats
+    model = build_embedder(pretrained, train_from=stages[0])
+    key = hashlib.sha256((prefix_fingerprint(model) + "\n".join(faces.image_ids)).encode()).hexdigest()[:24]
+    feats = _cached(f"train-{key}", lambda: prefix_features(model, faces.images), "training prefix features", log)
+    for stage in stages:
+        faces.cache[("prefix", prefix_fingerprint(build_embedder(pretrained, train_from=stage)))] = \
+            feats if stage == stages[0] else derive(model, feats, stage)
     return faces
 
 
-def load_eval(lfw: LFW, model: MobileFaceNet, pairs_file: str = "pairsDevTest.txt", log=print) -> EvalCache:
-    cache = EvalCache(lfw, pairs_file, flip=True)
-    if model.train_from != "conv1":
+class MultiEvalCache(EvalCache):
+    """An EvalCache holding prefix features for several `train_from` stages of the same pretrained model."""
+
+    def _features(self, model: MobileFaceNet, batch_size: int = 64):
         fp = prefix_fingerprint(model)
-        key = hashlib.sha256((fp + pairs_file).encode()).hexdigest()[:24]
-        feats = _cached(f"eval-{key}", lambda: cache._features(model), f"{pairs_file} prefix features", log)
-        cache._feats = (fp, feats)
+        if fp in self.by_prefix:
+            return self.by_prefix[fp]
+        return super()._features(model, batch_size)
+
+
+def load_eval(lfw: LFW, pretrained, pairs_file: str = "pairsDevTest.txt", stages=("conv_5", "features"),
+              log=print) -> EvalCache:
+    cache = MultiEvalCache(lfw, pairs_file, flip=True)
+    cache.by_prefix = {}
+    model = build_embedder(pretrained, train_from=stages[0])
+    key = hashlib.sha256((prefix_fingerprint(model) + pairs_file).encode()).hexdigest()[:24]
+    feats = _cached(f"eval-{key}", lambda: cache._features(model), f"{pairs_file} prefix features", log)
+    cache.by_prefix = {prefix_fingerprint(build_embedder(pretrained, train_from=s)):
+                       feats if s == stages[0] else derive(model, feats, s) for s in stages}
     return cache

@@ -51,15 +51,25 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
         if layer.bias is not None and layer.bias.requires_grad:
             ret[layer.bias] = g.sum(2)
         return ret
-    k = layer.kernel_size[0] * layer.kernel_size[1]
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    cols = cols.view(n, c, k, -1)                      # (n, C, k*k, L)
-    g = backprops.reshape(n, c, -1)                    # (n, C, L)
+    # Depthwise: grad[n, c, i, j] = sum over output positions of g * (input shifted by (i, j)).
+    # One strided slice per kernel offset; no unfold (im2col) buffer of k*k copies of the input.
+    g = backprops
     ret = {}
     if layer.weight.requires_grad:
-        ret[layer.weight] = torch.einsum("nckl,ncl->nck", cols, g).reshape(n, *layer.weight.shape)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        ho, wo = g.shape[2], g.shape[3]
+        if ho == wo == 1:  # a global depthwise conv (GDC): the gradient is the input window times g
+            w = xp[:, :, : (kh - 1) * dh + 1: dh, : (kw - 1) * dw + 1: dw] * g
+        else:
+            w = torch.empty((n, c, kh, kw), dtype=g.dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    patch = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+                    w[:, :, i, j] = torch.einsum("nchw,nchw->nc", patch, g)
+        ret[layer.weight] = w.view(n, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = g.sum(2)
+        ret[layer.bias] = g.sum((2, 3))
     return ret
 
 
@@ -99,3 +109,38 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
 def prelu_norm_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     return {p: g.reshape(len(g), -1).norm(2, dim=1)
             for p, g in prelu_grad_sample(layer, activations, backprops).items()}
+
+
+def batch_grad(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor, *,
+               samplers: dict | None = None) -> dict:
+    """Sum over the batch of the per-sample parameter gradients for these backprops.
+
+    With backprops already scaled by each sample's clipping factor this is the clipped sum DP-SGD
+    needs ("book-keeping" ghost clipping, Bu et al. 2023): one weight-gradient op per layer instead of a
+    second backward pass through the whole tail. Layers without a special case fall back to the
+    per-sample sampler, summed.
+    """
+    x = activations[0].to(backprops.dtype)
+    out = {}
+    if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
+        if layer.weight.requires_grad:
+            out[layer.weight] = torch.nn.grad.conv2d_weight(x, layer.weight.shape, backprops, layer.stride,
+                                                            layer.padding, layer.dilation, layer.groups)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = backprops.sum((0, 2, 3))
+        return out
+    if isinstance(layer, nn.Linear):
+        if layer.weight.requires_grad:
+            out[layer.weight] = torch.einsum("n...i,n...j->ij", backprops, x)
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = backprops.reshape(-1, backprops.shape[-1]).sum(0)
+        return out
+    if isinstance(layer, nn.PReLU) and layer.weight.requires_grad:
+        neg = torch.clamp(x, max=0) * backprops
+        if layer.weight.numel() == 1:
+            return {layer.weight: neg.sum().reshape(1)}
+        return {layer.weight: neg.sum(dim=[d for d in range(neg.dim()) if d != 1])}
+    sampler = (samplers or {}).get(type(layer))
+    if sampler is None:
+        raise TypeError(f"no per-sample gradient for {type(layer).__name__}")
+    return {p: g.sum(0) for p, g in sampler(layer, activations, backprops).items()}

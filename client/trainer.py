@@ -52,7 +52,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
-import client.per_sample_grads  # noqa: F401  (registers fast PReLU / depthwise grad samplers)
+from client.per_sample_grads import batch_grad  # (importing it registers fast PReLU / conv samplers)
 from client.faces import SiteFaces
 from client.sampling import Batch, ImageSampler, PersonSampler
 from common.accountant import SiteAccountant
@@ -144,6 +144,42 @@ class _Net(nn.Module):
         return self.head(self.tail(h))
 
 
+class _BookkeepingGSM(GradSampleModuleFastGradientClipping):
+    """Opacus ghost clipping (per-sample gradient norms from the first backward pass), then the clipped
+    sum from the same pass's activations and backprops, scaled per sample ("book-keeping", Bu et al.
+    2023), instead of Opacus' second backward pass through the whole tail."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._kept: list[tuple[nn.Module, list[torch.Tensor], torch.Tensor]] = []
+
+    def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):
+        activations, backprops = super().rearrange_grad_samples(
+            module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first)
+        self._kept.append((module, activations, backprops))
+        return activations, backprops
+
+    def set_clipped_grads(self) -> None:
+        """p.grad = sum_i min(1, C / |g_i|) g_i for every trainable parameter."""
+        coef = self.get_clipping_coef().detach()
+        sums: dict[int, torch.Tensor] = {}
+        params: dict[int, nn.Parameter] = {}
+        for module, acts, g in self._kept:
+            scaled = g * coef.view(-1, *[1] * (g.dim() - 1))
+            for p, v in batch_grad(module, acts, scaled, samplers=self.GRAD_SAMPLERS).items():
+                sums[id(p)] = sums[id(p)] + v if id(p) in sums else v
+                params[id(p)] = p
+        self._kept.clear()
+        missed = [p for p in self.trainable_parameters if id(p) not in params]
+        if missed:  # its .grad would still hold the UNclipped sum from the backward pass
+            raise RuntimeError(f"no clipped gradient for a parameter of shape {tuple(missed[0].shape)}")
+        for k, p in params.items():
+            p.grad = sums[k].view_as(p)
+
+    def forget(self) -> None:
+        self._kept.clear()
+
+
 # -- one optimisation loop, private or not -----------------------------------------------------
 class _Loop:
     def __init__(self, module: nn.Module, groups: list[dict], head: MarginHead, cfg: TrainConfig,
@@ -168,10 +204,9 @@ class _Loop:
                       generator=torch.Generator().manual_seed(seed ^ 0x5EED))
             if self.ghost:
                 # Ghost clipping: per-sample gradient NORMS (the head's from |dL/dlogits| |x|, never
-                # materialising B x people x 128), then a second backward of the clip-weighted loss.
-                self.module = GradSampleModuleFastGradientClipping(
-                    module, batch_first=True, loss_reduction="sum", max_grad_norm=cfg.max_grad_norm,
-                    use_ghost_clipping=True)
+                # materialising B x people x 128), then the clipped sum from the kept backprops.
+                self.module = _BookkeepingGSM(module, batch_first=True, loss_reduction="sum",
+                                              max_grad_norm=cfg.max_grad_norm, use_ghost_clipping=True)
                 self.opt = DPOptimizerFastGradientClipping(opt, **dp)
             else:
                 self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
@@ -186,15 +221,13 @@ class _Loop:
         with warnings.catch_warnings():  # Opacus' full backward hooks on an input without grad: expected
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             if len(labels):
+                if self.ghost:  # the first pass needs only backprops, not weight gradients: ask for d/dx
+                    x = x.detach().requires_grad_(True)
                 losses = self.head.loss(self.module(x), labels, reduction="none")
                 loss_value = float(losses.detach().sum())
                 if self.ghost:
-                    losses.sum().backward(retain_graph=True)  # hooks record per-sample norms
-                    coef = self.module.get_clipping_coef()
-                    self.opt.zero_grad(set_to_none=True)
-                    self.module.disable_hooks()
-                    (coef.detach() * losses).sum().backward()  # = sum of clipped per-sample gradients
-                    self.module.enable_hooks()
+                    torch.autograd.grad(losses.sum(), x)  # hooks record per-sample norms, activations, backprops
+                    self.module.set_clipped_grads()  # p.grad = the clipped sum
                 else:
                     (losses.sum() if self.private else losses.sum() / self.expected).backward()
         if self.private:
