@@ -31,10 +31,21 @@ What would break it (and is therefore not done): initialising a head row from th
 many per-sample gradients; BatchNorm in training mode; sampling several images of a person per step
 under the person unit; "free" non-private warm-up steps on the site's data.
 
-The recipe: the head first learns privately on frozen features (`probe_steps`, DP linear probing,
-counted in the accountant), then the tail and head are fine-tuned together (`steps`). Only the tail
-runs per step: the frozen prefix runs once per image and its mirror (`prefix_features`), since the
-only augmentation is the flip.
+The recipe (bench/train.py, chosen on held-out peopleDevTrain people): the head first learns privately
+on frozen features (`probe_steps`, DP linear probing, counted in the accountant), then tail and head
+train together (`steps`). Only the tail runs per step: the frozen prefix runs once per image and its
+mirror (`prefix_features`), since the only augmentation is the flip.
+What limits per-person DP here is the head, and it is fundamental: a head row is, in effect, a
+DP release of one person's class centre, and at epsilon 8 the Gaussian noise on a 128-d row is several
+times the row itself. Backbone updates that chase those noisy centres fit noise (all 65k-300k tail
+weights drift; measured: -1 to -5 points). So the DP rows tune only the tail's biases (`tune = "bias"`,
+DP-BiTFiT, Bu et al. 2022): 128 numbers cannot fit per-person noise, but can learn what all people
+share (re-centring the embedding), at little cost to the noise.
+Per-sample clipping uses Opacus ghost clipping (`clipping = "ghost"`): per-sample gradient norms from
+one backward pass (our norm samplers in client/per_sample_grads.py), then the clipped sum from the
+same pass's activations and backprops scaled per sample ("book-keeping"), instead of a second
+backward pass; `clipping = "hooks"` materialises per-sample gradients (Opacus' classic mode). Both
+give the exact clipped sum (tests/test_trainer_grads.py).
 """
 
 from __future__ import annotations
