@@ -62,7 +62,8 @@ def test_cached_tail_path_equals_the_full_forward(cache, model, pretrained_file)
     assert torch.allclose(cache.embeddings(model)[:6], direct, atol=1e-5)
     # Another model with the same frozen prefix reuses the features; its tail is what changes.
     other = build_embedder(pretrained_file)
-    load_shared_state(other, {k: v * 1.05 for k, v in shared_state(other).items()})
+    g = torch.Generator().manual_seed(0)  # (not a pure rescaling: the L2 normalisation would undo that)
+    load_shared_state(other, {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in shared_state(other).items()})
     with torch.no_grad():
         direct = torch.nn.functional.normalize(other(x) + other(x.flip(3)), dim=1)
     assert torch.allclose(cache.embeddings(other)[:6], direct, atol=1e-5)
