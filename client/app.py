@@ -6,7 +6,10 @@ private head, saving the head and the contribution log, is `client.site_round.ru
 by the site's warm worker (`client/worker.py`, started by `facefed-client start`) or, when there is
 none (simulation, or the worker is down), in this process.
 
-Reply: the shared tail only (ArrayRecord "backbone"), the metrics (people, images, steps, loss,
+`query` messages carry right-to-be-forgotten state both ways (client/forget_sync.py): the site
+reports its erased-but-not-yet-unlearned requests and keeps the receipts the server delivers.
+
+Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (people, images, steps, loss,
 epsilon, delta, timings) and a small record with the site's name, privacy unit and accountant.
 The head never leaves the site.
 """
@@ -22,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import worker
+from common.forget_wire import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from common.wire import NAMES, SHAPES, TAIL, pack, unpack
 
 ARRAYS, CONFIG, METRICS, SITE = "backbone", "config", "metrics", "site"  # same keys as server/strategy.py
@@ -72,3 +76,24 @@ def train(msg: Message, context: Context) -> Message:
     info = ConfigRecord({**res["info"], NAMES: names, SHAPES: shapes})
     arrays = ArrayRecord({TAIL: Array(np.ascontiguousarray(flat))})
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: info}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Forget requests: settle them, keep delivered receipts, drop tainted heads, report the pending."""
+    from pydantic import ValidationError
+
+    nc = dict(context.node_config)
+    try:
+        order = QueryOrder.model_validate_json(str(msg.content[CONFIG][ORDER_KEY]))
+    except (KeyError, ValidationError) as e:
+        raise SiteRoundError(f"malformed query from the server: {str(e)[:500]}") from None
+    if "vault" not in nc:  # a simulated site has no vault, hence no requests
+        reply = QueryReply(site=f"sim-{int(nc.get('partition-id', 0)):03d}")
+    else:
+        from client.forget_sync import answer_query
+        from common.nodekeys import check_site_name
+
+        reply = answer_query(site=check_site_name(str(nc["site"])), vault_dir=Path(str(nc["vault"])),
+                             state_dir=Path(str(nc["state"])), order=order)
+    return Message(RecordDict({CONFIG: ConfigRecord({REPLY_KEY: reply.model_dump_json()})}), reply_to=msg)

@@ -91,6 +91,7 @@ class Order:
     head_round: int
     head_attempt: int
     expected_site: str
+    head_run: str = ""  # the run whose head to continue (a replay continues the replaced run's head)
 
 
 def site_of(nc: dict, rc: dict) -> Site:
@@ -136,10 +137,13 @@ def order_of(config: dict) -> Order:
         train = validate_config(json.loads(get("train-config", str)), TrainConfig, where="server order")
     except json.JSONDecodeError as e:
         raise SiteConfigError(f"the server's training config is not JSON ({e})") from None
+    head_run = str(config.get("head-run", "")) or run_id
+    if not RUN_ID_RE.match(head_run):
+        raise SiteConfigError(f"the server's head run {head_run!r} is not a valid run id")
     return Order(run_id=run_id, round=rnd, attempt=attempt, parent_checkpoint=get("parent-checkpoint", str),
                  prefix=get("prefix-fingerprint", str), train=train, steps=steps, seed=get("seed", int),
                  head_round=get("head-round", int), head_attempt=get("head-attempt", int),
-                 expected_site=str(config.get("expected-site", "")))
+                 expected_site=str(config.get("expected-site", "")), head_run=head_run)
 
 
 class _SimulatedLFW:
@@ -193,7 +197,7 @@ def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
     if order.head_round == 0:
         return fresh, "fresh"
     if order.head_round > 0:
-        path = site.head_path(order.run_id, order.head_round, order.head_attempt)
+        path = site.head_path(order.head_run or order.run_id, order.head_round, order.head_attempt)
         if not path.is_file():  # state lost at the site: a fresh head is data-independent, hence safe
             return fresh, f"fresh (missing {path.name})"
         return MarginHead.load(path), path.name

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,7 +249,42 @@ def write_config(path: Path, *, rounds: int, min_sites: int, steps: int, probe_s
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+# -- what is left of a person on disk (the demo and the end-to-end tests scan with these) ---------------
+def shares_of(vault: Path, stores: list[Path], pseudonym: str) -> dict[str, int]:
+    """Share files of this person per store, found by the keyed owner tag in each share header."""
+    from client.vault.sharefile import HEADER, ShareKeys
+
+    owner = ShareKeys((vault / "key").read_bytes()).owner(pseudonym)
+    return {s.name: sum(HEADER.unpack_from(f.read_bytes())[7] == owner for f in s.iterdir() if f.is_file())
+            for s in stores}
+
+
+def head_rows_of(state: Path, pseudonym: str, person: str) -> list[str]:
+    """Stored head checkpoints that still hold a row for this person."""
+    import torch
+
+    hits = []
+    for f in sorted(state.rglob("*.pt")):
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+        ids = blob.get("ids", []) if isinstance(blob, dict) else []
+        if pseudonym in ids or person in ids:
+            hits.append(str(f.relative_to(state)))
+    return hits
+
+
+def files_mentioning(root: Path, *needles: str) -> list[str]:
+    """Every file under `root` whose raw bytes contain one of the needles (SQLite free pages included)."""
+    found = []
+    for f in root.rglob("*"):
+        if f.is_file():
+            raw = f.read_bytes()
+            if any(n.encode() in raw for n in needles):
+                found.append(str(f.relative_to(root)))
+    return found
+
+
+def main(argv: list[str] | None = None, after: Callable[[Federation], int] | None = None) -> int:
+    """Build the vaults, start everything, train; then `after(fed)` while it all still runs."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "demo-state" / "federation")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "federation.toml")
@@ -283,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(fed.status(), flush=True)
         print(f"[demo] federation done in {time.monotonic() - t0:.0f} s (exit {code}); state in {args.workdir}",
               flush=True)
+        if code == 0 and after is not None:
+            code = after(fed)
         return code
     finally:
         fed.stop_all()

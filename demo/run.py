@@ -1,14 +1,19 @@
 """`make demo`, the main job: a federation of one server and three sites on real faces, ending with a
-deletion request at one site.
+deletion request at one site, the server's exact-unlearning replay, and the signed receipt verified.
 
 1. `demo/federation.py`: three site vaults from disjoint LFW peopleDevTrain people (Shamir 2-of-3), the
    server and three site nodes as real processes on 127.0.0.1 with TLS and node authentication, a few
    rounds of per-person DP training, per-round LFW pairsDevTest accuracy and each site's epsilon.
 2. At site `north`, the operator runs `facefed-client forget --person ID`: the person's shares are
    destroyed in every store, their rows leave every stored head checkpoint and the contribution log.
-   The demo then scans every file the site has (share headers by owner tag, head checkpoints by row
-   id, raw bytes of the manifest, request log and contribution log) to show nothing of them is left,
-   and prints the request's stages with `forget status`.
+   The demo scans every file the site has (share headers by owner tag, head checkpoints by row id, raw
+   bytes of the manifest, request log and contribution log) to show nothing of them is left.
+3. The server operator runs `facefed-server unlearn`: the server learns of the request from the site,
+   rolls the model back to before the person's first round, replays the rounds without them (a new
+   release: the sites' epsilon grows, and is shown), deletes the checkpoints that carried them, and
+   signs a receipt that the site stores (`facefed-client forget status`).
+4. `facefed-server receipts verify` checks the receipt's signature and lineage against the ledger; a
+   tampered copy fails.
 
 LFW and the pretrained weights come from $FACEFED_LFW / $FACEFED_PRETRAINED (the Makefile points
 them at ../shared when present). `python demo/vault_walkthrough.py` shows the vault on its own.
@@ -30,8 +35,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "demo"))
 
 import federation  # noqa: E402
-from client.vault.sharefile import HEADER, ShareKeys  # noqa: E402
+from federation import SERVER, Federation, files_mentioning, head_rows_of, shares_of  # noqa: E402
 from common.paths import lfw_path, pretrained_path  # noqa: E402
+from server.ledger import Ledger  # noqa: E402
 
 WORKDIR = REPO / "demo-state" / "federation"
 CLIENT = str(Path(sys.executable).with_name("facefed-client"))
@@ -47,38 +53,8 @@ def client(*args: str, quiet: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
-def shares_of(vault: Path, stores: list[Path], pseudonym: str) -> dict[str, int]:
-    """Share files of this person per store, found by the keyed owner tag in each share header."""
-    owner = ShareKeys((vault / "key").read_bytes()).owner(pseudonym)
-    return {s.name: sum(HEADER.unpack_from(f.read_bytes())[7] == owner for f in s.iterdir() if f.is_file())
-            for s in stores}
-
-
-def head_rows_of(state: Path, pseudonym: str, person: str) -> list[str]:
-    """Stored head checkpoints that still hold a row for this person."""
-    import torch
-
-    hits = []
-    for f in sorted(state.rglob("*.pt")):
-        blob = torch.load(f, map_location="cpu", weights_only=True)
-        ids = blob.get("ids", []) if isinstance(blob, dict) else []
-        if pseudonym in ids or person in ids:
-            hits.append(str(f.relative_to(state)))
-    return hits
-
-
-def files_mentioning(root: Path, *needles: str) -> list[str]:
-    """Every file under `root` whose raw bytes contain one of the needles (SQLite free pages included)."""
-    found = []
-    for f in root.rglob("*"):
-        if f.is_file():
-            raw = f.read_bytes()
-            if any(n.encode() in raw for n in needles):
-                found.append(str(f.relative_to(root)))
-    return found
-
-
-def forget_one(site_dir: Path) -> None:
+def forget_one(site_dir: Path) -> tuple[str, str, str]:
+    """Forget the person with the most images at this site; (person id, pseudonym, request id)."""
     vault, state = site_dir / "vault", site_dir / "vault" / "site"
     stores = sorted((site_dir / "stores").iterdir())
     listing = json.loads(client("vault", "ls", "--vault", str(vault), "--json", quiet=True).stdout)
@@ -103,8 +79,59 @@ def forget_one(site_dir: Path) -> None:
     if any(left_shares.values()) or left_heads or left_files:
         sys.exit("demo: something of the forgotten person is left on disk")
     print(f"\n[demo] OK: {person}'s shares are destroyed in all {len(stores)} stores, no head checkpoint or log "
-          f"at the site holds them, and the vault verifies. The request waits at the site for the server's "
-          f"exact-unlearning replay and signed receipt (not built yet: see README, Status).")
+          f"at the site holds them, and the vault verifies. The request waits at the site (stage data_erased) "
+          f"for the server's replay.")
+    status = json.loads(client("forget", "status", "--vault", str(vault), "--json", quiet=True).stdout)
+    return person, pseudonym, status[-1]["request_id"]
+
+
+def server(fed: Federation, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    print(f"\n$ facefed-server {shlex.join(args)}", flush=True)
+    proc = subprocess.run([SERVER, *args], env=fed._env(), text=True, capture_output=True, timeout=1800)
+    sys.stdout.write(proc.stdout + proc.stderr)
+    if proc.returncode != expect:
+        sys.exit(f"demo: `facefed-server {args[0]}` exited with {proc.returncode}, expected {expect}")
+    return proc
+
+
+def unlearn_and_verify(fed: Federation, site: str, person: str, pseudonym: str, request_id: str) -> int:
+    site_dir = fed.site_dir(site)
+    vault = fed.vault(site)
+    print("\n[demo] the server asks the sites for requests, rolls back to before the person's first round, "
+          "replays without them, deletes the checkpoints that carried them and signs a receipt", flush=True)
+    started = time.perf_counter()
+    server(fed, "unlearn", "--state", str(fed.state), "--wait", "60")
+    print(f"[demo] unlearned in {time.perf_counter() - started:.0f} s (the replay is new training: each site's "
+          f"epsilon above includes it)")
+    server(fed, "requests", "--state", str(fed.state))
+    client("forget", "status", "--vault", str(vault), request_id)
+
+    receipt = vault / "receipts" / f"{request_id}.json"
+    print(f"\n[demo] the receipt the site keeps ({receipt.relative_to(REPO)}):")
+    print(json.dumps(json.loads(receipt.read_text())["receipt"], indent=1))
+    server(fed, "receipts", "verify", str(receipt), "--state", str(fed.state))
+    tampered = WORKDIR / "tampered-receipt.json"
+    doc = json.loads(receipt.read_text())
+    doc["receipt"]["checkpoints_deleted"] = doc["receipt"]["checkpoints_deleted"][:-1]
+    tampered.write_text(json.dumps(doc))
+    print("\n[demo] the same receipt with one deleted checkpoint left out (tampered) must fail:")
+    server(fed, "receipts", "verify", str(tampered), "--state", str(fed.state), expect=1)
+
+    # After the replay: nothing of the person at the site, no checkpoint of the replaced rounds anywhere.
+    body = json.loads(receipt.read_text())["receipt"]
+    with Ledger(fed.state / "ledger.sqlite") as ledger:
+        gone = [c for c in body["checkpoints_deleted"] if Path(ledger.checkpoint(c).path).exists()]
+    left_heads = head_rows_of(vault / "site", pseudonym, person)
+    left_files = files_mentioning(site_dir, person)
+    print(f"  checkpoints of the replaced rounds still on the server: {gone or 'none'} "
+          f"(deleted: {', '.join(body['checkpoints_deleted'])})")
+    print(f"  head checkpoints at {site} with their row: {left_heads or 'none'}")
+    print(f"  files at {site} containing {person!r}: {left_files or 'none'}")
+    if gone or left_heads or left_files:
+        sys.exit("demo: something of the forgotten person is left after unlearning")
+    print(f"\n[demo] OK: request {request_id} went received -> data erased -> model unlearned -> receipt issued; "
+          f"the receipt verifies against the ledger and a tampered copy does not.")
+    return 0
 
 
 def main() -> int:
@@ -112,11 +139,12 @@ def main() -> int:
     ap.add_argument("--people", type=int, default=40, help="people per site (default 40)")
     args = ap.parse_args()
     lfw_path(), pretrained_path()  # fail at once, saying where to put the data
-    code = federation.main(["--workdir", str(WORKDIR), "--people", str(args.people)])
-    if code:
-        return code
-    forget_one(WORKDIR / "sites" / "north")
-    return 0
+
+    def after(fed: Federation) -> int:
+        person, pseudonym, request_id = forget_one(fed.site_dir("north"))
+        return unlearn_and_verify(fed, "north", person, pseudonym, request_id)
+
+    return federation.main(["--workdir", str(WORKDIR), "--people", str(args.people)], after=after)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,17 @@ committed round and never counts one twice: the next `facefed-server train` resu
 ledger's last committed checkpoint. A round without `min_sites` valid replies is recorded as failed
 (who was missing and why) and retried up to `max_round_attempts`, after which the run fails.
 
+Right to be forgotten (server/unlearn.py): before each run and between rounds the server sends every
+online site a `query` (common/forget_wire.py). Sites report requests whose data they erased; the
+server records them in the ledger, finds the runs they taint, asks the sites whether their privacy
+budget allows the replay, and replays each tainted run from its rollback checkpoint as a new run
+(`kind = 'replay'`), one replay for all requests pending together. Then it deletes the tainted
+checkpoints, signs one receipt per request (server/receipts.py) and delivers it at the next query,
+together with the list of head files the sites must delete. A server killed during a replay resumes
+it at the next `train` or `unlearn` (the ledger ties the requests to their replay run). Training
+never goes on from a model that a reported request taints: if the replay is refused, the run fails
+and says why.
+
 Site identity: with node authentication, a node is the site whose registered key fingerprint matches
 the node's public key (from the ledger), and a reply that claims another name is rejected. Without
 authentication (local tests, simulation) the name the node reports is used.
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -35,17 +47,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from common.config import validate_config
+from common.fedconfig import FederationConfig
+from common.forget_wire import ORDER_KEY, REPLY_KEY, BudgetAsk, Delivery, DropHeads, QueryOrder, QueryReply
 from common.model import (MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, sha256_file,
                           shared_state)
 from common.nodekeys import fingerprint_pem
 from server.checkpoints import CheckpointStore
-from server.ledger import CheckpointRow, Ledger, RoundRow, SiteRound
+from server.ledger import CheckpointRow, ForgetRow, Ledger, RoundRow, SiteRound
+from server.receipts import issue, key_paths, signing_key
+from server.unlearn import deletion_reason, plan_replays, replay_run_id, tainted_of
 from server.statedir import StatePaths
 from server.strategy import (ARRAYS, CONFIG, Accepted, BackboneFedAvg, ReplyRejected, declared_names,
                              payload_bytes, to_record)
 from server.submission import Submission, read_submission
 
 POLL_S = 0.25  # how often to pull replies (Flower's own send_and_receive sleeps 3 s)
+QUERY_TIMEOUT_S = 120.0  # a site's query answer (settling requests) is quick; do not hold a round up longer
 UNREACHABLE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 app = ServerApp()
 
@@ -108,17 +126,44 @@ class Coordinator:
         self.run_id = sub.run_id
         self.flwr_run_id = str(grid.run.run_id)
         self.log = log
-        ev = self.cfg.evaluate
-        self.evaluator = evaluator if evaluator is not None else (
-            Evaluator(sub.lfw, ev.pairs, ev.flip, ev.max_pairs) if ev.every else None)
+        self._injected_evaluator = evaluator
+        self._evaluators: dict[tuple, Evaluator] = {}
         self.base_sha256 = sha256_file(sub.pretrained)
+        self.node_site: dict[int, str] = {}  # learnt from query replies (nodes without authentication)
+
+    @property
+    def evaluator(self) -> Callable[[MobileFaceNet], dict[str, float]] | None:
+        if self._injected_evaluator is not None:
+            return self._injected_evaluator
+        ev = self.cfg.evaluate
+        if not ev.every:
+            return None
+        key = (ev.pairs, ev.flip, ev.max_pairs)
+        if key not in self._evaluators:  # shared by the replays of this process (the cache is the cost)
+            self._evaluators[key] = Evaluator(self.sub.lfw, ev.pairs, ev.flip, ev.max_pairs)
+        return self._evaluators[key]
+
+    def _for(self, run_id: str, cfg: FederationConfig) -> Coordinator:
+        """This coordinator working on another run (a replay) with that run's configuration."""
+        other = copy.copy(self)
+        other.run_id, other.cfg = run_id, cfg
+        return other
+
+    def _config_of(self, run_id: str) -> FederationConfig:
+        return validate_config(json.loads(self.ledger.run(run_id).config_json), FederationConfig,
+                               where=f"ledger run {run_id}")
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.sub.mode == "unlearn":
+            self.run_unlearn()
+            return
         with run_lock(self.paths, self.run_id):
             self._open_run()
             self.ledger.add_attempt(self.run_id, self.flwr_run_id)
             try:
+                self._wait_for_sites()
+                self.unlearn(current=True)  # before the run: requests that arrived meanwhile
                 self._rounds()
             except (KeyboardInterrupt, SystemExit) as e:
                 # The SuperLink is going away (Ctrl-C, SIGTERM, or its death noticed by Flower's parent
@@ -136,12 +181,29 @@ class Coordinator:
             self.ledger.end_attempt(self.run_id, self.flwr_run_id, "completed")
             self.log(f"[facefed] run {self.run_id} completed")
 
+    def run_unlearn(self) -> None:
+        """`facefed-server unlearn`: collect requests, replay what they taint, deliver receipts."""
+        active = [s.name for s in self.ledger.sites() if s.active]
+        deadline = time.monotonic() + self.sub.wait_s
+        while len(self._choose()[0]) < max(1, len(active)) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        online = len(self._choose()[0])
+        self.log(f"[facefed] unlearn: {online} site(s) online of {len(active) or '?'} registered")
+        self.unlearn(current=False)
+
     def _open_run(self) -> None:
         known = {r.run_id: r for r in self.ledger.runs()}
         if self.run_id in known:
             if not self.sub.resume:
                 raise RunFailed(f"run {self.run_id} already exists in the ledger")
             run = known[self.run_id]
+            while run.status == "superseded":  # replaced by an unlearning replay: go on with that one
+                nxt = [r for r in known.values() if r.parent_run_id == run.run_id and r.kind == "replay"]
+                if not nxt:
+                    raise RunFailed(f"run {run.run_id} is superseded but no replay run replaces it")
+                self.log(f"[facefed] run {run.run_id} was replaced by replay {nxt[-1].run_id}; continuing that")
+                run = nxt[-1]
+                self.run_id = run.run_id
             if run.config_sha256 != self.cfg.sha256():
                 raise RunFailed(f"run {self.run_id} was started with another configuration "
                                 f"(sha256 {run.config_sha256[:12]}..); resume it with the same config")
@@ -160,22 +222,191 @@ class Coordinator:
             self.ledger.set_base_metrics(self.run_id, metrics)
             self.log(f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}")
 
-    def _rounds(self) -> None:
-        done, parent = self.ledger.head(self.run_id)
-        model, _ = self.store.load(parent)
-        model.train_from = self.cfg.train.train_from
-        self.prefix = prefix_fingerprint(model)  # sites check their frozen layers against it
-        for rnd in range(done + 1, self.cfg.rounds + 1):
+    def _rounds(self, until: int | None = None) -> None:
+        """Rounds of the current run up to `until` (default: all planned). Between rounds (not within a
+        replay) the sites are queried, and a request that taints the current run replaces it by its
+        replay, which this loop then goes on with."""
+        while True:
+            done, parent = self.ledger.head(self.run_id)
+            last = self.cfg.rounds if until is None else until
+            if done >= last:
+                return
+            model, _ = self.store.load(parent)
+            model.train_from = self.cfg.train.train_from
+            self.prefix = prefix_fingerprint(model)  # sites check their frozen layers against it
+            rnd = done + 1
             # Attempts are numbered across restarts (ledger) but limited per `train` invocation, so a run
             # that failed for lack of sites can be resumed once they are back.
             for _ in range(self.cfg.max_round_attempts):
-                result = self.round(rnd, self.ledger.next_attempt(self.run_id, rnd), model, parent)
-                if result is not None:
-                    model, parent = result
+                if self.round(rnd, self.ledger.next_attempt(self.run_id, rnd), model, parent) is not None:
                     break
             else:
-                raise RunFailed(f"round {rnd} failed {self.cfg.max_round_attempts} time(s) in a row; see "
-                                f"`facefed-server status --run {self.run_id}`")
+                raise RunFailed(f"round {rnd} failed {self.cfg.max_round_attempts} time(s) in a row (run "
+                                f"{self.run_id}); see `facefed-server status --run {self.run_id}`")
+            if until is None and rnd < last:
+                self.unlearn(current=True)
+
+    # -- right to be forgotten ------------------------------------------------------------------
+    def sync(self, budget: BudgetAsk | None = None) -> dict[str, QueryReply]:
+        """One `query` exchange with every online site: deliver receipts and head deletions, collect
+        requests (recorded in the ledger) and, with `budget`, each site's answer for a replay."""
+        slots, _ = self._choose()
+        if not slots:
+            return {}
+        drops = [DropHeads(run_id=r.parent_run_id, from_round=r.start_round + 1)
+                 for r in self.ledger.runs() if r.kind == "replay" and r.parent_run_id]
+        deliver: dict[str, list[Delivery]] = {}
+        for r in self.ledger.requests("unlearned"):
+            if r.delivered_at is None and r.receipt is not None:
+                m = self.ledger.checkpoint(r.model_checkpoint)
+                deliver.setdefault(r.site, []).append(Delivery(
+                    request_id=r.request_id, run_id=r.replay_run_id or m.run_id or "", round=m.round,
+                    checkpoint_id=m.checkpoint_id, checkpoint_sha256=m.sha256, receipt=r.receipt))
+        msgs = []
+        for slot in slots:
+            name = slot.site or self.node_site.get(slot.node_id)
+            order = QueryOrder(deliver=deliver.get(name, []) if name else [], drop_heads=drops, budget=budget)
+            msgs.append(Message(RecordDict({CONFIG: ConfigRecord({ORDER_KEY: order.model_dump_json()})}),
+                                dst_node_id=slot.node_id, message_type=MessageType.QUERY,
+                                ttl=QUERY_TIMEOUT_S + 60.0, group_id=f"query/{self.flwr_run_id}/{time.time():.3f}"))
+        wait = QUERY_TIMEOUT_S if self.cfg is None else min(QUERY_TIMEOUT_S, self.cfg.round_timeout_s)
+        replies = self._exchange(msgs, timeout=wait)
+        out: dict[str, QueryReply] = {}
+        for slot in slots:
+            if slot.node_id not in replies:
+                self.log(f"[facefed] query: no answer from {slot.site or f'node {slot.node_id}'} "
+                         f"within {wait:g} s; its requests wait for the next query")
+                continue
+            msg = replies[slot.node_id][0]
+            try:
+                if msg.has_error():
+                    raise ValueError(f"error {msg.error.code}: {msg.error.reason}")
+                qr = QueryReply.model_validate_json(str(msg.content[CONFIG][REPLY_KEY]))
+            except (ValueError, KeyError) as e:  # pydantic's ValidationError is a ValueError
+                self.log(f"[facefed] query: unusable answer from {slot.site or f'node {slot.node_id}'}: {str(e)[:300]}")
+                continue
+            if slot.site is not None and qr.site != slot.site:
+                self.log(f"[facefed] query: node registered as {slot.site!r} answers as {qr.site!r}; ignored")
+                continue
+            name = slot.site or qr.site
+            self.node_site[slot.node_id] = name
+            for p in qr.pending:
+                row, new = self.ledger.report_request(ForgetRow(
+                    request_id=p.request_id, site=name, pseudonym=p.pseudonym, received_at=p.received_at,
+                    erased_at=p.erased_at, shares_destroyed=p.shares_destroyed, contributions=p.contributions))
+                if new:
+                    self.log(f"[facefed] forget request {p.request_id} from site {name} (pseudonym {p.pseudonym[:8]}..): "
+                             f"present in {', '.join(f'{k} rounds {v}' for k, v in p.contributions.items()) or 'no round'}")
+            mine = {d.request_id for d in deliver.get(name, [])}
+            if qr.stored:
+                self.ledger.mark_delivered([rid for rid in qr.stored if rid in mine])
+                self.log(f"[facefed] site {name} stored receipt(s) {', '.join(qr.stored)}")
+            for problem in qr.problems:
+                self.log(f"[facefed] site {name}: {problem}")
+            out[name] = qr
+        return out
+
+    def unlearn(self, *, current: bool) -> None:
+        """Query the sites; finish interrupted replays; replay every run that reported requests taint.
+
+        `current`: we are training self.run_id and go on with its replacement if it is replayed; a
+        replay that is refused then fails the run (training must not go on from a tainted model)."""
+        self.sync()
+        resumed = False
+        for run in self.ledger.runs():  # a server that died mid-replay: finish it first
+            if run.kind == "replay" and any(r.replay_run_id == run.run_id for r in self.ledger.requests("replaying")):
+                self._finish_replay(run.run_id, continuing=current and run.run_id == self.run_id)
+                resumed = True
+        # Refused requests are tried again: the operator may have raised a budget; and in train mode a
+        # run they taint must fail again rather than train on.
+        open_requests = self.ledger.requests("pending") + self.ledger.requests("refused")
+        plans = plan_replays(self.ledger, open_requests) if open_requests else []
+        planned = {r.request_id for p in plans for r in p.requests}
+        self._untainted([r for r in open_requests if r.request_id not in planned])
+        for plan in plans:
+            cfg = self._config_of(plan.run.run_id)
+            ids = [r.request_id for r in plan.requests]
+            answers = self.sync(budget=BudgetAsk(train_config=cfg.train.model_dump_json(), rounds=len(plan.rounds),
+                                                 steps=cfg.local_steps()))
+            refusals = [f"site {s}: {a.budget.detail}" for s, a in answers.items() if a.budget and not a.budget.fits]
+            if refusals:
+                why = (f"replay of run {plan.run.run_id} from round {plan.rollback.round} refused: " + "; ".join(refusals)
+                       + ". Raise the sites' max_epsilon, or start a new run (`facefed-server train --new`), which "
+                         "never saw the forgotten people")
+                self.ledger.refuse_requests(ids, why)
+                self.log(f"[facefed] {why}")
+                if current and plan.run.run_id == self.run_id:
+                    raise RunFailed(why)
+                continue
+            replay_id = replay_run_id(self.ledger, plan.run)
+            self.ledger.create_run(replay_id, config_json=plan.run.config_json, config_sha256=plan.run.config_sha256,
+                                   rounds=plan.run.rounds_planned, base=plan.rollback, kind="replay",
+                                   parent_run_id=plan.run.run_id)
+            self.ledger.start_replay(ids, replay_id, plan.rollback.checkpoint_id, plan.run.run_id,
+                                     f"superseded by replay run {replay_id} (forget request(s) {', '.join(ids)})")
+            self.log(f"[facefed] unlearning {len(ids)} request(s): run {plan.run.run_id} rolls back to "
+                     f"{plan.rollback.checkpoint_id} and replays round(s) {plan.rounds} as run {replay_id}")
+            continuing = current and plan.run.run_id == self.run_id
+            self._finish_replay(replay_id, continuing=continuing)
+            if continuing:
+                self.ledger.end_attempt(self.run_id, self.flwr_run_id, f"superseded by replay {replay_id}")
+                self.run_id = replay_id
+                self.ledger.add_attempt(self.run_id, self.flwr_run_id)
+        if resumed or open_requests:
+            self.sync()  # deliver the receipts and the head deletions now
+
+    def _untainted(self, requests) -> None:
+        """Requests whose person is in no live model (never trained on, or only in replaced runs): the
+        current model already excludes them; the receipt names it, with nothing replayed."""
+        requests = list(requests)
+        live = [r for r in self.ledger.runs() if r.status != "superseded"]
+        if not requests or not live:
+            return  # no model yet: they are settled at the first run's start
+        model = self.ledger.head(live[-1].run_id)[1]
+        key = signing_key(*key_paths(self.paths, Path(self.sub.receipt_key) if self.sub.receipt_key else None))
+        for req in requests:
+            receipt = issue(req, replay_run=model.run_id or live[-1].run_id, rollback=model, model=model, deleted=[],
+                            key=key)
+            self.ledger.finish_request(req.request_id, model=model, deleted=[], receipt=receipt)
+            self.log(f"[facefed] forget request {req.request_id}: no live model was trained with them; "
+                     f"receipt names {model.checkpoint_id}")
+
+    def _finish_replay(self, replay_id: str, *, continuing: bool) -> None:
+        """Replay the rounds, delete the tainted checkpoints, sign the receipts (each step resumable)."""
+        replay = self.ledger.run(replay_id)
+        target = self.ledger.head(replay.parent_run_id)[0]
+        worker = self._for(replay_id, self._config_of(replay_id))
+        self.ledger.set_run_status(replay_id, "running")
+        t0 = time.monotonic()
+        try:
+            with run_lock(self.paths, replay_id):
+                worker._rounds(until=target)
+        except RunFailed as e:
+            self.ledger.set_run_status(replay_id, "stopped", f"replay interrupted: {e}; `facefed-server unlearn` "
+                                                             f"resumes it")
+            raise
+        ids = [r.request_id for r in self.ledger.requests("replaying") if r.replay_run_id == replay_id]
+        reason = deletion_reason(ids, replay_id)
+        deleted = []
+        for c in tainted_of(self.ledger, replay):
+            self.store.delete(c)
+            if c.deleted_at is None:
+                self.ledger.mark_checkpoint_deleted(c.checkpoint_id, reason)
+            deleted.append(c.checkpoint_id)
+        model = self.ledger.head(replay_id)[1]
+        rollback = self.ledger.checkpoint(replay.base_checkpoint)
+        key = signing_key(*key_paths(self.paths, Path(self.sub.receipt_key) if self.sub.receipt_key else None))
+        for rid in ids:
+            receipt = issue(self.ledger.request(rid), replay_run=replay_id, rollback=rollback, model=model,
+                            deleted=deleted, key=key)
+            self.ledger.finish_request(rid, model=model, deleted=deleted, receipt=receipt)
+        if target >= replay.rounds_planned:
+            self.ledger.set_run_status(replay_id, "completed")
+        elif not continuing:
+            self.ledger.set_run_status(replay_id, "stopped", f"replayed through round {target}; `facefed-server train` "
+                                                             f"with the same config continues it")
+        self.log(f"[facefed] replay {replay_id} done in {time.monotonic() - t0:.1f} s: model {model.checkpoint_id} "
+                 f"({model.sha256[:12]}); deleted {len(deleted)} tainted checkpoint(s); receipts for {', '.join(ids)}")
 
     # -- one round ------------------------------------------------------------------------------
     def _registered(self) -> dict[str, str]:
@@ -193,10 +424,11 @@ class Coordinator:
                 site = registered.get(fp) if fp else None
                 if site is None:
                     continue  # a node whose key is not (or no longer) registered with us
-            if self.cfg.sites is not None and site is not None and site not in self.cfg.sites:
+            if self.cfg is not None and self.cfg.sites is not None and site is not None and site not in self.cfg.sites:
                 continue
             slots.append(SiteSlot(n.node_id, site))
-        expected = list(self.cfg.sites) if self.cfg.sites is not None else sorted(registered.values())
+        expected = list(self.cfg.sites) if self.cfg is not None and self.cfg.sites is not None \
+            else sorted(registered.values())
         return slots, expected
 
     def _wait_for_sites(self) -> tuple[list[SiteSlot], list[str]]:
@@ -212,16 +444,18 @@ class Coordinator:
         cfg = self.cfg
         msgs = []
         for slot in slots:
-            head = self.ledger.last_site_commit(self.run_id, slot.site) if slot.site else None
+            name = slot.site or self.node_site.get(slot.node_id)
+            # The site's head continues along the model's lineage (a replay: the replaced run's heads
+            # before the rollback); 0 = a fresh head; -1 = unknown site: its latest head of this run.
+            head = self.ledger.site_head(parent.checkpoint_id, name) if name else None
             config = ConfigRecord({
                 "run-id": self.run_id, "round": rnd, "attempt": attempt,
                 "parent-checkpoint": parent.checkpoint_id, "parent-sha256": parent.sha256,
                 "base-sha256": self.base_sha256, "prefix-fingerprint": self.prefix, "train-config": cfg.train.model_dump_json(),
                 "steps": cfg.local_steps(), "seed": cfg.seed, "weighting": cfg.weighting,
                 "expected-site": slot.site or "",
-                # Which of the site's stored heads to continue: its last committed round in this run
-                # (0 = a fresh head; -1 = unknown site without authentication: its latest head).
-                "head-round": head[0] if head else (0 if slot.site else -1), "head-attempt": head[1] if head else 0,
+                "head-run": head[0] if head else self.run_id,
+                "head-round": head[1] if head else (0 if name else -1), "head-attempt": head[2] if head else 0,
                 **wire_layout,
             })
             msgs.append(Message(RecordDict({ARRAYS: sent, CONFIG: config}), dst_node_id=slot.node_id,
@@ -229,8 +463,9 @@ class Coordinator:
                                 group_id=f"{self.run_id}/{rnd}/{attempt}"))
         return msgs
 
-    def _exchange(self, msgs: list[Message]) -> dict[int, tuple[Message, float]]:
-        """Push, then pull until every node replied or the round timeout passed: node -> (reply, seconds)."""
+    def _exchange(self, msgs: list[Message], timeout: float | None = None) -> dict[int, tuple[Message, float]]:
+        """Push, then pull until every node replied or the timeout (default: the round's) passed:
+        node -> (reply, seconds)."""
         t0 = time.monotonic()
         self.pushed_at = time.time()
         node_of = {}
@@ -238,7 +473,7 @@ class Coordinator:
             if mid:
                 node_of[mid] = msg.metadata.dst_node_id
         replies: dict[int, tuple[Message, float]] = {}
-        deadline = t0 + self.cfg.round_timeout_s
+        deadline = t0 + (self.cfg.round_timeout_s if timeout is None else timeout)
         while node_of and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(node_of)):
                 node = node_of.pop(reply.metadata.reply_to_message_id, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from server import cli_eval, cli_federation
+from server import cli_eval, cli_federation, cli_forget
 
 app = typer.Typer(
     name="facefed-server",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 cli_eval.register(app)
 cli_federation.register(app)
+cli_forget.register(app)
 
 
 def main() -> None:

@@ -198,8 +198,14 @@ def train(state: StateOpt,
                                                           "is unfinished.")] = False,
           detach: Annotated[bool, typer.Option("--detach", help="Submit and return without following.")] = False,
           timeout: Annotated[float, typer.Option("--timeout", help="Stop following after this many seconds.")] = 0.0,
+          receipt_key: Annotated[Path | None, typer.Option(
+              "--receipt-key", help="Ed25519 key for forget receipts (default: beside the server's CA, else "
+                                    "STATE/keys/receipts.key).")] = None,
           ) -> None:
-    """Submit a training run (or resume an unfinished one) and stream per-round progress."""
+    """Submit a training run (or resume an unfinished one) and stream per-round progress.
+
+    Before the run and between rounds the sites are asked for forget requests; a request whose
+    person the run was trained with makes it replay from before their first round (see `unlearn`)."""
     from server.submission import new_run_id, write_submission
 
     paths = _paths(state)
@@ -222,7 +228,10 @@ def train(state: StateOpt,
         else:
             found = None if new else ledger.resumable_run(cfg.sha256())
             run_id, resume = (found.run_id, True) if found else (new_run_id(cfg), False)
-    sub = write_submission(paths, cfg, run_id=run_id, resume=resume, lfw=lfw, pretrained=pre)
+    if receipt_key is not None and not receipt_key.is_file():
+        _fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
+    sub = write_submission(paths, cfg, run_id=run_id, resume=resume, lfw=lfw, pretrained=pre,
+                           receipt_key=str(receipt_key.resolve()) if receipt_key else None)
     try:
         flwr_run = submit(paths, sub)
     except SuperLinkError as e:

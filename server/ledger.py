@@ -14,6 +14,11 @@ It is the source of truth for resuming and, later, for exact unlearning and rece
   got, people and images used, its epsilon with unit, delta and accountant, compute time, bytes each
   way, and the array keys the server received from it (evidence that no head left the site).
 - `sites`: registered site names, node key fingerprints, Flower node ids, revocation time.
+- `forget_requests`: deletion requests the sites reported (pseudonym only, never the person id),
+  where the person's data was used, and how each was unlearned: the replay run, the rollback
+  checkpoint, the first model without them, the checkpoints deleted, the signed receipt and when it
+  reached the site. A replay run is an ordinary run (`kind = 'replay'`) whose base is the rollback
+  checkpoint and whose rounds start after it (`start_round`); the run it replaces is `superseded`.
 
 WAL mode lets `facefed-server status` read while the ServerApp writes.
 """
@@ -43,17 +48,18 @@ CREATE UNIQUE INDEX IF NOT EXISTS sites_active_fp ON sites(fingerprint) WHERE re
 
 CREATE TABLE IF NOT EXISTS runs (
     run_id          TEXT PRIMARY KEY,
-    kind            TEXT NOT NULL DEFAULT 'train',
+    kind            TEXT NOT NULL DEFAULT 'train' CHECK (kind IN ('train', 'replay')),
     parent_run_id   TEXT,
     created_at      REAL NOT NULL,
     ended_at        REAL,
-    status          TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'stopped')),
+    status          TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'stopped', 'superseded')),
     rounds_planned  INTEGER NOT NULL,
     config_sha256   TEXT NOT NULL,
     config_json     TEXT NOT NULL,
     base_checkpoint TEXT NOT NULL,
     base_metrics    TEXT,
-    detail          TEXT
+    detail          TEXT,
+    start_round     INTEGER NOT NULL DEFAULT 0   -- the base checkpoint's round (a replay starts mid-lineage)
 );
 
 CREATE TABLE IF NOT EXISTS attempts (
@@ -122,6 +128,26 @@ CREATE TABLE IF NOT EXISTS site_rounds (
     detail        TEXT,
     PRIMARY KEY (run_id, round, attempt, site)
 );
+
+CREATE TABLE IF NOT EXISTS forget_requests (
+    request_id        TEXT PRIMARY KEY,
+    site              TEXT NOT NULL,
+    pseudonym         TEXT NOT NULL,
+    received_at       REAL NOT NULL,
+    erased_at         REAL NOT NULL,
+    shares_destroyed  INTEGER NOT NULL,
+    contributions     TEXT NOT NULL,        -- JSON {run_id: [rounds the person was present in]}
+    reported_at       REAL NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('pending', 'replaying', 'unlearned', 'refused')),
+    replay_run_id     TEXT,
+    rollback_checkpoint TEXT,
+    model_checkpoint  TEXT,
+    model_sha256      TEXT,
+    checkpoints_deleted TEXT,               -- JSON list of checkpoint ids
+    receipt           TEXT,                 -- the signed receipt (JSON)
+    delivered_at      REAL,
+    detail            TEXT
+);
 """
 
 
@@ -162,6 +188,7 @@ class RunRow:
     base_checkpoint: str
     base_metrics: dict | None
     detail: str | None
+    start_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,6 +247,35 @@ class RoundRow:
     metrics: dict
     detail: str | None
     sites: list[SiteRound] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ForgetRow:
+    request_id: str
+    site: str
+    pseudonym: str
+    received_at: float
+    erased_at: float
+    shares_destroyed: int
+    contributions: dict[str, list[int]]  # run id -> rounds the person was present in (any attempt)
+    reported_at: float = 0.0
+    status: str = "pending"
+    replay_run_id: str | None = None
+    rollback_checkpoint: str | None = None
+    model_checkpoint: str | None = None
+    model_sha256: str | None = None
+    checkpoints_deleted: list[str] = field(default_factory=list)
+    receipt: dict | None = None
+    delivered_at: float | None = None
+    detail: str | None = None
+
+    @classmethod
+    def of(cls, row: sqlite3.Row) -> ForgetRow:
+        d = dict(row)
+        d["contributions"] = json.loads(d["contributions"])
+        d["checkpoints_deleted"] = json.loads(d["checkpoints_deleted"]) if d["checkpoints_deleted"] else []
+        d["receipt"] = json.loads(d["receipt"]) if d["receipt"] else None
+        return cls(**d)
 
 
 # -- the ledger -----------------------------------------------------------------------------------
@@ -332,8 +388,9 @@ class Ledger:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", (base.checkpoint_id,)).fetchone() is None:
                 self._insert_checkpoint(db, base)
-            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL)",
-                       (run_id, kind, parent_run_id, _now(), rounds, config_sha256, config_json, base.checkpoint_id))
+            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?)",
+                       (run_id, kind, parent_run_id, _now(), rounds, config_sha256, config_json, base.checkpoint_id,
+                        base.round if kind == "replay" else 0))
         return self.run(run_id)
 
     @staticmethod
@@ -359,12 +416,12 @@ class Ledger:
     def resumable_run(self, config_sha256: str) -> RunRow | None:
         """The newest unfinished run (running, or failed/stopped part-way) with this exact configuration."""
         row = self._db.execute(
-            "SELECT * FROM runs WHERE config_sha256 = ? AND status != 'completed' AND kind = 'train' "
+            "SELECT * FROM runs WHERE config_sha256 = ? AND status NOT IN ('completed', 'superseded') "
             "ORDER BY created_at DESC LIMIT 1", (config_sha256,)).fetchone()
         return self._run_row(row) if row else None
 
     def set_run_status(self, run_id: str, status: str, detail: str | None = None) -> None:
-        ended = _now() if status in ("completed", "failed", "stopped") else None
+        ended = _now() if status in ("completed", "failed", "stopped", "superseded") else None
         with self._tx() as db:
             db.execute("UPDATE runs SET status = ?, detail = ?, ended_at = ? WHERE run_id = ?",
                        (status, detail, ended, run_id))
@@ -388,7 +445,8 @@ class Ledger:
         row = self._db.execute("SELECT round, checkpoint_id FROM rounds WHERE run_id = ? AND status = 'committed' "
                                "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
         if row is None:
-            return 0, self.checkpoint(self.run(run_id).base_checkpoint)
+            run = self.run(run_id)
+            return run.start_round, self.checkpoint(run.base_checkpoint)
         return row["round"], self.checkpoint(row["checkpoint_id"])
 
     def next_attempt(self, run_id: str, rnd: int) -> int:
@@ -465,6 +523,102 @@ class Ledger:
             "WHERE r.run_id = ? AND r.status = 'committed' AND sr.site = ? AND sr.status = 'ok' "
             "ORDER BY r.round DESC LIMIT 1", (run_id, site)).fetchone()
         return (row["round"], row["attempt"]) if row else None
+
+    def site_head(self, checkpoint_id: str, site: str) -> tuple[str, int, int] | None:
+        """(run, round, attempt) of the site's head to continue from when training on `checkpoint_id`.
+
+        A site's private head evolves only along committed rounds it took part in, so it is found on the
+        checkpoint's lineage: the newest committed round on it with this site ok. Along a replay's
+        lineage that is a round before the rollback (of the run the replay replaces), never a
+        discarded one. None: the site has no head on this lineage (a fresh, data-independent head).
+        """
+        for ckpt in self.lineage(checkpoint_id):
+            if ckpt.run_id is None or ckpt.round < 1:
+                continue
+            row = self._db.execute(
+                "SELECT r.attempt FROM rounds r JOIN site_rounds sr USING (run_id, round, attempt) "
+                "WHERE r.run_id = ? AND r.round = ? AND r.status = 'committed' AND r.checkpoint_id = ? "
+                "AND sr.site = ? AND sr.status = 'ok'", (ckpt.run_id, ckpt.round, ckpt.checkpoint_id, site)).fetchone()
+            if row:
+                return ckpt.run_id, ckpt.round, row["attempt"]
+        return None
+
+    def round_of_checkpoint(self, checkpoint_id: str) -> RoundRow | None:
+        """The committed round that produced this checkpoint (None for a base model)."""
+        row = self._db.execute("SELECT run_id, round FROM rounds WHERE checkpoint_id = ? AND status = 'committed'",
+                               (checkpoint_id,)).fetchone()
+        if row is None:
+            return None
+        return next(r for r in self.rounds(row["run_id"], committed_only=True) if r.round == row["round"])
+
+    def children(self, checkpoint_id: str) -> list[CheckpointRow]:
+        return [CheckpointRow(**dict(r)) for r in
+                self._db.execute("SELECT * FROM checkpoints WHERE parent_id = ? ORDER BY created_at", (checkpoint_id,))]
+
+    # -- forget requests ----------------------------------------------------------------------
+    def report_request(self, row: ForgetRow) -> tuple[ForgetRow, bool]:
+        """Record a request a site reported; (row, new). A repeated report changes nothing, except
+        that rounds the site learnt of later (a round in flight during the erasure) are merged in."""
+        with self._tx() as db:
+            old = db.execute("SELECT * FROM forget_requests WHERE request_id = ?", (row.request_id,)).fetchone()
+            if old is None:
+                db.execute("INSERT INTO forget_requests (request_id, site, pseudonym, received_at, erased_at, "
+                           "shares_destroyed, contributions, reported_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (row.request_id, row.site, row.pseudonym, row.received_at, row.erased_at,
+                            row.shares_destroyed, json.dumps(row.contributions, sort_keys=True), _now(), "pending"))
+                return self.request(row.request_id), True
+            if old["site"] != row.site or old["pseudonym"] != row.pseudonym:
+                raise LedgerError(f"request {row.request_id} was reported by site {old['site']!r}; "
+                                  f"site {row.site!r} reports it again with other details")
+            merged = {k: sorted(set(v)) for k, v in json.loads(old["contributions"]).items()}
+            for run, rounds in row.contributions.items():
+                merged[run] = sorted(set(merged.get(run, [])) | set(rounds))
+            if old["status"] != "pending" and merged != json.loads(old["contributions"]):
+                # Rounds we did not know of when we replayed: the replay must be done again.
+                db.execute("UPDATE forget_requests SET status = 'pending', detail = ? WHERE request_id = ?",
+                           ("the site reported further rounds with this person after the replay", row.request_id))
+            db.execute("UPDATE forget_requests SET contributions = ? WHERE request_id = ?",
+                       (json.dumps(merged, sort_keys=True), row.request_id))
+        return self.request(row.request_id), False
+
+    def request(self, request_id: str) -> ForgetRow:
+        row = self._db.execute("SELECT * FROM forget_requests WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no forget request {request_id!r} in {self.path}")
+        return ForgetRow.of(row)
+
+    def requests(self, status: str | None = None) -> list[ForgetRow]:
+        sql = "SELECT * FROM forget_requests" + (" WHERE status = ?" if status else "") + " ORDER BY reported_at"
+        return [ForgetRow.of(r) for r in self._db.execute(sql, (status,) if status else ())]
+
+    def start_replay(self, request_ids: list[str], replay_run_id: str, rollback: str, superseded_run: str,
+                     detail: str) -> None:
+        """Tie requests to their replay run and retire the tainted run, in one transaction (a crash
+        after it resumes the replay; before it, the requests are still pending)."""
+        with self._tx() as db:
+            for rid in request_ids:
+                db.execute("UPDATE forget_requests SET status = 'replaying', replay_run_id = ?, rollback_checkpoint = ?,"
+                           " detail = NULL WHERE request_id = ?", (replay_run_id, rollback, rid))
+            db.execute("UPDATE runs SET status = 'superseded', detail = ?, ended_at = ? WHERE run_id = ?",
+                       (detail, _now(), superseded_run))
+
+    def refuse_requests(self, request_ids: list[str], why: str) -> None:
+        with self._tx() as db:
+            for rid in request_ids:
+                db.execute("UPDATE forget_requests SET status = 'refused', detail = ? WHERE request_id = ?", (why, rid))
+
+    def finish_request(self, request_id: str, *, model: CheckpointRow, deleted: list[str], receipt: dict) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE forget_requests SET status = 'unlearned', model_checkpoint = ?, model_sha256 = ?, "
+                       "checkpoints_deleted = ?, receipt = ?, detail = NULL WHERE request_id = ?",
+                       (model.checkpoint_id, model.sha256, json.dumps(deleted), json.dumps(receipt, sort_keys=True),
+                        request_id))
+
+    def mark_delivered(self, request_ids: list[str]) -> None:
+        with self._tx() as db:
+            for rid in request_ids:
+                db.execute("UPDATE forget_requests SET delivered_at = ? WHERE request_id = ? AND delivered_at IS NULL",
+                           (_now(), rid))
 
     def site_epsilons(self, run_id: str | None = None) -> dict[str, SiteRound]:
         """Each site's latest reported privacy spend (its accountant is cumulative)."""

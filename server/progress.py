@@ -63,6 +63,14 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
                 rows = ledger.rounds(run_id)
             except LedgerError:
                 run, rows = None, []
+            if run is not None and run.status == "superseded":
+                # Forget requests tainted this run: it was replaced by its replay, which goes on.
+                nxt = [r for r in ledger.runs() if r.parent_run_id == run_id and r.kind == "replay"]
+                if nxt:
+                    if not quiet:
+                        typer.echo(f"run {run_id} superseded: {run.detail}; following {nxt[-1].run_id}")
+                    run_id = nxt[-1].run_id
+                    continue
             if run is not None and run.base_metrics and (0, 0) not in shown:
                 shown.add((0, 0))
                 if not quiet and "lfw_accuracy" in run.base_metrics:
@@ -103,3 +111,52 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
 
 def run_config_path(paths: StatePaths, submission: str) -> Path:
     return paths.submissions / (submission.removesuffix(".json") + ".run.toml")
+
+
+def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout: float = 0.0) -> int:
+    """Print forget requests and replay rounds as the ledger records them, until the ServerApp ends:
+    0 done, 1 the ServerApp failed (or a request was refused), 2 timeout."""
+    t0 = time.monotonic()
+    with Ledger(paths.ledger) as ledger:
+        seen = {r.request_id: r.status for r in ledger.requests()}
+        shown: set[tuple[str, int, int]] = set()
+        while True:
+            for run in ledger.runs():
+                if run.kind != "replay" or run.created_at < started - 1:
+                    continue
+                for r in ledger.rounds(run.run_id):
+                    if (run.run_id, r.round, r.attempt) not in shown:
+                        shown.add((run.run_id, r.round, r.attempt))
+                        typer.echo(f"replay {run.run_id} (replaces {run.parent_run_id}): ", nl=False)
+                        print_round(r, run.rounds_planned)
+            for r in ledger.requests():
+                if seen.get(r.request_id) != r.status:
+                    seen[r.request_id] = r.status
+                    extra = (f": model {r.model_checkpoint} ({(r.model_sha256 or '')[:12]}), "
+                             f"{len(r.checkpoints_deleted)} tainted checkpoint(s) deleted" if r.status == "unlearned"
+                             else f": {r.detail}" if r.detail else "")
+                    typer.echo(f"request {r.request_id} from site {r.site}: {r.status}{extra}")
+            st = flwr_status(paths, flwr_run)
+            if st and st.startswith("finished"):
+                time.sleep(1.0)
+                refused = [r.request_id for r in ledger.requests("refused")]
+                pending = [r.request_id for r in ledger.requests("pending")]
+                undelivered = [r.request_id for r in ledger.requests("unlearned") if r.delivered_at is None]
+                if undelivered:
+                    typer.echo(f"receipts waiting for their site to come online: {', '.join(undelivered)}")
+                if pending:
+                    typer.echo(f"requests still pending: {', '.join(pending)}")
+                if not st.endswith("completed"):
+                    typer.secho(f"the unlearning ServerApp ended ({st}); FLWR_HOME={paths.flwr_home} flwr log "
+                                f"{flwr_run} shows why; `facefed-server unlearn` resumes it", fg=typer.colors.RED, err=True)
+                    return 1
+                if refused:
+                    typer.secho(f"refused (see `facefed-server requests`): {', '.join(refused)}",
+                                fg=typer.colors.RED, err=True)
+                    return 1
+                typer.echo("unlearning done")
+                return 0
+            if timeout and time.monotonic() - t0 > timeout:
+                typer.echo(f"stopped following after {timeout:.0f} s; unlearning goes on")
+                return 2
+            time.sleep(1.0)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.forget_wire import REPLY_KEY, QueryReply
 from common.wire import NAMES, SHAPES, TAIL, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,18 @@ def shifted_site(name: str, shift: float, people: int, *, extra: dict[str, np.nd
                            "site": ConfigRecord({"name": name, "unit": "person", "accountant": "rdp",
                                                  NAMES: names, SHAPES: shapes})})
 
+    fn.site_name = name  # answers `query` messages with no forget requests
     return fn
+
+
+def query_reply(fn: SiteFn, content: RecordDict) -> RecordDict | None:
+    """A site's answer to a `query`: its own handler if it has one, else no requests (if it has a
+    name; a nameless, silent site does not answer)."""
+    if hasattr(fn, "query"):
+        return fn.query(content)
+    if not hasattr(fn, "site_name"):
+        return None
+    return RecordDict({"config": ConfigRecord({REPLY_KEY: QueryReply(site=fn.site_name).model_dump_json()})})
 
 
 @dataclass
@@ -85,7 +97,7 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.pushed.append(msg)
             _, fn = self.sites[msg.metadata.dst_node_id]
-            content = fn(msg.content)
+            content = query_reply(fn, msg.content) if msg.metadata.message_type == MessageType.QUERY else fn(msg.content)
             if content is not None:
                 reply = Message(content, reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id

@@ -177,3 +177,66 @@ def test_refusals_say_why(fed, tmp_path):
     assert "revoked" in fed.run(SERVER, "sites", "ls", "--state", str(fed.state)).stdout
     out = refused("--site", "east", "--root-cert", str(fed.tls / "ca.crt"), "--key", str(fed.key("east")))
     assert "not registered" in out and "revoked" in out
+
+
+def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
+    """After the run above: a person at north is forgotten, the server replays without them, the
+    receipt reaches the site and verifies, a tampered copy does not, and nothing of them is left."""
+    import json
+    import re
+
+    from demo.federation import files_mentioning, head_rows_of, shares_of
+
+    vault, state = fed.vault("north"), fed.vault("north") / "site"
+    person = fed.people["north"][0]
+    listing = json.loads(fed.run(CLIENT, "vault", "ls", "--vault", str(vault), "--json").stdout)
+    pseudonym = next(p["pseudonym"] for p in listing["people"] if p["person_id"] == person)
+    with Ledger(fed.state / "ledger.sqlite") as ledger:
+        (run,) = [r for r in ledger.runs() if r.kind == "train"]
+    assert head_rows_of(state, pseudonym, person)  # they were trained with
+
+    out = fed.run(CLIENT, "forget", "--vault", str(vault), "--person", person, "--reason", "test").stdout
+    rid = re.search(r"fr-[0-9a-f]{16}", out).group(0)
+    res = fed.run(SERVER, "unlearn", "--state", str(fed.state), "--wait", "30", timeout=900, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"request {rid} from site north: unlearned" in res.stdout
+
+    with Ledger(fed.state / "ledger.sqlite") as ledger:
+        assert ledger.run(run.run_id).status == "superseded"
+        replay = ledger.run(f"{run.run_id}-u1")
+        # Present since round 1: the rollback is the base model, both rounds are replayed (without the
+        # revoked site east), and the replaced checkpoints are deleted.
+        assert (replay.kind, replay.base_checkpoint, replay.status) == ("replay", f"{run.run_id}-r0000", "completed")
+        replayed = ledger.rounds(replay.run_id, committed_only=True)
+        assert [r.round for r in replayed] == [1, 2] and all(r.participants == ["north", "south"] for r in replayed)
+        for rnd in (1, 2):
+            c = ledger.checkpoint(f"{run.run_id}-r{rnd:04d}")
+            assert c.deleted_at is not None and rid in c.deleted_reason and not Path(c.path).exists()
+        req = ledger.request(rid)
+        assert req.status == "unlearned" and req.delivered_at and req.model_checkpoint == f"{replay.run_id}-r0002"
+        # The replay is a new release: north's epsilon grew past what the original run had spent.
+        eps_before = max(s.epsilon for r in ledger.rounds(run.run_id) for s in r.sites if s.site == "north" and s.epsilon)
+        eps_after = max(s.epsilon for r in replayed for s in r.sites if s.site == "north")
+        assert eps_after > eps_before
+
+    status = json.loads(fed.run(CLIENT, "forget", "status", "--vault", str(vault), "--json").stdout)
+    (mine,) = [r for r in status if r["request_id"] == rid]
+    assert mine["stage"] == "receipt_issued" and mine["receipt"]["receipt"]["model_id"] == f"{replay.run_id}-r0002"
+    receipt = vault / "receipts" / f"{rid}.json"
+    ok = fed.run(SERVER, "receipts", "verify", str(receipt), "--state", str(fed.state), check=False)
+    assert ok.returncode == 0 and "VERIFIED" in ok.stdout, ok.stdout + ok.stderr
+    doc = json.loads(receipt.read_text())
+    doc["receipt"]["replayed_rounds"] = [2]
+    (tmp_path / "tampered.json").write_text(json.dumps(doc))
+    bad = fed.run(SERVER, "receipts", "verify", str(tmp_path / "tampered.json"), "--state", str(fed.state), check=False)
+    assert bad.returncode == 1 and "signature" in bad.stdout
+
+    # Nothing of them is left at the site: shares, head rows, raw bytes; the replaced run's heads are gone.
+    stores = sorted((fed.site_dir("north") / "stores").iterdir())
+    assert sum(shares_of(vault, stores, pseudonym).values()) == 0
+    assert head_rows_of(state, pseudonym, person) == []
+    assert files_mentioning(fed.site_dir("north"), person) == []
+    for site in ("north", "south"):
+        old = fed.vault(site) / "site" / "heads" / run.run_id
+        assert not list(old.glob("*.pt")) if old.exists() else True
+        assert list((fed.vault(site) / "site" / "heads" / replay.run_id).glob("r0002-a*.pt"))

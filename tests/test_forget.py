@@ -305,3 +305,60 @@ def test_settle_removes_what_a_round_in_flight_wrote_after_the_erasure(site):
         log.record(run_id="run-c", rnd=1, attempt=1, parent_checkpoint="base", images={VICTIM: 1}, sampled=[],
                    head_file=None)
     assert settle(site.vault) == [] and VICTIM in site.contribution_people()
+
+
+def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site, tmp_path):
+    """client/forget_sync.py on a real vault: what the server's `query` gets back and what it changes."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from client.forget_sync import answer_query
+    from common.accountant import SiteAccountant
+    from common.config import TrainConfig
+    from common.forget_wire import BudgetAsk, Delivery, DropHeads, QueryOrder
+
+    req = forget(site.vault, None, VICTIM)
+    reply = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder())
+    (p,) = reply.pending
+    assert (p.request_id, p.pseudonym) == (req.request_id, site.pseudonyms[VICTIM])
+    assert p.contributions == {"run-a": [2, 3], "run-b": [1]} and p.shares_destroyed == req.shares_destroyed
+    assert VICTIM not in reply.model_dump_json()  # the person id never leaves the site
+
+    # Budget: a replay of 2 rounds x 50 steps at sigma 1 fits a fresh accountant under 50 but not under 1.
+    cfg = TrainConfig(privacy_unit="person", delta=1e-5, noise_multiplier=1.0, sample_rate=0.2, steps=50,
+                      max_epsilon=50.0)
+    ask = BudgetAsk(train_config=cfg.model_dump_json(), rounds=2, steps=50)
+    ans = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(budget=ask)).budget
+    assert ans.fits and 0 < ans.epsilon_planned < 50 and ans.epsilon_now == 0
+    tight = BudgetAsk(train_config=cfg.model_copy(update={"max_epsilon": 1.0}).model_dump_json(), rounds=2, steps=50)
+    ans = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(budget=tight)).budget
+    assert not ans.fits and "over its max_epsilon 1" in ans.detail
+    assert not (site.state / "accountant.json").exists() or SiteAccountant(
+        site.state / "accountant.json", 1e-5, 50.0, "person").steps == 0  # asking spends nothing
+
+    # A receipt for another pseudonym is refused; the right one is stored; tainted heads are dropped.
+    key = ed25519.Ed25519PrivateKey.generate()
+
+    def receipt(pseudonym: str) -> dict:
+        t = utc_timestamp(req.received_at)
+        return sign_receipt(Receipt(
+            request_id=req.request_id, site="north", person_pseudonym=pseudonym, received_at=t, erased_at=t,
+            shares_destroyed=req.shares_destroyed, run_id="run-a-u1", rollback_round=1, replayed_rounds=[2, 3],
+            model_id="run-a-u1-r0003", model_sha256="ab" * 32, checkpoints_deleted=["run-a-r0002", "run-a-r0003"],
+            issued_at=t, server_key_fingerprint=key_fingerprint(key.public_key())), key)
+
+    def delivery(doc: dict) -> Delivery:
+        return Delivery(request_id=req.request_id, run_id="run-a-u1", round=3, checkpoint_id="run-a-u1-r0003",
+                        checkpoint_sha256="ab" * 32, receipt=doc)
+
+    wrong = answer_query(site="north", vault_dir=site.vault, state_dir=site.state,
+                         order=QueryOrder(deliver=[delivery(receipt("f" * 32))]))
+    assert wrong.stored == [] and "names another request or person" in wrong.problems[0]
+    ok = answer_query(site="north", vault_dir=site.vault, state_dir=site.state,
+                      order=QueryOrder(deliver=[delivery(receipt(site.pseudonyms[VICTIM]))],
+                                       drop_heads=[DropHeads(run_id="run-a", from_round=2)]))
+    assert ok.stored == [req.request_id] and ok.pending == [] and ok.heads_dropped == 3
+    assert sorted(p.name for p in (site.state / "heads" / "run-a").glob("*.pt")) == ["r0001-a1.pt"]
+    with RequestLog(site.vault) as log:
+        done = log.get(req.request_id)
+    assert done.stage == "receipt_issued" and done.checkpoint_id == "run-a-u1-r0003"
+    assert json.loads(Path(done.receipt_path).read_text())["receipt"]["person_pseudonym"] == site.pseudonyms[VICTIM]
