@@ -20,6 +20,7 @@ from pathlib import Path
 
 from client.forget import HEADS_DIR, settle
 from client.requests import RequestError, RequestLog
+from client.shard_state import ShardStateError, accountant_path
 from common.accountant import AccountantMismatch, SiteAccountant
 from common.config import ConfigError, TrainConfig, validate_config
 from common.forget_wire import BudgetAnswer, BudgetAsk, DropHeads, PendingRequest, QueryOrder, QueryReply
@@ -94,8 +95,9 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
         return BudgetAnswer(fits=True, unit="none", delta=0.0, epsilon_now=-1.0, epsilon_planned=-1.0,
                             max_epsilon=-1.0, detail="non-private training: no epsilon is claimed")
     try:
-        acc = SiteAccountant(state_dir / "accountant.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-    except AccountantMismatch as e:
+        acc = SiteAccountant(accountant_path(state_dir, ask.shard, ask.shards), cfg.delta, cfg.max_epsilon,
+                             cfg.privacy_unit)
+    except (AccountantMismatch, ShardStateError) as e:
         return BudgetAnswer(fits=False, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=-1.0,
                             epsilon_planned=-1.0, max_epsilon=cfg.max_epsilon, detail=str(e))
     steps = ask.rounds * ask.steps + cfg.probe_steps

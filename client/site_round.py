@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from client.contributions import ContributionLog
+from client.shard_state import ShardStateError, accountant_path, shard_key
 from client.faces import SiteFaces, faces_from_lfw, faces_from_vault
 from client.trainer import train_local
 from common.accountant import SiteAccountant
@@ -42,6 +43,7 @@ from common.heads import MarginHead
 from common.model import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from common.nodekeys import check_site_name
 from common.paths import pretrained_path
+from common.shards import shard_of
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
@@ -92,6 +94,8 @@ class Order:
     head_attempt: int
     expected_site: str
     head_run: str = ""  # the run whose head to continue (a replay continues the replaced run's head)
+    shard: int = 0  # SISA shards (common/shards.py): this run trains only the site's people of `shard`
+    shards: int = 1
 
 
 def site_of(nc: dict, rc: dict) -> Site:
@@ -137,13 +141,16 @@ def order_of(config: dict) -> Order:
         train = validate_config(json.loads(get("train-config", str)), TrainConfig, where="server order")
     except json.JSONDecodeError as e:
         raise SiteConfigError(f"the server's training config is not JSON ({e})") from None
+    shard, shards = config.get("shard", 0), config.get("shards", 1)
+    if not (isinstance(shard, int) and isinstance(shards, int) and 0 <= shard < shards <= 256):
+        raise SiteConfigError(f"the server's order has shard {shard!r} of {shards!r}")
     head_run = str(config.get("head-run", "")) or run_id
     if not RUN_ID_RE.match(head_run):
         raise SiteConfigError(f"the server's head run {head_run!r} is not a valid run id")
     return Order(run_id=run_id, round=rnd, attempt=attempt, parent_checkpoint=get("parent-checkpoint", str),
                  prefix=get("prefix-fingerprint", str), train=train, steps=steps, seed=get("seed", int),
                  head_round=get("head-round", int), head_attempt=get("head-attempt", int),
-                 expected_site=str(config.get("expected-site", "")), head_run=head_run)
+                 expected_site=str(config.get("expected-site", "")), head_run=head_run, shard=shard, shards=shards)
 
 
 class _SimulatedLFW:
@@ -169,12 +176,18 @@ class _SimulatedLFW:
         return {k: self._bytes[k] for k in keys}
 
 
-def load_faces(site: Site) -> SiteFaces:
+def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
+    """The site's faces, in memory; with shards, only the people the keyed hash puts in `shard`."""
     if site.vault is not None:
+        from client.vault.tombstones import vault_key
         from client.vault.vault import Vault
 
         with Vault.open(site.vault) as vault:
-            return faces_from_vault(vault, threads=site.threads)
+            people = None
+            if shards > 1:
+                key = shard_key(vault_key(site.vault))
+                people = sorted(r.person_id for r in vault.people() if shard_of(key, r.pseudonym, shards) == shard)
+            return faces_from_vault(vault, people, threads=site.threads)
     pid, n = site.sim_partition
     key = (site.sim_lfw, n, site.sim_people, site.sim_max_images)
     cached = _LFW_CACHE.get(key)
@@ -188,7 +201,13 @@ def load_faces(site: Site) -> SiteFaces:
         parts = [p[: site.sim_people] if site.sim_people else p for p in parts]
         cached = _LFW_CACHE[key] = (parts, _SimulatedLFW(site.sim_lfw, parts, site.sim_max_images or None))
     parts, images = cached
-    return faces_from_lfw(images, parts[pid], max_per_person=site.sim_max_images or None, threads=site.threads)
+    names = parts[pid]
+    if shards > 1:
+        key = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
+        from client.faces import lfw_pseudonym
+
+        names = [n for n in names if shard_of(key, lfw_pseudonym(n), shards) == shard]
+    return faces_from_lfw(images, names, max_per_person=site.sim_max_images or None, threads=site.threads)
 
 
 def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
@@ -239,11 +258,17 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
                               f"model (frozen layers do not match); use the same pretrained file as the server")
     load_shared_state(model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in received.items()})
 
-    faces = load_faces(site)
+    try:
+        acc_path = accountant_path(site.state, order.shard, order.shards)
+    except ShardStateError as e:
+        raise SiteConfigError(str(e)) from None
+    faces = load_faces(site, order.shard, order.shards)
+    if faces.n_people == 0:
+        raise SiteConfigError(f"this site has no people in shard {order.shard} of {order.shards}")
     head, head_from = load_head(site, order)
     cfg = order.train.model_copy(update={"steps": order.steps})
     accountant = None if cfg.privacy_unit == "none" else SiteAccountant(
-        site.accountant_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+        acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
     t_train = time.perf_counter()
     report = train_local(model, head, faces, cfg, accountant, seed=_seed(order, site.name))
 

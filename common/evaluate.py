@@ -220,6 +220,15 @@ class EvalCache:
                                    pairs_file=self.pairs_file, flip=self.flip)
 
 
+    def evaluate_ensemble(self, models: list[MobileFaceNet]) -> EvalResult:
+        """SISA shard models as one embedder: the normalised concatenation of their embeddings, whose
+        cosine is the mean of the shard cosines (common/shards.py)."""
+        from common.shards import concat_embeddings
+
+        emb = concat_embeddings([self.embeddings(m) for m in models])
+        return metrics_from_scores(self.scores(emb), self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip)
+
+
 def evaluate_lfw(model: MobileFaceNet, lfw: LFW, pairs_file: str = "pairsDevTest.txt", flip: bool = True, *,
                  cache: EvalCache | None = None) -> EvalResult:
     """Run the LFW protocol on `pairs_file` (use an EvalCache to evaluate several models cheaply)."""

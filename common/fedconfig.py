@@ -49,6 +49,9 @@ class FederationConfig(BaseModel):
         None, gt=0, description="if set, local steps = ceil(local_epochs / train.sample_rate) (an expected pass "
         "over every person under Poisson sampling), overriding train.steps")
     seed: int = Field(0, ge=0)
+    shards: int = Field(1, ge=1, le=16, description="SISA-style shards: S shard runs, each on the people a keyed "
+                        "hash puts in it at every site; the embedding is the normalised concatenation of the shard "
+                        "embeddings, and forgetting a person replays only their shard")
     lfw: str | None = Field(None, description="LFW archive for evaluation (default $FACEFED_LFW)")
     pretrained: str | None = Field(None, description="base model (default train.pretrained, then $FACEFED_PRETRAINED)")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)

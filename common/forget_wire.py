@@ -56,6 +56,8 @@ class BudgetAsk(_Strict):
     train_config: Annotated[str, Field(max_length=20_000)]  # TrainConfig JSON, as in a train order
     rounds: Annotated[int, Field(ge=0, le=100_000)]
     steps: Annotated[int, Field(ge=0, le=10_000_000)]
+    shard: Annotated[int, Field(ge=0, le=255)] = 0  # the replayed run's shard (its own accountant at the site)
+    shards: Annotated[int, Field(ge=1, le=256)] = 1
 
 
 class QueryOrder(_Strict):

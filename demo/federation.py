@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
     import torch
 
     torch.set_num_threads(2)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the `finally` below stops every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sites = ["north", "south", "east"]
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
@@ -315,7 +317,12 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
               f"({args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config})", flush=True)
         proc = subprocess.Popen([SERVER, "train", "--state", str(fed.state), "--config", str(args.config)],
                                 env=fed._env(), stdout=sys.stdout, stderr=sys.stderr)
-        code = proc.wait()
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: the follower goes too
+                proc.terminate()
+                proc.wait(30)
         print(fed.status(), flush=True)
         print(f"[demo] federation done in {time.monotonic() - t0:.0f} s (exit {code}); state in {args.workdir}",
               flush=True)

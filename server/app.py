@@ -34,6 +34,7 @@ authentication (local tests, simulation) the name the node reports is used.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import json
 import time
@@ -130,6 +131,8 @@ class Coordinator:
         self._evaluators: dict[tuple, Evaluator] = {}
         self.base_sha256 = sha256_file(sub.pretrained)
         self.node_site: dict[int, str] = {}  # learnt from query replies (nodes without authentication)
+        self.family: str | None = None  # with shards: the job's id; its shard runs are <family>-s<k>
+        self.shard = 0
 
     @property
     def evaluator(self) -> Callable[[MobileFaceNet], dict[str, float]] | None:
@@ -158,6 +161,43 @@ class Coordinator:
         if self.sub.mode == "unlearn":
             self.run_unlearn()
             return
+        if self.cfg.shards > 1:
+            self._run_shards()
+            return
+        self._run_one()
+
+    def _run_shards(self) -> None:
+        """SISA: one run per shard (each on the people the sites' keyed hash puts in it), one after the
+        other; a resumed job skips the shards that completed. Then the ensemble is evaluated."""
+        family, shards = self.sub.run_id, self.cfg.shards
+        for k in range(shards):
+            live = self.ledger.live_run(family, k)
+            if live is not None and live.status == "completed":
+                continue
+            c = self._for(live.run_id if live else f"{family}-s{k}", self.cfg)
+            c.family, c.shard = family, k
+            c.sub = dataclasses.replace(self.sub, run_id=c.run_id, resume=live is not None)
+            self.log(f"[facefed] shard {k + 1}/{shards}: run {c.run_id}")
+            c._run_one()
+        self.evaluate_ensemble(family)
+
+    def evaluate_ensemble(self, family: str) -> None:
+        runs = [self.ledger.live_run(family, k) for k in range(self.cfg.shards)]
+        if self.evaluator is None or any(r is None or self.ledger.head(r.run_id)[0] == 0 for r in runs):
+            return
+        from common.evaluate import EvalCache
+        from common.lfw import LFW
+
+        heads = [self.ledger.head(r.run_id)[1] for r in runs]
+        ev = self.cfg.evaluate
+        cache = EvalCache(LFW(self.sub.lfw), ev.pairs, flip=ev.flip, max_pairs=ev.max_pairs)
+        res = cache.evaluate_ensemble([self.store.load(h)[0] for h in heads])
+        metrics = {"lfw_accuracy": float(res.accuracy_mean), "lfw_accuracy_std": float(res.accuracy_std),
+                   "lfw_auc": float(res.auc), "lfw_pairs": float(res.n_pairs)}
+        self.ledger.record_ensemble(family, [h.checkpoint_id for h in heads], metrics)
+        self.log(f"[facefed] {len(heads)}-shard ensemble of {family}: LFW accuracy {metrics['lfw_accuracy']:.4f}")
+
+    def _run_one(self) -> None:
         with run_lock(self.paths, self.run_id):
             self._open_run()
             self.ledger.add_attempt(self.run_id, self.flwr_run_id)
@@ -215,7 +255,7 @@ class Coordinator:
         base = self.store.save(model, run_id=self.run_id, rnd=0, parent=None,
                                meta={"source": "pretrained", "pretrained_sha256": self.base_sha256})
         self.ledger.create_run(self.run_id, config_json=self.cfg.frozen_json(), config_sha256=self.cfg.sha256(),
-                               rounds=self.cfg.rounds, base=base)
+                               rounds=self.cfg.rounds, base=base, family=self.family, shard=self.shard)
         self.log(f"[facefed] new run {self.run_id}: {self.cfg.rounds} rounds, base {base.checkpoint_id}")
         if self.evaluator is not None:
             metrics = self.evaluator(model)
@@ -327,7 +367,7 @@ class Coordinator:
             cfg = self._config_of(plan.run.run_id)
             ids = [r.request_id for r in plan.requests]
             answers = self.sync(budget=BudgetAsk(train_config=cfg.train.model_dump_json(), rounds=len(plan.rounds),
-                                                 steps=cfg.local_steps()))
+                                                 steps=cfg.local_steps(), shard=plan.run.shard, shards=cfg.shards))
             refusals = [f"site {s}: {a.budget.detail}" for s, a in answers.items() if a.budget and not a.budget.fits]
             if refusals:
                 why = (f"replay of run {plan.run.run_id} from round {plan.rollback.round} refused: " + "; ".join(refusals)
@@ -341,13 +381,15 @@ class Coordinator:
             replay_id = replay_run_id(self.ledger, plan.run)
             self.ledger.create_run(replay_id, config_json=plan.run.config_json, config_sha256=plan.run.config_sha256,
                                    rounds=plan.run.rounds_planned, base=plan.rollback, kind="replay",
-                                   parent_run_id=plan.run.run_id)
+                                   parent_run_id=plan.run.run_id, family=plan.run.family, shard=plan.run.shard)
             self.ledger.start_replay(ids, replay_id, plan.rollback.checkpoint_id, plan.run.run_id,
                                      f"superseded by replay run {replay_id} (forget request(s) {', '.join(ids)})")
             self.log(f"[facefed] unlearning {len(ids)} request(s): run {plan.run.run_id} rolls back to "
                      f"{plan.rollback.checkpoint_id} and replays round(s) {plan.rounds} as run {replay_id}")
             continuing = current and plan.run.run_id == self.run_id
             self._finish_replay(replay_id, continuing=continuing)
+            if cfg.shards > 1 and not continuing:  # the sharded embedder changed: evaluate it again
+                self._for(replay_id, cfg).evaluate_ensemble(plan.run.family or plan.run.run_id)
             if continuing:
                 self.ledger.end_attempt(self.run_id, self.flwr_run_id, f"superseded by replay {replay_id}")
                 self.run_id = replay_id
@@ -442,6 +484,7 @@ class Coordinator:
     def _messages(self, slots: list[SiteSlot], rnd: int, attempt: int, sent: ArrayRecord, wire_layout: dict,
                   parent: CheckpointRow) -> list[Message]:
         cfg = self.cfg
+        shard = self.ledger.run(self.run_id).shard
         msgs = []
         for slot in slots:
             name = slot.site or self.node_site.get(slot.node_id)
@@ -453,7 +496,7 @@ class Coordinator:
                 "parent-checkpoint": parent.checkpoint_id, "parent-sha256": parent.sha256,
                 "base-sha256": self.base_sha256, "prefix-fingerprint": self.prefix, "train-config": cfg.train.model_dump_json(),
                 "steps": cfg.local_steps(), "seed": cfg.seed, "weighting": cfg.weighting,
-                "expected-site": slot.site or "",
+                "expected-site": slot.site or "", "shard": shard, "shards": cfg.shards,
                 "head-run": head[0] if head else self.run_id,
                 "head-round": head[1] if head else (0 if name else -1), "head-attempt": head[2] if head else 0,
                 **wire_layout,

@@ -9,10 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.evaluate import PAIR_FILES, evaluate_lfw, EvalCache
-from common.lfw import LFW, LFWFormatError
-from common.model import CheckpointMismatch, load_checkpoint
-from common.paths import DataNotFound
+PAIR_FILES = ("pairsDevTest.txt", "pairs.txt")  # the protocol's test files (pairsDevTrain: training people)
 
 
 def _fail(msg: str) -> None:
@@ -21,7 +18,8 @@ def _fail(msg: str) -> None:
 
 
 def evaluate(
-    model: Path = typer.Option(..., "--model", help="facefed checkpoint (or the CASIA .pth) to evaluate"),
+    model: list[Path] = typer.Option(..., "--model", help="facefed checkpoint (or the CASIA .pth) to evaluate; "
+                                     "repeat it for the shard models of a sharded job (evaluated as their ensemble)"),
     lfw: str = typer.Option(None, "--lfw", help="LFW archive or tree (default: $FACEFED_LFW)"),
     pairs: str = typer.Option("pairsDevTest.txt", "--pairs",
                               help="pairsDevTest.txt (View 1 test) or pairs.txt (View 2, 10 folds)"),
@@ -31,23 +29,34 @@ def evaluate(
                                   help="quick look on a balanced subset of the pairs (not the protocol)"),
 ) -> None:
     """Accuracy (10-fold CV thresholds, mean ± std), ROC AUC and TAR@FAR on LFW pairs."""
-    if pairs not in PAIR_FILES[:2]:
+    # torch and LFW load here, not at import: every other facefed-server command starts fast.
+    from common.evaluate import EvalCache
+    from common.lfw import LFW, LFWFormatError
+    from common.model import CheckpointMismatch, load_checkpoint
+    from common.paths import DataNotFound
+
+    if pairs not in PAIR_FILES:
         _fail(f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} "
               "(pairsDevTrain's people are training people)")
-    try:
-        net, meta = load_checkpoint(model)
-    except (FileNotFoundError, CheckpointMismatch) as e:
-        _fail(str(e))
+    nets, meta = [], {}
+    for path in model:
+        try:
+            net, meta = load_checkpoint(path)
+        except (FileNotFoundError, CheckpointMismatch) as e:
+            _fail(str(e))
+        nets.append(net)
     try:
         data = LFW(lfw)
         cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs)
     except (DataNotFound, LFWFormatError) as e:
         _fail(str(e))
-    result = evaluate_lfw(net, data, pairs, flip=not no_flip, cache=cache)
+    result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
+    name = model[0].name if len(model) == 1 else f"{len(model)}-shard ensemble ({', '.join(m.name for m in model)})"
     if as_json:
-        print(json.dumps({"model": str(model), "meta": meta, **result.to_dict()}, indent=1, default=str))
+        print(json.dumps({"model": [str(m) for m in model] if len(model) > 1 else str(model[0]),
+                          "meta": meta, **result.to_dict()}, indent=1, default=str))
         return
-    table = Table(title=f"LFW {pairs}{' (subset)' if max_pairs else ''}: {model.name}")
+    table = Table(title=f"LFW {pairs}{' (subset)' if max_pairs else ''}: {name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("note")

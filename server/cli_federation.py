@@ -225,6 +225,9 @@ def train(state: StateOpt,
             if existing.config_sha256 != cfg.sha256():
                 _fail(f"run {run} was started with another configuration; pass the same --config to resume it")
             run_id, resume = run, True
+        elif cfg.shards > 1:  # a sharded job: its shard runs are <job>-s<k> (and their replays)
+            found = None if new else ledger.resumable_family(cfg.sha256(), cfg.shards)
+            run_id, resume = (found, True) if found else (new_run_id(cfg), False)
         else:
             found = None if new else ledger.resumable_run(cfg.sha256())
             run_id, resume = (found.run_id, True) if found else (new_run_id(cfg), False)
@@ -236,9 +239,14 @@ def train(state: StateOpt,
         flwr_run = submit(paths, sub)
     except SuperLinkError as e:
         _fail(str(e), 3)
-    typer.echo(f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})")
+    typer.echo(f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})"
+               + (f" as {cfg.shards} shard runs {run_id}-s0..s{cfg.shards - 1}" if cfg.shards > 1 else ""))
     if detach:
         return
+    if cfg.shards > 1:
+        from server.progress import follow_family
+
+        raise typer.Exit(follow_family(paths, run_id, cfg.shards, flwr_run, timeout=timeout))
     raise typer.Exit(follow(paths, run_id, flwr_run, timeout=timeout))
 
 

@@ -59,7 +59,16 @@ CREATE TABLE IF NOT EXISTS runs (
     base_checkpoint TEXT NOT NULL,
     base_metrics    TEXT,
     detail          TEXT,
-    start_round     INTEGER NOT NULL DEFAULT 0   -- the base checkpoint's round (a replay starts mid-lineage)
+    start_round     INTEGER NOT NULL DEFAULT 0,  -- the base checkpoint's round (a replay starts mid-lineage)
+    family          TEXT,                        -- the training job: its shard runs and their replays
+    shard           INTEGER NOT NULL DEFAULT 0   -- SISA shard this run trains (0 of 1 without shards)
+);
+
+CREATE TABLE IF NOT EXISTS ensembles (
+    family      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    checkpoints TEXT NOT NULL,  -- JSON list: the shard models, in shard order
+    metrics     TEXT NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS attempts (
@@ -189,6 +198,8 @@ class RunRow:
     base_metrics: dict | None
     detail: str | None
     start_round: int = 0
+    family: str | None = None
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -384,13 +395,14 @@ class Ledger:
 
     # -- runs ---------------------------------------------------------------------------------
     def create_run(self, run_id: str, *, config_json: str, config_sha256: str, rounds: int,
-                   base: CheckpointRow, kind: str = "train", parent_run_id: str | None = None) -> RunRow:
+                   base: CheckpointRow, kind: str = "train", parent_run_id: str | None = None,
+                   family: str | None = None, shard: int = 0) -> RunRow:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", (base.checkpoint_id,)).fetchone() is None:
                 self._insert_checkpoint(db, base)
-            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?)",
+            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
                        (run_id, kind, parent_run_id, _now(), rounds, config_sha256, config_json, base.checkpoint_id,
-                        base.round if kind == "replay" else 0))
+                        base.round if kind == "replay" else 0, family or run_id, shard))
         return self.run(run_id)
 
     @staticmethod
@@ -407,6 +419,32 @@ class Ledger:
 
     def runs(self) -> list[RunRow]:
         return [self._run_row(r) for r in self._db.execute("SELECT * FROM runs ORDER BY created_at")]
+
+    def live_run(self, family: str, shard: int) -> RunRow | None:
+        """The newest run of this job and shard that no replay replaced."""
+        row = self._db.execute("SELECT * FROM runs WHERE family = ? AND shard = ? AND status != 'superseded' "
+                               "ORDER BY created_at DESC LIMIT 1", (family, shard)).fetchone()
+        return self._run_row(row) if row else None
+
+    def resumable_family(self, config_sha256: str, shards: int) -> str | None:
+        """The newest sharded job with this configuration that has a shard not yet completed."""
+        rows = self._db.execute("SELECT DISTINCT family FROM runs WHERE config_sha256 = ? ORDER BY created_at DESC",
+                                (config_sha256,)).fetchall()
+        for (family,) in rows:
+            live = [self.live_run(family, k) for k in range(shards)]
+            if any(r is None or r.status != "completed" for r in live):
+                return family
+        return None
+
+    def record_ensemble(self, family: str, checkpoints: list[str], metrics: dict) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO ensembles VALUES (?, ?, ?, ?)",
+                       (family, _now(), json.dumps(checkpoints), json.dumps(metrics)))
+
+    def ensembles(self, family: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM ensembles" + (" WHERE family = ?" if family else "") + " ORDER BY created_at"
+        return [{**dict(r), "checkpoints": json.loads(r["checkpoints"]), "metrics": json.loads(r["metrics"])}
+                for r in self._db.execute(sql, (family,) if family else ())]
 
     def set_base_metrics(self, run_id: str, metrics: dict) -> None:
         """Evaluation of the run's base model (round 0), the reference for every later round."""

@@ -160,3 +160,41 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                 typer.echo(f"stopped following after {timeout:.0f} s; unlearning goes on")
                 return 2
             time.sleep(1.0)
+
+
+def follow_family(paths: StatePaths, family: str, shards: int, flwr_run: str, *, timeout: float = 0.0) -> int:
+    """A sharded job: follow its shard runs in turn, then print the ensemble's accuracy."""
+    t0 = time.monotonic()
+    for k in range(shards):
+        while True:
+            with Ledger(paths.ledger) as ledger:
+                live = ledger.live_run(family, k)
+            if live is not None:
+                break
+            st = flwr_status(paths, flwr_run)
+            if st and st.startswith("finished"):
+                typer.secho(f"the ServerApp ended ({st}) before shard {k} started; FLWR_HOME={paths.flwr_home} "
+                            f"flwr log {flwr_run} shows why", fg=typer.colors.RED, err=True)
+                return 1
+            if timeout and time.monotonic() - t0 > timeout:
+                return 2
+            time.sleep(1.0)
+        typer.echo(f"shard {k + 1}/{shards}: run {live.run_id}")
+        if live.status != "completed":
+            left = max(0.0, timeout - (time.monotonic() - t0)) if timeout else 0.0
+            code = follow(paths, live.run_id, flwr_run, timeout=left)
+            if code:
+                return code
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the ensemble evaluation follows the last shard
+        with Ledger(paths.ledger) as ledger:
+            ens = ledger.ensembles(family)
+        if ens:
+            m = ens[-1]["metrics"]
+            typer.echo(f"{shards}-shard ensemble (normalised concatenation): LFW accuracy {m['lfw_accuracy']:.4f}")
+            break
+        st = flwr_status(paths, flwr_run)
+        if st and st.startswith("finished"):
+            break
+        time.sleep(1.0)
+    return 0

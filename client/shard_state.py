@@ -1,0 +1,45 @@
+"""Where a site keeps its privacy accountant per shard, and which of its people train in a shard.
+
+With `shards = S > 1` (SISA-style, common/shards.py) every person trains in exactly one shard run, so
+the shard runs touch disjoint people and compose in parallel per person: a person's epsilon is that
+of their own shard. The site keeps one accountant per shard (`accountant-s<k>of<S>.json`) and reports
+the shard's epsilon. `shards = 1` keeps the one `accountant.json`. The parallel argument needs one
+fixed S per site: mixing shard counts (or sharded and unsharded training) at one site is refused,
+because a person would then sit in several shards at once.
+
+The assignment key is derived from the vault's secret key (so it is stable for the vault's life and
+unknown outside the site); simulated sites derive theirs from their partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from pathlib import Path
+
+ACCOUNTANT = "accountant.json"
+SHARD_FILE_RE = re.compile(r"^accountant-s(\d+)of(\d+)\.json$")
+
+
+class ShardStateError(ValueError):
+    """The site's accountant state belongs to another shard count; the message says what to do."""
+
+
+def accountant_path(state: Path, shard: int, shards: int) -> Path:
+    """The accountant file for this shard, refusing a shard count the site did not train with so far."""
+    if not 0 <= shard < shards:
+        raise ShardStateError(f"shard {shard} is not in 0..{shards - 1}")
+    others = sorted({int(m.group(2)) for p in state.glob("accountant-s*of*.json") if (m := SHARD_FILE_RE.match(p.name))}
+                    - {shards})
+    plain = (state / ACCOUNTANT).exists()
+    if (shards == 1 and others) or (shards > 1 and (plain or others)):
+        had = f"{others[0]} shards" if others else "no shards"
+        raise ShardStateError(f"this site's privacy accountant ({state}) was kept for training with {had}; a site "
+                              f"trains with one shard count (the per-person guarantee composes in parallel over "
+                              f"disjoint shards only), so it cannot join a run with shards = {shards}")
+    return state / (ACCOUNTANT if shards == 1 else f"accountant-s{shard}of{shards}.json")
+
+
+def shard_key(vault_key: bytes) -> bytes:
+    return hmac.new(vault_key, b"facefed shard assignment v1", hashlib.sha256).digest()
