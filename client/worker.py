@@ -3,8 +3,8 @@
 Flower starts a fresh ClientApp process for every message. Importing torch and Opacus costs several
 CPU-seconds each time, which on a small machine is a large part of a federated round. So
 `facefed-client start` also starts this worker once: it imports the training stack at start, then
-serves one round at a time over a Unix socket in the site's state directory. The ClientApp stays thin
-(Flower plus numpy) and forwards the server's order and arrays here.
+serves one round (or one forget `query`) at a time over a Unix socket in the site's state directory.
+The ClientApp stays thin (Flower plus numpy) and forwards the server's order and arrays here.
 
 Nothing is kept between rounds: every round re-reads the vault, the head and the accountant from disk
 exactly as the in-process path does (`client.site_round.run_round`). The socket is 0600 and the
@@ -38,7 +38,9 @@ def serve(node_config: Path) -> None:
     """Run the worker: import the training stack, then answer rounds until killed."""
     import tomllib
 
+    from client.forget_sync import answer_query
     from client.site_round import order_of, run_round, site_of  # the expensive imports, once
+    from common.forget_wire import QueryOrder
 
     nc = tomllib.loads(Path(node_config).read_text())
     site = site_of(nc, {})
@@ -60,6 +62,11 @@ def serve(node_config: Path) -> None:
             with conn:
                 try:
                     req = conn.recv()
+                    if "query" in req:  # forget requests both ways (client/forget_sync.py)
+                        reply = answer_query(site=site.name, vault_dir=site.vault, state_dir=site.state,
+                                             order=QueryOrder.model_validate_json(req["query"]))
+                        conn.send({"ok": True, "reply": reply.model_dump_json()})
+                        continue
                     res = run_round(site, order_of(req["config"]), req["arrays"])
                     conn.send({"ok": True, "arrays": res.arrays, "metrics": res.metrics, "info": res.info})
                 except (EOFError, OSError):

@@ -237,7 +237,7 @@ def write_config(path: Path, *, rounds: int, min_sites: int, steps: int, probe_s
                  noise: float, delta: float, max_epsilon: float, flip: bool, max_pairs: int | None,
                  round_timeout: float = 900.0, wait_for_sites: float = 120.0, max_attempts: int = 2) -> Path:
     """A federation config (the same keys as configs/federation.toml)."""
-    lines = [f"name = \"demo\"", f"rounds = {rounds}", f"min_sites = {min_sites}", f"round_timeout_s = {round_timeout}",
+    lines = ['name = "demo"', f"rounds = {rounds}", f"min_sites = {min_sites}", f"round_timeout_s = {round_timeout}",
              f"wait_for_sites_s = {wait_for_sites}", f"max_round_attempts = {max_attempts}", 'weighting = "people"',
              "", "[evaluate]", 'pairs = "pairsDevTest.txt"', f"flip = {str(flip).lower()}"]
     if max_pairs:

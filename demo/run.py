@@ -86,9 +86,9 @@ def forget_one(site_dir: Path) -> tuple[str, str, str]:
 
 
 def server(fed: Federation, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """Run a `facefed-server` command, its output streamed as it comes (a replay takes minutes)."""
     print(f"\n$ facefed-server {shlex.join(args)}", flush=True)
-    proc = subprocess.run([SERVER, *args], env=fed._env(), text=True, capture_output=True, timeout=1800)
-    sys.stdout.write(proc.stdout + proc.stderr)
+    proc = subprocess.run([SERVER, *args], env=fed._env(), text=True, stderr=subprocess.STDOUT, timeout=1800)
     if proc.returncode != expect:
         sys.exit(f"demo: `facefed-server {args[0]}` exited with {proc.returncode}, expected {expect}")
     return proc
@@ -150,4 +150,5 @@ def main() -> int:
 if __name__ == "__main__":
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("COLUMNS", "150")  # the commands' tables, readable in a log
     sys.exit(main())

@@ -313,9 +313,10 @@ class Coordinator:
         replies = self._exchange(msgs, timeout=wait)
         out: dict[str, QueryReply] = {}
         for slot in slots:
+            who = slot.site or self.node_site.get(slot.node_id) or f"node-{slot.node_id}"
             if slot.node_id not in replies:
-                self.log(f"[facefed] query: no answer from {slot.site or f'node {slot.node_id}'} "
-                         f"within {wait:g} s; its requests wait for the next query")
+                self.log(f"[facefed] query: no answer from {who} within {wait:g} s; its requests wait for the next query")
+                self.ledger.record_query(who, False, detail=f"no answer within {wait:g} s")
                 continue
             msg = replies[slot.node_id][0]
             try:
@@ -323,10 +324,12 @@ class Coordinator:
                     raise ValueError(f"error {msg.error.code}: {msg.error.reason}")
                 qr = QueryReply.model_validate_json(str(msg.content[CONFIG][REPLY_KEY]))
             except (ValueError, KeyError) as e:  # pydantic's ValidationError is a ValueError
-                self.log(f"[facefed] query: unusable answer from {slot.site or f'node {slot.node_id}'}: {str(e)[:300]}")
+                self.log(f"[facefed] query: unusable answer from {who}: {str(e)[:300]}")
+                self.ledger.record_query(who, False, detail=f"unusable answer: {str(e)[:300]}")
                 continue
             if slot.site is not None and qr.site != slot.site:
                 self.log(f"[facefed] query: node registered as {slot.site!r} answers as {qr.site!r}; ignored")
+                self.ledger.record_query(who, False, detail=f"answered as site {qr.site!r}")
                 continue
             name = slot.site or qr.site
             self.node_site[slot.node_id] = name
@@ -343,6 +346,7 @@ class Coordinator:
                 self.log(f"[facefed] site {name} stored receipt(s) {', '.join(qr.stored)}")
             for problem in qr.problems:
                 self.log(f"[facefed] site {name}: {problem}")
+            self.ledger.record_query(name, True, len(qr.pending), "; ".join(qr.problems)[:1000] or None)
             out[name] = qr
         return out
 

@@ -64,6 +64,14 @@ CREATE TABLE IF NOT EXISTS runs (
     shard           INTEGER NOT NULL DEFAULT 0   -- SISA shard this run trains (0 of 1 without shards)
 );
 
+CREATE TABLE IF NOT EXISTS queries (      -- each site's answer (or not) to each forget `query`
+    site        TEXT NOT NULL,
+    at          REAL NOT NULL,
+    ok          INTEGER NOT NULL,
+    pending     INTEGER NOT NULL DEFAULT 0,
+    detail      TEXT
+);
+
 CREATE TABLE IF NOT EXISTS ensembles (
     family      TEXT NOT NULL,
     created_at  REAL NOT NULL,
@@ -435,6 +443,13 @@ class Ledger:
             if any(r is None or r.status != "completed" for r in live):
                 return family
         return None
+
+    def record_query(self, site: str, ok: bool, pending: int = 0, detail: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?)", (site, _now(), int(ok), pending, detail))
+
+    def queries_since(self, t: float) -> list[dict]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM queries WHERE at >= ? ORDER BY at", (t,))]
 
     def record_ensemble(self, family: str, checkpoints: list[str], metrics: dict) -> None:
         with self._tx() as db:

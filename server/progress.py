@@ -120,7 +120,16 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
     with Ledger(paths.ledger) as ledger:
         seen = {r.request_id: r.status for r in ledger.requests()}
         shown: set[tuple[str, int, int]] = set()
+        asked: set[tuple[str, float]] = set()
         while True:
+            for qrow in ledger.queries_since(started - 1):
+                if (qrow["site"], qrow["at"]) not in asked:
+                    asked.add((qrow["site"], qrow["at"]))
+                    if not qrow["ok"]:
+                        typer.secho(f"site {qrow['site']} did not answer the query ({qrow['detail']}); its requests "
+                                    f"wait until it does", fg=typer.colors.YELLOW)
+                    elif qrow["detail"]:
+                        typer.echo(f"site {qrow['site']}: {qrow['detail']}")
             for run in ledger.runs():
                 if run.kind != "replay" or run.created_at < started - 1:
                     continue

@@ -36,3 +36,11 @@ def pretrained_file():
         return pretrained_path()
     except DataNotFound as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture
+def state(tmp_path):
+    """A fresh server state directory (ledger, checkpoints) for the federation and unlearning tests."""
+    from server.statedir import StatePaths
+
+    return StatePaths.at(tmp_path / "state", create=True)

@@ -37,11 +37,6 @@ def make_config(**over) -> FederationConfig:
     return validate_config(data, FederationConfig)
 
 
-@pytest.fixture
-def state(tmp_path) -> StatePaths:
-    return StatePaths.at(tmp_path / "state", create=True)
-
-
 def coordinator(state, grid, cfg, pretrained_file, *, run_id="t-run", resume=False, evaluator=None) -> Coordinator:
     sub = Submission(name="sub-test", run_id=run_id, resume=resume, config=cfg, lfw=None, pretrained=str(pretrained_file))
     return Coordinator(grid, state, sub, evaluator=evaluator, log=lambda _m: None)

@@ -5,8 +5,6 @@ of the person forgotten, and the ensemble evaluation."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from common.evaluate import EvalCache
 from common.model import build_embedder, load_shared_state, shared_state
 from federation_support import LocalGrid, shifted_site
 from server.ledger import Ledger
-from test_federation_rounds import coordinator, make_config, state  # noqa: F401 (fixture)
+from test_federation_rounds import coordinator, make_config
 from test_unlearn import QuerySite, request, unlearner
 from vault_support import load_faces as lfw_faces
 from vault_support import make_stores

@@ -21,7 +21,7 @@ from server.ledger import ForgetRow, Ledger
 from server.receipts import key_paths, verify_receipt
 from server.submission import Submission
 from server.unlearn import plan_replays
-from test_federation_rounds import coordinator, make_config, state  # noqa: F401 (fixture)
+from test_federation_rounds import coordinator, make_config
 
 PSEUDONYM = "0123456789abcdef0123456789abcdef"
 
