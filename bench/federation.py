@@ -14,7 +14,8 @@ authentication, configs/federation.toml) and reads the ledger. For each committe
   training + saving the head);
 - overhead = (round time - local compute) / round time, target <= 0.25; its parts per site: Flower
   dispatch (message waiting for the node to pick it up and start a ClientApp process), ClientApp
-  start-up (process + imports), and the way back (reply to the SuperNode, SuperLink, ServerApp).
+  start-up (process + imports), and the way back (reply to the SuperNode, SuperLink, ServerApp);
+- the time between rounds: the server's forget `query` to every site, then loading the checkpoint.
 Part 2 runs one round with 100 virtual sites on Flower's simulation engine (Ray), LFW peopleDevTrain
 partitioned over them.
 """
@@ -68,6 +69,12 @@ def report_deployment(state: Path) -> None:
     print(f"federation overhead over all rounds: {ratio:.2f} of round time "
           f"({total_round - total_site:.1f} s of {total_round:.1f} s; target <= 0.25: "
           f"{'met' if ratio <= 0.25 else 'NOT met'}); per round {min(ratios):.2f}..{max(ratios):.2f}")
+    gaps = [b.started_at - a.ended_at for a, b in zip(rounds, rounds[1:])]
+    if gaps:
+        # Between rounds the server queries every site for forget requests (answered by the warm worker).
+        span = rounds[-1].ended_at - rounds[0].started_at
+        print(f"between rounds (forget query to every site + loading the checkpoint): mean {statistics.mean(gaps):.1f} s, "
+              f"max {max(gaps):.1f} s = {sum(gaps) / span:.2f} of the run's wall time from round 1 to the end")
     ok = [s for s in rounds[-1].sites if s.status == "ok"]
     print(f"bytes per site per round: {statistics.mean(s.bytes_down for s in ok):,.0f} down + "
           f"{statistics.mean(s.bytes_up for s in ok):,.0f} up (the shared tail only; "
