@@ -111,8 +111,12 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
 
     lineage = ledger.lineage(model.checkpoint_id)  # newest first
     ids = [c.checkpoint_id for c in lineage]
-    base = ledger.checkpoint(run.base_checkpoint)
-    ok = run.kind == "replay" and base.checkpoint_id in ids and base.round == r.rollback_round
+    if r.replayed_rounds:  # a replay: the rollback is the replay run's base, on the model's lineage
+        base = ledger.checkpoint(run.base_checkpoint)
+        ok = run.kind == "replay" and base.checkpoint_id in ids and base.round == r.rollback_round
+    else:  # no live model had been trained with the person: the model itself is the clean point
+        base = model
+        ok = model.round == r.rollback_round and model.run_id == r.run_id
     checks.append(Check("descends from the rollback checkpoint", ok,
                         f"{model.checkpoint_id} <- ... <- {base.checkpoint_id} (round {base.round})" if ok else
                         f"run {r.run_id} (kind {run.kind}) base {base.checkpoint_id} round {base.round} is not on the "

@@ -229,3 +229,20 @@ def test_interrupted_replay_resumes_and_finishes(state, pretrained_file):
         assert ledger.request("fr-00000000000000aa").status == "unlearned"
         assert ledger.checkpoint("t-run-r0003").deleted_at is not None
     assert "fr-00000000000000aa" in q.receipts
+
+
+def test_request_for_someone_no_live_model_saw_gets_a_receipt_without_replay(state, pretrained_file):
+    """Enrolled but never trained on (or only in replaced runs): the current model already excludes
+    them; the receipt names it, replays nothing, and verifies."""
+    q = QuerySite("alpha")
+    grid = sites(q)
+    coordinator(state, grid, make_config(rounds=2), pretrained_file).run()
+    q.pending = [request({"an-old-replaced-run": [1]})]
+    unlearner(state, grid, pretrained_file).run()
+    doc = q.receipts["fr-00000000000000aa"]
+    assert (doc["receipt"]["replayed_rounds"], doc["receipt"]["model_id"], doc["receipt"]["rollback_round"]) == \
+        ([], "t-run-r0002", 2)
+    with Ledger(state.ledger) as ledger:
+        assert [r.run_id for r in ledger.runs()] == ["t-run"]  # nothing replayed
+        _, checks = verify_receipt(doc, key_paths(state)[1].read_bytes(), ledger)
+        assert all(c.ok for c in checks), checks
