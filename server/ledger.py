@@ -565,18 +565,6 @@ class Ledger:
             out.append(SiteRound(**d))
         return out
 
-    def last_site_commit(self, run_id: str, site: str) -> tuple[int, int] | None:
-        """(round, attempt) of the last committed round of `run_id` this site contributed to.
-
-        A site's private head evolves only along the rounds the server committed with its update, so
-        the next round tells the site which of its stored heads to start from.
-        """
-        row = self._db.execute(
-            "SELECT r.round, r.attempt FROM rounds r JOIN site_rounds sr USING (run_id, round, attempt) "
-            "WHERE r.run_id = ? AND r.status = 'committed' AND sr.site = ? AND sr.status = 'ok' "
-            "ORDER BY r.round DESC LIMIT 1", (run_id, site)).fetchone()
-        return (row["round"], row["attempt"]) if row else None
-
     def site_head(self, checkpoint_id: str, site: str) -> tuple[str, int, int] | None:
         """(run, round, attempt) of the site's head to continue from when training on `checkpoint_id`.
 

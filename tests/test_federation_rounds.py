@@ -70,7 +70,9 @@ def test_two_rounds_average_by_people_and_fill_the_ledger(state, pretrained_file
         ok = {s.site: s for s in rounds[0].sites}
         assert ok["alpha"].weight == 1 and ok["beta"].weight == 3 and ok["beta"].epsilon == pytest.approx(0.5)
         assert ok["beta"].unit == "person" and ok["beta"].delta == pytest.approx(1e-5)
-        assert ledger.last_site_commit("t-run", "beta") == (2, 1)
+        assert ledger.site_head("t-run-r0002", "beta") == ("t-run", 2, 1)  # the head to continue from
+        assert ledger.site_head("t-run-r0001", "beta") == ("t-run", 1, 1)
+        assert ledger.site_head("t-run-r0000", "beta") is None  # before any round: a fresh head
         # The base model is evaluated once (round 0), then every committed round; same model, same score.
         assert run.base_metrics["lfw_pairs"] == 20
         assert rounds[1].metrics["lfw_accuracy"] == pytest.approx(run.base_metrics["lfw_accuracy"])
