@@ -73,16 +73,31 @@ class RunFailed(RuntimeError):
     """The run cannot go on (a round failed max_round_attempts times, or no sites); the ledger says why."""
 
 
+RUN_LOCK_WAIT_S = 60.0
+
+
 @contextmanager
-def run_lock(paths: StatePaths, run_id: str):
-    """One ServerApp per ledger run: a second `train` of the same run fails fast instead of interleaving."""
+def run_lock(paths: StatePaths, run_id: str, *, wait_s: float = RUN_LOCK_WAIT_S, log=print):
+    """One ServerApp per ledger run, so two never interleave rounds. The holder may be the previous
+    attempt's ServerApp, still shutting down after its SuperLink was killed (Flower interrupts it only
+    when it notices its SuperExec is gone, seconds later): wait for it a bounded time, then fail."""
     lock_dir = paths.root / "locks"
     lock_dir.mkdir(exist_ok=True)
     with open(lock_dir / f"{run_id}.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFailed(f"run {run_id} is already being trained by another ServerApp") from None
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RunFailed(f"run {run_id} is being trained by another ServerApp (waited {wait_s:.0f} s); "
+                                    f"stop it or wait for it to end") from None
+                if not told:
+                    log(f"[facefed] run {run_id} is held by another ServerApp (a previous attempt shutting "
+                        f"down?); waiting up to {wait_s:.0f} s")
+                    told = True
+                time.sleep(0.5)
         try:
             yield
         finally:
@@ -198,7 +213,7 @@ class Coordinator:
         self.log(f"[facefed] {len(heads)}-shard ensemble of {family}: LFW accuracy {metrics['lfw_accuracy']:.4f}")
 
     def _run_one(self) -> None:
-        with run_lock(self.paths, self.run_id):
+        with run_lock(self.paths, self.run_id, log=self.log):
             self._open_run()
             self.ledger.add_attempt(self.run_id, self.flwr_run_id)
             try:
@@ -425,7 +440,7 @@ class Coordinator:
         self.ledger.set_run_status(replay_id, "running")
         t0 = time.monotonic()
         try:
-            with run_lock(self.paths, replay_id):
+            with run_lock(self.paths, replay_id, log=self.log):
                 worker._rounds(until=target)
         except RunFailed as e:
             self.ledger.set_run_status(replay_id, "stopped", f"replay interrupted: {e}; `facefed-server unlearn` "

@@ -52,10 +52,15 @@ def flwr_status(paths: StatePaths, flwr_run: str) -> str | None:
     return str(runs[0].get("status")) if runs else None
 
 
+def _latest_attempt(ledger: Ledger, run_id: str) -> str | None:
+    attempts = ledger.attempts(run_id)
+    return str(attempts[-1]["flwr_run_id"]) if attempts else None
+
+
 def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.0, quiet: bool = False) -> int:
     """Print rounds as the ledger commits them until the run ends: 0 completed, 1 failed, 2 timeout."""
     shown: set[tuple[int, int]] = set()
-    t0, last_check, submitted = time.monotonic(), time.monotonic(), time.time()
+    t0, last_check = time.monotonic(), time.monotonic()
     with Ledger(paths.ledger) as ledger:
         while True:
             try:
@@ -80,9 +85,11 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
                     shown.add((r.round, r.attempt))
                     if not quiet:
                         print_round(r, run.rounds_planned if run else 0)
-            # A resumed run still shows how its previous attempt ended until the new ServerApp opens it.
+            # A resumed run shows how its previous attempt ended (written, after a server crash, by a
+            # ServerApp that may outlive the submission by seconds) until ours opens it: an end counts
+            # only once the run's latest attempt is our Flower run.
             if run is not None and run.status in ("completed", "failed", "stopped") \
-                    and (run.ended_at or 0) >= submitted - 1:
+                    and _latest_attempt(ledger, run_id) == flwr_run:
                 if run.status == "completed":
                     if not quiet:
                         typer.echo(f"run {run_id} completed")
@@ -93,10 +100,10 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
                 last_check = time.monotonic()
                 st = flwr_status(paths, flwr_run)
                 # The ServerApp died without marking the run (killed, or failed before opening it).
-                if st and st.startswith("finished") and (run is None or run.status == "running"):
+                if st and st.startswith("finished"):
                     time.sleep(2)  # let a final ledger write land
                     run = ledger.run(run_id) if run is not None else None
-                    if run is None or run.status == "running":
+                    if run is None or run.status == "running" or _latest_attempt(ledger, run_id) != flwr_run:
                         typer.secho(f"the ServerApp ended ({st}) before run {run_id} finished; "
                                     f"FLWR_HOME={paths.flwr_home} flwr log {flwr_run} shows why; "
                                     f"`facefed-server train` with the same config resumes it",
