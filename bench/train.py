@@ -7,8 +7,8 @@
    averaging), training on peopleDevTrain people with >= 2 images: pretrained as is; fine-tuned
    non-private; fine-tuned with per-person DP at epsilon 8 and 2 (delta 1e-5, RDP); from scratch
    non-private and DP (time-boxed: a few minutes each on 2 cores).
-Hyper-parameters come from configs/bench/*.toml, chosen on held-out peopleDevTrain people (see
-bench/README notes in the closing report), never on pairsDevTest. Output is also written to
+Hyper-parameters come from configs/bench/*.toml, chosen on held-out peopleDevTrain people by
+bench/tune.py, never on pairsDevTest. Output is also written to
 bench-out/train.txt.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -104,17 +105,24 @@ def run_row(name, model, faces, cfg: TrainConfig, evalc, log, seed: int = 0):
     return report, result, time.perf_counter() - t
 
 
-def fmt_row(name, result, report=None, train_s=None, eval_s=None) -> str:
-    tar = result.tar_at_far
+def fmt_row(name, results, reports=None, train_s=None) -> str:
+    """One table row: the mean over seeds (the DP noise and sampling differ per seed), the spread
+    over seeds, and for a single result the spread over the 10 folds."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    accs = [100 * r.accuracy_mean for r in results]
+    spread = statistics.stdev(accs) if len(accs) > 1 else 100 * results[0].accuracy_std
+    tar = {far: mean([100 * r.tar_at_far[far].tar for r in results]) for far in (1e-2, 1e-3)}
+    report = reports[0] if reports else None
     if report is None:
         priv, steps = "-", "-"
     elif report.unit == "none":
         priv, steps = "non-private", f"{report.steps}"
     else:
         priv, steps = f"eps={report.epsilon:.2f} (sigma {report.noise_multiplier:.2f})", f"{report.steps}"
-    return (f"  {name:<28} {100 * result.accuracy_mean:6.2f} ± {100 * result.accuracy_std:4.2f}  {result.auc:.4f}  "
-            f"{100 * tar[1e-2].tar:6.1f}  {100 * tar[1e-3].tar:6.1f}  {steps:>6}  "
-            f"{'' if train_s is None else f'{train_s:6.0f}'}  {priv}")
+    seeds = f"  seeds: {', '.join(f'{a:.1f}' for a in accs)}" if len(accs) > 1 else ""
+    return (f"  {name:<30} {mean(accs):6.2f} ± {spread:4.2f}  {mean([r.auc for r in results]):.4f}  "
+            f"{tar[1e-2]:6.1f}  {tar[1e-3]:6.1f}  {steps:>6}  "
+            f"{'' if train_s is None else f'{train_s:6.0f}'}  {priv}{seeds}")
 
 
 def main() -> None:
@@ -122,6 +130,7 @@ def main() -> None:
     ap.add_argument("--skip-scratch", action="store_true", help="leave out the from-scratch rows")
     ap.add_argument("--only", default=None, help="comma list of rows: pretrained,nonprivate,dp8,dp2,scratch,scratch_dp")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per fine-tuned row (mean and spread)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     log = Tee(OUT / "train.txt")
@@ -145,10 +154,11 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     want = lambda k: only is None or k in only  # noqa: E731
     log("\n2. Accuracy on LFW pairsDevTest (1,000 pairs of people disjoint from training; 10-fold CV thresholds; "
-        "flip averaging; TAR over 500 impostor pairs)")
-    log(f"  {'model':<28} {'acc %':>14}  {'AUC':>6}  {'TAR@1e-2':>6}  {'@1e-3':>6}  {'steps':>6}  {'train s':>6}  privacy")
+        f"flip averaging; TAR over the 500 impostor pairs: FAR 1e-2 admits 5 of them, 1e-3 none, i.e. the threshold\n   is the top impostor score). Fine-tuned rows: mean "
+        f"over {args.seeds} seeds ± sd over seeds; other rows: ± sd over the 10 folds. train s: per seed.")
+    log(f"  {'model':<30} {'acc %':>14}  {'AUC':>6}  {'TAR@1e-2':>6}  {'@1e-3':>6}  {'steps':>6}  {'train s':>6}  privacy")
     if want("pretrained"):
-        log(fmt_row("pretrained (CASIA) as is", evalc.evaluate(model)))
+        log(fmt_row("pretrained (CASIA) as is", [evalc.evaluate(model)]))
     rows = [("nonprivate", "fine-tuned, non-private", "finetune-nonprivate.toml"),
             ("dp8", "fine-tuned, DP person eps 8", "finetune-dp8.toml"),
             ("dp2", "fine-tuned, DP person eps 2", "finetune-dp2.toml")]
@@ -156,10 +166,13 @@ def main() -> None:
         if not want(key):
             continue
         cfg = load_config(CONFIGS / file, TrainConfig)
-        m = build_embedder(pretrained, train_from=cfg.train_from)
-        t = time.perf_counter()
-        report, result, _ = run_row(name, m, faces, cfg, evalc, log)
-        log(fmt_row(name, result, report, time.perf_counter() - t))
+        reports, results, t = [], [], time.perf_counter()
+        for seed in range(args.seeds):
+            m = build_embedder(pretrained, train_from=cfg.train_from)
+            report, result, _ = run_row(name, m, faces, cfg, evalc, log, seed=seed)
+            reports.append(report)
+            results.append(result)
+        log(fmt_row(name, results, reports, (time.perf_counter() - t) / args.seeds))
     if not args.skip_scratch:
         scratch_faces = None
         for key, name, file in [("scratch", "from scratch, non-private", "scratch-nonprivate.toml"),
@@ -174,7 +187,7 @@ def main() -> None:
             scratch_eval = EvalCache(lfw, "pairsDevTest.txt", flip=True)
             t = time.perf_counter()
             report, result, _ = run_row(name, m, scratch_faces, cfg, scratch_eval, log)
-            log(fmt_row(name, result, report, time.perf_counter() - t))
+            log(fmt_row(name, [result], [report], time.perf_counter() - t))
     log(f"\nper-person epsilon at delta 1e-5, RDP accountant (Opacus analysis); whole benchmark "
         f"{(time.perf_counter() - t_all) / 60:.1f} min; load average {os.getloadavg()[0]:.1f} at the end")
 

@@ -32,7 +32,8 @@ def train(
     init: Path = typer.Option(None, "--init", help="start from this checkpoint (default: the pretrained model, "
                                                    "or scratch if the config says train_from = conv1 and no pretrained)"),
     state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{STATE_DIR})"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(None, "--seed", help="fix the DP randomness, for reproducible experiments only "
+                                                  "(default: fresh OS entropy; noise that can be regenerated protects nothing)"),
 ) -> None:
     """Train the embedder on this site's faces (DP-SGD per person by default) and save a checkpoint."""
     from client.faces import faces_from_vault
@@ -74,7 +75,7 @@ def train(
 
     head_file = state_dir / "head.pt"
     try:
-        head = MarginHead.load(head_file) if head_file.exists() else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed)
+        head = MarginHead.load(head_file) if head_file.exists() else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed or 0)
         accountant = None if cfg.privacy_unit == "none" else \
             SiteAccountant(state_dir / "accountant.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
     except (HeadError, AccountantMismatch) as e:

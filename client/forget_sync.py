@@ -105,7 +105,9 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
         return BudgetAnswer(fits=False, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=acc.epsilon(),
                             epsilon_planned=-1.0, max_epsilon=cfg.max_epsilon,
                             detail="a replay needs train.noise_multiplier (target_epsilon calibrates one call)")
-    now, planned = acc.epsilon(), acc.projected(cfg.noise_multiplier, cfg.sample_rate, steps)
+    # As if every head were fresh (a rollback to round 0): the centring release and the probe steps too.
+    now, planned = acc.epsilon(), acc.projected(cfg.noise_multiplier, cfg.sample_rate, steps,
+                                                extra=cfg.fresh_head_events())
     fits = planned <= cfg.max_epsilon
     return BudgetAnswer(fits=fits, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=now, epsilon_planned=planned,
                         max_epsilon=cfg.max_epsilon,

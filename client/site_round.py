@@ -231,12 +231,6 @@ def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
     return (MarginHead.load(best[1]), best[1].name) if best else (fresh, "fresh")
 
 
-def _seed(order: Order, site: str) -> int:
-    """A per-site, per-round sampling seed: reproducible, and different across sites and attempts."""
-    digest = hashlib.sha256(f"{order.seed}/{order.round}/{order.attempt}/{site}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
 @dataclass(frozen=True)
 class RoundResult:
     arrays: dict[str, np.ndarray]  # the shared tail only
@@ -270,7 +264,9 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
     accountant = None if cfg.privacy_unit == "none" else SiteAccountant(
         acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
     t_train = time.perf_counter()
-    report = train_local(model, head, faces, cfg, accountant, seed=_seed(order, site.name))
+    # No seed: the DP randomness is fresh OS entropy, never derivable from the server's order (the
+    # server could otherwise regenerate the noise and strip it from the update).
+    report = train_local(model, head, faces, cfg, accountant)
 
     head_path = site.head_path(order.run_id, order.round, order.attempt)
     head_path.parent.mkdir(parents=True, exist_ok=True)

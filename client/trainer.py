@@ -21,6 +21,8 @@ Each step (`_dp_step`):
    current parameters (the network has no BatchNorm; folded or GroupNorm layers are per-sample), and
    the current parameters are outputs of earlier DP steps or data-independent (pretrained CASIA
    weights, random head rows). Tested in tests/test_trainer_grads.py and tests/test_trainer.py.
+   The DP randomness (sampling, flips, noise) is drawn from OS entropy for every call, so no one can
+   regenerate the noise, and an unlearning replay is an independent release (see `train_local`).
 4. Everything after the noisy sum (momentum, head row renormalisation, the proximal pull `prox` of
    the tail toward the weights the call started from) is post-processing: it uses no data.
 The RDP accountant (common/accountant.py) composes all steps the site ever took, persisted on disk,
@@ -31,16 +33,22 @@ What would break it (and is therefore not done): initialising a head row from th
 many per-sample gradients; BatchNorm in training mode; sampling several images of a person per step
 under the person unit; "free" non-private warm-up steps on the site's data.
 
-The recipe (bench/train.py, chosen on held-out peopleDevTrain people): the head first learns privately
-on frozen features (`probe_steps`, DP linear probing, counted in the accountant), then tail and head
-train together (`steps`). Only the tail runs per step: the frozen prefix runs once per image and its
+The recipe (bench/train.py, chosen on held-out peopleDevTrain people by bench/tune.py): with a fresh
+head, the embedding is first centred on the site's people by one Gaussian release of their mean
+(`center_noise`, client/centering.py), then the head learns privately on frozen features
+(`probe_steps`, DP linear probing), then tail and head train together (`steps`). Every release is
+counted in the accountant. Only the tail runs per step: the frozen prefix runs once per image and its
 mirror (`prefix_features`), since the only augmentation is the flip.
 What limits per-person DP here is the head, and it is fundamental: a head row is, in effect, a
 DP release of one person's class centre, and at epsilon 8 the Gaussian noise on a 128-d row is several
 times the row itself. Backbone updates that chase those noisy centres fit noise (all 65k-300k tail
 weights drift; measured: -1 to -5 points). So the DP rows tune only the tail's biases (`tune = "bias"`,
 DP-BiTFiT, Bu et al. 2022): 128 numbers cannot fit per-person noise, but can learn what all people
-share (re-centring the embedding), at little cost to the noise.
+share. The largest such shared thing is the embedding's offset, which the centring release gets
+directly, with no head in the way (on held-out people: centring alone +0.5 to +1.0 points, DP-BiTFiT
+alone about 0, both together about the same as centring). What non-private fine-tuning gains beyond
+that is a full-rank change of the 512->128 map (its singular values are flat), out of reach of a
+low-dimensional DP update at this number of people.
 Per-sample clipping uses Opacus ghost clipping (`clipping = "ghost"`): per-sample gradient norms from
 one backward pass (our norm samplers in client/per_sample_grads.py), then the clipped sum from the
 same pass's activations and backprops scaled per sample ("book-keeping"), instead of a second
@@ -51,6 +59,7 @@ give the exact clipped sum (tests/test_trainer_grads.py).
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -63,6 +72,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from client.centering import dp_center
 from client.per_sample_grads import batch_grad  # (importing it registers fast PReLU / conv samplers)
 from client.faces import SiteFaces
 from client.sampling import Batch, ImageSampler, PersonSampler
@@ -98,13 +108,15 @@ class TrainReport:
     wall_s: float
     images_per_s: float
     people_used: set[str] = field(default_factory=set)  # person ids sampled at least once
+    center_shift: float | None = None  # norm of the DP centring shift, if this call centred (fresh head)
 
     def metrics(self) -> dict[str, float | int | str]:
         """Flat, JSON-able numbers (epsilon -1 when non-private) for logs and federation metrics."""
         return {"steps": self.steps, "probe_steps": self.probe_steps, "images": self.images, "loss": self.loss,
                 "epsilon": self.epsilon if math.isfinite(self.epsilon) else -1.0, "delta": self.delta,
                 "unit": self.unit, "accountant": self.accountant, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "wall_s": self.wall_s, "people_used": len(self.people_used)}
+                "sample_rate": self.sample_rate, "wall_s": self.wall_s, "people_used": len(self.people_used),
+                "centered": self.center_shift is not None}
 
 
 # -- frozen prefix, computed once per image and its mirror -----------------------------------------
@@ -283,15 +295,24 @@ def _check(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: TrainC
     if accountant.unit != cfg.privacy_unit or accountant.delta != cfg.delta:
         raise ValueError(f"accountant {accountant.path} is per {accountant.unit} at delta {accountant.delta:g}; "
                          f"the config says per {cfg.privacy_unit} at delta {cfg.delta:g}")
+    if cfg.center_noise is not None and model.features.bias is None:
+        raise ValueError("center_noise needs the folded-norm embedder (pretrained); leave it unset from scratch")
     if head.scale != cfg.scale or head.margin != cfg.margin:
         raise ValueError(f"head has scale {head.scale}, margin {head.margin}; config says {cfg.scale}, {cfg.margin}")
 
 
 def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: TrainConfig,
-                accountant: SiteAccountant | None, *, seed: int,
+                accountant: SiteAccountant | None, *, seed: int | None = None,
                 progress: Callable[[TrainProgress], None] | None = None) -> TrainReport:
-    """Train `model`'s tail and `head` in place on `faces`; record the privacy spent; report."""
+    """Train `model`'s tail and `head` in place on `faces`; record the privacy spent; report.
+
+    The DP randomness (Poisson sampling, flips, Gaussian noise) comes from fresh OS entropy unless
+    `seed` fixes it. Only benchmarks and tests fix it: noise that an adversary can regenerate is no
+    noise, and a replay that reused a release's noise would hand out the difference of the two, i.e.
+    exactly the forgotten person's clipped gradients."""
     t0 = time.perf_counter()
+    if seed is None:
+        seed = secrets.randbits(62)
     _check(model, head, faces, cfg, accountant)
     head.add_people(faces.pseudonyms)  # random, data-independent rows for newly enrolled people
     labels_of = head.indices(faces.pseudonyms)[faces.labels]  # image row -> head row
@@ -303,18 +324,22 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
         sampler = ImageSampler(faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen)
     else:  # person, and the non-private baseline on exactly the same kind of batches
         sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, generator=gen)
-    probe = cfg.probe_steps if not head.probed else 0
+    fresh = not head.probed  # a fresh head gets the centring release and the probe steps
+    probe = cfg.probe_steps if fresh else 0
     total = probe + cfg.steps
+    center = cfg.center_event() if fresh else None
+    extra = cfg.fresh_head_events() if fresh else []
 
     # Privacy plan first: refuse before touching anything.
     sigma = 0.0
     if unit != "none":
         sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else \
-            accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total)
-        accountant.plan(sigma, cfg.sample_rate, total)
+            accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total, extra=extra)
+        accountant.plan(sigma, cfg.sample_rate, total, extra=extra)
 
     inputs = _Inputs(model, faces)
     done, n_images, losses, used = 0, 0, [], torch.zeros(faces.n_people, dtype=torch.bool)
+    shift = None
     eps_cache = (0, accountant.epsilon() if accountant else 0.0)
     t_loop = time.perf_counter()
 
@@ -323,7 +348,8 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
         if progress is None:
             return
         if done - eps_cache[0] >= max(1, total // 20) or done == total:
-            eps_cache = (done, math.inf if unit == "none" else accountant.projected(sigma, cfg.sample_rate, done))
+            eps_cache = (done, math.inf if unit == "none" else
+                         accountant.projected(sigma, cfg.sample_rate, done, extra=extra if shift is not None else ()))
         recent = losses[-20:]
         progress(TrainProgress(phase, done, total, sum(recent) / max(1, len(recent)), eps_cache[1],
                                n_images / max(1e-9, time.perf_counter() - t_loop)))
@@ -343,6 +369,11 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
             loop.close()
 
     try:
+        if center is not None:
+            # DP mean centring (client/centering.py): one Gaussian release, recorded below.
+            shift = dp_center(model, faces, inputs.feats, unit="image" if unit == "image" else "person",
+                              clip=cfg.center_clip, noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
+                              generator=torch.Generator().manual_seed(seed ^ 0xCE17E4))
         if probe:
             # DP linear probing: the head learns on frozen embeddings (tail not trained here).
             with torch.no_grad():
@@ -351,7 +382,8 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
             loop = _Loop(head, [{"params": list(head.parameters()), "lr": cfg.probe_lr}], head, cfg, sigma,
                          sampler.expected_batch_size, seed)
             run(loop, probe, "probe", lambda b: emb[b.rows, b.flips.long()])
-            head.probed = True
+        if center is not None or probe:
+            head.probed = True  # the fresh-head phase (centring, probe) is done: later calls skip it
         if cfg.steps:
             frozen_now: list[nn.Parameter] = []
             net = _Net(model, head)
@@ -372,8 +404,10 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
                     p.requires_grad_(True)
     finally:
         # Whatever ran is recorded, even if the loop failed half-way.
+        if accountant is not None and shift is not None and extra:
+            accountant.record(*extra[0], label="train_local: mean centring")
         if accountant is not None and done:
-            accountant.record(sigma, cfg.sample_rate, done, label=f"train_local seed={seed}")
+            accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
         model.eval()
     wall = time.perf_counter() - t0
     tail = losses[-max(1, len(losses) // 10):]
@@ -382,7 +416,7 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
         epsilon=math.inf if unit == "none" else accountant.epsilon(), delta=cfg.delta, unit=unit,
         accountant="none" if unit == "none" else "rdp", noise_multiplier=sigma, sample_rate=cfg.sample_rate,
         wall_s=wall, images_per_s=n_images / max(1e-9, time.perf_counter() - t_loop),
-        people_used={faces.person_ids[k] for k in torch.nonzero(used).flatten().tolist()},
+        people_used={faces.person_ids[k] for k in torch.nonzero(used).flatten().tolist()}, center_shift=shift,
     )
 
 

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -154,22 +155,27 @@ class SiteAccountant:
             return math.inf if self.steps else 0.0
         return epsilon_of(self.history(), self.delta)
 
-    def projected(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    def projected(self, noise_multiplier: float, sample_rate: float, steps: int, *,
+                  extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        """Epsilon after `steps` more steps and the `extra` releases (noise multiplier, rate, count)."""
         if self.unit == "none":
-            return math.inf if (self.steps or steps) else 0.0
-        return epsilon_of(self.history() + [(noise_multiplier, sample_rate, steps)], self.delta)
+            return math.inf if (self.steps or steps or extra) else 0.0
+        return epsilon_of(self.history() + list(extra) + [(noise_multiplier, sample_rate, steps)], self.delta)
 
-    def plan(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Projected epsilon after `steps` more steps; BudgetExceeded (changing nothing) if over budget."""
+    def plan(self, noise_multiplier: float, sample_rate: float, steps: int, *,
+             extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        """Projected epsilon after `steps` more steps (and `extra`); BudgetExceeded (changing nothing) if over budget."""
         self._events = self._read()  # another process (an earlier round) may have recorded since
-        planned = self.projected(noise_multiplier, sample_rate, steps)
+        planned = self.projected(noise_multiplier, sample_rate, steps, extra=extra)
         if self.unit != "none" and planned > self.max_epsilon:
             raise BudgetExceeded(planned, self.epsilon(), self.max_epsilon, self.delta, self.unit)
         return planned
 
-    def noise_for(self, target_epsilon: float, sample_rate: float, steps: int) -> float:
-        """The smallest noise multiplier (to 0.1 %) such that after `steps` more steps epsilon <= target."""
-        base = _rdp(self.history())
+    def noise_for(self, target_epsilon: float, sample_rate: float, steps: int, *,
+                  extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        """The smallest noise multiplier (to 0.1 %) such that after `steps` more steps (and the `extra`
+        releases) epsilon <= target."""
+        base = _rdp(self.history() + list(extra))
         if self.unit == "none" or base is None or target_epsilon <= _eps(base, self.delta):
             raise BudgetExceeded(target_epsilon, self.epsilon(), target_epsilon, self.delta, self.unit)
 

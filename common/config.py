@@ -7,6 +7,7 @@ out-of-range value names the key instead of dumping a pydantic trace.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.stages import STAGES
+from common.stages import EMBEDDING_DIM, STAGES
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,6 +81,10 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.05, gt=0)
     head_lr: float = Field(1.0, gt=0)
     probe_lr: float = Field(2.0, gt=0)
+    center_noise: float | None = Field(None, ge=0, description="DP mean centring of the embedding (client/centering.py), "
+                                       "once per fresh head: noise multiplier of its Gaussian mechanism; unset = off")
+    center_clip: float = Field(5.0, gt=0, description="centring: clip norm of each unit's mean embedding before "
+                               "normalisation (the CASIA embedder's are about 3-5)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     prox: float = Field(0.0, ge=0, lt=1, description="per step, pull the tail this fraction of the way back "
@@ -102,7 +107,20 @@ class TrainConfig(BaseModel):
                 raise ValueError("give exactly one of noise_multiplier and target_epsilon for DP training")
             if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:
                 raise ValueError(f"target_epsilon {self.target_epsilon} is over max_epsilon {self.max_epsilon}")
+            if self.center_noise == 0:
+                raise ValueError("center_noise = 0 releases the mean without noise, which voids the guarantee; "
+                                 "give a noise multiplier > 0 or leave it unset")
         return self
+
+    def center_event(self) -> tuple[float, float, int] | None:
+        """The centring release as an accountant event (noise multiplier, sample rate 1, one step)."""
+        return None if self.center_noise is None else (self.center_noise, 1.0, 1)
+
+    def fresh_head_events(self) -> list[tuple[float, float, int]]:
+        """Releases a call makes only for a fresh head, besides its DP-SGD steps: the centring (its
+        probe steps are DP-SGD steps at the call's noise and rate)."""
+        event = self.center_event()
+        return [event] if event is not None and self.privacy_unit != "none" else []
 
     def check_people(self, n_people: int, n_images: int | None = None) -> None:
         """Checks that need the site's data: delta must be below 1/N for the unit, enough people."""
@@ -110,6 +128,15 @@ class TrainConfig(BaseModel):
             raise ValueError(f"the site has {n_people} people, fewer than min_people={self.min_people} "
                              "needed for one batch; enrol more people or lower min_people")
         n_units = n_images if self.privacy_unit == "image" and n_images is not None else n_people
+        if self.center_noise is not None and self.privacy_unit != "none":
+            # The released mean's noise has expected norm sigma * C * sqrt(d) / N; the true mean is at
+            # most C. Past that the shift is mostly noise and would only hurt the model.
+            noise = self.center_noise * self.center_clip * EMBEDDING_DIM ** 0.5 / max(1, n_units)
+            if noise > self.center_clip:
+                raise ValueError(f"centring on {n_units} {self.privacy_unit}s would be mostly noise (expected noise "
+                                 f"norm {noise:.2f} > center_clip {self.center_clip:g}); it needs at least "
+                                 f"{math.ceil(self.center_noise * EMBEDDING_DIM ** 0.5)} {self.privacy_unit}s at "
+                                 f"center_noise {self.center_noise:g}: leave center_noise unset at this site")
         if self.privacy_unit != "none" and self.delta >= 1.0 / n_units:
             raise ValueError(f"delta {self.delta:g} must be below 1/{n_units} (one over the number of "
                              f"{self.privacy_unit}s at the site); lower delta")

@@ -48,7 +48,8 @@ class FederationConfig(BaseModel):
     local_epochs: float | None = Field(
         None, gt=0, description="if set, local steps = ceil(local_epochs / train.sample_rate) (an expected pass "
         "over every person under Poisson sampling), overriding train.steps")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seeds the random rows of the sites' fresh heads (data-independent); "
+                      "the DP randomness at the sites is fresh OS entropy, never derived from it")
     shards: int = Field(1, ge=1, le=16, description="SISA-style shards: S shard runs, each on the people a keyed "
                         "hash puts in it at every site; the embedding is the normalised concatenation of the shard "
                         "embeddings, and forgetting a person replays only their shard")

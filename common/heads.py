@@ -61,7 +61,7 @@ class MarginHead(nn.Module):
         self._index: dict[str, int] = {}
         self.fc = nn.Linear(dim, 1, bias=False)
         self.fc.weight = nn.Parameter(torch.empty((0, dim)))
-        self.probed = False  # set once the head has had its private linear-probing phase
+        self.probed = False  # set once the head has had its fresh-head phase (DP centring, linear probing)
         self.add_people(ids)
 
     # -- rows ----------------------------------------------------------------------------------

@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.durable import atomic_write_bytes
-from common.stages import STAGES
+from common.stages import EMBEDDING_DIM, STAGES
 
 Norm = Literal["folded", "group", "batch"]
-EMBEDDING_DIM = 128
 INPUT_SIZE = 112
 CHECKPOINT_FORMAT = "facefed-embedder/1"
 PRETRAINED_PREFIX = "arcface."
@@ -155,13 +154,14 @@ class MobileFaceNet(nn.Module):
         for m in self._stage_modules(name):
             yield from m.parameters()
 
-    def _run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _run_stage(self, name: str, x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         if name == "sep":
             return self.prelu(self.sep_bn(self.sep(x)))
         if name == "GDC_dw":
             return self.GDC_bn(self.GDC_dw(x))
         if name == "features":
-            return F.normalize(self.last_bn(self.features(x)).flatten(1), dim=1)
+            z = self.last_bn(self.features(x)).flatten(1)
+            return F.normalize(z, dim=1) if normalize else z
         return getattr(self, name)(x)
 
     def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,10 +170,11 @@ class MobileFaceNet(nn.Module):
             x = self._run_stage(name, x)
         return x
 
-    def forward_tail(self, h: torch.Tensor) -> torch.Tensor:
-        """The trainable stages, from `forward_prefix`'s output to the unit embedding."""
+    def forward_tail(self, h: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        """The trainable stages, from `forward_prefix`'s output to the unit embedding (or, with
+        `normalize=False`, to the embedding layer's output before L2 normalisation)."""
         for name in STAGES[STAGES.index(self.train_from):]:
-            h = self._run_stage(name, h)
+            h = self._run_stage(name, h, normalize=normalize)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ make the rollback earlier, never wrong).
 For each live run (not superseded) whose current model is tainted, the plan is:
   rollback   the newest checkpoint on the run's lineage that no pending request taints;
   replay     a new run (`kind = 'replay'`) from the rollback checkpoint through the rounds the
-             tainted run had committed, with the same configuration and seeds; the sites' heads
+             tainted run had committed, with the same configuration (the sites draw fresh DP
+             randomness, so the replay is an independent release); the sites' heads
              restart from the heads of the rollback round (the person's row is already gone from
              them) and the person's data is already erased, so the replay cannot see them;
   tainted    the tainted run's checkpoints after the rollback: deleted once the replay is done
