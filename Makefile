@@ -37,16 +37,16 @@ check-data:
 	  echo "  $(SHARED)/weights/mobilefacenet-casia/arcface_mobilefacenet.pth"; \
 	  echo "or run: make $(MAKECMDGOALS) FACEFED_PRETRAINED=/path/to/arcface_mobilefacenet.pth"; exit 2; fi
 
-test: install check-data
+test: check-data install
 	$(BIN)/python -m pytest -q
 
-test-fast: install check-data
+test-fast: check-data install
 	$(BIN)/python -m pytest -q -m 'not slow'
 
-demo: install check-data
+demo: check-data install
 	$(BIN)/python demo/run.py
 
-bench: install check-data
+bench: check-data install
 	@for b in bench/vault.py bench/train.py bench/federation.py bench/forget.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit $$?; fi; done
 
