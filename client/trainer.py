@@ -327,8 +327,8 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
     fresh = not head.probed  # a fresh head gets the centring release and the probe steps
     probe = cfg.probe_steps if fresh else 0
     total = probe + cfg.steps
-    center = cfg.center_event() if fresh else None
-    extra = cfg.fresh_head_events() if fresh else []
+    center = fresh and cfg.center_noise is not None
+    extra = cfg.fresh_head_events() if fresh else []  # the centring release, for the accountant
 
     # Privacy plan first: refuse before touching anything.
     sigma = 0.0
@@ -369,7 +369,7 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
             loop.close()
 
     try:
-        if center is not None:
+        if center:
             # DP mean centring (client/centering.py): one Gaussian release, recorded below.
             shift = dp_center(model, faces, inputs.feats, unit="image" if unit == "image" else "person",
                               clip=cfg.center_clip, noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
@@ -382,7 +382,7 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
             loop = _Loop(head, [{"params": list(head.parameters()), "lr": cfg.probe_lr}], head, cfg, sigma,
                          sampler.expected_batch_size, seed)
             run(loop, probe, "probe", lambda b: emb[b.rows, b.flips.long()])
-        if center is not None or probe:
+        if center or probe:
             head.probed = True  # the fresh-head phase (centring, probe) is done: later calls skip it
         if cfg.steps:
             frozen_now: list[nn.Parameter] = []
@@ -404,8 +404,9 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
                     p.requires_grad_(True)
     finally:
         # Whatever ran is recorded, even if the loop failed half-way.
-        if accountant is not None and shift is not None and extra:
-            accountant.record(*extra[0], label="train_local: mean centring")
+        if accountant is not None and shift is not None:
+            for event in extra:
+                accountant.record(*event, label="train_local: mean centring")
         if accountant is not None and done:
             accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
         model.eval()

@@ -112,15 +112,13 @@ class TrainConfig(BaseModel):
                                  "give a noise multiplier > 0 or leave it unset")
         return self
 
-    def center_event(self) -> tuple[float, float, int] | None:
-        """The centring release as an accountant event (noise multiplier, sample rate 1, one step)."""
-        return None if self.center_noise is None else (self.center_noise, 1.0, 1)
-
     def fresh_head_events(self) -> list[tuple[float, float, int]]:
-        """Releases a call makes only for a fresh head, besides its DP-SGD steps: the centring (its
+        """Releases a call makes only for a fresh head, besides its DP-SGD steps, as accountant events
+        (noise multiplier, sample rate, steps): the centring, one Gaussian release at rate 1 (the
         probe steps are DP-SGD steps at the call's noise and rate)."""
-        event = self.center_event()
-        return [event] if event is not None and self.privacy_unit != "none" else []
+        if self.center_noise is None or self.privacy_unit == "none":
+            return []
+        return [(self.center_noise, 1.0, 1)]
 
     def check_people(self, n_people: int, n_images: int | None = None) -> None:
         """Checks that need the site's data: delta must be below 1/N for the unit, enough people."""
