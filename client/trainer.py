@@ -295,8 +295,6 @@ def _check(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: TrainC
     if accountant.unit != cfg.privacy_unit or accountant.delta != cfg.delta:
         raise ValueError(f"accountant {accountant.path} is per {accountant.unit} at delta {accountant.delta:g}; "
                          f"the config says per {cfg.privacy_unit} at delta {cfg.delta:g}")
-    if cfg.center_noise is not None and model.features.bias is None:
-        raise ValueError("center_noise needs the folded-norm embedder (pretrained); leave it unset from scratch")
     if head.scale != cfg.scale or head.margin != cfg.margin:
         raise ValueError(f"head has scale {head.scale}, margin {head.margin}; config says {cfg.scale}, {cfg.margin}")
 

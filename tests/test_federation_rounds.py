@@ -308,3 +308,40 @@ def test_contribution_log(tmp_path):
             log.record(run_id="r", rnd=3, attempt=1, parent_checkpoint="x", images={"ann": 1}, sampled={"eve"},
                        head_file=None)
         assert log.forget("bob") == 2 and log.first_round("bob", "r") is None
+
+
+def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
+    """After a SuperLink crash the old ServerApp can hold its run for seconds: the next one waits for it
+    (bounded) instead of failing, and fails with a reason if it never lets go."""
+    import threading
+    import time
+
+    from server.app import run_lock
+
+    released = threading.Event()
+    said: list[str] = []
+
+    def previous():
+        with run_lock(state, "r"):
+            released.wait(5)
+    holder = threading.Thread(target=previous)
+    holder.start()
+    time.sleep(0.3)
+    threading.Timer(1.0, released.set).start()
+    t = time.monotonic()
+    with run_lock(state, "r", wait_s=10, log=said.append):
+        waited = time.monotonic() - t
+    holder.join()
+    assert 0.5 < waited < 5 and "held by another ServerApp" in said[0]
+
+    released.clear()
+    holder = threading.Thread(target=previous)
+    holder.start()
+    time.sleep(0.3)
+    try:
+        with pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"):
+            with run_lock(state, "r", wait_s=1.0, log=said.append):
+                pass
+    finally:
+        released.set()
+        holder.join()
