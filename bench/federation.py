@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.config import load_config  # noqa: E402
-from common.fedconfig import FederationConfig  # noqa: E402
-from server.ledger import Ledger  # noqa: E402
+from facefed.common.config import load_config  # noqa: E402
+from facefed.common.fedconfig import FederationConfig  # noqa: E402
+from facefed.server.ledger.db import Ledger  # noqa: E402
 
 TIMING_RE = re.compile(r"dispatch ([-\d.]+) s, start-up ([-\d.]+) s, compute ([-\d.]+) s, return ([-\d.]+) s")
 
@@ -84,7 +84,7 @@ def report_deployment(state: Path) -> None:
 def run_deployment(workdir: Path, config: Path, people: int, max_images: int) -> Path:
     import subprocess
 
-    from common.lfw import LFW
+    from facefed.common.lfw import LFW
     from demo.federation import SERVER, Federation, build_vault, pick_people
 
     if workdir.exists():
@@ -107,9 +107,9 @@ def run_deployment(workdir: Path, config: Path, people: int, max_images: int) ->
 
 
 def run_sim(workdir: Path, sites: int, cpus: int) -> None:
-    from common.paths import lfw_path, pretrained_path
-    from common.config import validate_config
-    from server.simulate import run_simulation
+    from facefed.common.paths import lfw_path, pretrained_path
+    from facefed.common.config import validate_config
+    from facefed.server.ops.simulate import run_simulation
 
     state = workdir / "sim-state"
     if state.exists():

@@ -55,17 +55,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from client.faces import SiteFaces  # noqa: E402
-from client.trainer import train_local  # noqa: E402
+from facefed.client.training.faces import SiteFaces  # noqa: E402
+from facefed.client.training.trainer import train_local  # noqa: E402
 
-from common.accountant import SiteAccountant  # noqa: E402
-from common.config import TrainConfig, load_config  # noqa: E402
-from common.evaluate import EvalResult, metrics_from_scores  # noqa: E402
-from common.heads import MarginHead  # noqa: E402
-from common.lfw import LFW, partition_people  # noqa: E402
-from common.model import MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, shared_state  # noqa: E402
-from common.paths import pretrained_path  # noqa: E402
-from common.shards import concat_embeddings, shard_of  # noqa: E402
+from facefed.common.accountant import SiteAccountant  # noqa: E402
+from facefed.common.config import TrainConfig, load_config  # noqa: E402
+from facefed.common.evaluate import EvalResult, metrics_from_scores  # noqa: E402
+from facefed.common.model.heads import MarginHead  # noqa: E402
+from facefed.common.lfw import LFW, partition_people  # noqa: E402
+from facefed.common.model.mobilefacenet import MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, shared_state  # noqa: E402
+from facefed.common.paths import pretrained_path  # noqa: E402
+from facefed.common.shards import concat_embeddings, shard_of  # noqa: E402
 from train import Tee  # noqa: E402
 from train_data import load_eval, load_faces, train_people  # noqa: E402
 
@@ -249,8 +249,8 @@ class Row:
 def erase_timing(lfw: LFW, people: list[str], log) -> list[float]:
     """A (2,3) vault in a temp dir holding the forgotten people's images; time client.forget.forget()
     per person (request received -> shares destroyed); the vault is deleted afterwards."""
-    from client.forget import forget
-    from client.vault import Vault
+    from facefed.client.forget.erase import forget
+    from facefed.client.vault import Vault
 
     data = lfw.load_images([k for p in people for k in lfw.keys(p)])
     times = []

@@ -104,9 +104,9 @@ def vault_rows(images: list[tuple[str, str, bytes]], root: str | Path, rounds: i
                dec: Callable[[bytes], None] = decode) -> list[Row]:
     """`images`: (person, file name, JPEG bytes), as bench/vault.py loads them. Starts and stops its
     own holder processes; everything it writes lives under a temp folder inside `root`."""
-    from client.vault import Vault
-    from client.vault.holder_procs import HolderProcess
-    from client.vault.holder_tls import make_store_certs
+    from facefed.client.vault import Vault
+    from facefed.client.holder.procs import HolderProcess
+    from facefed.client.holder.tls import make_store_certs
 
     with tempfile.TemporaryDirectory(prefix="remote-stores-", dir=root) as tmp:
         base = Path(tmp)
@@ -160,7 +160,7 @@ def vault_rows(images: list[tuple[str, str, bytes]], root: str | Path, rounds: i
 
 
 def _load(count: int) -> list[tuple[str, str, bytes]]:
-    from common.lfw import LFW
+    from facefed.common.lfw import LFW
 
     lfw = LFW()
     keys = []

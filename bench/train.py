@@ -32,15 +32,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from client.sampling import PersonSampler  # noqa: E402
-from client.trainer import _Loop, _Net, train_local  # noqa: E402
-from common.accountant import SiteAccountant  # noqa: E402
-from common.config import TrainConfig, load_config  # noqa: E402
-from common.evaluate import EvalCache  # noqa: E402
-from common.heads import MarginHead  # noqa: E402
-from common.lfw import LFW  # noqa: E402
-from common.model import build_embedder, count_params, prefix_fingerprint  # noqa: E402
-from common.paths import pretrained_path  # noqa: E402
+from facefed.client.training.sampling import PersonSampler  # noqa: E402
+from facefed.client.training.trainer import _Loop, _Net, train_local  # noqa: E402
+from facefed.common.accountant import SiteAccountant  # noqa: E402
+from facefed.common.config import TrainConfig, load_config  # noqa: E402
+from facefed.common.evaluate import EvalCache  # noqa: E402
+from facefed.common.model.heads import MarginHead  # noqa: E402
+from facefed.common.lfw import LFW  # noqa: E402
+from facefed.common.model.mobilefacenet import build_embedder, count_params, prefix_fingerprint  # noqa: E402
+from facefed.common.paths import pretrained_path  # noqa: E402
 from train_data import load_eval, load_faces, train_people  # noqa: E402
 
 OUT = ROOT / "bench-out"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from client.faces import SiteFaces, faces_from_lfw
-from client.trainer import prefix_features
-from common.evaluate import EvalCache
-from common.lfw import LFW
-from common.model import STAGES, MobileFaceNet, build_embedder, prefix_fingerprint
+from facefed.client.training.faces import SiteFaces, faces_from_lfw
+from facefed.client.training.trainer import prefix_features
+from facefed.common.evaluate import EvalCache
+from facefed.common.lfw import LFW
+from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, build_embedder, prefix_fingerprint
 
 CACHE = Path(__file__).resolve().parent.parent / "bench-out" / "cache"
 

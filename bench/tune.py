@@ -30,15 +30,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from client.faces import SiteFaces  # noqa: E402
-from client.trainer import train_local  # noqa: E402
-from common.accountant import SiteAccountant  # noqa: E402
-from common.config import TrainConfig, load_config  # noqa: E402
-from common.evaluate import metrics_from_scores  # noqa: E402
-from common.heads import MarginHead  # noqa: E402
-from common.lfw import LFW  # noqa: E402
-from common.model import build_embedder, prefix_fingerprint  # noqa: E402
-from common.paths import pretrained_path  # noqa: E402
+from facefed.client.training.faces import SiteFaces  # noqa: E402
+from facefed.client.training.trainer import train_local  # noqa: E402
+from facefed.common.accountant import SiteAccountant  # noqa: E402
+from facefed.common.config import TrainConfig, load_config  # noqa: E402
+from facefed.common.evaluate import metrics_from_scores  # noqa: E402
+from facefed.common.model.heads import MarginHead  # noqa: E402
+from facefed.common.lfw import LFW  # noqa: E402
+from facefed.common.model.mobilefacenet import build_embedder, prefix_fingerprint  # noqa: E402
+from facefed.common.paths import pretrained_path  # noqa: E402
 from train import OUT, Tee  # noqa: E402
 from train_data import load_faces, train_people  # noqa: E402
 

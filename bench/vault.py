@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from client.vault import Vault  # noqa: E402
-from common.lfw import LFW  # noqa: E402
-from common.paths import lfw_path  # noqa: E402
-from common.shamir import combine, split  # noqa: E402
+from facefed.client.vault import Vault  # noqa: E402
+from facefed.common.lfw import LFW  # noqa: E402
+from facefed.common.paths import lfw_path  # noqa: E402
+from facefed.common.shamir import combine, split  # noqa: E402
 
 SPLIT_TARGET_MBS = 100.0
 COMBINE_TARGET_MBS = 200.0

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from common.durable import atomic_write_bytes
+from facefed.common.durable import atomic_write_bytes
 
 Unit = Literal["person", "image", "none"]
 ACCOUNTANT = "rdp"

@@ -15,7 +15,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.stages import EMBEDDING_DIM, STAGES
+from facefed.common.model.stages import EMBEDDING_DIM, STAGES
 
 M = TypeVar("M", bound=BaseModel)
 

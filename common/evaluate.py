@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from common.lfw import LFW, ImageKey, Pair
-from common.model import STAGES, MobileFaceNet, prefix_fingerprint
-from common.preprocess import decode_faces, to_input
+from facefed.common.lfw import LFW, ImageKey, Pair
+from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, prefix_fingerprint
+from facefed.common.preprocess import decode_faces, to_input
 
 FARS = (1e-2, 1e-3)
 PAIR_FILES = ("pairsDevTest.txt", "pairs.txt", "pairsDevTrain.txt")
@@ -223,7 +223,7 @@ class EvalCache:
     def evaluate_ensemble(self, models: list[MobileFaceNet]) -> EvalResult:
         """SISA shard models as one embedder: the normalised concatenation of their embeddings, whose
         cosine is the mean of the shard cosines (common/shards.py)."""
-        from common.shards import concat_embeddings
+        from facefed.common.shards import concat_embeddings
 
         emb = concat_embeddings([self.embeddings(m) for m in models])
         return metrics_from_scores(self.scores(emb), self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip)

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.config import TrainConfig
+from facefed.common.config import TrainConfig
 
 PAIRS_FILES = ("pairsDevTest.txt", "pairsDevTrain.txt", "pairs.txt")
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.paths import lfw_path
+from facefed.common.paths import lfw_path
 
 IMAGE_DIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
 PROTOCOL_FILES = (

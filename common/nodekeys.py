@@ -19,7 +19,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.certs import write_private, write_public
+from facefed.common.certs import write_private, write_public
 
 CURVE = ec.SECP384R1()
 PRIVATE_NAME = "node.key"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from common.model import INPUT_SIZE
+from facefed.common.model.mobilefacenet import INPUT_SIZE
 
 LFW_CROP = (65, 60, 185, 190)  # left, top, right, bottom in the 250x250 deep-funneled frame
 LFW_SIZE = (250, 250)

@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from common.gf256 import EXP, INV, LOG, MUL, MUL_ROWS
+from facefed.common.gf256 import EXP, INV, LOG, MUL, MUL_ROWS
 
 MAX_SHARES = 255
 _URANDOM_BELOW = 64  # below this many random bytes, cipher set-up costs more than the syscall

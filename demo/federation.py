@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.lfw import LFW, partition_people  # noqa: E402
+from facefed.common.lfw import LFW, partition_people  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SERVER, CLIENT = str(BIN / "facefed-server"), str(BIN / "facefed-client")
@@ -69,7 +69,7 @@ def pick_people(lfw: LFW, sites: int, per_site: int, *, min_images: int = 4) -> 
 def build_vault(lfw: LFW, names: list[str], root: Path, *, max_images: int, threshold: int = 2,
                 n_stores: int = 3) -> Path:
     """A site vault holding `names`' LFW images as Shamir shares over `n_stores` store directories."""
-    from client.vault.vault import Vault
+    from facefed.client.vault.vault import Vault
 
     stores = []
     for i in range(1, n_stores + 1):
@@ -252,7 +252,7 @@ def write_config(path: Path, *, rounds: int, min_sites: int, steps: int, probe_s
 # -- what is left of a person on disk (the demo and the end-to-end tests scan with these) ---------------
 def shares_of(vault: Path, stores: list[Path], pseudonym: str) -> dict[str, int]:
     """Share files of this person per store, found by the keyed owner tag in each share header."""
-    from client.vault.sharefile import HEADER, ShareKeys
+    from facefed.client.vault.sharefile import HEADER, ShareKeys
 
     owner = ShareKeys((vault / "key").read_bytes()).owner(pseudonym)
     return {s.name: sum(HEADER.unpack_from(f.read_bytes())[7] == owner for f in s.iterdir() if f.is_file())

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "demo"))
 
 import federation  # noqa: E402
 from federation import SERVER, Federation, files_mentioning, head_rows_of, shares_of  # noqa: E402
-from common.paths import lfw_path, pretrained_path  # noqa: E402
-from server.ledger import Ledger  # noqa: E402
+from facefed.common.paths import lfw_path, pretrained_path  # noqa: E402
+from facefed.server.ledger.db import Ledger  # noqa: E402
 
 WORKDIR = REPO / "demo-state" / "federation"
 CLIENT = str(Path(sys.executable).with_name("facefed-client"))

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from client.vault.sharefile import HEADER, ShareKeys  # noqa: E402
-from common.paths import lfw_path  # noqa: E402
+from facefed.client.vault.sharefile import HEADER, ShareKeys  # noqa: E402
+from facefed.common.paths import lfw_path  # noqa: E402
 
 STATE = REPO / "demo-state"
 VAULT = STATE / "vault"
@@ -33,7 +33,7 @@ STORES = [STATE / "stores" / f"disk{i}" for i in (1, 2, 3)]
 
 def cli() -> list[str]:
     script = Path(sys.executable).with_name("facefed-client")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "client.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "facefed.client.cli.main"]
 
 
 def show(path: Path | str) -> str:

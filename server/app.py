@@ -48,20 +48,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import validate_config
-from common.fedconfig import FederationConfig
-from common.forget_wire import ORDER_KEY, REPLY_KEY, BudgetAsk, Delivery, DropHeads, QueryOrder, QueryReply
-from common.model import (MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, sha256_file,
+from facefed.common.config import validate_config
+from facefed.common.fedconfig import FederationConfig
+from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, BudgetAsk, Delivery, DropHeads, QueryOrder, QueryReply
+from facefed.common.model.mobilefacenet import (MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, sha256_file,
                           shared_state)
-from common.nodekeys import fingerprint_pem
-from server.checkpoints import CheckpointStore
-from server.ledger import CheckpointRow, ForgetRow, Ledger, RoundRow, SiteRound
-from server.receipts import issue, key_paths, signing_key
-from server.unlearn import deletion_reason, plan_replays, replay_run_id, tainted_of
-from server.statedir import StatePaths
-from server.strategy import (ARRAYS, CONFIG, Accepted, BackboneFedAvg, ReplyRejected, declared_names,
+from facefed.common.nodekeys import fingerprint_pem
+from facefed.server.ledger.checkpoints import CheckpointStore
+from facefed.server.ledger.db import CheckpointRow, ForgetRow, Ledger, RoundRow, SiteRound
+from facefed.server.forget.receipts import issue, key_paths, signing_key
+from facefed.server.forget.unlearn import deletion_reason, plan_replays, replay_run_id, tainted_of
+from facefed.server.state import StatePaths
+from facefed.server.strategy import (ARRAYS, CONFIG, Accepted, BackboneFedAvg, ReplyRejected, declared_names,
                              payload_bytes, to_record)
-from server.submission import Submission, read_submission
+from facefed.server.ops.submission import Submission, read_submission
 
 POLL_S = 0.25  # how often to pull replies (Flower's own send_and_receive sleeps 3 s)
 QUERY_TIMEOUT_S = 120.0  # a site's query answer (settling requests) is quick; do not hold a round up longer
@@ -121,8 +121,8 @@ class Evaluator:
         self._cache = None
 
     def __call__(self, model: MobileFaceNet) -> dict[str, float]:
-        from common.evaluate import EvalCache  # heavy imports only when evaluating
-        from common.lfw import LFW
+        from facefed.common.evaluate import EvalCache  # heavy imports only when evaluating
+        from facefed.common.lfw import LFW
 
         t = time.monotonic()
         if self._cache is None:
@@ -200,8 +200,8 @@ class Coordinator:
         runs = [self.ledger.live_run(family, k) for k in range(self.cfg.shards)]
         if self.evaluator is None or any(r is None or self.ledger.head(r.run_id)[0] == 0 for r in runs):
             return
-        from common.evaluate import EvalCache
-        from common.lfw import LFW
+        from facefed.common.evaluate import EvalCache
+        from facefed.common.lfw import LFW
 
         heads = [self.ledger.head(r.run_id)[1] for r in runs]
         ev = self.cfg.evaluate

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.wire import NAMES, SHAPES, TAIL, LayoutError, compare, layout, pack, unpack
+from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, LayoutError, compare, layout, pack, unpack
 
 ARRAYS = "backbone"  # ArrayRecord key both ways (holding one flat array, `common.wire.TAIL`)
 CONFIG = "config"  # ConfigRecord key server -> site (the order, with the layout)

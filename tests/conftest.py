@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from common.lfw import LFW
-from common.paths import DataNotFound, lfw_path, pretrained_path
+from facefed.common.lfw import LFW
+from facefed.common.paths import DataNotFound, lfw_path, pretrained_path
 
 # Two cores on CI: keep each test process from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -41,6 +41,6 @@ def pretrained_file():
 @pytest.fixture
 def state(tmp_path):
     """A fresh server state directory (ledger, checkpoints) for the federation and unlearning tests."""
-    from server.statedir import StatePaths
+    from facefed.server.state import StatePaths
 
     return StatePaths.at(tmp_path / "state", create=True)

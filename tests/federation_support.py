@@ -22,8 +22,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.forget_wire import REPLY_KEY, QueryReply
-from common.wire import NAMES, SHAPES, TAIL, pack, unpack
+from facefed.common.protocol.forget import REPLY_KEY, QueryReply
+from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the e2e tests drive demo/federation.py's harness

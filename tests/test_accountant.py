@@ -7,7 +7,7 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.accountant import AccountantMismatch, BudgetExceeded, SiteAccountant
+from facefed.common.accountant import AccountantMismatch, BudgetExceeded, SiteAccountant
 
 
 def test_epsilon_matches_opacus_rdp(tmp_path):

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 
-from client.centering import dp_center, unit_means
-from client.trainer import cached_prefix, train_local
-from common.accountant import SiteAccountant, epsilon_of
-from common.config import TrainConfig
-from common.heads import MarginHead
-from common.model import build_embedder, shared_state
+from facefed.client.training.centering import dp_center, unit_means
+from facefed.client.training.trainer import cached_prefix, train_local
+from facefed.common.accountant import SiteAccountant, epsilon_of
+from facefed.common.config import TrainConfig
+from facefed.common.model.heads import MarginHead
+from facefed.common.model.mobilefacenet import build_embedder, shared_state
 from train_support import small_faces
 
 

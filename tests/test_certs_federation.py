@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from typer.testing import CliRunner
 
-from client.cli import app as client_app
-from common.nodekeys import NodeKeyError, fingerprint, fingerprint_pem, load_public
-from server.cli import app as server_app
+from facefed.client.cli.main import app as client_app
+from facefed.common.nodekeys import NodeKeyError, fingerprint, fingerprint_pem, load_public
+from facefed.server.cli.main import app as server_app
 
 runner = CliRunner()
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from common.model import load_checkpoint, sha256_file
+from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file
 from train_support import make_vault
 
 CONFIG = """
@@ -21,7 +21,7 @@ steps = 4
 
 
 def _train(vault, config, out, env):
-    cmd = [sys.executable, "-m", "client.cli", "train", "--vault", str(vault), "--config", str(config),
+    cmd = [sys.executable, "-m", "facefed.client.cli.main", "train", "--vault", str(vault), "--config", str(config),
            "--out", str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.cli_vault import app  # the `vault` group itself: the console script test below covers the entry point
+from facefed.client.cli.vault import app  # the `vault` group itself: the console script test below covers the entry point
 from vault_support import load_faces, make_stores, offline, share_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_erase_with_a_store_down_exits_1_and_says_what_is_pending(vault_dir, lfw
 
 def test_console_script_reports_bad_input_without_traceback(tmp_path):
     script = Path(sys.executable).with_name("facefed-client")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "client.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "facefed.client.cli.main"]
     stores = make_stores(tmp_path, 2)
     proc = subprocess.run(cmd + ["vault", "init", "--vault", str(tmp_path / "v"), "--stores", ",".join(stores),
                                  "--threshold", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from common.evaluate import EvalCache, cv_accuracy, evaluate_lfw, folds_of, metrics_from_scores
-from common.model import build_embedder, load_shared_state, shared_state
-from common.preprocess import to_input
+from facefed.common.evaluate import EvalCache, cv_accuracy, evaluate_lfw, folds_of, metrics_from_scores
+from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, shared_state
+from facefed.common.preprocess import to_input
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_folds(lfw):
 
 def test_cli_evaluate_json(pretrained_file, lfw_file):
     env = {**os.environ, "FACEFED_LFW": str(lfw_file)}
-    cmd = [sys.executable, "-m", "server.cli", "evaluate", "--model", str(pretrained_file), "--json",
+    cmd = [sys.executable, "-m", "facefed.server.cli.main", "evaluate", "--model", str(pretrained_file), "--json",
            "--max-pairs", "40", "--no-flip"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr

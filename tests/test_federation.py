@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.accountant import SiteAccountant
-from common.heads import MarginHead
-from common.model import load_checkpoint, sha256_file, shared_state
+from facefed.common.accountant import SiteAccountant
+from facefed.common.model.heads import MarginHead
+from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file, shared_state
 from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
-from server.ledger import Ledger
+from facefed.server.ledger.db import Ledger
 
 from demo.federation import CLIENT, SERVER, Federation, build_vault, free_port, pick_people, write_config  # noqa: E402
 
@@ -124,7 +124,7 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
         for rnd in rounds_here:
             head = MarginHead.load(state / "heads" / run.run_id / f"r{rnd:04d}-a1.pt")
             assert len(head) == PEOPLE and not set(head.ids) & set(fed.people[site])  # pseudonyms, not names
-        from client.contributions import ContributionLog
+        from facefed.client.forget.contributions import ContributionLog
 
         with ContributionLog(state / "contributions.sqlite") as log:
             assert log.people_in(run.run_id, 1) == sorted(fed.people[site])

@@ -15,17 +15,17 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
 
-from client.contributions import ContributionLog
-from common.config import ConfigError, load_config, validate_config
-from common.fedconfig import FederationConfig
-from common.model import build_embedder, sha256_file, shared_state
+from facefed.client.forget.contributions import ContributionLog
+from facefed.common.config import ConfigError, load_config, validate_config
+from facefed.common.fedconfig import FederationConfig
+from facefed.common.model.mobilefacenet import build_embedder, sha256_file, shared_state
 from federation_support import ROOT, LocalGrid, shifted_site
-from server.app import Coordinator, Evaluator, RunFailed
-from server.checkpoints import CheckpointCorrupt, CheckpointStore
-from server.ledger import Ledger, LedgerError
-from server.statedir import StatePaths
-from server.strategy import BackboneFedAvg, ReplyRejected
-from server.submission import Submission, read_submission, write_submission
+from facefed.server.app import Coordinator, Evaluator, RunFailed
+from facefed.server.ledger.checkpoints import CheckpointCorrupt, CheckpointStore
+from facefed.server.ledger.db import Ledger, LedgerError
+from facefed.server.state import StatePaths
+from facefed.server.strategy import BackboneFedAvg, ReplyRejected
+from facefed.server.ops.submission import Submission, read_submission, write_submission
 
 TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
@@ -173,7 +173,7 @@ def test_resume_with_another_config_is_refused(state, pretrained_file):
 
 
 def test_registered_identity_is_enforced(state, pretrained_file, tmp_path):
-    from common.nodekeys import fingerprint, load_public, make_node_keys
+    from facefed.common.nodekeys import fingerprint, load_public, make_node_keys
 
     keys = {n: make_node_keys(tmp_path / n) for n in ("north", "south")}
     pems = {}
@@ -200,7 +200,7 @@ def test_strategy_checks_replies():
     from flwr.app import ConfigRecord, MetricRecord
     from flwr.supercore.task_identity import TaskIdentity
 
-    from common.wire import NAMES, SHAPES, TAIL, pack
+    from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack
 
     TaskIdentity.run_id, TaskIdentity.node_id = 1, 0
     sent = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
@@ -316,7 +316,7 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     import threading
     import time
 
-    from server.app import run_lock
+    from facefed.server.app import run_lock
 
     released = threading.Event()
     said: list[str] = []

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app as server_app
-from server.ledger import Ledger
+from facefed.server.cli.main import app as server_app
+from facefed.server.ledger.db import Ledger
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None,

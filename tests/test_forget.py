@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client.contributions import ContributionLog
-from client.forget import ForgetError, default_state_dir, forget, run_forget, settle
-from client.requests import REQUESTS_NAME, RequestError, RequestLog, RunSpan
-from client.vault import UnknownPerson, Vault, VaultError, verify_audit_chain
-from client.vault.sharefile import ShareKeys
-from common.heads import MarginHead
-from common.receipts import Receipt, key_fingerprint, sign_receipt, utc_timestamp
+from facefed.client.forget.contributions import ContributionLog
+from facefed.client.forget.erase import ForgetError, default_state_dir, forget, run_forget, settle
+from facefed.client.forget.requests import REQUESTS_NAME, RequestError, RequestLog, RunSpan
+from facefed.client.vault import UnknownPerson, Vault, VaultError, verify_audit_chain
+from facefed.client.vault.sharefile import ShareKeys
+from facefed.common.model.heads import MarginHead
+from facefed.common.receipts import Receipt, key_fingerprint, sign_receipt, utc_timestamp
 from vault_support import header_fields, load_faces, make_stores
 
 VICTIM = "Ahmed_Chalabi"  # 5 images; no other name of the 12 contains it, so byte scans are meaningful
@@ -205,7 +205,7 @@ def test_crash_between_erasure_and_the_log_is_resumed(site):
 
 
 def test_server_stages_and_receipt_are_recorded(site, tmp_path):
-    from common.certs import make_ed25519
+    from facefed.common.certs import make_ed25519
 
     req = forget(site.vault, None, VICTIM)
     key = make_ed25519(tmp_path / "srv.key", tmp_path / "srv.pub")
@@ -238,7 +238,7 @@ def test_server_stages_and_receipt_are_recorded(site, tmp_path):
 def _cli():
     import typer
 
-    from client import cli_forget
+    from facefed.client.cli import forget as cli_forget
 
     root = typer.Typer()
     root.command("noop")(lambda: None)  # a group needs two entries for typer to keep `forget` as a group
@@ -311,10 +311,10 @@ def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site,
     """client/forget_sync.py on a real vault: what the server's `query` gets back and what it changes."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from client.forget_sync import answer_query
-    from common.accountant import SiteAccountant
-    from common.config import TrainConfig
-    from common.forget_wire import BudgetAsk, Delivery, DropHeads, QueryOrder
+    from facefed.client.forget.sync import answer_query
+    from facefed.common.accountant import SiteAccountant
+    from facefed.common.config import TrainConfig
+    from facefed.common.protocol.forget import BudgetAsk, Delivery, DropHeads, QueryOrder
 
     req = forget(site.vault, None, VICTIM)
     reply = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import gf256
+from facefed.common import gf256
 
 
 def reference_mul(a: int, b: int) -> int:

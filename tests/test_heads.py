@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.heads import HeadError, MarginHead
+from facefed.common.model.heads import HeadError, MarginHead
 
 
 def test_rows_depend_only_on_seed_and_pseudonym():

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from common.lfw import LFW, ImageKey, LFWFormatError, parse_pairs, parse_people, partition_people
+from facefed.common.lfw import LFW, ImageKey, LFWFormatError, parse_pairs, parse_people, partition_people
 
 
 def test_archive_listing_and_protocol(lfw):
@@ -80,7 +80,7 @@ def test_people_formats():
 
 
 def test_missing_archive_says_where_to_put_it(tmp_path):
-    from common.paths import DataNotFound
+    from facefed.common.paths import DataNotFound
 
     with pytest.raises(DataNotFound, match="FACEFED_LFW"):
         LFW(tmp_path / "nope.tgz")

@@ -6,11 +6,11 @@ import torch
 import pytest
 from opacus.validators import ModuleValidator
 
-from common.lfw import ImageKey
-from common.model import (PRETRAINED_PREFIX, STAGES, CheckpointMismatch, MobileFaceNet, build_embedder,
+from facefed.common.lfw import ImageKey
+from facefed.common.model.mobilefacenet import (PRETRAINED_PREFIX, STAGES, CheckpointMismatch, MobileFaceNet, build_embedder,
                           load_checkpoint, load_pretrained_state, load_shared_state, save_checkpoint,
                           sha256_file, shared_state)
-from common.preprocess import decode_faces, to_input
+from facefed.common.preprocess import decode_faces, to_input
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import json
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from common.certs import load_private, make_ed25519
-from common.receipts import (Receipt, ReceiptError, canonical_json, key_fingerprint, load_public_key, sign_receipt,
+from facefed.common.certs import load_private, make_ed25519
+from facefed.common.receipts import (Receipt, ReceiptError, canonical_json, key_fingerprint, load_public_key, sign_receipt,
                              utc_timestamp, verify_receipt_signature)
 
 

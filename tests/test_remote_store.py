@@ -20,14 +20,14 @@ import pytest
 from cryptography import x509
 from typer.testing import CliRunner
 
-from client.cli import app as client_app
-from client.vault import proto
-from client.vault.holder import start_holder
-from client.vault.holder_store import ShareDir
-from client.vault.holder_tls import make_store_certs
-from client.vault.remote import GrpcStore, RemotePolicy, parse_url
-from client.vault.store import ShareNotFound, Store, StoreError, StoreUnavailable, open_store
-from common import certs
+from facefed.client.cli.main import app as client_app
+from facefed.client.holder import proto
+from facefed.client.holder.service import start_holder
+from facefed.client.holder.disk import ShareDir
+from facefed.client.holder.tls import make_store_certs
+from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy, parse_url
+from facefed.client.vault.stores.base import ShareNotFound, Store, StoreError, StoreUnavailable, open_store
+from facefed.common import certs
 
 LOOPBACK = "127.0.0.1"
 
@@ -158,7 +158,7 @@ def test_round_trip_of_real_images_and_store_protocol(holder, tls, face_bytes):
 
 
 def test_list_pages_through_many_ids(holder, tls, monkeypatch):
-    import client.vault.remote as remote
+    import facefed.client.vault.stores.grpc as remote
 
     monkeypatch.setattr(remote, "LIST_PAGE", 7)  # many pages from few shares
     store = GrpcStore(_url(holder), tls_dir=tls)

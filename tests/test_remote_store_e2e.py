@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from client.vault.errors import VaultError
-from client.vault.holder_procs import HolderProcess, start_all
-from client.vault.holder_tls import make_store_certs
-from client.vault.remote import GrpcStore, RemotePolicy
-from client.vault.store import StoreError, StoreUnavailable
-from client.vault.vault import Vault
+from facefed.client.vault.errors import VaultError
+from facefed.client.holder.procs import HolderProcess, start_all
+from facefed.client.holder.tls import make_store_certs
+from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy
+from facefed.client.vault.stores.base import StoreError, StoreUnavailable
+from facefed.client.vault.vault import Vault
 
 pytestmark = pytest.mark.slow
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-import client.trainer as trainer
-from client.sampling import ImageSampler, PersonSampler
-from common.config import TrainConfig
-from common.heads import MarginHead
-from common.model import build_embedder
+import facefed.client.training.trainer as trainer
+from facefed.client.training.sampling import ImageSampler, PersonSampler
+from facefed.common.config import TrainConfig
+from facefed.common.model.heads import MarginHead
+from facefed.common.model.mobilefacenet import build_embedder
 from train_support import small_faces
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from common.shamir import Share, combine, lagrange_weights, regenerate, split
+from facefed.common.shamir import Share, combine, lagrange_weights, regenerate, split
 from vault_support import load_faces
 
 

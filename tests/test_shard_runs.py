@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from client.shard_state import ShardStateError, accountant_path, shard_key
-from client.site_round import Site, load_faces
-from client.vault import Vault
-from client.vault.tombstones import vault_key
-from common.evaluate import EvalCache
-from common.shards import shard_of
-from common.model import build_embedder, load_shared_state, shared_state
+from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
+from facefed.client.site.round import Site, load_faces
+from facefed.client.vault import Vault
+from facefed.client.vault.tombstones import vault_key
+from facefed.common.evaluate import EvalCache
+from facefed.common.shards import shard_of
+from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, shared_state
 from federation_support import LocalGrid, shifted_site
-from server.ledger import Ledger
+from facefed.server.ledger.db import Ledger
 from test_federation_rounds import coordinator, make_config
 from test_unlearn import QuerySite, request, unlearner
 from vault_support import load_faces as lfw_faces
@@ -93,7 +93,7 @@ def test_ensemble_of_shard_models_scores_the_mean_of_their_cosines(lfw, pretrain
     assert same.auc == pytest.approx(one.auc) and same.accuracy_mean == pytest.approx(one.accuracy_mean)
     mixed = cache.evaluate_ensemble([a, b])
     mean_cos = (cache.scores(cache.embeddings(a)) + cache.scores(cache.embeddings(b))) / 2
-    from common.evaluate import metrics_from_scores
+    from facefed.common.evaluate import metrics_from_scores
 
     direct = metrics_from_scores(mean_cos, cache.same, cache.folds, pairs_file=cache.pairs_file, flip=False)
     assert mixed.auc == pytest.approx(direct.auc, abs=1e-6)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from client.faces import lfw_pseudonym
-from common.model import build_embedder, shared_state
-from common.preprocess import decode_faces, to_input
-from common.shards import assign, concat_embeddings, shard_of
+from facefed.client.training.faces import lfw_pseudonym
+from facefed.common.model.mobilefacenet import build_embedder, shared_state
+from facefed.common.preprocess import decode_faces, to_input
+from facefed.common.shards import assign, concat_embeddings, shard_of
 
 KEY = b"test shard key, 32 bytes long!!!"
 OTHER_KEY = b"another shard key, 32 bytes too!"

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from client.faces import faces_from_vault
-from client.trainer import train_local
-from client.vault.vault import Vault
-from common.accountant import BudgetExceeded, SiteAccountant
-from common.config import TrainConfig
-from common.heads import MarginHead
-from common.model import build_embedder, shared_state
+from facefed.client.training.faces import faces_from_vault
+from facefed.client.training.trainer import train_local
+from facefed.client.vault.vault import Vault
+from facefed.common.accountant import BudgetExceeded, SiteAccountant
+from facefed.common.config import TrainConfig
+from facefed.common.model.heads import MarginHead
+from facefed.common.model.mobilefacenet import build_embedder, shared_state
 from train_support import make_vault, small_faces
 
 

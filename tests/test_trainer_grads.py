@@ -8,9 +8,9 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.trainer import _Net, prefix_features
-from common.heads import MarginHead
-from common.model import build_embedder
+from facefed.client.training.trainer import _Net, prefix_features
+from facefed.common.model.heads import MarginHead
+from facefed.common.model.mobilefacenet import build_embedder
 from train_support import small_faces
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -65,8 +65,8 @@ def test_one_example_gradient_ignores_the_rest_of_the_batch(lfw, pretrained_file
 def test_ghost_and_hooks_clipping_give_the_exact_clipped_sum(lfw, pretrained_file, pretrained, train_from):
     """DP-SGD's clipped sum, three ways: ghost clipping (our norm samplers + book-keeping sums), Opacus
     hooks (materialised per-sample gradients), and a per-example autograd loop clipped by hand."""
-    from client.trainer import _Loop
-    from common.config import TrainConfig
+    from facefed.client.training.trainer import _Loop
+    from facefed.common.config import TrainConfig
 
     faces = small_faces(lfw, 6, max_per_person=2)
     model = build_embedder(pretrained_file if pretrained else None, train_from=train_from)

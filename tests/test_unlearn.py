@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from common.forget_wire import ORDER_KEY, REPLY_KEY, BudgetAnswer, PendingRequest, QueryOrder, QueryReply
+from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, BudgetAnswer, PendingRequest, QueryOrder, QueryReply
 from federation_support import LocalGrid, shifted_site
-from server.app import Coordinator, RunFailed
-from server.ledger import ForgetRow, Ledger
-from server.receipts import key_paths, verify_receipt
-from server.submission import Submission
-from server.unlearn import plan_replays
+from facefed.server.app import Coordinator, RunFailed
+from facefed.server.ledger.db import ForgetRow, Ledger
+from facefed.server.forget.receipts import key_paths, verify_receipt
+from facefed.server.ops.submission import Submission
+from facefed.server.forget.unlearn import plan_replays
 from test_federation_rounds import coordinator, make_config
 
 PSEUDONYM = "0123456789abcdef0123456789abcdef"

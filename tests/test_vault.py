@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from client.vault import (AuditChainBroken, Vault, VerifyReport, UnknownImage, UnknownPerson, open_store,
+from facefed.client.vault import (AuditChainBroken, Vault, VerifyReport, UnknownImage, UnknownPerson, open_store,
                           verify_audit_chain)
-from client.vault.sharefile import MIN_BUCKET, OVERHEAD, ShareKeys
-from client.vault.store import LocalDirStore
+from facefed.client.vault.sharefile import MIN_BUCKET, OVERHEAD, ShareKeys
+from facefed.client.vault.stores.base import LocalDirStore
 from vault_support import header_fields, load_faces, make_stores, offline, share_files
 
 

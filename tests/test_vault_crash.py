@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client.vault import Vault
+from facefed.client.vault import Vault
 from vault_support import header_fields, load_faces, make_stores, share_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
-    from client.vault import Vault
-    from client.vault.manifest import Manifest
+    from facefed.client.vault import Vault
+    from facefed.client.vault.manifest import Manifest
     vault_dir, image, mode, flag_dir = sys.argv[1:5]
     original = Manifest.commit_images
     def hook(self, images):
@@ -114,7 +114,7 @@ def test_open_does_not_sweep_a_live_writers_shares(tmp_path, faces):
 
 
 # The real `vault import` command in a child process (its module only: test_cli_vault runs the console script).
-IMPORT_CHILD = "import sys; from client.cli_vault import app; app(sys.argv[1:])"
+IMPORT_CHILD = "import sys; from facefed.client.cli.vault import app; app(sys.argv[1:])"
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from client.vault import (InvalidConfig, InvalidImage, InvalidPersonId, NotEnoughShares, StoreError, UnknownPerson,
+from facefed.client.vault import (InvalidConfig, InvalidImage, InvalidPersonId, NotEnoughShares, StoreError, UnknownPerson,
                           Vault)
-from client.vault.sharefile import HEADER
+from facefed.client.vault.sharefile import HEADER
 from vault_support import header_fields, load_faces, make_stores, offline, read_only, share_files
 
 

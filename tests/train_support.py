@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from client.faces import SiteFaces, faces_from_lfw
-from common.lfw import LFW
+from facefed.client.training.faces import SiteFaces, faces_from_lfw
+from facefed.common.lfw import LFW
 
 
 @lru_cache(maxsize=8)
@@ -23,7 +23,7 @@ def small_faces(lfw: LFW, n_people: int = 12, max_per_person: int = 4) -> SiteFa
 
 def make_vault(root: Path, lfw: LFW, n_people: int, max_per_person: int = 4):
     """A real vault (3 local stores, threshold 2) holding real LFW faces; returns (vault path, names)."""
-    from client.vault.vault import Vault
+    from facefed.client.vault.vault import Vault
 
     names = list(train_names(lfw, n_people))
     stores = []

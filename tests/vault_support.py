@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.lfw import LFW, partition_people
+from facefed.common.lfw import LFW, partition_people
 
 Faces = dict[str, list[tuple[str, bytes]]]  # person -> [(file name, JPEG bytes)]
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.vault.errors import AuditChainBroken
+from facefed.client.vault.errors import AuditChainBroken
 
 GENESIS = "0" * 64
 

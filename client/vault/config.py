@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from client.vault.errors import InvalidConfig
+from facefed.client.vault.errors import InvalidConfig
 
 CONFIG_NAME = "vault.toml"
 FORMAT_VERSION = 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.vault.store import ShareNotFound, StoreError, StoreUnavailable
+from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreUnavailable
 
 __all__ = [
     "VaultError", "InvalidConfig", "UnknownPerson", "UnknownImage", "NotEnoughShares", "InvalidImage",

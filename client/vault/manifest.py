@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.vault.errors import InvalidConfig
-from common.durable import immediate
+from facefed.client.vault.errors import InvalidConfig
+from facefed.common.durable import immediate
 
 SCHEMA_VERSION = "1"
 _SCHEMA = """

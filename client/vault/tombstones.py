@@ -12,7 +12,7 @@ import hmac
 import sqlite3
 from pathlib import Path
 
-from client.vault.errors import InvalidConfig
+from facefed.client.vault.errors import InvalidConfig
 
 REQUESTS_NAME = "requests.sqlite"
 VAULT_KEY_NAME = "key"  # the vault's 32-byte secret (client/vault/vault.py)

@@ -7,8 +7,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from client.vault.errors import InvalidImage, InvalidPersonId
-from client.vault.sharefile import MAX_IMAGE_BYTES
+from facefed.client.vault.errors import InvalidImage, InvalidPersonId
+from facefed.client.vault.sharefile import MAX_IMAGE_BYTES
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 MIN_SIDE = 16  # smaller than this is no face crop

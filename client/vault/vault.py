@@ -33,19 +33,19 @@ from itertools import islice
 from pathlib import Path
 
 
-from client.vault import audit
-from client.vault.tombstones import lift_tombstones, tombstoned
-from client.vault.config import CONFIG_NAME, VaultConfig, load_config, write_config
-from client.vault.errors import (CorruptShare, InvalidConfig, InvalidImage, NotEnoughShares, UnknownImage, UnknownPerson,
+from facefed.client.vault import audit
+from facefed.client.vault.tombstones import lift_tombstones, tombstoned
+from facefed.client.vault.config import CONFIG_NAME, VaultConfig, load_config, write_config
+from facefed.client.vault.errors import (CorruptShare, InvalidConfig, InvalidImage, NotEnoughShares, UnknownImage, UnknownPerson,
                                  VaultError)
-from client.vault.manifest import ConcurrentPersonCreation, ImageInfo, Manifest, NewImage
-from client.vault.reports import (EraseReport, ImageProblem, OrphanShare, PersonRecord, RepairReport, ShareProblem,
+from facefed.client.vault.manifest import ConcurrentPersonCreation, ImageInfo, Manifest, NewImage
+from facefed.client.vault.reports import (EraseReport, ImageProblem, OrphanShare, PersonRecord, RepairReport, ShareProblem,
                                   StoreHealth, VerifyReport)
-from client.vault.sharefile import (LEN_PREFIX, ShareFormatError, ShareHeader, ShareKeys, bucket, seal, unseal,
+from facefed.client.vault.sharefile import (LEN_PREFIX, ShareFormatError, ShareHeader, ShareKeys, bucket, seal, unseal,
                                     unseal_expected)
-from client.vault.store import LocalDirStore, ShareNotFound, Store, StoreError, StoreUnavailable, open_store
-from client.vault.validate import check_image, check_person_id, check_request_id
-from common.shamir import MAX_SHARES, Share, combine, random_bytes, regenerate, split
+from facefed.client.vault.stores.base import LocalDirStore, ShareNotFound, Store, StoreError, StoreUnavailable, open_store
+from facefed.client.vault.validate import check_image, check_person_id, check_request_id
+from facefed.common.shamir import MAX_SHARES, Share, combine, random_bytes, regenerate, split
 
 log = logging.getLogger("facefed.vault")
 

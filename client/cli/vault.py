@@ -1,0 +1,284 @@
+"""`facefed-client vault ...`: create, fill, inspect, repair and erase a site's face vault.
+
+Exit codes: 0 ok; 1 the command ran but found problems (verify/repair) or left work pending (erase);
+2 bad input (the message names the offending thing and how to fix it; no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from facefed.client.vault import Vault, VaultError
+from facefed.client.vault.sharefile import MAX_IMAGE_BYTES
+from facefed.client.vault.stores.base import StoreError
+from facefed.client.vault.tombstones import tombstoned
+from facefed.client.vault.validate import check_image
+from facefed.common.lfw import LFW, PROTOCOL_FILES, LFWFormatError, partition_people
+from facefed.common.paths import DataNotFound, lfw_path
+
+app = typer.Typer(help="Secret-shared face vault: init, import, add, ls, verify, repair, erase.", no_args_is_help=True)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+IMPORT_BATCH = 32  # images per put_many: one directory fsync per store and one manifest commit each
+
+VaultOpt = Annotated[Path, typer.Option("--vault", envvar="FACEFED_VAULT", file_okay=False,
+                                        help="Vault directory (or set FACEFED_VAULT).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def clean_errors(fn):
+    """Turn expected failures into one red line and exit code 2 (a traceback helps no operator)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (VaultError, StoreError, DataNotFound, LFWFormatError, ValueError) as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+    return wrapper
+
+
+def _open(vault: Path) -> Vault:
+    return Vault.open(vault)
+
+
+@app.command()
+@clean_errors
+def init(
+    vault: VaultOpt,
+    stores: Annotated[str, typer.Option("--stores", help="Comma-separated store directories (or grpcs://host:port "
+                                        "holders), one per share, ideally on different disks. Order = x 1..n.")],
+    threshold: Annotated[int, typer.Option("--threshold", "-k", help="Shares needed to rebuild an image (1..n).")] = 2,
+    tls_dir: Annotated[Path | None, typer.Option("--tls-dir", help="Client certificates for grpcs:// stores.")] = None,
+) -> None:
+    """Create an empty vault over n existing, empty store directories; any k of them rebuild an image."""
+    urls = [s.strip() for s in stores.split(",") if s.strip()]
+    if not urls:
+        _fail("--stores is empty; give n comma-separated store directories, e.g. --stores /mnt/a/s,/mnt/b/s,/mnt/c/s")
+    with Vault.create(vault, urls, threshold, tls_dir=tls_dir) as v:
+        out.print(f"created vault {v.path}: any {v.k} of {v.n} stores rebuild an image", markup=False)
+        for x, s in enumerate(v.stores, start=1):
+            out.print(f"  x={x}  {s.url}", markup=False)
+
+
+@app.command("import")
+@clean_errors
+def import_(
+    vault: VaultOpt,
+    lfw: Annotated[str | None, typer.Option("--lfw", help="LFW archive (lfw-deepfunneled.tgz) or extracted tree; "
+                                            "default $FACEFED_LFW.")] = None,
+    people: Annotated[str, typer.Option("--people", help="LFW people file to take names from, or `all` for every "
+                                        "person in the archive.")] = "peopleDevTrain.txt",
+    site_index: Annotated[int, typer.Option("--site-index", help="This site's index, 0..num-sites-1.")] = 0,
+    num_sites: Annotated[int, typer.Option("--num-sites", help="Sites the people are split over (disjoint).")] = 1,
+    min_images: Annotated[int, typer.Option("--min-images", help="Only people with at least this many images.")] = 1,
+    max_people: Annotated[int | None, typer.Option("--max-people", help="At most this many people (first by "
+                                                   "name within this site's share).")] = None,
+    allow_reenrol: Annotated[bool, typer.Option("--allow-reenrol", help="Also import people who were forgotten "
+                                                "here (only with their new consent).")] = False,
+) -> None:
+    """Import this site's share of LFW people into the vault (resumable: images already stored are skipped)."""
+    if num_sites < 1:
+        _fail(f"--num-sites {num_sites}: must be at least 1")
+    if not 0 <= site_index < num_sites:
+        _fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
+    if min_images < 1:
+        _fail(f"--min-images {min_images}: must be at least 1")
+    if max_people is not None and max_people < 1:
+        _fail(f"--max-people {max_people}: must be at least 1")
+    people_files = [f for f in PROTOCOL_FILES if f.startswith("people")]
+    if people != "all" and people not in people_files:
+        _fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
+    dataset = LFW(lfw_path(lfw))
+    counts = dataset.counts()
+    names = list(counts) if people == "all" else list(dict.fromkeys(dataset.people(people)))
+    missing = [n for n in names if n not in counts]
+    if missing:
+        _fail(f"{people} lists {len(missing)} people without images in {dataset.path}, e.g. {missing[0]}")
+    names = [n for n in names if counts[n] >= min_images]
+    mine = partition_people(names, num_sites)[site_index]
+    if max_people is not None:
+        mine = mine[:max_people]
+    if not mine:
+        _fail(f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
+              f"of {num_sites})")
+    with _open(vault) as v:
+        forgotten = set() if allow_reenrol else set(tombstoned(v.path, mine))
+        if forgotten:  # a forgotten person stays forgotten when the site re-runs its import
+            out.print(f"skipping {len(forgotten)} person(s) who asked to be forgotten here (--allow-reenrol to "
+                      f"enrol them again with new consent)")
+            mine = [n for n in mine if n not in forgotten]
+        done = v.sources()
+        keys = [k for name in mine for k in dataset.keys(name) if (name, Path(k.relpath).name) not in done]
+        total = sum(counts[n] for n in mine)
+        out.print(f"site {site_index} of {num_sites}: {len(mine)} people, {total} images "
+                  f"({total - len(keys)} already in the vault)")
+        started, batch, stored = time.perf_counter(), [], 0
+        columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = progress.add_task("import", total=len(keys))
+            for key, data in dataset.iter_images(keys):
+                batch.append((key.name, data, Path(key.relpath).name))
+                if len(batch) == IMPORT_BATCH:
+                    stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
+                    progress.advance(task, len(batch))
+                    batch = []
+            if batch:
+                stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
+                progress.advance(task, len(batch))
+        elapsed = time.perf_counter() - started
+        rate = f" ({stored / elapsed:.0f} images/s)" if stored and elapsed > 0 else ""
+        out.print(f"imported {stored} images of {len(mine)} people in {elapsed:.1f} s{rate}", markup=False)
+
+
+@app.command()
+@clean_errors
+def add(
+    vault: VaultOpt,
+    person: Annotated[str, typer.Option("--person", help="The person's id (your own identifier, kept only in the "
+                                        "manifest; stores see a random pseudonym).")],
+    images: Annotated[list[Path], typer.Argument(help="JPEG/PNG files of this person.", show_default=False)],
+    allow_reenrol: Annotated[bool, typer.Option("--allow-reenrol", help="Enrol a person who was forgotten here "
+                                                "(only with their new consent).")] = False,
+) -> None:
+    """Add image files of one person. All files are checked first; if any is bad, nothing is stored."""
+    items = []
+    for path in images:
+        if not path.is_file():
+            _fail(f"{path}: no such file")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            _fail(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
+        data = path.read_bytes()
+        check_image(data, str(path))
+        items.append((person, data, path.name[:255]))
+    with _open(vault) as v:
+        ids = v.put_many(items, allow_reenrol=allow_reenrol)
+        out.print(f"stored {len(ids)} image(s) of {person} ({v.person(person).n_images} in the vault)", markup=False)
+
+
+@app.command("ls")
+@clean_errors
+def ls(
+    vault: VaultOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the people in the vault (person id, pseudonym, image count) and the stores."""
+    with _open(vault) as v:
+        people, health = v.people(), v.store_health()
+        if as_json:
+            print(json.dumps({
+                "k": v.k, "n": v.n,
+                "stores": [{"x": h.x, "url": h.url, "reachable": h.reachable, "shares": h.shares} for h in health],
+                "people": [{"person_id": p.person_id, "pseudonym": p.pseudonym, "images": p.n_images} for p in people],
+            }, indent=1))
+            return
+        out.print(f"vault {escape(str(v.path))}: {len(people)} people, {sum(p.n_images for p in people)} images, "
+                  f"any {v.k} of {v.n} stores rebuild an image")
+        for h in health:
+            state = f"{h.shares} shares" if h.reachable else f"[red]unreachable[/red] ({escape(h.error or '')})"
+            out.print(f"  store x={h.x} {escape(h.url)}: {state}")
+        table = Table("person id", "pseudonym", "images")
+        for p in people:
+            table.add_row(Text(p.person_id), p.pseudonym, str(p.n_images))
+        out.print(table)
+
+
+def _print_some(title: str, items: list, limit: int = 20) -> None:
+    if not items:
+        return
+    out.print(f"[yellow]{title}: {len(items)}[/yellow]")
+    for item in items[:limit]:
+        out.print(f"  {item}", markup=False)
+    if len(items) > limit:
+        out.print(f"  ... and {len(items) - limit} more")
+
+
+@app.command()
+@clean_errors
+def verify(vault: VaultOpt) -> None:
+    """Read every share and check its tag; report missing, corrupt, orphan shares and the audit chain.
+    Exit 1 if anything is wrong (run `repair`)."""
+    with _open(vault) as v:
+        r = v.verify()
+    for s in r.stores:
+        state = f"{s.shares} shares" if s.reachable else f"[red]unreachable[/red] ({escape(s.error or '')})"
+        out.print(f"store x={s.x} {escape(s.url)}: {state}")
+    out.print(f"{r.images} images, {r.shares_ok} valid shares; audit log: "
+              + (f"{r.audit_entries} entries, chain intact" if r.audit_error is None else f"[red]{escape(r.audit_error)}[/red]"))
+    _print_some("missing shares", r.missing)
+    _print_some("corrupt shares", r.corrupt)
+    _print_some("shares in unreachable stores", r.unreachable)
+    _print_some("images that cannot be rebuilt", r.unrecoverable)
+    _print_some("images whose shares disagree", r.inconsistent)
+    _print_some("orphan shares", [f"x={o.x} {o.store}: {o.share_id} ({'this vault' if o.ours else 'not this vault'})"
+                                  for o in r.orphans])
+    if r.pending_deletions:
+        out.print(f"[yellow]{r.pending_deletions} share deletion(s) of erased people still pending[/yellow]")
+    if r.ok:
+        out.print("[green]vault OK[/green]")
+    else:
+        out.print("[red]problems found[/red]: run `facefed-client vault repair`")
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def repair(vault: VaultOpt) -> None:
+    """Regenerate missing and corrupt shares from k valid ones, remove orphans, finish pending erasures."""
+    with _open(vault) as v:
+        r = v.repair()
+    out.print(f"regenerated {len(r.regenerated)} share(s), removed {r.orphans_removed} orphan(s), "
+              f"finished {r.pending_deletions_finished} pending deletion(s)")
+    _print_some("could not repair (store unreachable or refused the write)", r.not_repaired)
+    _print_some("images that cannot be rebuilt (fewer than k valid shares)", r.unrecoverable)
+    _print_some("images whose shares disagree", r.inconsistent)
+    _print_some("files in stores that are not this vault's (left alone)",
+                [f"x={o.x} {o.store}: {o.share_id}" for o in r.foreign_orphans])
+    if r.pending_deletions_left:
+        out.print(f"[yellow]{r.pending_deletions_left} deletion(s) still pending (store unreachable)[/yellow]")
+    if r.ok:
+        out.print("[green]vault repaired[/green]")
+    else:
+        raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def erase(
+    vault: VaultOpt,
+    person: Annotated[str, typer.Option("--person", help="The person id to forget.")],
+    request_id: Annotated[str | None, typer.Option("--request-id", help="Your reference for this erasure request "
+                                                   "(recorded in the audit log); default: a random id.")] = None,
+) -> None:
+    """Destroy every share of a person in every store and their manifest rows, and log it in the audit chain.
+    Exit 1 if a store was unreachable (its deletions stay pending and finish on the next open/repair)."""
+    with _open(vault) as v:
+        r = v.erase(person, request_id=request_id)
+    out.print(f"erased {escape(person)}: {r.images} image(s), {r.shares_destroyed} share(s) destroyed, "
+              f"request {r.request_id}, pseudonym {r.pseudonym}")
+    if r.shares_pending:
+        out.print(f"[yellow]{r.shares_pending} share(s) pending in unreachable store(s): "
+                  f"{escape(', '.join(r.unreachable_stores))}[/yellow]")
+        verdict = ("the images are already unrecoverable (fewer than k shares remain)" if r.unrecoverable
+                   else "[red]the images may still be recoverable[/red] until the pending deletions finish")
+        out.print(verdict + "; they finish on the next open, verify or repair once the store is back")
+        raise typer.Exit(1)

@@ -1,0 +1,116 @@
+"""The site's answer to the server's `query` message (common/forget_wire.py): forget requests both ways.
+
+In order:
+ 1. `settle` every request first (client/forget.py): a site that crashed between erasing and
+    reporting, or a head written by a round in flight during an erasure, is put right before
+    anything is reported;
+ 2. keep the receipts the server delivers (each moves its request to `model_unlearned`, then
+    `receipt_issued`; a receipt that names another request or pseudonym is refused, not stored);
+ 3. delete the head files the server says carry a forgotten person's influence (rounds a replay
+    replaced: their other rows were trained beside the person);
+ 4. answer the budget question of an upcoming replay from the site's own accountant;
+ 5. report the requests whose data is erased and whose model is not yet unlearned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from facefed.client.forget.erase import HEADS_DIR, settle
+from facefed.client.forget.requests import RequestError, RequestLog
+from facefed.client.training.shard_state import ShardStateError, accountant_path
+from facefed.common.accountant import AccountantMismatch, SiteAccountant
+from facefed.common.config import ConfigError, TrainConfig, validate_config
+from facefed.common.protocol.forget import BudgetAnswer, BudgetAsk, DropHeads, PendingRequest, QueryOrder, QueryReply
+
+HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
+
+
+def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrder) -> QueryReply:
+    problems: list[str] = []
+    for outcome in settle(vault_dir, state_dir):
+        problems += outcome.problems
+    stored = _keep_receipts(vault_dir, order, problems)
+    dropped = sum(_drop_heads(state_dir, d) for d in order.drop_heads)
+    budget = _budget(state_dir, order.budget) if order.budget else None
+    pending = []
+    if (vault_dir / "requests.sqlite").is_file():
+        with RequestLog(vault_dir) as log:
+            for r in log.pending_for_server():
+                pending.append(PendingRequest(
+                    request_id=r.request_id, pseudonym=r.pseudonym, received_at=r.received_at,
+                    erased_at=float(r.erased_at), shares_destroyed=int(r.shares_destroyed or 0),
+                    contributions={s.run_id: sorted(set(s.rounds)) for s in r.contributions}))
+    return QueryReply(site=site, pending=pending, stored=stored, heads_dropped=dropped, budget=budget,
+                      problems=[p[:1000] for p in problems[:100]])
+
+
+def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> list[str]:
+    if not order.deliver:
+        return []
+    stored = []
+    with RequestLog(vault_dir) as log:
+        for d in order.deliver:
+            try:
+                req = log.get(d.request_id)
+            except RequestError:
+                problems.append(f"receipt for unknown request {d.request_id}: not stored")
+                continue
+            body = d.receipt.get("receipt") if isinstance(d.receipt, dict) else None
+            if not isinstance(body, dict) or body.get("request_id") != req.request_id \
+                    or body.get("person_pseudonym") != req.pseudonym:
+                problems.append(f"receipt for {d.request_id} names another request or person: not stored")
+                continue
+            if req.stage == "receipt_issued":
+                stored.append(req.request_id)  # a repeated delivery (our earlier reply was lost)
+                continue
+            if req.unlearned_at is None:
+                log.mark_unlearned(req.request_id, run_id=d.run_id, rnd=d.round, checkpoint_id=d.checkpoint_id,
+                                   checkpoint_sha256=d.checkpoint_sha256)
+            log.store_receipt(req.request_id, d.receipt)
+            stored.append(req.request_id)
+    return stored
+
+
+def _drop_heads(state_dir: Path, drop: DropHeads) -> int:
+    folder = state_dir / HEADS_DIR / drop.run_id  # run_id is validated against a strict pattern
+    n = 0
+    for path in sorted(folder.glob("r*-a*.pt")) if folder.is_dir() else []:
+        m = HEAD_RE.match(path.name)
+        if m and int(m.group(1)) >= drop.from_round:
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
+    try:
+        cfg = validate_config(json.loads(ask.train_config), TrainConfig, where="server query")
+    except (json.JSONDecodeError, ConfigError) as e:
+        return BudgetAnswer(fits=False, unit="?", delta=0.0, epsilon_now=-1.0, epsilon_planned=-1.0, max_epsilon=-1.0,
+                            detail=f"the replay's training config is unusable here: {e}")
+    if cfg.privacy_unit == "none":
+        return BudgetAnswer(fits=True, unit="none", delta=0.0, epsilon_now=-1.0, epsilon_planned=-1.0,
+                            max_epsilon=-1.0, detail="non-private training: no epsilon is claimed")
+    try:
+        acc = SiteAccountant(accountant_path(state_dir, ask.shard, ask.shards), cfg.delta, cfg.max_epsilon,
+                             cfg.privacy_unit)
+    except (AccountantMismatch, ShardStateError) as e:
+        return BudgetAnswer(fits=False, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=-1.0,
+                            epsilon_planned=-1.0, max_epsilon=cfg.max_epsilon, detail=str(e))
+    steps = ask.rounds * ask.steps + cfg.probe_steps
+    if cfg.noise_multiplier is None:
+        return BudgetAnswer(fits=False, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=acc.epsilon(),
+                            epsilon_planned=-1.0, max_epsilon=cfg.max_epsilon,
+                            detail="a replay needs train.noise_multiplier (target_epsilon calibrates one call)")
+    # As if every head were fresh (a rollback to round 0): the centring release and the probe steps too.
+    now, planned = acc.epsilon(), acc.projected(cfg.noise_multiplier, cfg.sample_rate, steps,
+                                                extra=cfg.fresh_head_events())
+    fits = planned <= cfg.max_epsilon
+    return BudgetAnswer(fits=fits, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=now, epsilon_planned=planned,
+                        max_epsilon=cfg.max_epsilon,
+                        detail="" if fits else (f"{ask.rounds} replayed round(s) would take this site's per-"
+                                                f"{cfg.privacy_unit} epsilon from {now:.3f} to {planned:.3f}, over its "
+                                                f"max_epsilon {cfg.max_epsilon:g} (delta {cfg.delta:g})"))

@@ -1,0 +1,290 @@
+"""One federated round of local DP training at a site: what the ClientApp (or the site's warm
+worker, see client/worker.py) does with a `train` message from the server.
+
+Everything that must outlive the round is on disk, under the site's state directory (from the node
+config written by `facefed-client start`):
+
+    STATE/heads/<run>/r<round>-a<attempt>.pt   the site's private margin head after each round
+    STATE/accountant.json                      the site's privacy accountant (epsilon accumulates)
+    STATE/contributions.sqlite                 who was trained on in which run and round
+
+Per round: check the order (run id, round, training config) and that the frozen part of our model is
+the server's (same prefix fingerprint); open the vault and decode the faces in memory (no plain image
+is ever written); load the head the server says this site's last committed round produced; train
+with the trainer (per-person DP-SGD; refused before any step if it would pass the site's budget);
+save the new head, log the contributions; reply with the shared tail only, plus metrics and the
+epsilon spent. The head never leaves this process except to the site's own disk.
+
+Simulation (`facefed-server simulate`): a node without a vault but with Flower's `partition-id` is a
+virtual site whose people are a partition of LFW peopleDevTrain; paths come from the run config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facefed.client.forget.contributions import ContributionLog
+from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
+from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
+from facefed.client.training.trainer import train_local
+from facefed.common.accountant import SiteAccountant
+from facefed.common.config import TrainConfig, validate_config
+from facefed.common.model.heads import MarginHead
+from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
+from facefed.common.nodekeys import check_site_name
+from facefed.common.paths import pretrained_path
+from facefed.common.shards import shard_of
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
+_LFW_CACHE: dict[tuple, tuple] = {}  # simulation: ray reuses worker processes (see _SimulatedLFW)
+
+
+class SiteConfigError(ValueError):
+    """The node or the order from the server is unusable; the message names the key and the remedy."""
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    state: Path
+    vault: Path | None
+    pretrained: Path
+    threads: int
+    sim_lfw: str | None = None
+    sim_partition: tuple[int, int] | None = None
+    sim_people: int = 0
+    sim_max_images: int = 0
+
+    @property
+    def accountant_path(self) -> Path:
+        return self.state / "accountant.json"
+
+    @property
+    def contributions_path(self) -> Path:
+        return self.state / "contributions.sqlite"
+
+    def head_path(self, run_id: str, rnd: int, attempt: int) -> Path:
+        return self.state / "heads" / run_id / f"r{rnd:04d}-a{attempt}.pt"
+
+
+@dataclass(frozen=True)
+class Order:
+    """What the server asks for this round (validated: it comes over the network)."""
+
+    run_id: str
+    round: int
+    attempt: int
+    parent_checkpoint: str
+    prefix: str
+    train: TrainConfig
+    steps: int
+    seed: int
+    head_round: int
+    head_attempt: int
+    expected_site: str
+    head_run: str = ""  # the run whose head to continue (a replay continues the replaced run's head)
+    shard: int = 0  # SISA shards (common/shards.py): this run trains only the site's people of `shard`
+    shards: int = 1
+
+
+def site_of(nc: dict, rc: dict) -> Site:
+    """The site this node is, from Flower's node config (and run config, for simulation)."""
+    threads = int(nc.get("threads", 1))
+    if "vault" in nc:
+        for key in ("site", "state"):
+            if not str(nc.get(key, "")):
+                raise SiteConfigError(f"node config lacks `{key}`; start the node with `facefed-client start`")
+        pre = nc.get("pretrained") or None
+        return Site(name=check_site_name(str(nc["site"])), state=Path(str(nc["state"])), vault=Path(str(nc["vault"])),
+                    pretrained=pretrained_path(pre), threads=max(1, threads))
+    if "partition-id" in nc:  # a virtual site on Flower's simulation engine
+        pid, n = int(nc["partition-id"]), int(nc["num-partitions"])
+        state, lfw = str(rc.get("sim-state", "")), str(rc.get("sim-lfw", ""))
+        if not state or not lfw:
+            raise SiteConfigError("a simulated site needs run config `sim-state` and `sim-lfw`; "
+                                  "use `facefed-server simulate`")
+        name = f"sim-{pid:03d}"
+        return Site(name=name, state=Path(state) / "sites" / name, vault=None,
+                    pretrained=pretrained_path(str(rc.get("sim-pretrained", "")) or None), threads=1,
+                    sim_lfw=lfw, sim_partition=(pid, n), sim_people=int(rc.get("sim-people", 0)),
+                    sim_max_images=int(rc.get("sim-max-images", 0)))
+    raise SiteConfigError("node config has no `vault`: start this node with `facefed-client start --vault DIR`")
+
+
+def order_of(config: dict) -> Order:
+    def get(key: str, kind: type):
+        if key not in config:
+            raise SiteConfigError(f"the server's order lacks `{key}` (server and site facefed versions differ?)")
+        value = config[key]
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            raise SiteConfigError(f"the server's order has `{key}` = {value!r}, expected {kind.__name__}")
+        return value
+
+    run_id = get("run-id", str)
+    if not RUN_ID_RE.match(run_id):
+        raise SiteConfigError(f"the server's run id {run_id!r} is not a valid run id")
+    rnd, attempt, steps = get("round", int), get("attempt", int), get("steps", int)
+    if rnd < 1 or attempt < 1 or steps < 0:
+        raise SiteConfigError(f"the server's order has round {rnd}, attempt {attempt}, steps {steps}")
+    try:
+        train = validate_config(json.loads(get("train-config", str)), TrainConfig, where="server order")
+    except json.JSONDecodeError as e:
+        raise SiteConfigError(f"the server's training config is not JSON ({e})") from None
+    shard, shards = config.get("shard", 0), config.get("shards", 1)
+    if not (isinstance(shard, int) and isinstance(shards, int) and 0 <= shard < shards <= 256):
+        raise SiteConfigError(f"the server's order has shard {shard!r} of {shards!r}")
+    head_run = str(config.get("head-run", "")) or run_id
+    if not RUN_ID_RE.match(head_run):
+        raise SiteConfigError(f"the server's head run {head_run!r} is not a valid run id")
+    return Order(run_id=run_id, round=rnd, attempt=attempt, parent_checkpoint=get("parent-checkpoint", str),
+                 prefix=get("prefix-fingerprint", str), train=train, steps=steps, seed=get("seed", int),
+                 head_round=get("head-round", int), head_attempt=get("head-attempt", int),
+                 expected_site=str(config.get("expected-site", "")), head_run=head_run, shard=shard, shards=shards)
+
+
+class _SimulatedLFW:
+    """LFW images of every virtual site, read in one pass of the archive per simulation process.
+
+    A gzip'd tar has no random access: reading one site's images scans the whole archive. Ray reuses
+    a few worker processes for many virtual sites, so the first site a process serves reads the
+    images of all of them (at most `max_images` per person) into memory and the rest are served
+    from there. Simulation only; a real site reads its vault.
+    """
+
+    def __init__(self, path: str, partitions: list[list[str]], max_images: int | None):
+        from facefed.common.lfw import LFW
+
+        lfw = LFW(path)
+        self._keys = {n: (lfw.keys(n)[:max_images] if max_images else lfw.keys(n)) for p in partitions for n in p}
+        self._bytes = lfw.load_images([k for ks in self._keys.values() for k in ks])
+
+    def keys(self, name: str):
+        return self._keys[name]
+
+    def load_images(self, keys):
+        return {k: self._bytes[k] for k in keys}
+
+
+def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
+    """The site's faces, in memory; with shards, only the people the keyed hash puts in `shard`."""
+    if site.vault is not None:
+        from facefed.client.vault.tombstones import vault_key
+        from facefed.client.vault.vault import Vault
+
+        with Vault.open(site.vault) as vault:
+            people = None
+            if shards > 1:
+                key = shard_key(vault_key(site.vault))
+                people = sorted(r.person_id for r in vault.people() if shard_of(key, r.pseudonym, shards) == shard)
+            return faces_from_vault(vault, people, threads=site.threads)
+    pid, n = site.sim_partition
+    key = (site.sim_lfw, n, site.sim_people, site.sim_max_images)
+    cached = _LFW_CACHE.get(key)
+    if cached is None:
+        from facefed.common.lfw import LFW, partition_people
+
+        lfw = LFW(site.sim_lfw)
+        counts = lfw.counts()
+        # People with at least 2 images: a person seen once cannot teach the margin anything.
+        parts = partition_people([p for p in lfw.people("peopleDevTrain.txt") if counts[p] >= 2], n)
+        parts = [p[: site.sim_people] if site.sim_people else p for p in parts]
+        cached = _LFW_CACHE[key] = (parts, _SimulatedLFW(site.sim_lfw, parts, site.sim_max_images or None))
+    parts, images = cached
+    names = parts[pid]
+    if shards > 1:
+        key = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
+        from facefed.client.training.faces import lfw_pseudonym
+
+        names = [n for n in names if shard_of(key, lfw_pseudonym(n), shards) == shard]
+    return faces_from_lfw(images, names, max_per_person=site.sim_max_images or None, threads=site.threads)
+
+
+def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
+    """The head to continue from, and where it came from (for the reply and the logs)."""
+    fresh = MarginHead(scale=order.train.scale, margin=order.train.margin, seed=order.seed)
+    if order.head_round == 0:
+        return fresh, "fresh"
+    if order.head_round > 0:
+        path = site.head_path(order.head_run or order.run_id, order.head_round, order.head_attempt)
+        if not path.is_file():  # state lost at the site: a fresh head is data-independent, hence safe
+            return fresh, f"fresh (missing {path.name})"
+        return MarginHead.load(path), path.name
+    # Unknown to the server (no authentication): our latest head of this run before this round.
+    runs_dir = site.state / "heads" / order.run_id
+    best = None
+    for p in runs_dir.glob("r*-a*.pt") if runs_dir.is_dir() else []:
+        m = HEAD_RE.match(p.name)
+        if m and int(m.group(1)) < order.round:
+            key = (int(m.group(1)), int(m.group(2)))
+            best = max(best, (key, p)) if best else (key, p)
+    return (MarginHead.load(best[1]), best[1].name) if best else (fresh, "fresh")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    arrays: dict[str, np.ndarray]  # the shared tail only
+    metrics: dict[str, float | int]
+    info: dict[str, str | int]
+
+
+def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> RoundResult:
+    """Train this site's faces for one round from the received shared tail; persist head and logs."""
+    t0 = time.perf_counter()
+    if order.expected_site and order.expected_site != site.name:
+        raise SiteConfigError(f"the server knows this node as site {order.expected_site!r} but it was started "
+                              f"with --site {site.name}; restart it with --site {order.expected_site}")
+    torch.set_num_threads(site.threads)
+
+    model = build_embedder(site.pretrained, train_from=order.train.train_from)
+    if prefix_fingerprint(model) != order.prefix:
+        raise SiteConfigError(f"this site's pretrained weights ({site.pretrained}) differ from the server's base "
+                              f"model (frozen layers do not match); use the same pretrained file as the server")
+    load_shared_state(model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in received.items()})
+
+    try:
+        acc_path = accountant_path(site.state, order.shard, order.shards)
+    except ShardStateError as e:
+        raise SiteConfigError(str(e)) from None
+    faces = load_faces(site, order.shard, order.shards)
+    if faces.n_people == 0:
+        raise SiteConfigError(f"this site has no people in shard {order.shard} of {order.shards}")
+    head, head_from = load_head(site, order)
+    cfg = order.train.model_copy(update={"steps": order.steps})
+    accountant = None if cfg.privacy_unit == "none" else SiteAccountant(
+        acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+    t_train = time.perf_counter()
+    # No seed: the DP randomness is fresh OS entropy, never derivable from the server's order (the
+    # server could otherwise regenerate the noise and strip it from the update).
+    report = train_local(model, head, faces, cfg, accountant)
+
+    head_path = site.head_path(order.run_id, order.round, order.attempt)
+    head_path.parent.mkdir(parents=True, exist_ok=True)
+    head.save(head_path)
+    with ContributionLog(site.contributions_path) as log:
+        log.record(run_id=order.run_id, rnd=order.round, attempt=order.attempt,
+                   parent_checkpoint=order.parent_checkpoint,
+                   images={pid: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
+                   sampled=report.people_used, head_file=str(head_path.relative_to(site.state)))
+
+    eps = report.epsilon if math.isfinite(report.epsilon) else -1.0
+    metrics = {
+        "num-people": faces.n_people, "num-images": faces.n_images, "steps": report.steps,
+        "probe-steps": report.probe_steps, "sampled-images": report.images, "people-sampled": len(report.people_used),
+        "loss": float(report.loss), "epsilon": float(eps), "delta": float(report.delta),
+        "noise-multiplier": float(report.noise_multiplier), "sample-rate": float(report.sample_rate),
+        "train-s": time.perf_counter() - t_train, "round-s": time.perf_counter() - t0,
+    }
+    info = {"name": site.name, "unit": report.unit, "accountant": report.accountant, "head-from": head_from,
+            "pid": os.getpid()}
+    return RoundResult({k: v.detach().cpu().numpy() for k, v in shared_state(model).items()}, metrics, info)

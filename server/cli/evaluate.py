@@ -1,0 +1,78 @@
+"""`facefed-server evaluate`: the LFW verification protocol on a model checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+PAIR_FILES = ("pairsDevTest.txt", "pairs.txt")  # the protocol's test files (pairsDevTrain: training people)
+
+
+def _fail(msg: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(2)
+
+
+def evaluate(
+    model: list[Path] = typer.Option(..., "--model", help="facefed checkpoint (or the CASIA .pth) to evaluate; "
+                                     "repeat it for the shard models of a sharded job (evaluated as their ensemble)"),
+    lfw: str = typer.Option(None, "--lfw", help="LFW archive or tree (default: $FACEFED_LFW)"),
+    pairs: str = typer.Option("pairsDevTest.txt", "--pairs",
+                              help="pairsDevTest.txt (View 1 test) or pairs.txt (View 2, 10 folds)"),
+    no_flip: bool = typer.Option(False, "--no-flip", help="no horizontal-flip test-time averaging"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    max_pairs: int = typer.Option(None, "--max-pairs", min=20,
+                                  help="quick look on a balanced subset of the pairs (not the protocol)"),
+) -> None:
+    """Accuracy (10-fold CV thresholds, mean ± std), ROC AUC and TAR@FAR on LFW pairs."""
+    # torch and LFW load here, not at import: every other facefed-server command starts fast.
+    from facefed.common.evaluate import EvalCache
+    from facefed.common.lfw import LFW, LFWFormatError
+    from facefed.common.model.mobilefacenet import CheckpointMismatch, load_checkpoint
+    from facefed.common.paths import DataNotFound
+
+    if pairs not in PAIR_FILES:
+        _fail(f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} "
+              "(pairsDevTrain's people are training people)")
+    nets, meta = [], {}
+    for path in model:
+        try:
+            net, meta = load_checkpoint(path)
+        except (FileNotFoundError, CheckpointMismatch) as e:
+            _fail(str(e))
+        nets.append(net)
+    try:
+        data = LFW(lfw)
+        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs)
+    except (DataNotFound, LFWFormatError) as e:
+        _fail(str(e))
+    result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
+    name = model[0].name if len(model) == 1 else f"{len(model)}-shard ensemble ({', '.join(m.name for m in model)})"
+    if as_json:
+        print(json.dumps({"model": [str(m) for m in model] if len(model) > 1 else str(model[0]),
+                          "meta": meta, **result.to_dict()}, indent=1, default=str))
+        return
+    table = Table(title=f"LFW {pairs}{' (subset)' if max_pairs else ''}: {name}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    table.add_row("accuracy", f"{100 * result.accuracy_mean:.2f} ± {100 * result.accuracy_std:.2f} %",
+                  f"{len(result.fold_accuracies)}-fold CV thresholds, {result.n_pairs} pairs")
+    table.add_row("ROC AUC", f"{result.auc:.4f}", "")
+    for t in result.tar_at_far.values():
+        table.add_row(f"TAR @ FAR={t.far:g}", f"{100 * t.tar:.2f} %",
+                      f"{t.n_impostor} impostor pairs, {t.impostors_accepted} accepted")
+    table.add_row("flip averaging", "yes" if result.flip else "no", "")
+    if "epsilon" in meta:
+        table.add_row("privacy", f"ε={meta['epsilon']}", f"δ={meta.get('delta')}, per {meta.get('privacy_unit')}, "
+                                                         f"{meta.get('accountant')}")
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `evaluate` command to the main CLI."""
+    app.command("evaluate")(evaluate)
