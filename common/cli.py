@@ -1,0 +1,49 @@
+"""How every facefed CLI says that something failed: one line on stderr and a documented exit code.
+
+`fail` is the only place that prints an error and exits; `clean_errors` wraps a command so that
+every `FacefedError` (and the listed standard errors) becomes that line instead of a traceback.
+Exit codes: 2 bad input or refused, 3 a service or peer unavailable (FacefedError.exit_code).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NoReturn, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from facefed.common.errors import FacefedError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: MESSAGE` (one line per line of the message) and exit with `code`."""
+    err.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def clean_errors(*also: type[BaseException]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: FacefedError, OSError and the `also` types become `fail(...)` (no traceback)."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except FacefedError as e:
+                fail(str(e), e.exit_code)
+            except OSError as e:
+                fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+            except also as e:  # type: ignore[misc]
+                fail(str(e))
+
+        return wrapper
+
+    return wrap
