@@ -48,44 +48,57 @@ def report_deployment(state: Path) -> None:
         run = runs[-1]
         rounds = ledger.rounds(run.run_id, committed_only=True)
     print(f"== deployment: run {run.run_id}, {len(rounds)} rounds, sites {', '.join(rounds[0].participants)}")
-    print(f"{'round':>5} {'round s':>8} {'slowest site s':>15} {'overhead':>9} {'dispatch':>9} {'start-up':>9} "
-          f"{'return':>7} {'eval s':>7} {'MB down/site':>13} {'MB up/site':>11}")
+    print(
+        f"{'round':>5} {'round s':>8} {'slowest site s':>15} {'overhead':>9} {'dispatch':>9} {'start-up':>9} "
+        f"{'return':>7} {'eval s':>7} {'MB down/site':>13} {'MB up/site':>11}"
+    )
     ratios = []
     for r in rounds:
         m = r.metrics
-        parts = [tuple(map(float, TIMING_RE.search(s.detail).groups())) for s in r.sites
-                 if s.status == "ok" and s.detail and TIMING_RE.search(s.detail)]
+        parts = [
+            tuple(map(float, TIMING_RE.search(s.detail).groups()))
+            for s in r.sites
+            if s.status == "ok" and s.detail and TIMING_RE.search(s.detail)
+        ]
         mean = [statistics.mean(p[i] for p in parts) for i in range(4)] if parts else [float("nan")] * 4
         ok = [s for s in r.sites if s.status == "ok"]
         down = statistics.mean(s.bytes_down for s in ok) / 1e6
         up = statistics.mean(s.bytes_up for s in ok) / 1e6
         ratios.append(m["overhead"])
-        print(f"{r.round:>5} {m['round_s']:>8.1f} {m['slowest_site_s']:>15.1f} {m['overhead']:>9.2f} "
-              f"{mean[0]:>9.1f} {mean[1]:>9.1f} {mean[3]:>7.1f} {m.get('eval_s', float('nan')):>7.1f} "
-              f"{down:>13.2f} {up:>11.2f}")
+        print(
+            f"{r.round:>5} {m['round_s']:>8.1f} {m['slowest_site_s']:>15.1f} {m['overhead']:>9.2f} "
+            f"{mean[0]:>9.1f} {mean[1]:>9.1f} {mean[3]:>7.1f} {m.get('eval_s', float('nan')):>7.1f} "
+            f"{down:>13.2f} {up:>11.2f}"
+        )
     total_round = sum(r.metrics["round_s"] for r in rounds)
     total_site = sum(r.metrics["slowest_site_s"] for r in rounds)
     ratio = (total_round - total_site) / total_round
-    print(f"federation overhead over all rounds: {ratio:.2f} of round time "
-          f"({total_round - total_site:.1f} s of {total_round:.1f} s; target <= 0.25: "
-          f"{'met' if ratio <= 0.25 else 'NOT met'}); per round {min(ratios):.2f}..{max(ratios):.2f}")
+    print(
+        f"federation overhead over all rounds: {ratio:.2f} of round time "
+        f"({total_round - total_site:.1f} s of {total_round:.1f} s; target <= 0.25: "
+        f"{'met' if ratio <= 0.25 else 'NOT met'}); per round {min(ratios):.2f}..{max(ratios):.2f}"
+    )
     gaps = [b.started_at - a.ended_at for a, b in zip(rounds, rounds[1:])]
     if gaps:
         # Between rounds the server queries every site for forget requests (answered by the warm worker).
         span = rounds[-1].ended_at - rounds[0].started_at
-        print(f"between rounds (forget query to every site + loading the checkpoint): mean {statistics.mean(gaps):.1f} s, "
-              f"max {max(gaps):.1f} s = {sum(gaps) / span:.2f} of the run's wall time from round 1 to the end")
+        print(
+            f"between rounds (forget query to every site + loading the checkpoint): mean {statistics.mean(gaps):.1f} s, "
+            f"max {max(gaps):.1f} s = {sum(gaps) / span:.2f} of the run's wall time from round 1 to the end"
+        )
     ok = [s for s in rounds[-1].sites if s.status == "ok"]
-    print(f"bytes per site per round: {statistics.mean(s.bytes_down for s in ok):,.0f} down + "
-          f"{statistics.mean(s.bytes_up for s in ok):,.0f} up (the shared tail only; "
-          f"{len(ok[0].received_keys)} tensors)")
+    print(
+        f"bytes per site per round: {statistics.mean(s.bytes_down for s in ok):,.0f} down + "
+        f"{statistics.mean(s.bytes_up for s in ok):,.0f} up (the shared tail only; "
+        f"{len(ok[0].received_keys)} tensors)"
+    )
 
 
 def run_deployment(workdir: Path, config: Path, people: int, max_images: int) -> Path:
     import subprocess
 
-    from facefed.common.lfw import LFW
     from demo.federation import SERVER, Federation, build_vault, pick_people
+    from facefed.common.lfw import LFW
 
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -97,8 +110,9 @@ def run_deployment(workdir: Path, config: Path, people: int, max_images: int) ->
     try:
         fed.setup()
         fed.wait_online(len(sites), timeout=180)
-        code = subprocess.run([SERVER, "train", "--state", str(fed.state), "--config", str(config)],
-                              env=fed._env()).returncode
+        code = subprocess.run(
+            [SERVER, "train", "--state", str(fed.state), "--config", str(config)], env=fed._env()
+        ).returncode
         if code != 0:
             raise SystemExit(f"training failed (exit {code}); see {fed.logs}")
     finally:
@@ -107,33 +121,62 @@ def run_deployment(workdir: Path, config: Path, people: int, max_images: int) ->
 
 
 def run_sim(workdir: Path, sites: int, cpus: int) -> None:
-    from facefed.common.paths import lfw_path, pretrained_path
     from facefed.common.config import validate_config
+    from facefed.common.paths import lfw_path, pretrained_path
     from facefed.server.ops.simulate import run_simulation
 
     state = workdir / "sim-state"
     if state.exists():
         shutil.rmtree(state)
-    cfg = validate_config({"name": "sim100", "rounds": 1, "min_sites": sites, "round_timeout_s": 3600,
-                           "wait_for_sites_s": 600, "evaluate": {"every": 1, "flip": False},
-                           "train": {"delta": 1e-3, "max_epsilon": 50.0, "noise_multiplier": 1.0,
-                                     "sample_rate": 0.5, "probe_steps": 1, "steps": 2}}, FederationConfig)
+    cfg = validate_config(
+        {
+            "name": "sim100",
+            "rounds": 1,
+            "min_sites": sites,
+            "round_timeout_s": 3600,
+            "wait_for_sites_s": 600,
+            "evaluate": {"every": 1, "flip": False},
+            "train": {
+                "delta": 1e-3,
+                "max_epsilon": 50.0,
+                "noise_multiplier": 1.0,
+                "sample_rate": 0.5,
+                "probe_steps": 1,
+                "steps": 2,
+            },
+        },
+        FederationConfig,
+    )
     t0 = time.monotonic()
-    run_id = run_simulation(cfg, sites=sites, state=state, lfw=str(lfw_path()), pretrained=str(pretrained_path()),
-                            max_images=4, cpus=cpus, quiet=True)
+    run_id = run_simulation(
+        cfg,
+        sites=sites,
+        state=state,
+        lfw=str(lfw_path()),
+        pretrained=str(pretrained_path()),
+        max_images=4,
+        cpus=cpus,
+        quiet=True,
+    )
     wall = time.monotonic() - t0
     with Ledger(state / "ledger.sqlite") as ledger:
         (r,) = ledger.rounds(run_id, committed_only=True)
     ok = [s for s in r.sites if s.status == "ok"]
     compute = [s.compute_s for s in ok]
     print(f"== simulation: {sites} virtual sites, one round, {cpus} CPUs for Ray")
-    print(f"sites that replied: {len(ok)}/{sites}; people per site {min(s.people for s in ok)}.."
-          f"{max(s.people for s in ok)}; LFW pairsDevTest accuracy {r.metrics['lfw_accuracy']:.4f} (no flip)")
-    print(f"round time {r.metrics['round_s']:.1f} s; per-site compute mean {statistics.mean(compute):.2f} s, "
-          f"max {max(compute):.2f} s; sum of site compute / (round time x {cpus} CPUs) = "
-          f"{sum(compute) / (r.metrics['round_s'] * cpus):.2f}; whole simulation incl. Ray start {wall:.1f} s")
-    print(f"bytes per site: {ok[0].bytes_down:,} down + {ok[0].bytes_up:,} up "
-          f"({sites * (ok[0].bytes_down + ok[0].bytes_up) / 1e6:.1f} MB for the round)")
+    print(
+        f"sites that replied: {len(ok)}/{sites}; people per site {min(s.people for s in ok)}.."
+        f"{max(s.people for s in ok)}; LFW pairsDevTest accuracy {r.metrics['lfw_accuracy']:.4f} (no flip)"
+    )
+    print(
+        f"round time {r.metrics['round_s']:.1f} s; per-site compute mean {statistics.mean(compute):.2f} s, "
+        f"max {max(compute):.2f} s; sum of site compute / (round time x {cpus} CPUs) = "
+        f"{sum(compute) / (r.metrics['round_s'] * cpus):.2f}; whole simulation incl. Ray start {wall:.1f} s"
+    )
+    print(
+        f"bytes per site: {ok[0].bytes_down:,} down + {ok[0].bytes_up:,} up "
+        f"({sites * (ok[0].bytes_down + ok[0].bytes_up) / 1e6:.1f} MB for the round)"
+    )
 
 
 def main() -> None:

@@ -54,20 +54,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from train import Tee  # noqa: E402
+from train_data import load_eval, load_faces, train_people  # noqa: E402
 
 from facefed.client.training.faces import SiteFaces  # noqa: E402
 from facefed.client.training.trainer import train_local  # noqa: E402
-
 from facefed.common.accountant import SiteAccountant  # noqa: E402
 from facefed.common.config import TrainConfig, load_config  # noqa: E402
 from facefed.common.evaluate import EvalResult, metrics_from_scores  # noqa: E402
-from facefed.common.model.heads import MarginHead  # noqa: E402
 from facefed.common.lfw import LFW, partition_people  # noqa: E402
-from facefed.common.model.mobilefacenet import MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, shared_state  # noqa: E402
+from facefed.common.model.heads import MarginHead  # noqa: E402
+from facefed.common.model.mobilefacenet import (  # noqa: E402
+    MobileFaceNet,
+    build_embedder,
+    load_shared_state,
+    prefix_fingerprint,
+    shared_state,
+)
 from facefed.common.paths import pretrained_path  # noqa: E402
 from facefed.common.shards import concat_embeddings, shard_of  # noqa: E402
-from train import Tee  # noqa: E402
-from train_data import load_eval, load_faces, train_people  # noqa: E402
 
 OUT = ROOT / "bench-out"
 CONFIGS = ROOT / "configs" / "bench"
@@ -80,11 +85,11 @@ Tail = dict[str, torch.Tensor]
 # -- the in-process federation ----------------------------------------------------------------------
 @dataclass
 class ShardModel:
-    tail: Tail                     # the shard's global tail after the last round
+    tail: Tail  # the shard's global tail after the last round
     heads: list[MarginHead | None]  # each site's private head for this shard (None: site had no one here)
     wall_s: float
     cpu_s: float
-    epsilon: float                 # largest per-site epsilon in this shard after training (inf: non-private)
+    epsilon: float  # largest per-site epsilon in this shard after training (inf: non-private)
 
 
 @dataclass
@@ -109,17 +114,29 @@ def fedavg(tails: list[Tail], weights: list[float]) -> Tail:
     return {k: v.float() for k, v in out.items()}
 
 
-def train_shard(model: MobileFaceNet, base: Tail, site_faces: list[SiteFaces], cfg: TrainConfig, rounds: int,
-                shard: int, state: Path | None) -> ShardModel:
+def train_shard(
+    model: MobileFaceNet,
+    base: Tail,
+    site_faces: list[SiteFaces],
+    cfg: TrainConfig,
+    rounds: int,
+    shard: int,
+    state: Path | None,
+) -> ShardModel:
     """`rounds` federated rounds of one shard from `base`; accountants under `state` (one per site),
     continued if they exist (a replay is a new release and adds to the remaining people's epsilon)."""
     t, c = time.perf_counter(), time.process_time()
     tail = {k: v.clone() for k, v in base.items()}
     heads: list[MarginHead | None] = [
         MarginHead(scale=cfg.scale, margin=cfg.margin, seed=SEED) if f.n_people >= cfg.min_people else None
-        for f in site_faces]
-    accountants = [SiteAccountant(state / f"site{i}.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-                   if state is not None and heads[i] is not None else None for i in range(len(site_faces))]
+        for f in site_faces
+    ]
+    accountants = [
+        SiteAccountant(state / f"site{i}.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+        if state is not None and heads[i] is not None
+        else None
+        for i in range(len(site_faces))
+    ]
     for rnd in range(1, rounds + 1):
         tails, weights = [], []
         for i, faces in enumerate(site_faces):
@@ -134,10 +151,13 @@ def train_shard(model: MobileFaceNet, base: Tail, site_faces: list[SiteFaces], c
     return ShardModel(tail, heads, time.perf_counter() - t, time.process_time() - c, eps)
 
 
-def site_shard_people(sites: list[list[str]], pseudonym: dict[str, str], shards: int,
-                      exclude: set[str]) -> list[list[list[str]]]:
-    return [[[p for p in site if p not in exclude and shard_of(SHARD_KEY, pseudonym[p], shards) == s]
-             for site in sites] for s in range(shards)]
+def site_shard_people(
+    sites: list[list[str]], pseudonym: dict[str, str], shards: int, exclude: set[str]
+) -> list[list[list[str]]]:
+    return [
+        [[p for p in site if p not in exclude and shard_of(SHARD_KEY, pseudonym[p], shards) == s] for site in sites]
+        for s in range(shards)
+    ]
 
 
 def exact_equal(a: ShardModel, b: ShardModel) -> bool:
@@ -159,8 +179,12 @@ def shard_embeddings(model: MobileFaceNet, tails: list[Tail], feats: torch.Tenso
     parts = []
     for tail in tails:
         load_shared_state(model, tail)
-        e = torch.cat([model.forward_tail(feats[i:i + 512].flatten(0, 1)).view(len(feats[i:i + 512]), 2, -1).sum(1)
-                       for i in range(0, len(feats), 512)])
+        e = torch.cat(
+            [
+                model.forward_tail(feats[i : i + 512].flatten(0, 1)).view(len(feats[i : i + 512]), 2, -1).sum(1)
+                for i in range(0, len(feats), 512)
+            ]
+        )
         parts.append(F.normalize(e, dim=1))
     return concat_embeddings(parts)
 
@@ -170,15 +194,16 @@ def evaluate(model: MobileFaceNet, tails: list[Tail], evalc) -> EvalResult:
     for tail in tails:
         load_shared_state(model, tail)
         parts.append(evalc.embeddings(model))
-    return metrics_from_scores(evalc.scores(concat_embeddings(parts)), evalc.same, evalc.folds,
-                               pairs_file=evalc.pairs_file, flip=evalc.flip)
+    return metrics_from_scores(
+        evalc.scores(concat_embeddings(parts)), evalc.same, evalc.folds, pairs_file=evalc.pairs_file, flip=evalc.flip
+    )
 
 
 def cluster_scores(emb: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
     """Per person (start, count): mean pairwise cosine of their unit embeddings."""
     out = []
     for start, n in groups:
-        s = emb[start:start + n].sum(0)
+        s = emb[start : start + n].sum(0)
         out.append((float(s @ s) - n) / (n * (n - 1)))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -212,6 +237,7 @@ class Cost:
     """Wall times of each shard's three trainings: original (everyone), replay (touched shards only, without
     the forgotten people) and oracle (without them). The three do the same work to within 1-2 of ~280-1130
     people, so the smallest of them is the shard's training time least disturbed by other load."""
+
     variant: str
     shards: int
     touched: list[int]
@@ -223,8 +249,11 @@ class Cost:
     def measured(self) -> tuple[float, float, float]:
         """(full retraining s, batch ratio, mean per-request ratio) from the oracle and replay times as measured."""
         full = sum(self.oracle)
-        return full, sum(self.replay.values()) / full, sum(self.replay[s] for s in self.shard_of_person) / len(
-            self.shard_of_person) / full
+        return (
+            full,
+            sum(self.replay.values()) / full,
+            sum(self.replay[s] for s in self.shard_of_person) / len(self.shard_of_person) / full,
+        )
 
     def shard_time(self, s: int) -> float:
         return min([self.original[s], self.oracle[s]] + ([self.replay[s]] if s in self.replay else []))
@@ -267,8 +296,10 @@ def erase_timing(lfw: LFW, people: list[str], log) -> list[float]:
             req = forget(root / "vault", root / "state", p, reason="benchmark")
             wall = time.perf_counter() - t
             times.append(wall)
-            log(f"  forget({req.pseudonym}): {wall * 1000:6.1f} ms in the call, received -> erased "
-                f"{(req.erased_at - req.received_at) * 1000:6.1f} ms, {req.shares_destroyed} shares destroyed")
+            log(
+                f"  forget({req.pseudonym}): {wall * 1000:6.1f} ms in the call, received -> erased "
+                f"{(req.erased_at - req.received_at) * 1000:6.1f} ms, {req.shares_destroyed} shares destroyed"
+            )
         left = sum(len(os.listdir(s)) for s in stores)
         log(f"  shares in the 3 stores: {shares_before} before, {left} after ({len(data)} images x 3)")
     return times
@@ -300,9 +331,11 @@ def main() -> None:
     shard_counts = [int(s) for s in args.shards.split(",")]
     log = Tee(OUT / ("forget-quick.txt" if args.quick else "forget.txt"))
     t_all = time.perf_counter()
-    log(f"bench/forget.py  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    log(
+        f"bench/forget.py  torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start"
-        + ("  [--quick: a tenth of the steps, NOT the benchmark]" if args.quick else ""))
+        + ("  [--quick: a tenth of the steps, NOT the benchmark]" if args.quick else "")
+    )
 
     lfw = LFW()
     pretrained = pretrained_path()
@@ -321,17 +354,27 @@ def main() -> None:
     pseudonym = dict(zip(faces.person_ids, faces.pseudonyms))
     sites = [[p for p in s if p not in held_out] for s in sites]
     site_of = {p: i for i, s in enumerate(sites) for p in s}
-    log(f"{SITES} sites (partition_people of peopleDevTrain people with >= 2 images), {args.rounds} rounds; "
+    log(
+        f"{SITES} sites (partition_people of peopleDevTrain people with >= 2 images), {args.rounds} rounds; "
         f"held out entirely: {len(never_seen)} never-seen people; training: "
-        f"{', '.join(str(len(s)) for s in sites)} people per site")
+        f"{', '.join(str(len(s)) for s in sites)} people per site"
+    )
+
     def shard_list(p: str) -> str:
         return "/".join(str(shard_of(SHARD_KEY, pseudonym[p], s)) for s in shard_counts)
 
-    log(f"forgotten ({FORGET} people with >= {MIN_IMAGES_MIA} images): " + ", ".join(
-        f"{pseudonym[p]} (site {site_of[p]}, {counts[p]} images, shard {shard_list(p)} of S="
-        f"{'/'.join(map(str, shard_counts))})" for p in forgotten))
-    log(f"membership inference: {len(forgotten)} forgotten, {len(still)} still-trained and {len(never_seen)} never-seen "
-        f"people with >= {MIN_IMAGES_MIA} images ({sum(counts[p] for p in forgotten + still + never_seen)} images)")
+    log(
+        f"forgotten ({FORGET} people with >= {MIN_IMAGES_MIA} images): "
+        + ", ".join(
+            f"{pseudonym[p]} (site {site_of[p]}, {counts[p]} images, shard {shard_list(p)} of S="
+            f"{'/'.join(map(str, shard_counts))})"
+            for p in forgotten
+        )
+    )
+    log(
+        f"membership inference: {len(forgotten)} forgotten, {len(still)} still-trained and {len(never_seen)} never-seen "
+        f"people with >= {MIN_IMAGES_MIA} images ({sum(counts[p] for p in forgotten + still + never_seen)} images)"
+    )
 
     # Images of the people the attack looks at, and the pretrained model's reference scores.
     mia_people = {"forgotten": forgotten, "still": still, "never": never_seen}
@@ -362,7 +405,9 @@ def main() -> None:
         return out
 
     pre = evaluate(model, [base], evalc)
-    log(f"pretrained (CASIA) as is: pairsDevTest accuracy {100 * pre.accuracy_mean:.2f} ± {100 * pre.accuracy_std:.2f} %")
+    log(
+        f"pretrained (CASIA) as is: pairsDevTest accuracy {100 * pre.accuracy_mean:.2f} ± {100 * pre.accuracy_std:.2f} %"
+    )
 
     # Warm-up: the first training call pays one-off imports and allocations (about 1-2 s), which would
     # otherwise land on whichever model is timed first.
@@ -398,13 +443,16 @@ def main() -> None:
                 # who remain); the federation refuses one that passes the site's budget instead.
                 update.update(noise_multiplier=sigma, target_epsilon=None, max_epsilon=4 * cfg.max_epsilon)
                 vname = f"DP eps {target:g}"
-                recipe = (f"per-person DP, sigma {sigma:.3f} (per-person eps {target:g} at delta {cfg.delta:g} after "
-                          f"all rounds), q {cfg.sample_rate}, tune {cfg.tune}")
+                recipe = (
+                    f"per-person DP, sigma {sigma:.3f} (per-person eps {target:g} at delta {cfg.delta:g} after "
+                    f"all rounds), q {cfg.sample_rate}, tune {cfg.tune}"
+                )
             else:
                 recipe = f"non-private, q {cfg.sample_rate}, tune {cfg.tune}"
             cfg = TrainConfig.model_validate({**cfg.model_dump(), **update})
             log(f"\n=== {vname}: {recipe}; per site: {probe} probe steps (round 1) + {args.rounds} x {per_round} steps")
             for S in shard_counts:
+
                 def faces_of(people_by_shard):
                     return [[faces.subset(site) for site in shard] for shard in people_by_shard]
 
@@ -430,24 +478,32 @@ def main() -> None:
                     return out
 
                 original = train_all(everyone, "original")
-                log(f"  original : {sum(m.wall_s for m in original.values()):7.1f} s  "
+                log(
+                    f"  original : {sum(m.wall_s for m in original.values()):7.1f} s  "
                     f"(per shard {', '.join(f'{m.wall_s:.1f}' for m in original.values())})  "
-                    f"epsilon {max(m.epsilon for m in original.values()):.2f}")
+                    f"epsilon {max(m.epsilon for m in original.values()):.2f}"
+                )
                 # Unlearning: roll each touched shard back to round 0 (every person trains from round 1)
                 # and replay without the forgotten people, continuing that shard's accountants.
                 replayed = train_all(without, "original", only=touched)
                 unlearned = {s: replayed.get(s, original[s]) for s in original}
-                log(f"  unlearned: {sum(m.wall_s for m in replayed.values()):7.1f} s  replaying shards {touched} "
+                log(
+                    f"  unlearned: {sum(m.wall_s for m in replayed.values()):7.1f} s  replaying shards {touched} "
                     f"(per shard {', '.join(f'{m.wall_s:.1f}' for m in replayed.values())}); epsilon of the people "
-                    f"who remain in them after the replay {max(m.epsilon for m in replayed.values()):.2f}")
+                    f"who remain in them after the replay {max(m.epsilon for m in replayed.values()):.2f}"
+                )
                 oracle = train_all(without, "oracle")
-                log(f"  oracle   : {sum(m.wall_s for m in oracle.values()):7.1f} s  "
-                    f"(per shard {', '.join(f'{m.wall_s:.1f}' for m in oracle.values())})")
+                log(
+                    f"  oracle   : {sum(m.wall_s for m in oracle.values()):7.1f} s  "
+                    f"(per shard {', '.join(f'{m.wall_s:.1f}' for m in oracle.values())})"
+                )
                 same = all(exact_equal(unlearned[s], oracle[s]) for s in oracle)
                 same_untouched = all(exact_equal(original[s], oracle[s]) for s in oracle if s not in touched)
-                log(f"  unlearned == oracle bit for bit (tails of {S} shard(s), heads of every site): "
+                log(
+                    f"  unlearned == oracle bit for bit (tails of {S} shard(s), heads of every site): "
                     f"{'YES' if same else 'NO'}; untouched shards kept == retrained: "
-                    f"{'YES' if same_untouched else 'NO'}{'' if len(touched) < S else ' (none untouched)'}")
+                    f"{'YES' if same_untouched else 'NO'}{'' if len(touched) < S else ' (none untouched)'}"
+                )
                 exact.append((vname, S, same))
 
                 for mname, fed in (("original", original), ("unlearned", unlearned), ("oracle", oracle)):
@@ -455,72 +511,108 @@ def main() -> None:
                     r = Row(vname, S, mname, evaluate(model, tails, evalc), mia(tails))
                     results.append(r)
                     m = r.mia
-                    log(f"  {mname:<9} pairsDevTest {100 * r.result.accuracy_mean:6.2f} %   MIA AUC (calibrated) "
+                    log(
+                        f"  {mname:<9} pairsDevTest {100 * r.result.accuracy_mean:6.2f} %   MIA AUC (calibrated) "
                         f"forgotten {m['forgotten-cal'][0]:.3f} [{m['forgotten-cal'][1]:.2f}, {m['forgotten-cal'][2]:.2f}]"
-                        f"  still-trained {m['still-cal'][0]:.3f} [{m['still-cal'][1]:.2f}, {m['still-cal'][2]:.2f}]")
+                        f"  still-trained {m['still-cal'][0]:.3f} [{m['still-cal'][1]:.2f}, {m['still-cal'][2]:.2f}]"
+                    )
 
-                costs.append(Cost(vname, S, touched, [shard_of(SHARD_KEY, pseudonym[p], S) for p in forgotten],
-                                  [original[s].wall_s for s in range(S)], [oracle[s].wall_s for s in range(S)],
-                                  {s: m.wall_s for s, m in replayed.items()}))
+                costs.append(
+                    Cost(
+                        vname,
+                        S,
+                        touched,
+                        [shard_of(SHARD_KEY, pseudonym[p], S) for p in forgotten],
+                        [original[s].wall_s for s in range(S)],
+                        [oracle[s].wall_s for s in range(S)],
+                        {s: m.wall_s for s, m in replayed.items()},
+                    )
+                )
     finally:
         import shutil
 
         shutil.rmtree(state_root, ignore_errors=True)
 
     # -- summary --------------------------------------------------------------------------------
-    log("\n1. Exactness: unlearned model == oracle retrained without the forgotten people, bit for bit "
-        "(every shard tail and every site head)")
+    log(
+        "\n1. Exactness: unlearned model == oracle retrained without the forgotten people, bit for bit "
+        "(every shard tail and every site head)"
+    )
     for vname, S, same in exact:
         log(f"  {vname:<12} S={S}: {'yes' if same else 'NO'}")
 
-    log("\n2. Membership inference per person: AUC of members vs never-seen people (0.5 = indistinguishable), "
+    log(
+        "\n2. Membership inference per person: AUC of members vs never-seen people (0.5 = indistinguishable), "
         "95% bootstrap interval.\n   score = mean pairwise cosine of the person's images; calibrated = minus the "
         f"same under the pretrained model.\n   {FORGET} forgotten people only: the forgotten AUC is noisy (wide interval); "
-"target |AUC - 0.5| <= 0.05 as for the oracle.\n   chance: 95% range of the AUC of 5 never-seen people drawn at random "
-        "vs the other never-seen people (who are exchangeable with the forgotten under the oracle).")
-    log(f"  {'variant':<12} {'S':>1}  {'model':<9}  {'forgotten (cal)':>22}  {'still-trained (cal)':>22}  "
-        f"{'chance (cal)':>12}  {'forgotten (raw)':>22}  {'still-trained (raw)':>22}")
+        "target |AUC - 0.5| <= 0.05 as for the oracle.\n   chance: 95% range of the AUC of 5 never-seen people drawn at random "
+        "vs the other never-seen people (who are exchangeable with the forgotten under the oracle)."
+    )
+    log(
+        f"  {'variant':<12} {'S':>1}  {'model':<9}  {'forgotten (cal)':>22}  {'still-trained (cal)':>22}  "
+        f"{'chance (cal)':>12}  {'forgotten (raw)':>22}  {'still-trained (raw)':>22}"
+    )
     fmt = lambda t: f"{t[0]:.3f} [{t[1]:.2f}, {t[2]:.2f}]"  # noqa: E731
     for r in results:
         m = r.mia
-        log(f"  {r.variant:<12} {r.shards:>1}  {r.model:<9}  {fmt(m['forgotten-cal']):>22}  {fmt(m['still-cal']):>22}  "
-            f"{fmt(m['chance-cal'])[6:]:>12}  {fmt(m['forgotten-raw']):>22}  {fmt(m['still-raw']):>22}")
+        log(
+            f"  {r.variant:<12} {r.shards:>1}  {r.model:<9}  {fmt(m['forgotten-cal']):>22}  {fmt(m['still-cal']):>22}  "
+            f"{fmt(m['chance-cal'])[6:]:>12}  {fmt(m['forgotten-raw']):>22}  {fmt(m['still-raw']):>22}"
+        )
 
-    log("\n3. pairsDevTest accuracy (1,000 pairs, 10-fold CV thresholds, flip averaging); target: unlearned within "
-        "0.5 points of the oracle")
+    log(
+        "\n3. pairsDevTest accuracy (1,000 pairs, 10-fold CV thresholds, flip averaging); target: unlearned within "
+        "0.5 points of the oracle"
+    )
     log(f"  pretrained as is: {100 * pre.accuracy_mean:.2f} %")
     by = {(r.variant, r.shards, r.model): r.result for r in results}
     for vname, S in [(c.variant, c.shards) for c in costs]:
         o, u, g = by[(vname, S, "original")], by[(vname, S, "unlearned")], by[(vname, S, "oracle")]
-        log(f"  {vname:<12} S={S}: original {100 * o.accuracy_mean:.2f} ± {100 * o.accuracy_std:.2f}, unlearned "
+        log(
+            f"  {vname:<12} S={S}: original {100 * o.accuracy_mean:.2f} ± {100 * o.accuracy_std:.2f}, unlearned "
             f"{100 * u.accuracy_mean:.2f} ± {100 * u.accuracy_std:.2f}, oracle {100 * g.accuracy_mean:.2f} ± "
-            f"{100 * g.accuracy_std:.2f}; unlearned - oracle {100 * (u.accuracy_mean - g.accuracy_mean):+.2f} points")
+            f"{100 * g.accuracy_std:.2f}; unlearned - oracle {100 * (u.accuracy_mean - g.accuracy_mean):+.2f} points"
+        )
 
-    log("\n4. Cost: unlearning (replay) time / full retraining time (wall clock); target with S=4: <= 0.35.\n"
+    log(
+        "\n4. Cost: unlearning (replay) time / full retraining time (wall clock); target with S=4: <= 0.35.\n"
         "   batch: the 5 requests pending together share one replay of every shard they touch; per request: a request "
         "alone replays only its person's shard (its time taken from the batch replay of that shard: the same work to "
         "within one or two people).\n"
         "   'as measured': replay and oracle times of this run, on a machine shared with other jobs; 'least disturbed': "
         "each shard's time is the smallest of its three trainings (original, replay, oracle: the same work to within "
-        "1-2 people).\n   vs S=1: against retraining the unsharded (S=1) federation, the speed-up SISA claims.")
+        "1-2 people).\n   vs S=1: against retraining the unsharded (S=1) federation, the speed-up SISA claims."
+    )
     s1 = {c.variant: c.robust()[0] for c in costs if c.shards == 1}
     for c in costs:
         full_m, batch_m, per_m = c.measured()
         full, batch, per, per_s = c.robust()
-        vs1 = (f"; per request vs S=1 retraining {per_s / s1[c.variant]:.2f}, S={c.shards} training costs "
-               f"{full / s1[c.variant]:.2f}x S=1" if c.variant in s1 and c.shards != 1 else "")
-        log(f"  {c.variant:<12} S={c.shards}: as measured: retraining {full_m:5.1f} s, batch {batch_m:.2f}, per request "
+        vs1 = (
+            f"; per request vs S=1 retraining {per_s / s1[c.variant]:.2f}, S={c.shards} training costs "
+            f"{full / s1[c.variant]:.2f}x S=1"
+            if c.variant in s1 and c.shards != 1
+            else ""
+        )
+        log(
+            f"  {c.variant:<12} S={c.shards}: as measured: retraining {full_m:5.1f} s, batch {batch_m:.2f}, per request "
             f"{per_m:.2f} | least disturbed: retraining {full:5.1f} s, batch {batch:.2f}, per request {per:.2f} "
-            f"({per_s:.1f} s){vs1}")
+            f"({per_s:.1f} s){vs1}"
+        )
 
-    log("\n5. Time from request to data erased: a real (2,3) vault of local stores holding the forgotten people's "
-        "images, client.forget.forget() per person (target < 1 s)")
+    log(
+        "\n5. Time from request to data erased: a real (2,3) vault of local stores holding the forgotten people's "
+        "images, client.forget.forget() per person (target < 1 s)"
+    )
     times = erase_timing(lfw, forgotten, log)
     log(f"  mean {1000 * sum(times) / len(times):.0f} ms, max {1000 * max(times):.0f} ms per request")
-    log("  time from request to model unlearned = erasure + the replay of the person's shard(s) (least-disturbed times of "
-        "section 4), per request: " + "; ".join(
-            f"{c.variant} S={c.shards} {sum(times) / len(times) + c.robust()[3]:.1f} s" for c in costs))
-    log(f"\nwhole benchmark {(time.perf_counter() - t_all) / 60:.1f} min; load average {os.getloadavg()[0]:.1f} at the end")
+    log(
+        "  time from request to model unlearned = erasure + the replay of the person's shard(s) (least-disturbed times of "
+        "section 4), per request: "
+        + "; ".join(f"{c.variant} S={c.shards} {sum(times) / len(times) + c.robust()[3]:.1f} s" for c in costs)
+    )
+    log(
+        f"\nwhole benchmark {(time.perf_counter() - t_all) / 60:.1f} min; load average {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

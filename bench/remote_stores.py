@@ -89,7 +89,7 @@ def _read_run(vault, ids: list[str], best: _Best, pids: list[int], dec: Callable
 def _import(vault, images: list[tuple[str, str, bytes]]) -> tuple[list[str], float]:
     t0, ids = time.perf_counter(), []
     for i in range(0, len(images), IMPORT_BATCH):
-        ids += vault.put_many([(person, data, name) for person, name, data in images[i:i + IMPORT_BATCH]])
+        ids += vault.put_many([(person, data, name) for person, name, data in images[i : i + IMPORT_BATCH]])
     return ids, len(images) / (time.perf_counter() - t0)
 
 
@@ -100,13 +100,14 @@ def _other_cores() -> set[int] | None:
     return rest or None
 
 
-def vault_rows(images: list[tuple[str, str, bytes]], root: str | Path, rounds: int,
-               dec: Callable[[bytes], None] = decode) -> list[Row]:
+def vault_rows(
+    images: list[tuple[str, str, bytes]], root: str | Path, rounds: int, dec: Callable[[bytes], None] = decode
+) -> list[Row]:
     """`images`: (person, file name, JPEG bytes), as bench/vault.py loads them. Starts and stops its
     own holder processes; everything it writes lives under a temp folder inside `root`."""
-    from facefed.client.vault import Vault
     from facefed.client.holder.procs import HolderProcess
     from facefed.client.holder.tls import make_store_certs
+    from facefed.client.vault import Vault
 
     with tempfile.TemporaryDirectory(prefix="remote-stores-", dir=root) as tmp:
         base = Path(tmp)
@@ -150,12 +151,23 @@ def vault_rows(images: list[tuple[str, str, bytes]], root: str | Path, rounds: i
     holder_us = best_remote.others / n * 1e6
     return [
         Row("vault iter_images + decode, 3 local dirs", lr, "images/s", "", f"[wall {n / best_local.wall:.0f}]"),
-        Row("vault iter_images + decode, 3 gRPC holders", rr, "images/s", f">= {TARGET_RATIO}x local",
-            f"{ratio:.2f}x local " + ("ok" if ratio >= TARGET_RATIO else "MISSED")
+        Row(
+            "vault iter_images + decode, 3 gRPC holders",
+            rr,
+            "images/s",
+            f">= {TARGET_RATIO}x local",
+            f"{ratio:.2f}x local "
+            + ("ok" if ratio >= TARGET_RATIO else "MISSED")
             + f"  [wall {n / best_remote.wall:.0f} = {n / best_remote.wall / (n / best_local.wall):.2f}x;"
-            f" holders' CPU {holder_us:.0f} us/image]"),
-        Row("import (2,3), 3 gRPC holders, wall", remote_imp, "images/s", "",
-            f"local dirs {local_imp:.0f}/s = {remote_imp / local_imp:.2f}x"),
+            f" holders' CPU {holder_us:.0f} us/image]",
+        ),
+        Row(
+            "import (2,3), 3 gRPC holders, wall",
+            remote_imp,
+            "images/s",
+            "",
+            f"local dirs {local_imp:.0f}/s = {remote_imp / local_imp:.2f}x",
+        ),
     ]
 
 
@@ -182,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     core = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
     images = _load(args.images)
-    print(f"remote stores: {len(images)} LFW JPEGs, this process on CPU core {core}, holders on the others, "
-          f"best of {args.rounds}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"remote stores: {len(images)} LFW JPEGs, this process on CPU core {core}, holders on the others, "
+        f"best of {args.rounds}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     with tempfile.TemporaryDirectory(prefix="facefed-bench-") as root:
         rows = vault_rows(images, root, args.rounds)
     width = max(len(r.name) for r in rows)

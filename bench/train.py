@@ -15,7 +15,6 @@ bench-out/train.txt.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -31,17 +30,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from train_data import load_eval, load_faces, train_people  # noqa: E402
 
 from facefed.client.training.sampling import PersonSampler  # noqa: E402
 from facefed.client.training.trainer import _Loop, _Net, train_local  # noqa: E402
 from facefed.common.accountant import SiteAccountant  # noqa: E402
 from facefed.common.config import TrainConfig, load_config  # noqa: E402
 from facefed.common.evaluate import EvalCache  # noqa: E402
-from facefed.common.model.heads import MarginHead  # noqa: E402
 from facefed.common.lfw import LFW  # noqa: E402
+from facefed.common.model.heads import MarginHead  # noqa: E402
 from facefed.common.model.mobilefacenet import build_embedder, count_params, prefix_fingerprint  # noqa: E402
 from facefed.common.paths import pretrained_path  # noqa: E402
-from train_data import load_eval, load_faces, train_people  # noqa: E402
 
 OUT = ROOT / "bench-out"
 CONFIGS = ROOT / "configs" / "bench"
@@ -72,11 +71,18 @@ def throughput(model, faces, log, *, batch: int, rounds: int, steps: int) -> Non
     timings = {"none": 0.0, "person": 0.0}
     for r in range(rounds + 1):  # round 0 warms up
         for unit in ("none", "person"):
-            cfg = TrainConfig(privacy_unit=unit, noise_multiplier=1.0 if unit != "none" else None,
-                              sample_rate=q, lr=1e-4, head_lr=1e-4)
+            cfg = TrainConfig(
+                privacy_unit=unit,
+                noise_multiplier=1.0 if unit != "none" else None,
+                sample_rate=q,
+                lr=1e-4,
+                head_lr=1e-4,
+            )
             net = _Net(model, head)
-            groups = [{"params": [p for p in net.tail.parameters() if p.requires_grad], "lr": cfg.lr},
-                      {"params": list(head.parameters()), "lr": cfg.head_lr}]
+            groups = [
+                {"params": [p for p in net.tail.parameters() if p.requires_grad], "lr": cfg.lr},
+                {"params": list(head.parameters()), "lr": cfg.head_lr},
+            ]
             loop = _Loop(net, groups, head, cfg, 1.0, q * faces.n_people, seed=r)
             t = time.perf_counter()
             for x, y in zip(xs, labels):
@@ -85,8 +91,10 @@ def throughput(model, faces, log, *, batch: int, rounds: int, steps: int) -> Non
                 timings[unit] += time.perf_counter() - t
             loop.close()
     ips = {u: rounds * n_images / s for u, s in timings.items()}
-    log(f"  [{model.train_from}] trainable: {model.train_from}..features ({count_params(model, True):,} params) + head "
-        f"({len(head)} x 128); batches of ~{batch} people (mean {n_images / steps:.0f}), {steps} steps x {rounds} rounds")
+    log(
+        f"  [{model.train_from}] trainable: {model.train_from}..features ({count_params(model, True):,} params) + head "
+        f"({len(head)} x 128); batches of ~{batch} people (mean {n_images / steps:.0f}), {steps} steps x {rounds} rounds"
+    )
     log(f"  non-private SGD : {ips['none']:8.1f} images/s")
     log(f"  DP-SGD (Opacus) : {ips['person']:8.1f} images/s")
     log(f"  DP cost ratio   : {ips['none'] / ips['person']:.2f}x  (target <= 2x)")
@@ -120,9 +128,11 @@ def fmt_row(name, results, reports=None, train_s=None) -> str:
     else:
         priv, steps = f"eps={report.epsilon:.2f} (sigma {report.noise_multiplier:.2f})", f"{report.steps}"
     seeds = f"  seeds: {', '.join(f'{a:.1f}' for a in accs)}" if len(accs) > 1 else ""
-    return (f"  {name:<30} {mean(accs):6.2f} ± {spread:4.2f}  {mean([r.auc for r in results]):.4f}  "
-            f"{tar[1e-2]:6.1f}  {tar[1e-3]:6.1f}  {steps:>6}  "
-            f"{'' if train_s is None else f'{train_s:6.0f}'}  {priv}{seeds}")
+    return (
+        f"  {name:<30} {mean(accs):6.2f} ± {spread:4.2f}  {mean([r.auc for r in results]):.4f}  "
+        f"{tar[1e-2]:6.1f}  {tar[1e-3]:6.1f}  {steps:>6}  "
+        f"{'' if train_s is None else f'{train_s:6.0f}'}  {priv}{seeds}"
+    )
 
 
 def main() -> None:
@@ -135,8 +145,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log = Tee(OUT / "train.txt")
     t_all = time.perf_counter()
-    log(f"bench/train.py  torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start")
+    log(
+        f"bench/train.py  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start"
+    )
     lfw = LFW()
     pretrained = pretrained_path()
     model = build_embedder(pretrained)  # train_from = "features", the recipe's trainable stage
@@ -153,15 +165,21 @@ def main() -> None:
 
     only = set(args.only.split(",")) if args.only else None
     want = lambda k: only is None or k in only  # noqa: E731
-    log("\n2. Accuracy on LFW pairsDevTest (1,000 pairs of people disjoint from training; 10-fold CV thresholds; "
+    log(
+        "\n2. Accuracy on LFW pairsDevTest (1,000 pairs of people disjoint from training; 10-fold CV thresholds; "
         f"flip averaging; TAR over the 500 impostor pairs: FAR 1e-2 admits 5 of them, 1e-3 none, i.e. the threshold\n   is the top impostor score). Fine-tuned rows: mean "
-        f"over {args.seeds} seeds ± sd over seeds; other rows: ± sd over the 10 folds. train s: per seed.")
-    log(f"  {'model':<30} {'acc %':>14}  {'AUC':>6}  {'TAR@1e-2':>6}  {'@1e-3':>6}  {'steps':>6}  {'train s':>6}  privacy")
+        f"over {args.seeds} seeds ± sd over seeds; other rows: ± sd over the 10 folds. train s: per seed."
+    )
+    log(
+        f"  {'model':<30} {'acc %':>14}  {'AUC':>6}  {'TAR@1e-2':>6}  {'@1e-3':>6}  {'steps':>6}  {'train s':>6}  privacy"
+    )
     if want("pretrained"):
         log(fmt_row("pretrained (CASIA) as is", [evalc.evaluate(model)]))
-    rows = [("nonprivate", "fine-tuned, non-private", "finetune-nonprivate.toml"),
-            ("dp8", "fine-tuned, DP person eps 8", "finetune-dp8.toml"),
-            ("dp2", "fine-tuned, DP person eps 2", "finetune-dp2.toml")]
+    rows = [
+        ("nonprivate", "fine-tuned, non-private", "finetune-nonprivate.toml"),
+        ("dp8", "fine-tuned, DP person eps 8", "finetune-dp8.toml"),
+        ("dp2", "fine-tuned, DP person eps 2", "finetune-dp2.toml"),
+    ]
     for key, name, file in rows:
         if not want(key):
             continue
@@ -175,8 +193,10 @@ def main() -> None:
         log(fmt_row(name, results, reports, (time.perf_counter() - t) / args.seeds))
     if not args.skip_scratch:
         scratch_faces = None
-        for key, name, file in [("scratch", "from scratch, non-private", "scratch-nonprivate.toml"),
-                                ("scratch_dp", "from scratch, DP person eps 8", "scratch-dp8.toml")]:
+        for key, name, file in [
+            ("scratch", "from scratch, non-private", "scratch-nonprivate.toml"),
+            ("scratch_dp", "from scratch, DP person eps 8", "scratch-dp8.toml"),
+        ]:
             if not want(key):
                 continue
             cfg = load_config(CONFIGS / file, TrainConfig)
@@ -188,8 +208,10 @@ def main() -> None:
             t = time.perf_counter()
             report, result, _ = run_row(name, m, scratch_faces, cfg, scratch_eval, log)
             log(fmt_row(name, [result], [report], time.perf_counter() - t))
-    log(f"\nper-person epsilon at delta 1e-5, RDP accountant (Opacus analysis); whole benchmark "
-        f"{(time.perf_counter() - t_all) / 60:.1f} min; load average {os.getloadavg()[0]:.1f} at the end")
+    log(
+        f"\nper-person epsilon at delta 1e-5, RDP accountant (Opacus analysis); whole benchmark "
+        f"{(time.perf_counter() - t_all) / 60:.1f} min; load average {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def derive(model: MobileFaceNet, feats: torch.Tensor, stage: str) -> torch.Tenso
     first, last = STAGES.index(model.train_from), STAGES.index(stage)
     flat, out = feats.flatten(0, 1), []
     for i in range(0, len(flat), 1024):
-        x = flat[i:i + 1024]
+        x = flat[i : i + 1024]
         for name in STAGES[first:last]:
             x = model._run_stage(name, x)
         out.append(x)
@@ -64,8 +64,9 @@ def load_faces(lfw: LFW, names: list[str], pretrained, stages=("conv_5", "featur
     key = hashlib.sha256((prefix_fingerprint(model) + "\n".join(faces.image_ids)).encode()).hexdigest()[:24]
     feats = _cached(f"train-{key}", lambda: prefix_features(model, faces.images), "training prefix features", log)
     for stage in stages:
-        faces.cache[("prefix", prefix_fingerprint(build_embedder(pretrained, train_from=stage)))] = \
+        faces.cache[("prefix", prefix_fingerprint(build_embedder(pretrained, train_from=stage)))] = (
             feats if stage == stages[0] else derive(model, feats, stage)
+        )
     return faces
 
 
@@ -79,13 +80,18 @@ class MultiEvalCache(EvalCache):
         return super()._features(model, batch_size)
 
 
-def load_eval(lfw: LFW, pretrained, pairs_file: str = "pairsDevTest.txt", stages=("conv_5", "features"),
-              log=print) -> EvalCache:
+def load_eval(
+    lfw: LFW, pretrained, pairs_file: str = "pairsDevTest.txt", stages=("conv_5", "features"), log=print
+) -> EvalCache:
     cache = MultiEvalCache(lfw, pairs_file, flip=True)
     cache.by_prefix = {}
     model = build_embedder(pretrained, train_from=stages[0])
     key = hashlib.sha256((prefix_fingerprint(model) + pairs_file).encode()).hexdigest()[:24]
     feats = _cached(f"eval-{key}", lambda: cache._features(model), f"{pairs_file} prefix features", log)
-    cache.by_prefix = {prefix_fingerprint(build_embedder(pretrained, train_from=s)):
-                       feats if s == stages[0] else derive(model, feats, s) for s in stages}
+    cache.by_prefix = {
+        prefix_fingerprint(build_embedder(pretrained, train_from=s)): feats
+        if s == stages[0]
+        else derive(model, feats, s)
+        for s in stages
+    }
     return cache

@@ -29,18 +29,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from train import OUT, Tee  # noqa: E402
+from train_data import load_faces, train_people  # noqa: E402
 
 from facefed.client.training.faces import SiteFaces  # noqa: E402
 from facefed.client.training.trainer import train_local  # noqa: E402
 from facefed.common.accountant import SiteAccountant  # noqa: E402
 from facefed.common.config import TrainConfig, load_config  # noqa: E402
 from facefed.common.evaluate import metrics_from_scores  # noqa: E402
-from facefed.common.model.heads import MarginHead  # noqa: E402
 from facefed.common.lfw import LFW  # noqa: E402
+from facefed.common.model.heads import MarginHead  # noqa: E402
 from facefed.common.model.mobilefacenet import build_embedder, prefix_fingerprint  # noqa: E402
 from facefed.common.paths import pretrained_path  # noqa: E402
-from train import OUT, Tee  # noqa: E402
-from train_data import load_faces, train_people  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "bench"
 CENTER_ONLY = {"steps": 0, "probe_steps": 0, "noise_multiplier": 1.0, "target_epsilon": None}
@@ -48,7 +48,12 @@ CENTER_ONLY = {"steps": 0, "probe_steps": 0, "noise_multiplier": 1.0, "target_ep
 # (row, label, config file, overrides). The first candidate of each row is what the file says.
 CANDIDATES = [
     ("nonprivate", "file: all of `features`, lr 0.05", "finetune-nonprivate.toml", {}),
-    ("nonprivate", "  + centring (noiseless) first", "finetune-nonprivate.toml", {"center_noise": 1.0, "center_clip": 1e9}),
+    (
+        "nonprivate",
+        "  + centring (noiseless) first",
+        "finetune-nonprivate.toml",
+        {"center_noise": 1.0, "center_clip": 1e9},
+    ),
     ("nonprivate", "  biases only, lr 0.5", "finetune-nonprivate.toml", {"tune": "bias", "lr": 0.5}),
     ("dp8", "file", "finetune-dp8.toml", {}),
     ("dp8", "DP-BiTFiT alone, lr 0.1", "finetune-dp8.toml", {"center_noise": None, "lr": 0.1}),
@@ -105,9 +110,11 @@ def main() -> None:
     train, val = faces.subset(train_ids), faces.subset(val_ids)
     ia, ib, same = validation_pairs(val)
     folds = [i % 10 for i in range(len(same))]
-    log(f"bench/tune.py: train on {train.n_people} peopleDevTrain people ({train.n_images} images); validate on "
+    log(
+        f"bench/tune.py: train on {train.n_people} peopleDevTrain people ({train.n_images} images); validate on "
         f"{val.n_people} others: {int(same.sum())} genuine + {int((~same).sum())} impostor pairs; "
-        f"{args.seeds} seeds per candidate; pairsDevTest is not used")
+        f"{args.seeds} seeds per candidate; pairsDevTest is not used"
+    )
 
     @torch.no_grad()
     def validate(model) -> tuple[float, float]:
@@ -140,8 +147,10 @@ def main() -> None:
                 aucs.append(u)
                 eps = report.epsilon
             privacy = "non-private" if cfg.privacy_unit == "none" else f"eps {eps:.2f}"
-            log(f"  {row + ': ' + label:<44} {statistics.mean(accs):6.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:4.2f}"
-                f"  AUC {statistics.mean(aucs):.4f}  {privacy:<11} ({(time.perf_counter() - t) / len(accs):.0f} s/run)")
+            log(
+                f"  {row + ': ' + label:<44} {statistics.mean(accs):6.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0:4.2f}"
+                f"  AUC {statistics.mean(aucs):.4f}  {privacy:<11} ({(time.perf_counter() - t) / len(accs):.0f} s/run)"
+            )
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def shamir_rows(secrets: list[bytes], rounds: int) -> list[Row]:
     total_mb = sum(len(s) for s in secrets) / 1e6
     rows = []
     for k, n in ((2, 3), (3, 5)):
-        shared = [split(s, n, k)[n - k:] for s in secrets]  # combine from the last k (weights not all 1)
+        shared = [split(s, n, k)[n - k :] for s in secrets]  # combine from the last k (weights not all 1)
 
         def split_slice(sl: slice) -> None:
             for s in secrets[sl]:
@@ -132,12 +132,21 @@ def shamir_rows(secrets: list[bytes], rounds: int) -> list[Row]:
         def combine_slice(sl: slice) -> None:
             for sh in shared[sl]:
                 combine(sh)
+
         t = sliced_best(rounds, len(secrets), {"split": split_slice, "combine": combine_slice})
         for what, target in (("split", SPLIT_TARGET_MBS), ("combine", COMBINE_TARGET_MBS)):
             mbs = total_mb / t[what].cpu
-            rows.append(Row(f"{what} ({k},{n}) per image", mbs, "MB/s", f">= {target:.0f}",
-                            f"{mbs / target:.2f}x target " + ("ok" if mbs >= target else "MISSED")
-                            + f"  [wall {total_mb / t[what].wall:.0f}]"))
+            rows.append(
+                Row(
+                    f"{what} ({k},{n}) per image",
+                    mbs,
+                    "MB/s",
+                    f">= {target:.0f}",
+                    f"{mbs / target:.2f}x target "
+                    + ("ok" if mbs >= target else "MISSED")
+                    + f"  [wall {total_mb / t[what].wall:.0f}]",
+                )
+            )
     return rows
 
 
@@ -150,17 +159,26 @@ def import_row(images: list[tuple[str, str, bytes]], root: Path) -> tuple[Row, V
     start, cpu0 = time.perf_counter(), time.process_time()
     ids: list[str] = []
     for i in range(0, len(images), IMPORT_BATCH):
-        ids += vault.put_many([(person, data, name) for person, name, data in images[i:i + IMPORT_BATCH]])
+        ids += vault.put_many([(person, data, name) for person, name, data in images[i : i + IMPORT_BATCH]])
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    return Row("import (2,3), 3 local dirs, wall", len(images) / elapsed, "images/s", "",
-               f"validate (full decode) + split + 3 fsync'ed writes + commit  [CPU {len(images) / cpu:.0f}/s]"), \
-        vault, ids
+    return (
+        Row(
+            "import (2,3), 3 local dirs, wall",
+            len(images) / elapsed,
+            "images/s",
+            "",
+            f"validate (full decode) + split + 3 fsync'ed writes + commit  [CPU {len(images) / cpu:.0f}/s]",
+        ),
+        vault,
+        ids,
+    )
 
 
 def _vault_pass(vault: Vault, image_ids: list[str]) -> Callable[[], None]:
     def run() -> None:
         for _, _, data in vault.iter_images(image_ids):
             decode(data)
+
     return run
 
 
@@ -168,6 +186,7 @@ def _plain_pass(paths: list[Path]) -> Callable[[], None]:
     def run() -> None:
         for p in paths:
             decode(p.read_bytes())
+
     return run
 
 
@@ -183,8 +202,7 @@ def plain_read_throughput(paths: Iterable[Path], rounds: int = 3) -> float:
     return len(paths) / best_of(rounds, _plain_pass(paths)).cpu
 
 
-def read_rows(vault: Vault, ids: list[str], images: list[tuple[str, str, bytes]], root: Path,
-              rounds: int) -> list[Row]:
+def read_rows(vault: Vault, ids: list[str], images: list[tuple[str, str, bytes]], root: Path, rounds: int) -> list[Row]:
     plain_dir = root / "plain"
     plain_dir.mkdir()
     paths = []
@@ -204,16 +222,40 @@ def read_rows(vault: Vault, ids: list[str], images: list[tuple[str, str, bytes]]
     def get_slice(sl: slice) -> None:
         for iid in ids[sl]:
             decode(vault.get(iid))
-    t = sliced_best(rounds, len(ids), {"plain file read + decode": plain_slice,
-                                       "vault iter_images + decode": iter_slice, "vault get + decode": get_slice})
+
+    t = sliced_best(
+        rounds,
+        len(ids),
+        {
+            "plain file read + decode": plain_slice,
+            "vault iter_images + decode": iter_slice,
+            "vault get + decode": get_slice,
+        },
+    )
     plain = len(paths) / t["plain file read + decode"].cpu
-    rows = [Row("plain file read + decode", plain, "images/s", "", f"[wall {len(paths) / t['plain file read + decode'].wall:.0f}]")]
+    rows = [
+        Row(
+            "plain file read + decode",
+            plain,
+            "images/s",
+            "",
+            f"[wall {len(paths) / t['plain file read + decode'].wall:.0f}]",
+        )
+    ]
     for name in ("vault iter_images + decode", "vault get + decode"):
         rate = len(ids) / t[name].cpu
         ratio = plain / rate  # time ratio vault / plain
-        rows.append(Row(name, rate, "images/s", f"<= {READ_RATIO_TARGET}x plain time",
-                        f"{ratio:.2f}x plain time " + ("ok" if ratio <= READ_RATIO_TARGET else "MISSED")
-                        + f"  [wall {len(ids) / t[name].wall:.0f}]"))
+        rows.append(
+            Row(
+                name,
+                rate,
+                "images/s",
+                f"<= {READ_RATIO_TARGET}x plain time",
+                f"{ratio:.2f}x plain time "
+                + ("ok" if ratio <= READ_RATIO_TARGET else "MISSED")
+                + f"  [wall {len(ids) / t[name].wall:.0f}]",
+            )
+        )
     return rows
 
 
@@ -245,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     lfw = LFW(lfw_path(args.lfw))
     images = load_jpegs(lfw, args.images)
     total = sum(len(d) for _, _, d in images)
-    print(f"vault benchmark: {len(images)} LFW JPEGs ({total / 1e6:.1f} MB, mean {total / len(images) / 1e3:.1f} KB), "
-          f"pinned to CPU core {core}, best of {args.rounds}, load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs")
-    print(f"Rates: per CPU-second of this process, each {CHUNK}-image slice timed {args.rounds} times and its best "
-          "kept (wall-clock rates in brackets).")
+    print(
+        f"vault benchmark: {len(images)} LFW JPEGs ({total / 1e6:.1f} MB, mean {total / len(images) / 1e3:.1f} KB), "
+        f"pinned to CPU core {core}, best of {args.rounds}, load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        f"Rates: per CPU-second of this process, each {CHUNK}-image slice timed {args.rounds} times and its best "
+        "kept (wall-clock rates in brackets)."
+    )
     root = Path(tempfile.mkdtemp(prefix="facefed-bench-"))
     try:
         rows = shamir_rows([d for _, _, d in images], args.rounds)

@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -124,21 +124,31 @@ class SiteAccountant:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise AccountantMismatch(f"{self.path}: unreadable accountant state ({e}); "
-                                     "it must not be deleted or edited by hand") from e
+            raise AccountantMismatch(
+                f"{self.path}: unreadable accountant state ({e}); it must not be deleted or edited by hand"
+            ) from e
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise AccountantMismatch(f"{self.path}: not a facefed accountant file (format {FORMAT})")
         if data.get("unit") != self.unit:
-            raise AccountantMismatch(f"{self.path}: the site's accountant counts per {data.get('unit')}, "
-                                     f"this training is per {self.unit}; use one privacy unit per site")
+            raise AccountantMismatch(
+                f"{self.path}: the site's accountant counts per {data.get('unit')}, "
+                f"this training is per {self.unit}; use one privacy unit per site"
+            )
         if float(data.get("delta", -1)) != self.delta:
-            raise AccountantMismatch(f"{self.path}: the site's accountant uses delta {data.get('delta')}, "
-                                     f"the config says {self.delta}; delta is fixed per site")
+            raise AccountantMismatch(
+                f"{self.path}: the site's accountant uses delta {data.get('delta')}, "
+                f"the config says {self.delta}; delta is fixed per site"
+            )
         return [Event(**e) for e in data.get("events", [])]
 
     def _write(self) -> None:
-        data = {"format": FORMAT, "accountant": ACCOUNTANT, "unit": self.unit, "delta": self.delta,
-                "events": [e.__dict__ for e in self._events]}
+        data = {
+            "format": FORMAT,
+            "accountant": ACCOUNTANT,
+            "unit": self.unit,
+            "delta": self.delta,
+            "events": [e.__dict__ for e in self._events],
+        }
         atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
 
     # -- queries ---------------------------------------------------------------------------------
@@ -155,15 +165,17 @@ class SiteAccountant:
             return math.inf if self.steps else 0.0
         return epsilon_of(self.history(), self.delta)
 
-    def projected(self, noise_multiplier: float, sample_rate: float, steps: int, *,
-                  extra: Sequence[tuple[float, float, int]] = ()) -> float:
+    def projected(
+        self, noise_multiplier: float, sample_rate: float, steps: int, *, extra: Sequence[tuple[float, float, int]] = ()
+    ) -> float:
         """Epsilon after `steps` more steps and the `extra` releases (noise multiplier, rate, count)."""
         if self.unit == "none":
             return math.inf if (self.steps or steps or extra) else 0.0
         return epsilon_of(self.history() + list(extra) + [(noise_multiplier, sample_rate, steps)], self.delta)
 
-    def plan(self, noise_multiplier: float, sample_rate: float, steps: int, *,
-             extra: Sequence[tuple[float, float, int]] = ()) -> float:
+    def plan(
+        self, noise_multiplier: float, sample_rate: float, steps: int, *, extra: Sequence[tuple[float, float, int]] = ()
+    ) -> float:
         """Projected epsilon after `steps` more steps (and `extra`); BudgetExceeded (changing nothing) if over budget."""
         self._events = self._read()  # another process (an earlier round) may have recorded since
         planned = self.projected(noise_multiplier, sample_rate, steps, extra=extra)
@@ -171,8 +183,9 @@ class SiteAccountant:
             raise BudgetExceeded(planned, self.epsilon(), self.max_epsilon, self.delta, self.unit)
         return planned
 
-    def noise_for(self, target_epsilon: float, sample_rate: float, steps: int, *,
-                  extra: Sequence[tuple[float, float, int]] = ()) -> float:
+    def noise_for(
+        self, target_epsilon: float, sample_rate: float, steps: int, *, extra: Sequence[tuple[float, float, int]] = ()
+    ) -> float:
         """The smallest noise multiplier (to 0.1 %) such that after `steps` more steps (and the `extra`
         releases) epsilon <= target."""
         base = _rdp(self.history() + list(extra))
@@ -180,14 +193,18 @@ class SiteAccountant:
             raise BudgetExceeded(target_epsilon, self.epsilon(), target_epsilon, self.delta, self.unit)
 
         def eps_at(sigma: float) -> float:
-            return _eps(base + rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps,
-                                                        orders=ORDERS), self.delta)
+            return _eps(
+                base + rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=ORDERS),
+                self.delta,
+            )
 
         lo, hi = 0.0, 1.0
         while eps_at(hi) > target_epsilon:
             lo, hi = hi, hi * 2
             if hi > 1e4:
-                raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {steps} steps at q={sample_rate}")
+                raise ValueError(
+                    f"no noise multiplier reaches epsilon {target_epsilon} in {steps} steps at q={sample_rate}"
+                )
         while hi - lo > 1e-3 * hi:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if eps_at(mid) > target_epsilon else (lo, mid)
@@ -202,7 +219,14 @@ class SiteAccountant:
             return self.epsilon()
         with self._lock():
             self._events = self._read()
-            self._events.append(Event(float(noise_multiplier), float(sample_rate), int(steps), label,
-                                      datetime.now(timezone.utc).isoformat(timespec="seconds")))
+            self._events.append(
+                Event(
+                    float(noise_multiplier),
+                    float(sample_rate),
+                    int(steps),
+                    label,
+                    datetime.now(UTC).isoformat(timespec="seconds"),
+                )
+            )
             self._write()
         return self.epsilon()

@@ -22,7 +22,7 @@ VALID_DAYS = 825  # the longest lifetime browsers and most TLS stacks accept for
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -67,9 +67,7 @@ def make_ca(common_name: str) -> Issued:
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(_now() + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -86,8 +84,9 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def issue(ca: Issued, common_name: str, *, hosts: list[str] | None = None, server: bool = True,
-          client: bool = False) -> Issued:
+def issue(
+    ca: Issued, common_name: str, *, hosts: list[str] | None = None, server: bool = True, client: bool = False
+) -> Issued:
     """A leaf certificate signed by `ca`: server (with SANs for `hosts`), client, or both."""
     key = ec.generate_private_key(ec.SECP256R1())
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
@@ -103,9 +102,7 @@ def issue(ca: Issued, common_name: str, *, hosts: list[str] | None = None, serve
         .not_valid_after(_now() + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     if hosts:
         builder = builder.add_extension(_san(hosts), critical=False)

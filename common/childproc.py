@@ -56,8 +56,14 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def run_foreground(cmd: Sequence[str], env: Mapping[str, str], *, on_line: Callable[[str], str | None] | None = None,
-                   echo: TextIO | None = None, log_path: Path | None = None) -> tuple[int, str | None]:
+def run_foreground(
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    on_line: Callable[[str], str | None] | None = None,
+    echo: TextIO | None = None,
+    log_path: Path | None = None,
+) -> tuple[int, str | None]:
     """Run `cmd` until it exits; return (exit code, the first diagnosis `on_line` produced).
 
     Every output line is echoed (to `echo`, default stderr) and appended to `log_path`. `on_line`
@@ -65,8 +71,16 @@ def run_foreground(cmd: Sequence[str], env: Mapping[str, str], *, on_line: Calla
     and, when the child keeps running after a fatal diagnosis, the child is stopped.
     """
     echo = echo or sys.stderr
-    proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, bufsize=1, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        list(cmd),
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        preexec_fn=die_with_parent,
+    )
     diagnosis: list[str] = []
     log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
 
@@ -74,8 +88,11 @@ def run_foreground(cmd: Sequence[str], env: Mapping[str, str], *, on_line: Calla
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-                if threading.current_thread() is threading.main_thread()}
+    previous = {
+        s: signal.signal(s, forward)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        if threading.current_thread() is threading.main_thread()
+    }
     # Read in a thread: Flower's own children (SuperExec) inherit the pipe and can hold it open after
     # the child exits, so end-of-file cannot be what tells us the child is gone.
     lines: queue.Queue[str | None] = queue.Queue()

@@ -73,25 +73,43 @@ class TrainConfig(BaseModel):
     noise_multiplier: float | None = Field(None, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    clipping: Literal["ghost", "hooks"] = Field("ghost", description="Opacus per-sample clipping: ghost "
-                                                "(norms only, two backward passes) or hooks (materialised)")
+    clipping: Literal["ghost", "hooks"] = Field(
+        "ghost",
+        description="Opacus per-sample clipping: ghost (norms only, two backward passes) or hooks (materialised)",
+    )
     sample_rate: float = Field(0.1, gt=0, le=1, description="q: Poisson rate per person (or image)")
     steps: int = Field(100, ge=0, description="fine-tuning steps per call")
     probe_steps: int = Field(0, ge=0, description="head-only DP steps on frozen features, once per fresh head")
     lr: float = Field(0.05, gt=0)
     head_lr: float = Field(1.0, gt=0)
     probe_lr: float = Field(2.0, gt=0)
-    center_noise: float | None = Field(None, ge=0, description="DP mean centring of the embedding (client/centering.py), "
-                                       "once per fresh head: noise multiplier of its Gaussian mechanism; unset = off")
-    center_clip: float = Field(5.0, gt=0, description="centring: clip norm of each unit's mean embedding before "
-                               "normalisation (the CASIA embedder's are about 3-5)")
+    center_noise: float | None = Field(
+        None,
+        ge=0,
+        description="DP mean centring of the embedding (client/centering.py), "
+        "once per fresh head: noise multiplier of its Gaussian mechanism; unset = off",
+    )
+    center_clip: float = Field(
+        5.0,
+        gt=0,
+        description="centring: clip norm of each unit's mean embedding before "
+        "normalisation (the CASIA embedder's are about 3-5)",
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    prox: float = Field(0.0, ge=0, lt=1, description="per step, pull the tail this fraction of the way back "
-                                                      "to the weights the call started from (data-independent)")
+    prox: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="per step, pull the tail this fraction of the way back "
+        "to the weights the call started from (data-independent)",
+    )
     train_from: str = Field("features", description=f"first trainable stage: one of {', '.join(STAGES)}")
-    tune: Literal["all", "bias"] = Field("all", description="fine-tune all tail parameters, or only their "
-                                         "biases (DP-BiTFiT: far fewer dimensions for the noise)")
+    tune: Literal["all", "bias"] = Field(
+        "all",
+        description="fine-tune all tail parameters, or only their "
+        "biases (DP-BiTFiT: far fewer dimensions for the noise)",
+    )
     flip: bool = True
     margin: float = Field(0.35, ge=0, lt=1)
     scale: float = Field(32.0, gt=0)
@@ -99,7 +117,7 @@ class TrainConfig(BaseModel):
     pretrained: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.train_from not in STAGES:
             raise ValueError(f"train_from must be one of {', '.join(STAGES)}; got {self.train_from!r}")
         if self.privacy_unit != "none":
@@ -108,8 +126,10 @@ class TrainConfig(BaseModel):
             if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:
                 raise ValueError(f"target_epsilon {self.target_epsilon} is over max_epsilon {self.max_epsilon}")
             if self.center_noise == 0:
-                raise ValueError("center_noise = 0 releases the mean without noise, which voids the guarantee; "
-                                 "give a noise multiplier > 0 or leave it unset")
+                raise ValueError(
+                    "center_noise = 0 releases the mean without noise, which voids the guarantee; "
+                    "give a noise multiplier > 0 or leave it unset"
+                )
         return self
 
     def fresh_head_events(self) -> list[tuple[float, float, int]]:
@@ -123,18 +143,24 @@ class TrainConfig(BaseModel):
     def check_people(self, n_people: int, n_images: int | None = None) -> None:
         """Checks that need the site's data: delta must be below 1/N for the unit, enough people."""
         if n_people < self.min_people:
-            raise ValueError(f"the site has {n_people} people, fewer than min_people={self.min_people} "
-                             "needed for one batch; enrol more people or lower min_people")
+            raise ValueError(
+                f"the site has {n_people} people, fewer than min_people={self.min_people} "
+                "needed for one batch; enrol more people or lower min_people"
+            )
         n_units = n_images if self.privacy_unit == "image" and n_images is not None else n_people
         if self.center_noise is not None and self.privacy_unit != "none":
             # The released mean's noise has expected norm sigma * C * sqrt(d) / N; the true mean is at
             # most C. Past that the shift is mostly noise and would only hurt the model.
-            noise = self.center_noise * self.center_clip * EMBEDDING_DIM ** 0.5 / max(1, n_units)
+            noise = self.center_noise * self.center_clip * EMBEDDING_DIM**0.5 / max(1, n_units)
             if noise > self.center_clip:
-                raise ValueError(f"centring on {n_units} {self.privacy_unit}s would be mostly noise (expected noise "
-                                 f"norm {noise:.2f} > center_clip {self.center_clip:g}); it needs at least "
-                                 f"{math.ceil(self.center_noise * EMBEDDING_DIM ** 0.5)} {self.privacy_unit}s at "
-                                 f"center_noise {self.center_noise:g}: leave center_noise unset at this site")
+                raise ValueError(
+                    f"centring on {n_units} {self.privacy_unit}s would be mostly noise (expected noise "
+                    f"norm {noise:.2f} > center_clip {self.center_clip:g}); it needs at least "
+                    f"{math.ceil(self.center_noise * EMBEDDING_DIM**0.5)} {self.privacy_unit}s at "
+                    f"center_noise {self.center_noise:g}: leave center_noise unset at this site"
+                )
         if self.privacy_unit != "none" and self.delta >= 1.0 / n_units:
-            raise ValueError(f"delta {self.delta:g} must be below 1/{n_units} (one over the number of "
-                             f"{self.privacy_unit}s at the site); lower delta")
+            raise ValueError(
+                f"delta {self.delta:g} must be below 1/{n_units} (one over the number of "
+                f"{self.privacy_unit}s at the site); lower delta"
+            )

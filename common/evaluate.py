@@ -59,10 +59,13 @@ class EvalResult:
         return d
 
     def summary(self) -> str:
-        tars = ", ".join(f"TAR@FAR={t.far:g} {100 * t.tar:.1f}% ({t.n_impostor} impostors)"
-                         for t in self.tar_at_far.values())
-        return (f"{self.pairs_file}: accuracy {100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % "
-                f"(10-fold CV), AUC {self.auc:.4f}, {tars}")
+        tars = ", ".join(
+            f"TAR@FAR={t.far:g} {100 * t.tar:.1f}% ({t.n_impostor} impostors)" for t in self.tar_at_far.values()
+        )
+        return (
+            f"{self.pairs_file}: accuracy {100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % "
+            f"(10-fold CV), AUC {self.auc:.4f}, {tars}"
+        )
 
 
 # -- metrics from scores (pure functions, tested against scikit-learn) -----------------------------
@@ -133,13 +136,22 @@ def tar_at_far(scores: torch.Tensor, same: torch.Tensor, far: float) -> TarAtFar
     return TarAtFar(far, float((pos > threshold).double().mean()), threshold, len(neg), len(pos), accepted)
 
 
-def metrics_from_scores(scores: torch.Tensor, same: torch.Tensor, folds: list[int], *, pairs_file: str,
-                        flip: bool) -> EvalResult:
+def metrics_from_scores(
+    scores: torch.Tensor, same: torch.Tensor, folds: list[int], *, pairs_file: str, flip: bool
+) -> EvalResult:
     accs = cv_accuracy(scores, same, folds)
     mean = sum(accs) / len(accs)
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
-    return EvalResult(pairs_file, len(scores), flip, mean, std, accs, roc_auc(scores, same),
-                      {far: tar_at_far(scores, same, far) for far in FARS})
+    return EvalResult(
+        pairs_file,
+        len(scores),
+        flip,
+        mean,
+        std,
+        accs,
+        roc_auc(scores, same),
+        {far: tar_at_far(scores, same, far) for far in FARS},
+    )
 
 
 # -- embeddings --------------------------------------------------------------------------------
@@ -150,8 +162,15 @@ class EvalCache:
     images); when everything trains, only the uint8 images (37 KB each) are kept.
     """
 
-    def __init__(self, lfw: LFW, pairs_file: str = "pairsDevTest.txt", *, flip: bool = True, threads: int = 2,
-                 max_pairs: int | None = None):
+    def __init__(
+        self,
+        lfw: LFW,
+        pairs_file: str = "pairsDevTest.txt",
+        *,
+        flip: bool = True,
+        threads: int = 2,
+        max_pairs: int | None = None,
+    ):
         """`max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
         look for tests and smoke runs, not the protocol."""
         if pairs_file not in PAIR_FILES:
@@ -160,10 +179,13 @@ class EvalCache:
         self.pair_folds = lfw.pairs(pairs_file)
         if max_pairs is not None:
             if max_pairs < 20:
-                raise ValueError(f"max_pairs must be >= 20 (10 folds of a matched and a mismatched pair), got {max_pairs}")
+                raise ValueError(
+                    f"max_pairs must be >= 20 (10 folds of a matched and a mismatched pair), got {max_pairs}"
+                )
             k = max_pairs // (2 * len(self.pair_folds))
-            self.pair_folds = [[p for p in fold if p.same][:k] + [p for p in fold if not p.same][:k]
-                               for fold in self.pair_folds]
+            self.pair_folds = [
+                [p for p in fold if p.same][:k] + [p for p in fold if not p.same][:k] for fold in self.pair_folds
+            ]
         self.pairs = [p for fold in self.pair_folds for p in fold]
         self.keys: list[ImageKey] = sorted({k for p in self.pairs for k in (p.a, p.b)})
         self.index = {k: i for i, k in enumerate(self.keys)}
@@ -185,12 +207,12 @@ class EvalCache:
             views = 2 if self.flip else 1
             out = None
             for i in range(0, len(self.images), batch_size):
-                x = to_input(self.images[i:i + batch_size])
+                x = to_input(self.images[i : i + batch_size])
                 f = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
                 f = torch.stack(f, 1)
                 if out is None:
                     out = torch.empty((len(self.images), views, *f.shape[2:]))
-                out[i:i + len(f)] = f
+                out[i : i + len(f)] = f
             self._feats = (key, out)
         return self._feats[1]
 
@@ -203,10 +225,10 @@ class EvalCache:
         out = []
         for i in range(0, len(self.images), batch_size):
             if feats is not None:
-                f = feats[i:i + batch_size]
+                f = feats[i : i + batch_size]
                 e = model.forward_tail(f.flatten(0, 1)).view(len(f), f.shape[1], -1).sum(1)
             else:
-                x = to_input(self.images[i:i + batch_size])
+                x = to_input(self.images[i : i + batch_size])
                 e = model(x) + (model(x.flip(3)) if self.flip else 0)
             out.append(F.normalize(e, dim=1))
         model.train(was_training)
@@ -216,9 +238,9 @@ class EvalCache:
         return (embeddings[self.ia] * embeddings[self.ib]).sum(1)
 
     def evaluate(self, model: MobileFaceNet) -> EvalResult:
-        return metrics_from_scores(self.scores(self.embeddings(model)), self.same, self.folds,
-                                   pairs_file=self.pairs_file, flip=self.flip)
-
+        return metrics_from_scores(
+            self.scores(self.embeddings(model)), self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip
+        )
 
     def evaluate_ensemble(self, models: list[MobileFaceNet]) -> EvalResult:
         """SISA shard models as one embedder: the normalised concatenation of their embeddings, whose
@@ -229,8 +251,14 @@ class EvalCache:
         return metrics_from_scores(self.scores(emb), self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip)
 
 
-def evaluate_lfw(model: MobileFaceNet, lfw: LFW, pairs_file: str = "pairsDevTest.txt", flip: bool = True, *,
-                 cache: EvalCache | None = None) -> EvalResult:
+def evaluate_lfw(
+    model: MobileFaceNet,
+    lfw: LFW,
+    pairs_file: str = "pairsDevTest.txt",
+    flip: bool = True,
+    *,
+    cache: EvalCache | None = None,
+) -> EvalResult:
     """Run the LFW protocol on `pairs_file` (use an EvalCache to evaluate several models cheaply)."""
     if cache is None:
         cache = EvalCache(lfw, pairs_file, flip=flip)

@@ -27,11 +27,16 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pairs: Literal["pairsDevTest.txt", "pairsDevTrain.txt", "pairs.txt"] = Field(
-        "pairsDevTest.txt", description="pairsDevTest's people are disjoint from peopleDevTrain (the sites)")
+        "pairsDevTest.txt", description="pairsDevTest's people are disjoint from peopleDevTrain (the sites)"
+    )
     flip: bool = Field(True, description="average the embeddings of the image and its mirror (2x the cost)")
     every: int = Field(1, ge=0, description="evaluate every N rounds (and always after the last); 0 = never")
-    max_pairs: int | None = Field(None, ge=20, description="a balanced subset of the pairs, for smoke tests only "
-                                  "(not the protocol; leave unset for reported figures)")
+    max_pairs: int | None = Field(
+        None,
+        ge=20,
+        description="a balanced subset of the pairs, for smoke tests only "
+        "(not the protocol; leave unset for reported figures)",
+    )
 
 
 class FederationConfig(BaseModel):
@@ -46,13 +51,25 @@ class FederationConfig(BaseModel):
     max_round_attempts: int = Field(2, ge=1, description="a round that fails is retried this many times in all")
     weighting: Literal["people", "images"] = Field("people", description="FedAvg weight of a site's update")
     local_epochs: float | None = Field(
-        None, gt=0, description="if set, local steps = ceil(local_epochs / train.sample_rate) (an expected pass "
-        "over every person under Poisson sampling), overriding train.steps")
-    seed: int = Field(0, ge=0, description="seeds the random rows of the sites' fresh heads (data-independent); "
-                      "the DP randomness at the sites is fresh OS entropy, never derived from it")
-    shards: int = Field(1, ge=1, le=16, description="SISA-style shards: S shard runs, each on the people a keyed "
-                        "hash puts in it at every site; the embedding is the normalised concatenation of the shard "
-                        "embeddings, and forgetting a person replays only their shard")
+        None,
+        gt=0,
+        description="if set, local steps = ceil(local_epochs / train.sample_rate) (an expected pass "
+        "over every person under Poisson sampling), overriding train.steps",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        description="seeds the random rows of the sites' fresh heads (data-independent); "
+        "the DP randomness at the sites is fresh OS entropy, never derived from it",
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="SISA-style shards: S shard runs, each on the people a keyed "
+        "hash puts in it at every site; the embedding is the normalised concatenation of the shard "
+        "embeddings, and forgetting a person replays only their shard",
+    )
     lfw: str | None = Field(None, description="LFW archive for evaluation (default $FACEFED_LFW)")
     pretrained: str | None = Field(None, description="base model (default train.pretrained, then $FACEFED_PRETRAINED)")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
@@ -66,8 +83,10 @@ class FederationConfig(BaseModel):
             if len(self.sites) < self.min_sites:
                 raise ValueError(f"sites lists {len(self.sites)} site(s), fewer than min_sites={self.min_sites}")
         if self.train.target_epsilon is not None and self.rounds > 1:
-            raise ValueError("train.target_epsilon calibrates one call; in a federation use train.noise_multiplier "
-                             "(epsilon then grows round by round, bounded by train.max_epsilon)")
+            raise ValueError(
+                "train.target_epsilon calibrates one call; in a federation use train.noise_multiplier "
+                "(epsilon then grows round by round, bounded by train.max_epsilon)"
+            )
         return self
 
     def local_steps(self) -> int:

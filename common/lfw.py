@@ -248,8 +248,11 @@ class LFW:
     def iter_images(self, keys: Iterable[ImageKey]) -> Iterator[tuple[ImageKey, bytes]]:
         """Yield (key, JPEG bytes) for the requested images; archive order for a tgz."""
         wanted = {k.relpath: k for k in keys}
-        missing = [r for r in wanted if (r not in self._members if self._image_root is None
-                                          else not (self._image_root / r).is_file())]
+        missing = [
+            r
+            for r in wanted
+            if (r not in self._members if self._image_root is None else not (self._image_root / r).is_file())
+        ]
         if missing:
             raise KeyError(f"{len(missing)} requested image(s) not in {self.path}, e.g. {missing[0]}")
         if self._image_root is not None:
@@ -273,4 +276,3 @@ class LFW:
 
     def read_image(self, key: ImageKey) -> bytes:
         return next(iter(self.iter_images([key])))[1]
-

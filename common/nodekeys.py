@@ -66,13 +66,21 @@ def make_node_keys(out: Path) -> NodeKeyPair:
     out = Path(out)
     priv_path, pub_path = out / PRIVATE_NAME, out / PUBLIC_NAME
     if priv_path.exists():
-        raise FileExistsError(f"{priv_path} already exists; refusing to overwrite a node key "
-                              f"(remove it first if you really mean to replace this site's identity)")
+        raise FileExistsError(
+            f"{priv_path} already exists; refusing to overwrite a node key "
+            f"(remove it first if you really mean to replace this site's identity)"
+        )
     key = ec.generate_private_key(CURVE)
-    write_private(priv_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                               serialization.NoEncryption()))
-    write_public(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                         serialization.PublicFormat.OpenSSH) + b"\n")
+    write_private(
+        priv_path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    write_public(
+        pub_path,
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n",
+    )
     return NodeKeyPair(priv_path, pub_path, fingerprint(key.public_key()))
 
 
@@ -90,8 +98,10 @@ def load_public(path: Path) -> ec.EllipticCurvePublicKey:
     except (ValueError, UnsupportedAlgorithm) as e:
         raise NodeKeyError(f"{path}: not a public key ({e}); make one with `facefed-client keygen`") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise NodeKeyError(f"{path}: node keys must be EC keys on a NIST curve (P-384 from "
-                           f"`facefed-client keygen`), got {type(key).__name__}")
+        raise NodeKeyError(
+            f"{path}: node keys must be EC keys on a NIST curve (P-384 from "
+            f"`facefed-client keygen`), got {type(key).__name__}"
+        )
     return key
 
 
@@ -103,8 +113,9 @@ def load_private(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise NodeKeyError(f"{path}: not an unencrypted OpenSSH private key ({e}); "
-                           f"make one with `facefed-client keygen`") from None
+        raise NodeKeyError(
+            f"{path}: not an unencrypted OpenSSH private key ({e}); make one with `facefed-client keygen`"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise NodeKeyError(f"{path}: node keys must be EC keys on a NIST curve, got {type(key).__name__}")
     return key

@@ -33,8 +33,9 @@ class BadImage(ValueError):
     """Bytes that are not a decodable JPEG/PNG face image of the expected frame."""
 
 
-def decode_face(data: bytes, *, crop: tuple[int, int, int, int] | None | str = "auto",
-                what: str = "image") -> torch.Tensor:
+def decode_face(
+    data: bytes, *, crop: tuple[int, int, int, int] | None | str = "auto", what: str = "image"
+) -> torch.Tensor:
     """JPEG/PNG bytes -> uint8 tensor (3, 112, 112).
 
     `crop="auto"` accepts the two aligned layouts: a 250x250 LFW deep-funneled frame (fixed crop
@@ -60,9 +61,11 @@ def decode_face(data: bytes, *, crop: tuple[int, int, int, int] | None | str = "
         elif img.size == LFW_SIZE:
             crop = LFW_CROP
         else:
-            raise BadImage(f"{what}: {img.size[0]}x{img.size[1]} is neither an aligned {LFW_SIZE[0]}x{LFW_SIZE[1]} "
-                           f"LFW frame nor an aligned {INPUT_SIZE}x{INPUT_SIZE} face; detect and align raw photos "
-                           "first (see common/preprocess.py)")
+            raise BadImage(
+                f"{what}: {img.size[0]}x{img.size[1]} is neither an aligned {LFW_SIZE[0]}x{LFW_SIZE[1]} "
+                f"LFW frame nor an aligned {INPUT_SIZE}x{INPUT_SIZE} face; detect and align raw photos "
+                "first (see common/preprocess.py)"
+            )
     if crop is not None:
         if not (isinstance(crop, tuple) and len(crop) == 4):
             raise ValueError(f"crop must be 'auto', None or a (left, top, right, bottom) box, got {crop!r}")

@@ -42,12 +42,12 @@ class ReceiptError(ValueError):
 def utc_timestamp(t: float | dt.datetime | None = None) -> str:
     """The one spelling of a time in a receipt: UTC, microseconds, `Z` (e.g. 2026-11-23T17:00:00.000000Z)."""
     if t is None:
-        t = dt.datetime.now(dt.timezone.utc)
+        t = dt.datetime.now(dt.UTC)
     elif isinstance(t, (int, float)):
-        t = dt.datetime.fromtimestamp(float(t), dt.timezone.utc)
+        t = dt.datetime.fromtimestamp(float(t), dt.UTC)
     elif t.tzinfo is None:
         raise ReceiptError(f"time {t!r} has no timezone; give an aware datetime or epoch seconds")
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Receipt(BaseModel):
@@ -82,8 +82,9 @@ class Receipt(BaseModel):
 def canonical_json(doc: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8: the exact bytes that are signed."""
     try:
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
     except (TypeError, ValueError) as e:
         raise ReceiptError(f"receipt is not plain JSON data ({e})") from None
 
@@ -97,12 +98,16 @@ def key_fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
 def sign_receipt(receipt: Receipt, private_key: ed25519.Ed25519PrivateKey) -> dict:
     """The signed document; refuses a receipt that names another key than the one signing it."""
     if not isinstance(private_key, ed25519.Ed25519PrivateKey):
-        raise ReceiptError(f"receipts are signed with an Ed25519 key, got {type(private_key).__name__}; "
-                           f"make one with `facefed-server certs`")
+        raise ReceiptError(
+            f"receipts are signed with an Ed25519 key, got {type(private_key).__name__}; "
+            f"make one with `facefed-server certs`"
+        )
     fp = key_fingerprint(private_key.public_key())
     if receipt.server_key_fingerprint != fp:
-        raise ReceiptError(f"receipt names server key {receipt.server_key_fingerprint} but is being signed "
-                           f"with {fp}; set server_key_fingerprint from the signing key")
+        raise ReceiptError(
+            f"receipt names server key {receipt.server_key_fingerprint} but is being signed "
+            f"with {fp}; set server_key_fingerprint from the signing key"
+        )
     body = receipt.model_dump(mode="json")
     signature = private_key.sign(canonical_json(body))
     return {"algorithm": ALGORITHM, "receipt": body, "signature": base64.b64encode(signature).decode("ascii")}
@@ -135,13 +140,17 @@ def verify_receipt_signature(doc: Any, public_key: ed25519.Ed25519PublicKey) -> 
         raise ReceiptError("receipt signature is not a base64 Ed25519 signature (64 bytes)")
     fp = key_fingerprint(public_key)
     if receipt.server_key_fingerprint != fp:
-        raise ReceiptError(f"receipt {receipt.request_id} names server key {receipt.server_key_fingerprint}, "
-                           f"not the key given ({fp}); verify with the key that signed it")
+        raise ReceiptError(
+            f"receipt {receipt.request_id} names server key {receipt.server_key_fingerprint}, "
+            f"not the key given ({fp}); verify with the key that signed it"
+        )
     try:
         public_key.verify(raw, canonical_json(body))
     except InvalidSignature:
-        raise ReceiptError(f"receipt {receipt.request_id}: signature does not match its content "
-                           f"(tampered with, or not signed by server key {fp})") from None
+        raise ReceiptError(
+            f"receipt {receipt.request_id}: signature does not match its content "
+            f"(tampered with, or not signed by server key {fp})"
+        ) from None
     return receipt
 
 

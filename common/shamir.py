@@ -110,7 +110,7 @@ def split(secret: bytes, n: int, k: int, xs: Sequence[int] | None = None) -> lis
     if k == 1:  # degree-0 polynomial: every share is the secret (no secrecy, but well defined)
         return [Share(x, secret) for x in xs]
     rand = bytearray(random_bytes((k - 1) * size))
-    coeffs = [rand[i * size:(i + 1) * size] for i in range(k - 1)]  # c_1 .. c_{k-1}
+    coeffs = [rand[i * size : (i + 1) * size] for i in range(k - 1)]  # c_1 .. c_{k-1}
     # p(x) = s + sum_j x^j c_j. Multiplying is linear in the constant, so once t*c is known for some
     # constants t, one that is the XOR of two known ones costs an XOR instead of a table pass: for
     # x = 1..5, 3c = 2c ^ c and 5c = 4c ^ c, which halves the lookups of a (3,5) split.

@@ -37,8 +37,10 @@ def shard_of(key: bytes, pseudonym: str, shards: int) -> int:
     """The shard (0..shards-1) of a person, from their pseudonym and the federation's shard key."""
     check_shards(shards)
     if not isinstance(key, (bytes, bytearray)) or len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"the shard key must be at least {MIN_KEY_BYTES} random bytes (a short or guessable key "
-                         "lets outsiders predict or steer the assignment)")
+        raise ValueError(
+            f"the shard key must be at least {MIN_KEY_BYTES} random bytes (a short or guessable key "
+            "lets outsiders predict or steer the assignment)"
+        )
     if not isinstance(pseudonym, str) or not pseudonym:
         raise ValueError(f"pseudonym must be a non-empty string, got {pseudonym!r}")
     digest = hmac.new(bytes(key), pseudonym.encode(), hashlib.sha256).digest()
@@ -54,7 +56,7 @@ def assign(key: bytes, pseudonyms: Iterable[str], shards: int) -> list[list[str]
     return out
 
 
-def concat_embeddings(parts: Sequence["torch.Tensor"]) -> "torch.Tensor":
+def concat_embeddings(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """(N, S*d) unit embeddings from S shard models' (N, d) embeddings: each part L2-normalised, the
     parts concatenated and scaled by 1/sqrt(S). The cosine of two such embeddings is exactly the mean
     of the S shard cosines: a score-level ensemble.

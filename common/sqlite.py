@@ -20,9 +20,16 @@ class SchemaError(FacefedError):
     """A database whose schema this facefed cannot use (newer, or not what the file claims)."""
 
 
-def connect(path: str | Path, *, journal: Journal = "WAL", secure_delete: bool = False,
-            foreign_keys: bool = False, rows: bool = False, threads: bool = False,
-            mode: Literal["rwc", "rw", "ro"] = "rwc") -> sqlite3.Connection:
+def connect(
+    path: str | Path,
+    *,
+    journal: Journal = "WAL",
+    secure_delete: bool = False,
+    foreign_keys: bool = False,
+    rows: bool = False,
+    threads: bool = False,
+    mode: Literal["rwc", "rw", "ro"] = "rwc",
+) -> sqlite3.Connection:
     """Open `path` with facefed's settings.
 
     journal: WAL for logs read while written (ledger, holder index); DELETE where deleted rows must not
@@ -30,8 +37,9 @@ def connect(path: str | Path, *, journal: Journal = "WAL", secure_delete: bool =
     rows: sqlite3.Row results; threads: allow use from several threads (the caller serialises).
     mode: rwc creates the file; rw/ro refuse a missing one (sqlite3.OperationalError).
     """
-    db = sqlite3.connect(f"file:{Path(path)}?mode={mode}", uri=True, timeout=30.0, isolation_level=None,
-                         check_same_thread=not threads)
+    db = sqlite3.connect(
+        f"file:{Path(path)}?mode={mode}", uri=True, timeout=30.0, isolation_level=None, check_same_thread=not threads
+    )
     try:
         if rows:
             db.row_factory = sqlite3.Row

@@ -66,8 +66,9 @@ def pick_people(lfw: LFW, sites: int, per_site: int, *, min_images: int = 4) -> 
     return [p[:per_site] for p in parts]
 
 
-def build_vault(lfw: LFW, names: list[str], root: Path, *, max_images: int, threshold: int = 2,
-                n_stores: int = 3) -> Path:
+def build_vault(
+    lfw: LFW, names: list[str], root: Path, *, max_images: int, threshold: int = 2, n_stores: int = 3
+) -> Path:
     """A site vault holding `names`' LFW images as Shamir shares over `n_stores` store directories."""
     from facefed.client.vault.vault import Vault
 
@@ -146,8 +147,15 @@ class Federation:
 
     def _env(self) -> dict:
         env = dict(os.environ)
-        env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", **self.env})
+        env.update(
+            {
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "PYTHONUNBUFFERED": "1",
+                **self.env,
+            }
+        )
         return env
 
     def run(self, *args: str, timeout: float = 600.0, check: bool = True) -> subprocess.CompletedProcess:
@@ -159,8 +167,14 @@ class Federation:
     def spawn(self, name: str, *args: str) -> Proc:
         log = self.logs / f"{name}.log"
         with open(log, "a") as f:
-            popen = subprocess.Popen(list(args), env=self._env(), stdout=f, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            popen = subprocess.Popen(
+                list(args),
+                env=self._env(),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         proc = Proc(name, popen, log)
         self.procs[name] = proc
         return proc
@@ -176,8 +190,18 @@ class Federation:
         return self.key(site).with_name("node.pub")
 
     def start_server(self, *extra: str, wait: float = 90.0) -> Proc:
-        proc = self.spawn("server", SERVER, "start", "--state", str(self.state), "--tls-dir", str(self.tls),
-                          "--port", str(self.port), *extra)
+        proc = self.spawn(
+            "server",
+            SERVER,
+            "start",
+            "--state",
+            str(self.state),
+            "--tls-dir",
+            str(self.tls),
+            "--port",
+            str(self.port),
+            *extra,
+        )
         if not wait_port(self.port, wait):
             raise RuntimeError(f"server did not listen on {self.port}:\n{proc.output()[-3000:]}")
         return proc
@@ -186,10 +210,26 @@ class Federation:
         self.run(SERVER, "sites", "register", str(self.keygen(site)), "--name", site, "--state", str(self.state))
 
     def start_node(self, site: str, *extra: str, name: str | None = None) -> Proc:
-        return self.spawn(name or f"node-{site}", CLIENT, "start", "--site", site, "--vault", str(self.vault(site)),
-                          "--server", self.address, "--root-cert", str(self.tls / "ca.crt"), "--key",
-                          str(self.key(site)), "--runtime-port", str(self.runtime_ports[site]),
-                          "--threads", str(self.threads), *extra)
+        return self.spawn(
+            name or f"node-{site}",
+            CLIENT,
+            "start",
+            "--site",
+            site,
+            "--vault",
+            str(self.vault(site)),
+            "--server",
+            self.address,
+            "--root-cert",
+            str(self.tls / "ca.crt"),
+            "--key",
+            str(self.key(site)),
+            "--runtime-port",
+            str(self.runtime_ports[site]),
+            "--threads",
+            str(self.threads),
+            *extra,
+        )
 
     def setup(self, nodes: bool = True) -> None:
         self.certs()
@@ -201,8 +241,9 @@ class Federation:
                 self.start_node(s)
 
     def train(self, config: Path, *extra: str, timeout: float = 900.0) -> subprocess.CompletedProcess:
-        return self.run(SERVER, "train", "--state", str(self.state), "--config", str(config), *extra,
-                        timeout=timeout, check=False)
+        return self.run(
+            SERVER, "train", "--state", str(self.state), "--config", str(config), *extra, timeout=timeout, check=False
+        )
 
     def status(self) -> str:
         return self.run(SERVER, "status", "--state", str(self.state), check=False).stdout
@@ -214,10 +255,15 @@ class Federation:
         deadline = time.monotonic() + timeout
         env = self._env() | {"FLWR_HOME": str(self.state / "flwr")}
         while time.monotonic() < deadline:
-            out = subprocess.run([str(BIN / "flwr"), "supernode", "list", "--format", "json"], env=env,
-                                 capture_output=True, text=True, timeout=60).stdout
+            out = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "list", "--format", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
             try:
-                nodes = json.loads(out[out.find("{"):]).get("nodes", [])
+                nodes = json.loads(out[out.find("{") :]).get("nodes", [])
             except ValueError:
                 nodes = []
             if sum(1 for x in nodes if x.get("status") == "online") >= n:
@@ -233,18 +279,52 @@ class Federation:
             self.procs["server"].stop()
 
 
-def write_config(path: Path, *, rounds: int, min_sites: int, steps: int, probe_steps: int, sample_rate: float,
-                 noise: float, delta: float, max_epsilon: float, flip: bool, max_pairs: int | None,
-                 round_timeout: float = 900.0, wait_for_sites: float = 120.0, max_attempts: int = 2) -> Path:
+def write_config(
+    path: Path,
+    *,
+    rounds: int,
+    min_sites: int,
+    steps: int,
+    probe_steps: int,
+    sample_rate: float,
+    noise: float,
+    delta: float,
+    max_epsilon: float,
+    flip: bool,
+    max_pairs: int | None,
+    round_timeout: float = 900.0,
+    wait_for_sites: float = 120.0,
+    max_attempts: int = 2,
+) -> Path:
     """A federation config (the same keys as configs/federation.toml)."""
-    lines = ['name = "demo"', f"rounds = {rounds}", f"min_sites = {min_sites}", f"round_timeout_s = {round_timeout}",
-             f"wait_for_sites_s = {wait_for_sites}", f"max_round_attempts = {max_attempts}", 'weighting = "people"',
-             "", "[evaluate]", 'pairs = "pairsDevTest.txt"', f"flip = {str(flip).lower()}"]
+    lines = [
+        'name = "demo"',
+        f"rounds = {rounds}",
+        f"min_sites = {min_sites}",
+        f"round_timeout_s = {round_timeout}",
+        f"wait_for_sites_s = {wait_for_sites}",
+        f"max_round_attempts = {max_attempts}",
+        'weighting = "people"',
+        "",
+        "[evaluate]",
+        'pairs = "pairsDevTest.txt"',
+        f"flip = {str(flip).lower()}",
+    ]
     if max_pairs:
         lines.append(f"max_pairs = {max_pairs}")
-    lines += ["", "[train]", 'privacy_unit = "person"', f"delta = {delta}", f"max_epsilon = {max_epsilon}",
-              f"noise_multiplier = {noise}", "max_grad_norm = 1.0", f"sample_rate = {sample_rate}",
-              f"steps = {steps}", f"probe_steps = {probe_steps}", 'train_from = "conv_5"']
+    lines += [
+        "",
+        "[train]",
+        'privacy_unit = "person"',
+        f"delta = {delta}",
+        f"max_epsilon = {max_epsilon}",
+        f"noise_multiplier = {noise}",
+        "max_grad_norm = 1.0",
+        f"sample_rate = {sample_rate}",
+        f"steps = {steps}",
+        f"probe_steps = {probe_steps}",
+        'train_from = "conv_5"',
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -255,8 +335,9 @@ def shares_of(vault: Path, stores: list[Path], pseudonym: str) -> dict[str, int]
     from facefed.client.vault.sharefile import HEADER, ShareKeys
 
     owner = ShareKeys((vault / "key").read_bytes()).owner(pseudonym)
-    return {s.name: sum(HEADER.unpack_from(f.read_bytes())[7] == owner for f in s.iterdir() if f.is_file())
-            for s in stores}
+    return {
+        s.name: sum(HEADER.unpack_from(f.read_bytes())[7] == owner for f in s.iterdir() if f.is_file()) for s in stores
+    }
 
 
 def head_rows_of(state: Path, pseudonym: str, person: str) -> list[str]:
@@ -304,19 +385,30 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
     t0 = time.monotonic()
     lfw = LFW()
     fed = Federation(args.workdir, sites, threads=args.threads)
-    print(f"[demo] building 3 site vaults ({args.people} disjoint peopleDevTrain people each, "
-          f"<= {args.max_images} images, Shamir 2-of-3)", flush=True)
+    print(
+        f"[demo] building 3 site vaults ({args.people} disjoint peopleDevTrain people each, "
+        f"<= {args.max_images} images, Shamir 2-of-3)",
+        flush=True,
+    )
     for site, names in zip(sites, pick_people(lfw, len(sites), args.people)):
         build_vault(lfw, names, fed.site_dir(site), max_images=args.max_images)
-    print(f"[demo] server on {fed.address} with TLS and node authentication; registering {', '.join(sites)}",
-          flush=True)
+    print(
+        f"[demo] server on {fed.address} with TLS and node authentication; registering {', '.join(sites)}", flush=True
+    )
     try:
         fed.setup()
         fed.wait_online(len(sites))
-        print(f"[demo] {len(sites)} site nodes online after {time.monotonic() - t0:.0f} s; training "
-              f"({args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config})", flush=True)
-        proc = subprocess.Popen([SERVER, "train", "--state", str(fed.state), "--config", str(args.config)],
-                                env=fed._env(), stdout=sys.stdout, stderr=sys.stderr)
+        print(
+            f"[demo] {len(sites)} site nodes online after {time.monotonic() - t0:.0f} s; training "
+            f"({args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config})",
+            flush=True,
+        )
+        proc = subprocess.Popen(
+            [SERVER, "train", "--state", str(fed.state), "--config", str(args.config)],
+            env=fed._env(),
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+        )
         try:
             code = proc.wait()
         finally:
@@ -324,8 +416,10 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
                 proc.terminate()
                 proc.wait(30)
         print(fed.status(), flush=True)
-        print(f"[demo] federation done in {time.monotonic() - t0:.0f} s (exit {code}); state in {args.workdir}",
-              flush=True)
+        print(
+            f"[demo] federation done in {time.monotonic() - t0:.0f} s (exit {code}); state in {args.workdir}",
+            flush=True,
+        )
         if code == 0 and after is not None:
             code = after(fed)
         return code

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "demo"))
 
 import federation  # noqa: E402
 from federation import SERVER, Federation, files_mentioning, head_rows_of, shares_of  # noqa: E402
+
 from facefed.common.paths import lfw_path, pretrained_path  # noqa: E402
 from facefed.server.ledger.db import Ledger  # noqa: E402
 
@@ -78,9 +79,11 @@ def forget_one(site_dir: Path) -> tuple[str, str, str]:
     client("vault", "verify", "--vault", str(vault), quiet=True)
     if any(left_shares.values()) or left_heads or left_files:
         sys.exit("demo: something of the forgotten person is left on disk")
-    print(f"\n[demo] OK: {person}'s shares are destroyed in all {len(stores)} stores, no head checkpoint or log "
-          f"at the site holds them, and the vault verifies. The request waits at the site (stage data_erased) "
-          f"for the server's replay.")
+    print(
+        f"\n[demo] OK: {person}'s shares are destroyed in all {len(stores)} stores, no head checkpoint or log "
+        f"at the site holds them, and the vault verifies. The request waits at the site (stage data_erased) "
+        f"for the server's replay."
+    )
     status = json.loads(client("forget", "status", "--vault", str(vault), "--json", quiet=True).stdout)
     return person, pseudonym, status[-1]["request_id"]
 
@@ -97,12 +100,17 @@ def server(fed: Federation, *args: str, expect: int = 0) -> subprocess.Completed
 def unlearn_and_verify(fed: Federation, site: str, person: str, pseudonym: str, request_id: str) -> int:
     site_dir = fed.site_dir(site)
     vault = fed.vault(site)
-    print("\n[demo] the server asks the sites for requests, rolls back to before the person's first round, "
-          "replays without them, deletes the checkpoints that carried them and signs a receipt", flush=True)
+    print(
+        "\n[demo] the server asks the sites for requests, rolls back to before the person's first round, "
+        "replays without them, deletes the checkpoints that carried them and signs a receipt",
+        flush=True,
+    )
     started = time.perf_counter()
     server(fed, "unlearn", "--state", str(fed.state), "--wait", "60")
-    print(f"[demo] unlearned in {time.perf_counter() - started:.0f} s (the replay is new training: each site's "
-          f"epsilon above includes it)")
+    print(
+        f"[demo] unlearned in {time.perf_counter() - started:.0f} s (the replay is new training: each site's "
+        f"epsilon above includes it)"
+    )
     server(fed, "requests", "--state", str(fed.state))
     client("forget", "status", "--vault", str(vault), request_id)
 
@@ -123,14 +131,18 @@ def unlearn_and_verify(fed: Federation, site: str, person: str, pseudonym: str, 
         gone = [c for c in body["checkpoints_deleted"] if Path(ledger.checkpoint(c).path).exists()]
     left_heads = head_rows_of(vault / "site", pseudonym, person)
     left_files = files_mentioning(site_dir, person)
-    print(f"  checkpoints of the replaced rounds still on the server: {gone or 'none'} "
-          f"(deleted: {', '.join(body['checkpoints_deleted'])})")
+    print(
+        f"  checkpoints of the replaced rounds still on the server: {gone or 'none'} "
+        f"(deleted: {', '.join(body['checkpoints_deleted'])})"
+    )
     print(f"  head checkpoints at {site} with their row: {left_heads or 'none'}")
     print(f"  files at {site} containing {person!r}: {left_files or 'none'}")
     if gone or left_heads or left_files:
         sys.exit("demo: something of the forgotten person is left after unlearning")
-    print(f"\n[demo] OK: request {request_id} went received -> data erased -> model unlearned -> receipt issued; "
-          f"the receipt verifies against the ledger and a tampered copy does not.")
+    print(
+        f"\n[demo] OK: request {request_id} went received -> data erased -> model unlearned -> receipt issued; "
+        f"the receipt verifies against the ledger and a tampered copy does not."
+    )
     return 0
 
 

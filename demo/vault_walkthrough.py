@@ -90,12 +90,30 @@ def main() -> int:
     run("vault", "init", "--vault", v, "--stores", stores, "--threshold", "2")
 
     step("import this site's share of LFW peopleDevTrain, list, verify")
-    run("vault", "import", "--vault", v, "--lfw", str(lfw), "--people", "peopleDevTrain.txt", "--site-index", "0",
-        "--num-sites", "3", "--min-images", "2", "--max-people", str(args.max_people))
+    run(
+        "vault",
+        "import",
+        "--vault",
+        v,
+        "--lfw",
+        str(lfw),
+        "--people",
+        "peopleDevTrain.txt",
+        "--site-index",
+        "0",
+        "--num-sites",
+        "3",
+        "--min-images",
+        "2",
+        "--max-people",
+        str(args.max_people),
+    )
     listing = json.loads(run("vault", "ls", "--vault", v, "--json", quiet=True).stdout)
     people = sorted(listing["people"], key=lambda p: -p["images"])
-    print(f"{len(people)} people, {sum(p['images'] for p in people)} images; most images: "
-          + ", ".join(f"{p['person_id']} ({p['images']})" for p in people[:5]))
+    print(
+        f"{len(people)} people, {sum(p['images'] for p in people)} images; most images: "
+        + ", ".join(f"{p['person_id']} ({p['images']})" for p in people[:5])
+    )
     run("vault", "verify", "--vault", v)
 
     if args.lose_a_store:
@@ -127,8 +145,10 @@ def main() -> int:
     if any(after.values()) or left or leftovers or person in (VAULT / "audit.log").read_text():
         sys.exit("demo: something of the erased person is left")
     run("vault", "verify", "--vault", v)
-    print(f"\ndemo OK: {len(people) - 1} people remain in {v}; {person} is gone from every store and the "
-          f"manifest, and the audit log records the erasure under the pseudonym only.")
+    print(
+        f"\ndemo OK: {len(people) - 1} people remain in {v}; {person} is gone from every store and the "
+        f"manifest, and the audit log records the erasure under the pseudonym only."
+    )
     return 0
 
 

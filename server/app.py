@@ -50,18 +50,32 @@ from flwr.serverapp import Grid, ServerApp
 
 from facefed.common.config import validate_config
 from facefed.common.fedconfig import FederationConfig
-from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, BudgetAsk, Delivery, DropHeads, QueryOrder, QueryReply
-from facefed.common.model.mobilefacenet import (MobileFaceNet, build_embedder, load_shared_state, prefix_fingerprint, sha256_file,
-                          shared_state)
+from facefed.common.model.mobilefacenet import (
+    MobileFaceNet,
+    build_embedder,
+    load_shared_state,
+    prefix_fingerprint,
+    sha256_file,
+    shared_state,
+)
 from facefed.common.nodekeys import fingerprint_pem
-from facefed.server.ledger.checkpoints import CheckpointStore
-from facefed.server.ledger.db import CheckpointRow, ForgetRow, Ledger, RoundRow, SiteRound
+from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, BudgetAsk, Delivery, DropHeads, QueryOrder, QueryReply
 from facefed.server.forget.receipts import issue, key_paths, signing_key
 from facefed.server.forget.unlearn import deletion_reason, plan_replays, replay_run_id, tainted_of
-from facefed.server.state import StatePaths
-from facefed.server.strategy import (ARRAYS, CONFIG, Accepted, BackboneFedAvg, ReplyRejected, declared_names,
-                             payload_bytes, to_record)
+from facefed.server.ledger.checkpoints import CheckpointStore
+from facefed.server.ledger.db import CheckpointRow, ForgetRow, Ledger, RoundRow, SiteRound
 from facefed.server.ops.submission import Submission, read_submission
+from facefed.server.state import StatePaths
+from facefed.server.strategy import (
+    ARRAYS,
+    CONFIG,
+    Accepted,
+    BackboneFedAvg,
+    ReplyRejected,
+    declared_names,
+    payload_bytes,
+    to_record,
+)
 
 POLL_S = 0.25  # how often to pull replies (Flower's own send_and_receive sleeps 3 s)
 QUERY_TIMEOUT_S = 120.0  # a site's query answer (settling requests) is quick; do not hold a round up longer
@@ -91,11 +105,15 @@ def run_lock(paths: StatePaths, run_id: str, *, wait_s: float = RUN_LOCK_WAIT_S,
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise RunFailed(f"run {run_id} is being trained by another ServerApp (waited {wait_s:.0f} s); "
-                                    f"stop it or wait for it to end") from None
+                    raise RunFailed(
+                        f"run {run_id} is being trained by another ServerApp (waited {wait_s:.0f} s); "
+                        f"stop it or wait for it to end"
+                    ) from None
                 if not told:
-                    log(f"[facefed] run {run_id} is held by another ServerApp (a previous attempt shutting "
-                        f"down?); waiting up to {wait_s:.0f} s")
+                    log(
+                        f"[facefed] run {run_id} is held by another ServerApp (a previous attempt shutting "
+                        f"down?); waiting up to {wait_s:.0f} s"
+                    )
                     told = True
                 time.sleep(0.5)
         try:
@@ -128,14 +146,25 @@ class Evaluator:
         if self._cache is None:
             self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=self.flip, max_pairs=self.max_pairs)
         res = self._cache.evaluate(model)
-        return {"lfw_accuracy": float(res.accuracy_mean), "lfw_accuracy_std": float(res.accuracy_std),
-                "lfw_auc": float(res.auc), "lfw_pairs": float(res.n_pairs), "eval_s": time.monotonic() - t}
+        return {
+            "lfw_accuracy": float(res.accuracy_mean),
+            "lfw_accuracy_std": float(res.accuracy_std),
+            "lfw_auc": float(res.auc),
+            "lfw_pairs": float(res.n_pairs),
+            "eval_s": time.monotonic() - t,
+        }
 
 
 class Coordinator:
-    def __init__(self, grid: Grid, paths: StatePaths, sub: Submission, *,
-                 evaluator: Callable[[MobileFaceNet], dict[str, float]] | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        grid: Grid,
+        paths: StatePaths,
+        sub: Submission,
+        *,
+        evaluator: Callable[[MobileFaceNet], dict[str, float]] | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.grid, self.paths, self.sub, self.cfg = grid, paths, sub, sub.config
         self.ledger = Ledger(paths.ledger)
         self.store = CheckpointStore(paths.checkpoints)
@@ -168,8 +197,9 @@ class Coordinator:
         return other
 
     def _config_of(self, run_id: str) -> FederationConfig:
-        return validate_config(json.loads(self.ledger.run(run_id).config_json), FederationConfig,
-                               where=f"ledger run {run_id}")
+        return validate_config(
+            json.loads(self.ledger.run(run_id).config_json), FederationConfig, where=f"ledger run {run_id}"
+        )
 
     # -- run ------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -207,8 +237,12 @@ class Coordinator:
         ev = self.cfg.evaluate
         cache = EvalCache(LFW(self.sub.lfw), ev.pairs, flip=ev.flip, max_pairs=ev.max_pairs)
         res = cache.evaluate_ensemble([self.store.load(h)[0] for h in heads])
-        metrics = {"lfw_accuracy": float(res.accuracy_mean), "lfw_accuracy_std": float(res.accuracy_std),
-                   "lfw_auc": float(res.auc), "lfw_pairs": float(res.n_pairs)}
+        metrics = {
+            "lfw_accuracy": float(res.accuracy_mean),
+            "lfw_accuracy_std": float(res.accuracy_std),
+            "lfw_auc": float(res.auc),
+            "lfw_pairs": float(res.n_pairs),
+        }
         self.ledger.record_ensemble(family, [h.checkpoint_id for h in heads], metrics)
         self.log(f"[facefed] {len(heads)}-shard ensemble of {family}: LFW accuracy {metrics['lfw_accuracy']:.4f}")
 
@@ -223,8 +257,11 @@ class Coordinator:
             except (KeyboardInterrupt, SystemExit) as e:
                 # The SuperLink is going away (Ctrl-C, SIGTERM, or its death noticed by Flower's parent
                 # monitor): the run is resumable from its last committed round.
-                self.ledger.set_run_status(self.run_id, "stopped", f"interrupted ({type(e).__name__}); "
-                                           f"`facefed-server train` with the same config resumes it")
+                self.ledger.set_run_status(
+                    self.run_id,
+                    "stopped",
+                    f"interrupted ({type(e).__name__}); `facefed-server train` with the same config resumes it",
+                )
                 self.ledger.end_attempt(self.run_id, self.flwr_run_id, "interrupted")
                 raise
             except BaseException as e:
@@ -260,17 +297,31 @@ class Coordinator:
                 run = nxt[-1]
                 self.run_id = run.run_id
             if run.config_sha256 != self.cfg.sha256():
-                raise RunFailed(f"run {self.run_id} was started with another configuration "
-                                f"(sha256 {run.config_sha256[:12]}..); resume it with the same config")
+                raise RunFailed(
+                    f"run {self.run_id} was started with another configuration "
+                    f"(sha256 {run.config_sha256[:12]}..); resume it with the same config"
+                )
             self.ledger.set_run_status(self.run_id, "running")
             done, _ = self.ledger.head(self.run_id)
             self.log(f"[facefed] resuming run {self.run_id} after round {done}")
             return
         model = build_embedder(self.sub.pretrained, train_from=self.cfg.train.train_from)
-        base = self.store.save(model, run_id=self.run_id, rnd=0, parent=None,
-                               meta={"source": "pretrained", "pretrained_sha256": self.base_sha256})
-        self.ledger.create_run(self.run_id, config_json=self.cfg.frozen_json(), config_sha256=self.cfg.sha256(),
-                               rounds=self.cfg.rounds, base=base, family=self.family, shard=self.shard)
+        base = self.store.save(
+            model,
+            run_id=self.run_id,
+            rnd=0,
+            parent=None,
+            meta={"source": "pretrained", "pretrained_sha256": self.base_sha256},
+        )
+        self.ledger.create_run(
+            self.run_id,
+            config_json=self.cfg.frozen_json(),
+            config_sha256=self.cfg.sha256(),
+            rounds=self.cfg.rounds,
+            base=base,
+            family=self.family,
+            shard=self.shard,
+        )
         self.log(f"[facefed] new run {self.run_id}: {self.cfg.rounds} rounds, base {base.checkpoint_id}")
         if self.evaluator is not None:
             metrics = self.evaluator(model)
@@ -296,8 +347,10 @@ class Coordinator:
                 if self.round(rnd, self.ledger.next_attempt(self.run_id, rnd), model, parent) is not None:
                     break
             else:
-                raise RunFailed(f"round {rnd} failed {self.cfg.max_round_attempts} time(s) in a row (run "
-                                f"{self.run_id}); see `facefed-server status --run {self.run_id}`")
+                raise RunFailed(
+                    f"round {rnd} failed {self.cfg.max_round_attempts} time(s) in a row (run "
+                    f"{self.run_id}); see `facefed-server status --run {self.run_id}`"
+                )
             if until is None and rnd < last:
                 self.unlearn(current=True)
 
@@ -308,29 +361,47 @@ class Coordinator:
         slots, _ = self._choose()
         if not slots:
             return {}
-        drops = [DropHeads(run_id=r.parent_run_id, from_round=r.start_round + 1)
-                 for r in self.ledger.runs() if r.kind == "replay" and r.parent_run_id]
+        drops = [
+            DropHeads(run_id=r.parent_run_id, from_round=r.start_round + 1)
+            for r in self.ledger.runs()
+            if r.kind == "replay" and r.parent_run_id
+        ]
         deliver: dict[str, list[Delivery]] = {}
         for r in self.ledger.requests("unlearned"):
             if r.delivered_at is None and r.receipt is not None:
                 m = self.ledger.checkpoint(r.model_checkpoint)
-                deliver.setdefault(r.site, []).append(Delivery(
-                    request_id=r.request_id, run_id=r.replay_run_id or m.run_id or "", round=m.round,
-                    checkpoint_id=m.checkpoint_id, checkpoint_sha256=m.sha256, receipt=r.receipt))
+                deliver.setdefault(r.site, []).append(
+                    Delivery(
+                        request_id=r.request_id,
+                        run_id=r.replay_run_id or m.run_id or "",
+                        round=m.round,
+                        checkpoint_id=m.checkpoint_id,
+                        checkpoint_sha256=m.sha256,
+                        receipt=r.receipt,
+                    )
+                )
         msgs = []
         for slot in slots:
             name = slot.site or self.node_site.get(slot.node_id)
             order = QueryOrder(deliver=deliver.get(name, []) if name else [], drop_heads=drops, budget=budget)
-            msgs.append(Message(RecordDict({CONFIG: ConfigRecord({ORDER_KEY: order.model_dump_json()})}),
-                                dst_node_id=slot.node_id, message_type=MessageType.QUERY,
-                                ttl=QUERY_TIMEOUT_S + 60.0, group_id=f"query/{self.flwr_run_id}/{time.time():.3f}"))
+            msgs.append(
+                Message(
+                    RecordDict({CONFIG: ConfigRecord({ORDER_KEY: order.model_dump_json()})}),
+                    dst_node_id=slot.node_id,
+                    message_type=MessageType.QUERY,
+                    ttl=QUERY_TIMEOUT_S + 60.0,
+                    group_id=f"query/{self.flwr_run_id}/{time.time():.3f}",
+                )
+            )
         wait = QUERY_TIMEOUT_S if self.cfg is None else min(QUERY_TIMEOUT_S, self.cfg.round_timeout_s)
         replies = self._exchange(msgs, timeout=wait)
         out: dict[str, QueryReply] = {}
         for slot in slots:
             who = slot.site or self.node_site.get(slot.node_id) or f"node-{slot.node_id}"
             if slot.node_id not in replies:
-                self.log(f"[facefed] query: no answer from {who} within {wait:g} s; its requests wait for the next query")
+                self.log(
+                    f"[facefed] query: no answer from {who} within {wait:g} s; its requests wait for the next query"
+                )
                 self.ledger.record_query(who, False, detail=f"no answer within {wait:g} s")
                 continue
             msg = replies[slot.node_id][0]
@@ -349,12 +420,22 @@ class Coordinator:
             name = slot.site or qr.site
             self.node_site[slot.node_id] = name
             for p in qr.pending:
-                row, new = self.ledger.report_request(ForgetRow(
-                    request_id=p.request_id, site=name, pseudonym=p.pseudonym, received_at=p.received_at,
-                    erased_at=p.erased_at, shares_destroyed=p.shares_destroyed, contributions=p.contributions))
+                row, new = self.ledger.report_request(
+                    ForgetRow(
+                        request_id=p.request_id,
+                        site=name,
+                        pseudonym=p.pseudonym,
+                        received_at=p.received_at,
+                        erased_at=p.erased_at,
+                        shares_destroyed=p.shares_destroyed,
+                        contributions=p.contributions,
+                    )
+                )
                 if new:
-                    self.log(f"[facefed] forget request {p.request_id} from site {name} (pseudonym {p.pseudonym[:8]}..): "
-                             f"present in {', '.join(f'{k} rounds {v}' for k, v in p.contributions.items()) or 'no round'}")
+                    self.log(
+                        f"[facefed] forget request {p.request_id} from site {name} (pseudonym {p.pseudonym[:8]}..): "
+                        f"present in {', '.join(f'{k} rounds {v}' for k, v in p.contributions.items()) or 'no round'}"
+                    )
             mine = {d.request_id for d in deliver.get(name, [])}
             if qr.stored:
                 self.ledger.mark_delivered([rid for rid in qr.stored if rid in mine])
@@ -385,26 +466,51 @@ class Coordinator:
         for plan in plans:
             cfg = self._config_of(plan.run.run_id)
             ids = [r.request_id for r in plan.requests]
-            answers = self.sync(budget=BudgetAsk(train_config=cfg.train.model_dump_json(), rounds=len(plan.rounds),
-                                                 steps=cfg.local_steps(), shard=plan.run.shard, shards=cfg.shards))
+            answers = self.sync(
+                budget=BudgetAsk(
+                    train_config=cfg.train.model_dump_json(),
+                    rounds=len(plan.rounds),
+                    steps=cfg.local_steps(),
+                    shard=plan.run.shard,
+                    shards=cfg.shards,
+                )
+            )
             refusals = [f"site {s}: {a.budget.detail}" for s, a in answers.items() if a.budget and not a.budget.fits]
             if refusals:
-                why = (f"replay of run {plan.run.run_id} from round {plan.rollback.round} refused: " + "; ".join(refusals)
-                       + ". Raise the sites' max_epsilon, or start a new run (`facefed-server train --new`), which "
-                         "never saw the forgotten people")
+                why = (
+                    f"replay of run {plan.run.run_id} from round {plan.rollback.round} refused: "
+                    + "; ".join(refusals)
+                    + ". Raise the sites' max_epsilon, or start a new run (`facefed-server train --new`), which "
+                    "never saw the forgotten people"
+                )
                 self.ledger.refuse_requests(ids, why)
                 self.log(f"[facefed] {why}")
                 if current and plan.run.run_id == self.run_id:
                     raise RunFailed(why)
                 continue
             replay_id = replay_run_id(self.ledger, plan.run)
-            self.ledger.create_run(replay_id, config_json=plan.run.config_json, config_sha256=plan.run.config_sha256,
-                                   rounds=plan.run.rounds_planned, base=plan.rollback, kind="replay",
-                                   parent_run_id=plan.run.run_id, family=plan.run.family, shard=plan.run.shard)
-            self.ledger.start_replay(ids, replay_id, plan.rollback.checkpoint_id, plan.run.run_id,
-                                     f"superseded by replay run {replay_id} (forget request(s) {', '.join(ids)})")
-            self.log(f"[facefed] unlearning {len(ids)} request(s): run {plan.run.run_id} rolls back to "
-                     f"{plan.rollback.checkpoint_id} and replays round(s) {plan.rounds} as run {replay_id}")
+            self.ledger.create_run(
+                replay_id,
+                config_json=plan.run.config_json,
+                config_sha256=plan.run.config_sha256,
+                rounds=plan.run.rounds_planned,
+                base=plan.rollback,
+                kind="replay",
+                parent_run_id=plan.run.run_id,
+                family=plan.run.family,
+                shard=plan.run.shard,
+            )
+            self.ledger.start_replay(
+                ids,
+                replay_id,
+                plan.rollback.checkpoint_id,
+                plan.run.run_id,
+                f"superseded by replay run {replay_id} (forget request(s) {', '.join(ids)})",
+            )
+            self.log(
+                f"[facefed] unlearning {len(ids)} request(s): run {plan.run.run_id} rolls back to "
+                f"{plan.rollback.checkpoint_id} and replays round(s) {plan.rounds} as run {replay_id}"
+            )
             continuing = current and plan.run.run_id == self.run_id
             self._finish_replay(replay_id, continuing=continuing)
             if cfg.shards > 1 and not continuing:  # the sharded embedder changed: evaluate it again
@@ -426,11 +532,14 @@ class Coordinator:
         model = self.ledger.head(live[-1].run_id)[1]
         key = signing_key(*key_paths(self.paths, Path(self.sub.receipt_key) if self.sub.receipt_key else None))
         for req in requests:
-            receipt = issue(req, replay_run=model.run_id or live[-1].run_id, rollback=model, model=model, deleted=[],
-                            key=key)
+            receipt = issue(
+                req, replay_run=model.run_id or live[-1].run_id, rollback=model, model=model, deleted=[], key=key
+            )
             self.ledger.finish_request(req.request_id, model=model, deleted=[], receipt=receipt)
-            self.log(f"[facefed] forget request {req.request_id}: no live model was trained with them; "
-                     f"receipt names {model.checkpoint_id}")
+            self.log(
+                f"[facefed] forget request {req.request_id}: no live model was trained with them; "
+                f"receipt names {model.checkpoint_id}"
+            )
 
     def _finish_replay(self, replay_id: str, *, continuing: bool) -> None:
         """Replay the rounds, delete the tainted checkpoints, sign the receipts (each step resumable)."""
@@ -443,8 +552,9 @@ class Coordinator:
             with run_lock(self.paths, replay_id, log=self.log):
                 worker._rounds(until=target)
         except RunFailed as e:
-            self.ledger.set_run_status(replay_id, "stopped", f"replay interrupted: {e}; `facefed-server unlearn` "
-                                                             f"resumes it")
+            self.ledger.set_run_status(
+                replay_id, "stopped", f"replay interrupted: {e}; `facefed-server unlearn` resumes it"
+            )
             raise
         ids = [r.request_id for r in self.ledger.requests("replaying") if r.replay_run_id == replay_id]
         reason = deletion_reason(ids, replay_id)
@@ -458,16 +568,22 @@ class Coordinator:
         rollback = self.ledger.checkpoint(replay.base_checkpoint)
         key = signing_key(*key_paths(self.paths, Path(self.sub.receipt_key) if self.sub.receipt_key else None))
         for rid in ids:
-            receipt = issue(self.ledger.request(rid), replay_run=replay_id, rollback=rollback, model=model,
-                            deleted=deleted, key=key)
+            receipt = issue(
+                self.ledger.request(rid), replay_run=replay_id, rollback=rollback, model=model, deleted=deleted, key=key
+            )
             self.ledger.finish_request(rid, model=model, deleted=deleted, receipt=receipt)
         if target >= replay.rounds_planned:
             self.ledger.set_run_status(replay_id, "completed")
         elif not continuing:
-            self.ledger.set_run_status(replay_id, "stopped", f"replayed through round {target}; `facefed-server train` "
-                                                             f"with the same config continues it")
-        self.log(f"[facefed] replay {replay_id} done in {time.monotonic() - t0:.1f} s: model {model.checkpoint_id} "
-                 f"({model.sha256[:12]}); deleted {len(deleted)} tainted checkpoint(s); receipts for {', '.join(ids)}")
+            self.ledger.set_run_status(
+                replay_id,
+                "stopped",
+                f"replayed through round {target}; `facefed-server train` with the same config continues it",
+            )
+        self.log(
+            f"[facefed] replay {replay_id} done in {time.monotonic() - t0:.1f} s: model {model.checkpoint_id} "
+            f"({model.sha256[:12]}); deleted {len(deleted)} tainted checkpoint(s); receipts for {', '.join(ids)}"
+        )
 
     # -- one round ------------------------------------------------------------------------------
     def _registered(self) -> dict[str, str]:
@@ -488,8 +604,9 @@ class Coordinator:
             if self.cfg is not None and self.cfg.sites is not None and site is not None and site not in self.cfg.sites:
                 continue
             slots.append(SiteSlot(n.node_id, site))
-        expected = list(self.cfg.sites) if self.cfg is not None and self.cfg.sites is not None \
-            else sorted(registered.values())
+        expected = (
+            list(self.cfg.sites) if self.cfg is not None and self.cfg.sites is not None else sorted(registered.values())
+        )
         return slots, expected
 
     def _wait_for_sites(self) -> tuple[list[SiteSlot], list[str]]:
@@ -500,8 +617,9 @@ class Coordinator:
                 return slots, expected
             time.sleep(1.0)
 
-    def _messages(self, slots: list[SiteSlot], rnd: int, attempt: int, sent: ArrayRecord, wire_layout: dict,
-                  parent: CheckpointRow) -> list[Message]:
+    def _messages(
+        self, slots: list[SiteSlot], rnd: int, attempt: int, sent: ArrayRecord, wire_layout: dict, parent: CheckpointRow
+    ) -> list[Message]:
         cfg = self.cfg
         shard = self.ledger.run(self.run_id).shard
         msgs = []
@@ -510,19 +628,37 @@ class Coordinator:
             # The site's head continues along the model's lineage (a replay: the replaced run's heads
             # before the rollback); 0 = a fresh head; -1 = unknown site: its latest head of this run.
             head = self.ledger.site_head(parent.checkpoint_id, name) if name else None
-            config = ConfigRecord({
-                "run-id": self.run_id, "round": rnd, "attempt": attempt,
-                "parent-checkpoint": parent.checkpoint_id, "parent-sha256": parent.sha256,
-                "base-sha256": self.base_sha256, "prefix-fingerprint": self.prefix, "train-config": cfg.train.model_dump_json(),
-                "steps": cfg.local_steps(), "seed": cfg.seed, "weighting": cfg.weighting,
-                "expected-site": slot.site or "", "shard": shard, "shards": cfg.shards,
-                "head-run": head[0] if head else self.run_id,
-                "head-round": head[1] if head else (0 if name else -1), "head-attempt": head[2] if head else 0,
-                **wire_layout,
-            })
-            msgs.append(Message(RecordDict({ARRAYS: sent, CONFIG: config}), dst_node_id=slot.node_id,
-                                message_type=MessageType.TRAIN, ttl=cfg.round_timeout_s + 60.0,
-                                group_id=f"{self.run_id}/{rnd}/{attempt}"))
+            config = ConfigRecord(
+                {
+                    "run-id": self.run_id,
+                    "round": rnd,
+                    "attempt": attempt,
+                    "parent-checkpoint": parent.checkpoint_id,
+                    "parent-sha256": parent.sha256,
+                    "base-sha256": self.base_sha256,
+                    "prefix-fingerprint": self.prefix,
+                    "train-config": cfg.train.model_dump_json(),
+                    "steps": cfg.local_steps(),
+                    "seed": cfg.seed,
+                    "weighting": cfg.weighting,
+                    "expected-site": slot.site or "",
+                    "shard": shard,
+                    "shards": cfg.shards,
+                    "head-run": head[0] if head else self.run_id,
+                    "head-round": head[1] if head else (0 if name else -1),
+                    "head-attempt": head[2] if head else 0,
+                    **wire_layout,
+                }
+            )
+            msgs.append(
+                Message(
+                    RecordDict({ARRAYS: sent, CONFIG: config}),
+                    dst_node_id=slot.node_id,
+                    message_type=MessageType.TRAIN,
+                    ttl=cfg.round_timeout_s + 60.0,
+                    group_id=f"{self.run_id}/{rnd}/{attempt}",
+                )
+            )
         return msgs
 
     def _exchange(self, msgs: list[Message], timeout: float | None = None) -> dict[int, tuple[Message, float]]:
@@ -552,11 +688,14 @@ class Coordinator:
         compute = float(m.get("compute-s", float("nan")))
         dispatch, startup = start - self.pushed_at, handler - start
         back = self.pushed_at + took - (handler + compute)
-        return (f"reply after {took:.1f} s: dispatch {dispatch:.1f} s, start-up {startup:.1f} s, "
-                f"compute {compute:.1f} s, return {back:.1f} s")
+        return (
+            f"reply after {took:.1f} s: dispatch {dispatch:.1f} s, start-up {startup:.1f} s, "
+            f"compute {compute:.1f} s, return {back:.1f} s"
+        )
 
-    def round(self, rnd: int, attempt: int, model: MobileFaceNet,
-              parent: CheckpointRow) -> tuple[MobileFaceNet, CheckpointRow] | None:
+    def round(
+        self, rnd: int, attempt: int, model: MobileFaceNet, parent: CheckpointRow
+    ) -> tuple[MobileFaceNet, CheckpointRow] | None:
         """Run one round attempt; the new (model, checkpoint) if committed, None if recorded as failed."""
         cfg = self.cfg
         started = time.time()
@@ -576,13 +715,25 @@ class Coordinator:
         accepted: list[tuple[str, Accepted, float]] = []
         for slot in slots:
             if not enough:
-                sites.append(SiteRound(site=slot.site or f"node-{slot.node_id}", status="missing",
-                                       node_id=str(slot.node_id), detail="online, not asked: too few sites online"))
+                sites.append(
+                    SiteRound(
+                        site=slot.site or f"node-{slot.node_id}",
+                        status="missing",
+                        node_id=str(slot.node_id),
+                        detail="online, not asked: too few sites online",
+                    )
+                )
                 continue
             if slot.node_id not in replies:
-                sites.append(SiteRound(site=slot.site or f"node-{slot.node_id}", status="missing",
-                                       node_id=str(slot.node_id), bytes_down=bytes_down,
-                                       detail=f"no reply within round_timeout_s={cfg.round_timeout_s:g}"))
+                sites.append(
+                    SiteRound(
+                        site=slot.site or f"node-{slot.node_id}",
+                        status="missing",
+                        node_id=str(slot.node_id),
+                        bytes_down=bytes_down,
+                        detail=f"no reply within round_timeout_s={cfg.round_timeout_s:g}",
+                    )
+                )
                 continue
             reply, took = replies[slot.node_id]
             claimed = None
@@ -590,8 +741,10 @@ class Coordinator:
                 acc = strategy.check_reply(reply)
                 claimed = str(acc.site.get("name", ""))
                 if slot.site is not None and claimed != slot.site:
-                    raise ReplyRejected(f"node registered as site {slot.site!r} reports site {claimed!r}; "
-                                        f"start it with --site {slot.site}")
+                    raise ReplyRejected(
+                        f"node registered as site {slot.site!r} reports site {claimed!r}; "
+                        f"start it with --site {slot.site}"
+                    )
                 name = slot.site or claimed or f"node-{slot.node_id}"
                 if cfg.sites is not None and name not in cfg.sites:
                     continue  # without authentication the name is only known now
@@ -600,20 +753,39 @@ class Coordinator:
                 keys = declared_names(reply)
                 # Flower answers for a node that stopped heartbeating (crashed mid-round): it is missing.
                 gone = reply.has_error() and reply.error.code in UNREACHABLE
-                sites.append(SiteRound(site=slot.site or claimed or f"node-{slot.node_id}",
-                                       status="missing" if gone else "error" if reply.has_error() else "rejected",
-                                       node_id=str(slot.node_id), bytes_down=bytes_down, received_keys=keys,
-                                       detail=str(e)))
+                sites.append(
+                    SiteRound(
+                        site=slot.site or claimed or f"node-{slot.node_id}",
+                        status="missing" if gone else "error" if reply.has_error() else "rejected",
+                        node_id=str(slot.node_id),
+                        bytes_down=bytes_down,
+                        received_keys=keys,
+                        detail=str(e),
+                    )
+                )
         for name, acc, took in accepted:
             m = acc.metrics
-            sites.append(SiteRound(
-                site=name, status="ok", node_id=str(acc.node_id), weight=acc.weight,
-                people=int(m.get("num-people", 0)), images=int(m.get("num-images", 0)), steps=int(m.get("steps", 0)),
-                loss=float(m.get("loss", float("nan"))), epsilon=float(m.get("epsilon", float("nan"))),
-                delta=float(m.get("delta", float("nan"))), unit=str(acc.site.get("unit", "")),
-                accountant=str(acc.site.get("accountant", "")), compute_s=float(m.get("compute-s", float("nan"))),
-                bytes_down=bytes_down, bytes_up=acc.wire_bytes, received_keys=sorted(acc.tensors),
-                detail=self._timing(m, took)))
+            sites.append(
+                SiteRound(
+                    site=name,
+                    status="ok",
+                    node_id=str(acc.node_id),
+                    weight=acc.weight,
+                    people=int(m.get("num-people", 0)),
+                    images=int(m.get("num-images", 0)),
+                    steps=int(m.get("steps", 0)),
+                    loss=float(m.get("loss", float("nan"))),
+                    epsilon=float(m.get("epsilon", float("nan"))),
+                    delta=float(m.get("delta", float("nan"))),
+                    unit=str(acc.site.get("unit", "")),
+                    accountant=str(acc.site.get("accountant", "")),
+                    compute_s=float(m.get("compute-s", float("nan"))),
+                    bytes_down=bytes_down,
+                    bytes_up=acc.wire_bytes,
+                    received_keys=sorted(acc.tensors),
+                    detail=self._timing(m, took),
+                )
+            )
         seen = {s.site for s in sites}
         for name in expected:
             if name not in seen:
@@ -621,16 +793,36 @@ class Coordinator:
         participants = sorted(s.site for s in sites if s.status == "ok")
         missing = sorted(s.site for s in sites if s.status != "ok")
 
-        common = dict(run_id=self.run_id, round=rnd, attempt=attempt, flwr_run_id=self.flwr_run_id,
-                      started_at=started, parent_checkpoint=parent.checkpoint_id, parent_sha256=parent.sha256,
-                      participants=participants, missing=missing, weighting=cfg.weighting,
-                      sites=sorted(sites, key=lambda s: s.site))
+        common = dict(
+            run_id=self.run_id,
+            round=rnd,
+            attempt=attempt,
+            flwr_run_id=self.flwr_run_id,
+            started_at=started,
+            parent_checkpoint=parent.checkpoint_id,
+            parent_sha256=parent.sha256,
+            participants=participants,
+            missing=missing,
+            weighting=cfg.weighting,
+            sites=sorted(sites, key=lambda s: s.site),
+        )
         if len(accepted) < cfg.min_sites:
-            why = (f"{len(accepted)} valid repl{'y' if len(accepted) == 1 else 'ies'}, min_sites={cfg.min_sites}"
-                   f" ({len(slots)} site(s) online)")
-            self.ledger.record_failed_round(RoundRow(
-                status="failed", ended_at=time.time(), checkpoint_id=None, checkpoint_sha256=None, total_weight=0.0,
-                metrics={"exchange_s": exchange_s}, detail=why, **common))
+            why = (
+                f"{len(accepted)} valid repl{'y' if len(accepted) == 1 else 'ies'}, min_sites={cfg.min_sites}"
+                f" ({len(slots)} site(s) online)"
+            )
+            self.ledger.record_failed_round(
+                RoundRow(
+                    status="failed",
+                    ended_at=time.time(),
+                    checkpoint_id=None,
+                    checkpoint_sha256=None,
+                    total_weight=0.0,
+                    metrics={"exchange_s": exchange_s},
+                    detail=why,
+                    **common,
+                )
+            )
             self.log(f"[facefed] round {rnd} attempt {attempt} FAILED: {why}; missing {missing}")
             return None
 
@@ -638,24 +830,44 @@ class Coordinator:
         new_model = copy.deepcopy(model)
         agg = strategy.aggregate([a for _, a, _ in accepted])
         load_shared_state(new_model, {k: torch.from_numpy(v) for k, v in agg.items()})
-        ckpt = self.store.save(new_model, run_id=self.run_id, rnd=rnd, parent=parent,
-                               meta={"participants": participants, "weighting": cfg.weighting})
+        ckpt = self.store.save(
+            new_model,
+            run_id=self.run_id,
+            rnd=rnd,
+            parent=parent,
+            meta={"participants": participants, "weighting": cfg.weighting},
+        )
         commit_s = time.monotonic() - t_agg
         slowest = max(float(a.metrics.get("compute-s", 0.0)) for _, a, _ in accepted)
-        metrics: dict[str, float] = {"exchange_s": exchange_s, "slowest_site_s": slowest,
-                                     "aggregate_s": commit_s, "round_s": exchange_s + commit_s,
-                                     "overhead": (exchange_s + commit_s - slowest) / max(exchange_s + commit_s, 1e-9),
-                                     "bytes_down_per_site": float(bytes_down)}
+        metrics: dict[str, float] = {
+            "exchange_s": exchange_s,
+            "slowest_site_s": slowest,
+            "aggregate_s": commit_s,
+            "round_s": exchange_s + commit_s,
+            "overhead": (exchange_s + commit_s - slowest) / max(exchange_s + commit_s, 1e-9),
+            "bytes_down_per_site": float(bytes_down),
+        }
         if self.evaluator is not None and (rnd % cfg.evaluate.every == 0 or rnd == cfg.rounds):
             metrics.update(self.evaluator(new_model))
-        self.ledger.commit_round(RoundRow(
-            status="committed", ended_at=time.time(), checkpoint_id=ckpt.checkpoint_id,
-            checkpoint_sha256=ckpt.sha256, total_weight=sum(a.weight for _, a, _ in accepted), metrics=metrics,
-            detail=None, **common), ckpt)
+        self.ledger.commit_round(
+            RoundRow(
+                status="committed",
+                ended_at=time.time(),
+                checkpoint_id=ckpt.checkpoint_id,
+                checkpoint_sha256=ckpt.sha256,
+                total_weight=sum(a.weight for _, a, _ in accepted),
+                metrics=metrics,
+                detail=None,
+                **common,
+            ),
+            ckpt,
+        )
         eps = ", ".join(f"{s.site} eps={s.epsilon:.3f}" for s in sites if s.status == "ok")
         acc_txt = f" lfw={metrics['lfw_accuracy']:.4f}" if "lfw_accuracy" in metrics else ""
-        self.log(f"[facefed] round {rnd}/{cfg.rounds} committed ({ckpt.checkpoint_id}){acc_txt}; {eps}; "
-                 f"missing {missing or 'none'}; round {metrics['round_s']:.1f}s, slowest site {slowest:.1f}s")
+        self.log(
+            f"[facefed] round {rnd}/{cfg.rounds} committed ({ckpt.checkpoint_id}){acc_txt}; {eps}; "
+            f"missing {missing or 'none'}; round {metrics['round_s']:.1f}s, slowest site {slowest:.1f}s"
+        )
         return new_model, ckpt
 
 
@@ -664,8 +876,10 @@ def main(grid: Grid, context: Context) -> None:
     state_dir = str(context.run_config.get("state-dir", ""))
     submission = str(context.run_config.get("submission", ""))
     if not state_dir or not Path(state_dir).is_absolute():
-        raise ValueError("run config `state-dir` must be the server's absolute state directory; "
-                         "submit runs with `facefed-server train --state DIR --config FILE`")
+        raise ValueError(
+            "run config `state-dir` must be the server's absolute state directory; "
+            "submit runs with `facefed-server train --state DIR --config FILE`"
+        )
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     paths = StatePaths.at(state_dir)
     Coordinator(grid, paths, read_submission(paths, submission)).run()

@@ -51,8 +51,9 @@ class StatePaths:
             for sub in ("checkpoints", "flwr", "submissions", "logs"):
                 (root / sub).mkdir(exist_ok=True)
         elif not root.is_dir():
-            raise StateDirError(f"state directory {root} does not exist; create it with "
-                                f"`facefed-server start --state {root}`")
+            raise StateDirError(
+                f"state directory {root} does not exist; create it with `facefed-server start --state {root}`"
+            )
         return cls(root)
 
     @property
@@ -94,6 +95,8 @@ class StatePaths:
 
     def server_info(self) -> ServerInfo:
         if not self.server_json.is_file():
-            raise StateDirError(f"no server has been started with state {self.root}; run "
-                                f"`facefed-server start --state {self.root}` first")
+            raise StateDirError(
+                f"no server has been started with state {self.root}; run "
+                f"`facefed-server start --state {self.root}` first"
+            )
         return ServerInfo(**json.loads(self.server_json.read_text()))

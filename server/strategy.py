@@ -62,15 +62,22 @@ class BackboneFedAvg(FedAvg):
     def __init__(self, *, weighting: str, expected: Mapping[str, object], min_sites: int):
         if weighting not in WEIGHT_KEYS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHT_KEYS)}, got {weighting!r}")
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites,
-                         min_available_nodes=min_sites, weighted_by_key=WEIGHT_KEYS[weighting],
-                         arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_sites,
+            min_available_nodes=min_sites,
+            weighted_by_key=WEIGHT_KEYS[weighting],
+            arrayrecord_key=ARRAYS,
+            configrecord_key=CONFIG,
+        )
         self.weighting = weighting
         self.layout = layout(expected)
         self.node_ids: list[int] = []
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """One train message per chosen site (the app chooses them: registered, online, not revoked)."""
         config["server-round"] = server_round
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
@@ -111,8 +118,9 @@ class BackboneFedAvg(FedAvg):
         metrics = content.metric_records[METRICS]
         weight = metrics.get(self.weighted_by_key)
         if not isinstance(weight, (int, float)) or not weight > 0:
-            raise ReplyRejected(f"weight `{self.weighted_by_key}` is {weight!r}; a site that trained on no one "
-                                f"cannot contribute")
+            raise ReplyRejected(
+                f"weight `{self.weighted_by_key}` is {weight!r}; a site that trained on no one cannot contribute"
+            )
         return Accepted(msg.metadata.src_node_id, float(weight), tensors, metrics, site, payload_bytes(record))
 
     def aggregate(self, accepted: Sequence[Accepted]) -> dict[str, np.ndarray]:

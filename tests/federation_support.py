@@ -41,12 +41,28 @@ def shifted_site(name: str, shift: float, people: int, *, extra: dict[str, np.nd
         tensors = unpack(content["backbone"][TAIL].numpy(), list(cfg[NAMES]), list(cfg[SHAPES]))
         tensors = {k: v + np.float32(shift) for k, v in tensors.items()} | dict(extra or {})
         flat, names, shapes = pack(tensors)
-        metrics = MetricRecord({"num-people": people, "num-images": 3 * people, "steps": 5, "loss": 1.0,
-                                "epsilon": 0.5 * content["config"]["round"], "delta": 1e-5, "compute-s": 0.01,
-                                "handler-start": time.time(), "process-start": time.time()})
-        return RecordDict({"backbone": ArrayRecord({TAIL: Array(flat)}), "metrics": metrics,
-                           "site": ConfigRecord({"name": name, "unit": "person", "accountant": "rdp",
-                                                 NAMES: names, SHAPES: shapes})})
+        metrics = MetricRecord(
+            {
+                "num-people": people,
+                "num-images": 3 * people,
+                "steps": 5,
+                "loss": 1.0,
+                "epsilon": 0.5 * content["config"]["round"],
+                "delta": 1e-5,
+                "compute-s": 0.01,
+                "handler-start": time.time(),
+                "process-start": time.time(),
+            }
+        )
+        return RecordDict(
+            {
+                "backbone": ArrayRecord({TAIL: Array(flat)}),
+                "metrics": metrics,
+                "site": ConfigRecord(
+                    {"name": name, "unit": "person", "accountant": "rdp", NAMES: names, SHAPES: shapes}
+                ),
+            }
+        )
 
     fn.site_name = name  # answers `query` messages with no forget requests
     return fn
@@ -88,8 +104,10 @@ class LocalGrid(Grid):
         return list(self.sites)
 
     def get_nodes(self) -> Iterable[NodeInfo]:
-        return [NodeInfo(node_id=n, name=name, public_key=self.public_keys.get(n, b""))
-                for n, (name, _) in self.sites.items()]
+        return [
+            NodeInfo(node_id=n, name=name, public_key=self.public_keys.get(n, b""))
+            for n, (name, _) in self.sites.items()
+        ]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -97,7 +115,9 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.pushed.append(msg)
             _, fn = self.sites[msg.metadata.dst_node_id]
-            content = query_reply(fn, msg.content) if msg.metadata.message_type == MessageType.QUERY else fn(msg.content)
+            content = (
+                query_reply(fn, msg.content) if msg.metadata.message_type == MessageType.QUERY else fn(msg.content)
+            )
             if content is not None:
                 reply = Message(content, reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from train_support import small_faces
 
 from facefed.client.training.centering import dp_center, unit_means
 from facefed.client.training.trainer import cached_prefix, train_local
@@ -15,7 +16,6 @@ from facefed.common.accountant import SiteAccountant, epsilon_of
 from facefed.common.config import TrainConfig
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, shared_state
-from train_support import small_faces
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +39,40 @@ def test_one_person_moves_the_noiseless_sum_by_at_most_the_clip(faces, pretraine
     means = unit_means(model, faces, feats, "person")
     assert means[k].norm() > 20 * means[0].norm()
     clip = 4.0
-    full = _bias_shift(model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0,
-                       generator=torch.Generator()) * faces.n_people
+    full = (
+        _bias_shift(model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, generator=torch.Generator())
+        * faces.n_people
+    )
     others = [p for i, p in enumerate(faces.person_ids) if i != k]
     sub = faces.subset(others)
-    without = _bias_shift(model, sub, feats[torch.cat([torch.arange(int(faces.starts[i]), int(faces.starts[i] + faces.counts[i]))
-                                                        for i in range(faces.n_people) if i != k])],
-                          unit="person", clip=clip, noise_multiplier=0.0, generator=torch.Generator()) * sub.n_people
+    without = (
+        _bias_shift(
+            model,
+            sub,
+            feats[
+                torch.cat(
+                    [
+                        torch.arange(int(faces.starts[i]), int(faces.starts[i] + faces.counts[i]))
+                        for i in range(faces.n_people)
+                        if i != k
+                    ]
+                )
+            ],
+            unit="person",
+            clip=clip,
+            noise_multiplier=0.0,
+            generator=torch.Generator(),
+        )
+        * sub.n_people
+    )
     assert (full - without).norm() == pytest.approx(clip, rel=1e-4)  # exactly C: that person was clipped
     # And a person's mean is the mean over their images and mirrors (checked against a direct loop).
-    direct = torch.stack([
-        torch.stack([model.forward_tail(feats[i, v:v + 1], normalize=False)[0] for v in range(2)]).mean(0)
-        for i in range(int(faces.starts[0]), int(faces.starts[0] + faces.counts[0]))]).mean(0)
+    direct = torch.stack(
+        [
+            torch.stack([model.forward_tail(feats[i, v : v + 1], normalize=False)[0] for v in range(2)]).mean(0)
+            for i in range(int(faces.starts[0]), int(faces.starts[0] + faces.counts[0]))
+        ]
+    ).mean(0)
     assert torch.allclose(means[0], direct, atol=1e-4)
 
 
@@ -58,10 +80,27 @@ def test_noise_has_the_calibrated_scale(faces, pretrained_file):
     model = build_embedder(pretrained_file)
     feats = cached_prefix(model, faces)
     clip, sigma = 5.0, 3.0
-    exact = _bias_shift(model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, generator=torch.Generator())
-    residuals = torch.cat([
-        (_bias_shift(model, faces, feats, unit="person", clip=clip, noise_multiplier=sigma,
-                     generator=torch.Generator().manual_seed(s)) - exact) * faces.n_people for s in range(8)])
+    exact = _bias_shift(
+        model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, generator=torch.Generator()
+    )
+    residuals = torch.cat(
+        [
+            (
+                _bias_shift(
+                    model,
+                    faces,
+                    feats,
+                    unit="person",
+                    clip=clip,
+                    noise_multiplier=sigma,
+                    generator=torch.Generator().manual_seed(s),
+                )
+                - exact
+            )
+            * faces.n_people
+            for s in range(8)
+        ]
+    )
     # 8 x 128 draws of N(0, (sigma C)^2): their sd is within a few percent of sigma C
     assert residuals.std().item() == pytest.approx(sigma * clip, rel=0.1)
     assert abs(residuals.mean().item()) < 0.1 * sigma * clip
@@ -70,8 +109,16 @@ def test_noise_has_the_calibrated_scale(faces, pretrained_file):
 def test_centring_is_one_gaussian_release_per_fresh_head(faces, pretrained_file, tmp_path):
     model = build_embedder(pretrained_file)
     head = MarginHead(faces.pseudonyms)
-    cfg = TrainConfig(noise_multiplier=1.0, sample_rate=0.5, steps=2, probe_steps=2, delta=1e-3, max_epsilon=50,
-                      center_noise=0.5, center_clip=5.0)
+    cfg = TrainConfig(
+        noise_multiplier=1.0,
+        sample_rate=0.5,
+        steps=2,
+        probe_steps=2,
+        delta=1e-3,
+        max_epsilon=50,
+        center_noise=0.5,
+        center_clip=5.0,
+    )
     acc = SiteAccountant(tmp_path / "acc.json", cfg.delta, cfg.max_epsilon, "person")
     bias = model.features.bias.detach().clone()
     report = train_local(model, head, faces, cfg, acc, seed=0)
@@ -85,8 +132,9 @@ def test_centring_is_one_gaussian_release_per_fresh_head(faces, pretrained_file,
 
 def test_budget_counts_the_centring_before_anything_runs(faces, pretrained_file, tmp_path):
     model = build_embedder(pretrained_file)
-    cfg = TrainConfig(noise_multiplier=5.0, sample_rate=0.1, steps=1, delta=1e-3, max_epsilon=1.0,
-                      center_noise=1.0, center_clip=5.0)
+    cfg = TrainConfig(
+        noise_multiplier=5.0, sample_rate=0.1, steps=1, delta=1e-3, max_epsilon=1.0, center_noise=1.0, center_clip=5.0
+    )
     acc = SiteAccountant(tmp_path / "acc.json", cfg.delta, cfg.max_epsilon, "person")
     assert acc.projected(5.0, 0.1, 1) < 1.0 < acc.projected(5.0, 0.1, 1, extra=cfg.fresh_head_events())
     state = shared_state(model)
@@ -110,15 +158,22 @@ def test_too_few_people_for_centring_is_refused():
 
 
 def test_dp_randomness_is_fresh_unless_a_seed_fixes_it(faces, pretrained_file, tmp_path):
-    cfg = TrainConfig(noise_multiplier=1.0, sample_rate=0.5, steps=3, probe_steps=1, delta=1e-3, max_epsilon=1e9,
-                      tune="bias", lr=0.1)
+    cfg = TrainConfig(
+        noise_multiplier=1.0, sample_rate=0.5, steps=3, probe_steps=1, delta=1e-3, max_epsilon=1e9, tune="bias", lr=0.1
+    )
     base = build_embedder(pretrained_file)
 
     def trained(seed):
         m = copy.deepcopy(base)
-        train_local(m, MarginHead(faces.pseudonyms), faces, cfg,
-                    SiteAccountant(tmp_path / f"acc-{len(list(tmp_path.iterdir()))}.json", 1e-3, 1e9, "person"), seed=seed)
+        train_local(
+            m,
+            MarginHead(faces.pseudonyms),
+            faces,
+            cfg,
+            SiteAccountant(tmp_path / f"acc-{len(list(tmp_path.iterdir()))}.json", 1e-3, 1e9, "person"),
+            seed=seed,
+        )
         return shared_state(m)["features.bias"]
 
-    assert torch.equal(trained(7), trained(7))          # a fixed seed reproduces (benchmarks, tests)
+    assert torch.equal(trained(7), trained(7))  # a fixed seed reproduces (benchmarks, tests)
     assert not torch.equal(trained(None), trained(None))  # by default, nobody can regenerate the noise

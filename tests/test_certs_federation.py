@@ -63,8 +63,11 @@ def test_keygen_makes_keys_flower_accepts(tmp_path):
 
 def test_keys_that_flower_would_reject_are_refused_with_a_reason(tmp_path):
     other = tmp_path / "ed.pub"
-    other.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    other.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     with pytest.raises(NodeKeyError, match="EC keys on a NIST curve"):
         load_public(other)
     garbage = tmp_path / "junk.pub"

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 
-from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file
 from train_support import make_vault
+
+from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file
 
 CONFIG = """
 privacy_unit = "person"
@@ -21,8 +22,18 @@ steps = 4
 
 
 def _train(vault, config, out, env):
-    cmd = [sys.executable, "-m", "facefed.client.cli.main", "train", "--vault", str(vault), "--config", str(config),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "facefed.client.cli.main",
+        "train",
+        "--vault",
+        str(vault),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

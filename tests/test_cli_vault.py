@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-
-from facefed.client.cli.vault import app  # the `vault` group itself: the console script test below covers the entry point
 from vault_support import load_faces, make_stores, offline, share_files
+
+from facefed.client.cli.vault import (
+    app,  # the `vault` group itself: the console script test below covers the entry point
+)
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["init", "import", "add", "ls", "verify", "repair", "erase"]
@@ -46,8 +48,21 @@ def test_every_command_explains_itself(command):
 
 
 def test_import_ls_verify_repair_erase(vault_dir, lfw_file, tmp_path):
-    result = run("import", "--vault", str(vault_dir), "--lfw", str(lfw_file), "--site-index", "0",
-                 "--num-sites", "3", "--max-people", "6", "--min-images", "2")
+    result = run(
+        "import",
+        "--vault",
+        str(vault_dir),
+        "--lfw",
+        str(lfw_file),
+        "--site-index",
+        "0",
+        "--num-sites",
+        "3",
+        "--max-people",
+        "6",
+        "--min-images",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert "site 0 of 3: 6 people" in result.stdout and "imported" in result.stdout
     listing = json.loads(run("ls", "--vault", str(vault_dir), "--json").stdout)
@@ -78,13 +93,19 @@ def test_add_real_files_and_reject_a_bad_one_without_storing_any(vault_dir, lfw,
         (tmp_path / name).write_bytes(data)
         files.append(str(tmp_path / name))
     (tmp_path / "notes.jpg").write_text("not an image")
-    one_error_line(run("add", "--vault", str(vault_dir), "--person", person, *files, str(tmp_path / "notes.jpg")),
-                   "notes.jpg", "not a JPEG or PNG")
+    one_error_line(
+        run("add", "--vault", str(vault_dir), "--person", person, *files, str(tmp_path / "notes.jpg")),
+        "notes.jpg",
+        "not a JPEG or PNG",
+    )
     assert json.loads(run("ls", "--vault", str(vault_dir), "--json").stdout)["people"] == []
     result = run("add", "--vault", str(vault_dir), "--person", person, *files)
     assert result.exit_code == 0 and f"stored {len(files)} image(s) of {person}" in result.stdout
-    one_error_line(run("add", "--vault", str(vault_dir), "--person", person, str(tmp_path / "absent.jpg")),
-                   "absent.jpg", "no such file")
+    one_error_line(
+        run("add", "--vault", str(vault_dir), "--person", person, str(tmp_path / "absent.jpg")),
+        "absent.jpg",
+        "no such file",
+    )
 
 
 def test_person_ids_with_markup_characters_print_verbatim(vault_dir, lfw, tmp_path):
@@ -101,21 +122,30 @@ def test_person_ids_with_markup_characters_print_verbatim(vault_dir, lfw, tmp_pa
 
 def test_bad_input_exits_2_with_one_clear_line(vault_dir, tmp_path, lfw_file):
     stores = make_stores(tmp_path / "more", 3)
-    one_error_line(run("init", "--vault", str(tmp_path / "v2"), "--stores", ",".join(stores), "--threshold", "4"),
-                   "k=4", "n=3")
-    one_error_line(run("init", "--vault", str(tmp_path / "v2"), "--stores", ",".join(stores), "--threshold", "0"),
-                   "k=0")
-    one_error_line(run("init", "--vault", str(tmp_path / "v2"), "--stores", f"{stores[0]},{tmp_path}/gone",
-                       "--threshold", "2"), f"{tmp_path}/gone", "does not exist")
+    one_error_line(
+        run("init", "--vault", str(tmp_path / "v2"), "--stores", ",".join(stores), "--threshold", "4"), "k=4", "n=3"
+    )
+    one_error_line(
+        run("init", "--vault", str(tmp_path / "v2"), "--stores", ",".join(stores), "--threshold", "0"), "k=0"
+    )
+    one_error_line(
+        run("init", "--vault", str(tmp_path / "v2"), "--stores", f"{stores[0]},{tmp_path}/gone", "--threshold", "2"),
+        f"{tmp_path}/gone",
+        "does not exist",
+    )
     one_error_line(run("init", "--vault", str(vault_dir), "--stores", ",".join(stores)), "already a vault")
     one_error_line(run("ls", "--vault", str(tmp_path / "nowhere")), "no vault at", "vault init")
     one_error_line(run("erase", "--vault", str(vault_dir), "--person", "Nobody"), "unknown person 'Nobody'")
-    one_error_line(run("import", "--vault", str(vault_dir), "--lfw", str(lfw_file), "--site-index", "3",
-                       "--num-sites", "3"), "--site-index 3")
-    one_error_line(run("import", "--vault", str(vault_dir), "--lfw", str(lfw_file), "--people", "pairs.txt"),
-                   "pairs.txt")
-    one_error_line(run("import", "--vault", str(vault_dir), "--lfw", str(tmp_path / "no.tgz")), "no.tgz",
-                   "does not exist")
+    one_error_line(
+        run("import", "--vault", str(vault_dir), "--lfw", str(lfw_file), "--site-index", "3", "--num-sites", "3"),
+        "--site-index 3",
+    )
+    one_error_line(
+        run("import", "--vault", str(vault_dir), "--lfw", str(lfw_file), "--people", "pairs.txt"), "pairs.txt"
+    )
+    one_error_line(
+        run("import", "--vault", str(vault_dir), "--lfw", str(tmp_path / "no.tgz")), "no.tgz", "does not exist"
+    )
 
 
 def test_erase_with_a_store_down_exits_1_and_says_what_is_pending(vault_dir, lfw, tmp_path):
@@ -135,7 +165,12 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     script = Path(sys.executable).with_name("facefed-client")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "facefed.client.cli.main"]
     stores = make_stores(tmp_path, 2)
-    proc = subprocess.run(cmd + ["vault", "init", "--vault", str(tmp_path / "v"), "--stores", ",".join(stores),
-                                 "--threshold", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cmd + ["vault", "init", "--vault", str(tmp_path / "v"), "--stores", ",".join(stores), "--threshold", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: threshold k=3 with n=2 stores: need 1 <= k <= n"]

@@ -25,14 +25,17 @@ def test_shipped_configs_load():
         assert isinstance(load_config(path, TrainConfig), TrainConfig)
 
 
-@pytest.mark.parametrize("text, key, problem", [
-    ("noise_multiplier = 1.0\nlearning_rate = 0.1\n", "learning_rate", "unknown key"),
-    ("noise_multiplier = 1.0\nsample_rate = 1.5\n", "sample_rate", "less than or equal to 1"),
-    ("noise_multiplier = -0.5\n", "noise_multiplier", "greater than or equal to 0"),
-    ("noise_multiplier = 1.0\ndelta = 1.0\n", "delta", "less than 1"),
-    ("noise_multiplier = 1.0\nprivacy_unit = \"family\"\n", "privacy_unit", "'person', 'image' or 'none'"),
-    ("noise_multiplier = 1.0\nsteps = \"many\"\n", "steps", "valid integer"),
-])
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        ("noise_multiplier = 1.0\nlearning_rate = 0.1\n", "learning_rate", "unknown key"),
+        ("noise_multiplier = 1.0\nsample_rate = 1.5\n", "sample_rate", "less than or equal to 1"),
+        ("noise_multiplier = -0.5\n", "noise_multiplier", "greater than or equal to 0"),
+        ("noise_multiplier = 1.0\ndelta = 1.0\n", "delta", "less than 1"),
+        ('noise_multiplier = 1.0\nprivacy_unit = "family"\n', "privacy_unit", "'person', 'image' or 'none'"),
+        ('noise_multiplier = 1.0\nsteps = "many"\n', "steps", "valid integer"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, text, key, problem):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -42,10 +45,10 @@ def test_bad_values_name_the_key(tmp_path, text, key, problem):
 
 def test_cross_field_rules(tmp_path):
     with pytest.raises(ConfigError, match="exactly one of noise_multiplier and target_epsilon"):
-        load_config(write(tmp_path, "privacy_unit = \"person\"\n"), TrainConfig)
+        load_config(write(tmp_path, 'privacy_unit = "person"\n'), TrainConfig)
     with pytest.raises(ConfigError, match="over max_epsilon"):
         load_config(write(tmp_path, "target_epsilon = 9.0\nmax_epsilon = 8.0\n"), TrainConfig)
-    assert load_config(write(tmp_path, "privacy_unit = \"none\"\n"), TrainConfig).privacy_unit == "none"
+    assert load_config(write(tmp_path, 'privacy_unit = "none"\n'), TrainConfig).privacy_unit == "none"
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "steps = = 3\n"), TrainConfig)
     with pytest.raises(ConfigError, match="cannot read"):
@@ -71,6 +74,6 @@ def test_nested_keys_are_dotted(tmp_path):
         train: Inner
 
     with pytest.raises(ConfigError, match=r"key `train\.rate`: Input should be a valid number"):
-        load_config(write(tmp_path, "[train]\nrate = \"x\"\n"), Outer)
+        load_config(write(tmp_path, '[train]\nrate = "x"\n'), Outer)
     with pytest.raises(ConfigError, match=r"key `train\.typo`: unknown key"):
         load_config(write(tmp_path, "[train]\nrate = 1\ntypo = 2\n"), Outer)

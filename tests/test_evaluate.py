@@ -86,8 +86,18 @@ def test_folds(lfw):
 
 def test_cli_evaluate_json(pretrained_file, lfw_file):
     env = {**os.environ, "FACEFED_LFW": str(lfw_file)}
-    cmd = [sys.executable, "-m", "facefed.server.cli.main", "evaluate", "--model", str(pretrained_file), "--json",
-           "--max-pairs", "40", "--no-flip"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "facefed.server.cli.main",
+        "evaluate",
+        "--model",
+        str(pretrained_file),
+        "--json",
+        "--max-pairs",
+        "40",
+        "--no-flip",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)

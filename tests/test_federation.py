@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
 
+from demo.federation import CLIENT, SERVER, Federation, build_vault, free_port, pick_people, write_config  # noqa: E402
 from facefed.common.accountant import SiteAccountant
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file, shared_state
-from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
 from facefed.server.ledger.db import Ledger
-
-from demo.federation import CLIENT, SERVER, Federation, build_vault, free_port, pick_people, write_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SITES = ["north", "south", "east"]
@@ -55,9 +54,21 @@ def committed_rounds(state: Path) -> int:
 
 
 def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
-    cfg = write_config(tmp_path / "fed.toml", rounds=2, min_sites=2, steps=3, probe_steps=2, sample_rate=0.5,
-                       noise=1.0, delta=1e-3, max_epsilon=50.0, flip=False, max_pairs=100, round_timeout=600,
-                       wait_for_sites=60)
+    cfg = write_config(
+        tmp_path / "fed.toml",
+        rounds=2,
+        min_sites=2,
+        steps=3,
+        probe_steps=2,
+        sample_rate=0.5,
+        noise=1.0,
+        delta=1e-3,
+        max_epsilon=50.0,
+        flip=False,
+        max_pairs=100,
+        round_timeout=600,
+        wait_for_sites=60,
+    )
     follower = fed.spawn("train-1", SERVER, "train", "--state", str(fed.state), "--config", str(cfg))
     deadline = time.monotonic() + 600
     while committed_rounds(fed.state) < 1:
@@ -145,8 +156,21 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
 
 def test_refusals_say_why(fed, tmp_path):
     vault = fed.vault("north")
-    common = ["--vault", str(vault), "--server", fed.address, "--state", str(tmp_path / "st"),
-              "--runtime-port", str(free_port()), "--max-retries", "2", "--no-worker", "--activation-wait", "0"]
+    common = [
+        "--vault",
+        str(vault),
+        "--server",
+        fed.address,
+        "--state",
+        str(tmp_path / "st"),
+        "--runtime-port",
+        str(free_port()),
+        "--max-retries",
+        "2",
+        "--no-worker",
+        "--activation-wait",
+        "0",
+    ]
 
     def refused(*args: str) -> str:
         res = fed.run(CLIENT, "start", *args, *common, timeout=120, check=False)
@@ -154,22 +178,36 @@ def test_refusals_say_why(fed, tmp_path):
         return res.stderr
 
     fed.run(CLIENT, "keygen", "--out", str(tmp_path / "stranger"))
-    out = refused("--site", "stranger", "--root-cert", str(fed.tls / "ca.crt"), "--key", str(tmp_path / "stranger" / "node.key"))
+    out = refused(
+        "--site", "stranger", "--root-cert", str(fed.tls / "ca.crt"), "--key", str(tmp_path / "stranger" / "node.key")
+    )
     assert "not registered" in out and "sites register" in out
 
     out = refused("--site", "north", "--key", str(fed.key("north")))
     assert "CA certificate" in out and "--root-cert" in out
 
     fed.run(SERVER, "certs", "--out", str(tmp_path / "other-ca"))
-    out = refused("--site", "north", "--root-cert", str(tmp_path / "other-ca" / "ca.crt"), "--key", str(fed.key("north")))
+    out = refused(
+        "--site", "north", "--root-cert", str(tmp_path / "other-ca" / "ca.crt"), "--key", str(fed.key("north"))
+    )
     assert "not trusted" in out
 
     out = refused("--site", "north", "--insecure")
     assert "requires TLS" in out
 
     # A second server on the same state (its database, its ledger) is refused.
-    second = fed.run(SERVER, "start", "--state", str(fed.state), "--tls-dir", str(fed.tls), "--port",
-                     str(free_port()), timeout=120, check=False)
+    second = fed.run(
+        SERVER,
+        "start",
+        "--state",
+        str(fed.state),
+        "--tls-dir",
+        str(fed.tls),
+        "--port",
+        str(free_port()),
+        timeout=120,
+        check=False,
+    )
     assert second.returncode != 0 and "already running" in second.stderr
 
     # A revoked site's key is refused like an unknown one.
@@ -215,7 +253,9 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
         req = ledger.request(rid)
         assert req.status == "unlearned" and req.delivered_at and req.model_checkpoint == f"{replay.run_id}-r0002"
         # The replay is a new release: north's epsilon grew past what the original run had spent.
-        eps_before = max(s.epsilon for r in ledger.rounds(run.run_id) for s in r.sites if s.site == "north" and s.epsilon)
+        eps_before = max(
+            s.epsilon for r in ledger.rounds(run.run_id) for s in r.sites if s.site == "north" and s.epsilon
+        )
         eps_after = max(s.epsilon for r in replayed for s in r.sites if s.site == "north")
         assert eps_after > eps_before
 

@@ -13,32 +13,41 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from federation_support import ROOT, LocalGrid, shifted_site
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.common.config import ConfigError, load_config, validate_config
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import build_embedder, sha256_file, shared_state
-from federation_support import ROOT, LocalGrid, shifted_site
 from facefed.server.app import Coordinator, Evaluator, RunFailed
 from facefed.server.ledger.checkpoints import CheckpointCorrupt, CheckpointStore
 from facefed.server.ledger.db import Ledger, LedgerError
+from facefed.server.ops.submission import Submission, read_submission, write_submission
 from facefed.server.state import StatePaths
 from facefed.server.strategy import BackboneFedAvg, ReplyRejected
-from facefed.server.ops.submission import Submission, read_submission, write_submission
 
 TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
 
 def make_config(**over) -> FederationConfig:
-    data = {"rounds": 2, "min_sites": 2, "round_timeout_s": 2.0, "wait_for_sites_s": 0.0, "max_round_attempts": 1,
-            "evaluate": {"every": 0}, "train": dict(TRAIN)}
+    data = {
+        "rounds": 2,
+        "min_sites": 2,
+        "round_timeout_s": 2.0,
+        "wait_for_sites_s": 0.0,
+        "max_round_attempts": 1,
+        "evaluate": {"every": 0},
+        "train": dict(TRAIN),
+    }
     data.update(over)
     return validate_config(data, FederationConfig)
 
 
 def coordinator(state, grid, cfg, pretrained_file, *, run_id="t-run", resume=False, evaluator=None) -> Coordinator:
-    sub = Submission(name="sub-test", run_id=run_id, resume=resume, config=cfg, lfw=None, pretrained=str(pretrained_file))
+    sub = Submission(
+        name="sub-test", run_id=run_id, resume=resume, config=cfg, lfw=None, pretrained=str(pretrained_file)
+    )
     return Coordinator(grid, state, sub, evaluator=evaluator, log=lambda _m: None)
 
 
@@ -51,15 +60,22 @@ def tails(state: StatePaths, cid: str) -> dict[str, torch.Tensor]:
 def test_two_rounds_average_by_people_and_fill_the_ledger(state, pretrained_file, lfw_file):
     grid = LocalGrid({1: ("", shifted_site("alpha", 0.3, people=1)), 2: ("", shifted_site("beta", -0.1, people=3))})
     evaluator = Evaluator(str(lfw_file), "pairsDevTest.txt", flip=False, max_pairs=20)
-    coordinator(state, grid, make_config(evaluate={"every": 1, "flip": False, "max_pairs": 20}), pretrained_file,
-                evaluator=evaluator).run()
+    coordinator(
+        state,
+        grid,
+        make_config(evaluate={"every": 1, "flip": False, "max_pairs": 20}),
+        pretrained_file,
+        evaluator=evaluator,
+    ).run()
 
     with Ledger(state.ledger) as ledger:
         run = ledger.run("t-run")
         assert run.status == "completed"
         rounds = ledger.rounds("t-run")
         assert [(r.round, r.status, r.participants, r.missing) for r in rounds] == [
-            (1, "committed", ["alpha", "beta"], []), (2, "committed", ["alpha", "beta"], [])]
+            (1, "committed", ["alpha", "beta"], []),
+            (2, "committed", ["alpha", "beta"], []),
+        ]
         # Lineage: r2 -> r1 -> r0 (base), each parent's sha256 recorded on the child.
         chain = ledger.lineage(rounds[1].checkpoint_id)
         assert [c.round for c in chain] == [2, 1, 0]
@@ -91,8 +107,9 @@ def test_images_weighting_moves_the_model(state, pretrained_file):
 
 
 def test_silent_site_is_missing_and_round_goes_on(state, pretrained_file):
-    grid = LocalGrid({1: ("", shifted_site("alpha", 0.1, 2)), 2: ("", shifted_site("beta", 0.1, 2)),
-                      3: ("", lambda content: None)})  # never answers
+    grid = LocalGrid(
+        {1: ("", shifted_site("alpha", 0.1, 2)), 2: ("", shifted_site("beta", 0.1, 2)), 3: ("", lambda content: None)}
+    )  # never answers
     coordinator(state, grid, make_config(rounds=1, round_timeout_s=1.0), pretrained_file).run()
     with Ledger(state.ledger) as ledger:
         (r,) = ledger.rounds("t-run")
@@ -103,8 +120,13 @@ def test_silent_site_is_missing_and_round_goes_on(state, pretrained_file):
 
 def test_head_tensor_in_a_reply_is_rejected_and_recorded(state, pretrained_file):
     head_rows = np.zeros((7, 128), np.float32)  # what a leaked head would look like: (people, 128)
-    grid = LocalGrid({1: ("", shifted_site("alpha", 0.1, 2)), 2: ("", shifted_site("beta", 0.1, 2)),
-                      3: ("", shifted_site("leaky", 0.1, 2, extra={"head.fc.weight": head_rows}))})
+    grid = LocalGrid(
+        {
+            1: ("", shifted_site("alpha", 0.1, 2)),
+            2: ("", shifted_site("beta", 0.1, 2)),
+            3: ("", shifted_site("leaky", 0.1, 2, extra={"head.fc.weight": head_rows})),
+        }
+    )
     coordinator(state, grid, make_config(rounds=1), pretrained_file).run()
     with Ledger(state.ledger) as ledger:
         (r,) = ledger.rounds("t-run")
@@ -178,14 +200,17 @@ def test_registered_identity_is_enforced(state, pretrained_file, tmp_path):
     keys = {n: make_node_keys(tmp_path / n) for n in ("north", "south")}
     pems = {}
     from cryptography.hazmat.primitives import serialization
+
     with Ledger(state.ledger) as ledger:
         for n, pair in keys.items():
             pub = load_public(pair.public_path)
             ledger.add_site(n, fingerprint(pub), "ssh", None)
             pems[n] = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     # node 2 is registered as south but says it is north (misconfigured --site): rejected.
-    grid = LocalGrid({1: ("north", shifted_site("north", 0.1, 2)), 2: ("south", shifted_site("north", 0.1, 2))},
-                     public_keys={1: pems["north"], 2: pems["south"]})
+    grid = LocalGrid(
+        {1: ("north", shifted_site("north", 0.1, 2)), 2: ("south", shifted_site("north", 0.1, 2))},
+        public_keys={1: pems["north"], 2: pems["south"]},
+    )
     with pytest.raises(RunFailed):
         coordinator(state, grid, make_config(rounds=1), pretrained_file).run()
     with Ledger(state.ledger) as ledger:
@@ -210,14 +235,25 @@ def test_strategy_checks_replies():
 
     def reply(tensors, people=2, flat=None):
         f, names, shapes = pack({k: np.asarray(v, np.float32) for k, v in tensors.items()})
-        return Message(RecordDict({"backbone": ArrayRecord({TAIL: Array(f if flat is None else flat)}),
-                                   "metrics": MetricRecord({"num-people": people}),
-                                   "site": ConfigRecord({"name": "x", NAMES: names, SHAPES: shapes})}), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "backbone": ArrayRecord({TAIL: Array(f if flat is None else flat)}),
+                    "metrics": MetricRecord({"num-people": people}),
+                    "site": ConfigRecord({"name": "x", NAMES: names, SHAPES: shapes}),
+                }
+            ),
+            reply_to=msg,
+        )
 
     assert strat.check_reply(reply({"w": [0, 0], "b": [1]})).weight == 2
-    for bad, why in [({"w": [0, 0]}, "missing"), ({"w": [0, 0], "b": [1], "head": [[1, 2]]}, "extra .'head'"),
-                     ({"w": [0, 0, 0], "b": [1]}, "shape"), ({"w": [np.nan, 0], "b": [1]}, "NaN"),
-                     ({"b": [1], "w": [0, 0]}, "order")]:
+    for bad, why in [
+        ({"w": [0, 0]}, "missing"),
+        ({"w": [0, 0], "b": [1], "head": [[1, 2]]}, "extra .'head'"),
+        ({"w": [0, 0, 0], "b": [1]}, "shape"),
+        ({"w": [np.nan, 0], "b": [1]}, "NaN"),
+        ({"b": [1], "w": [0, 0]}, "order"),
+    ]:
         with pytest.raises(ReplyRejected, match=why):
             strat.check_reply(reply(bad))
     # A layout that tells the truth about names but carries more values (a smuggled block) is refused too.
@@ -227,8 +263,12 @@ def test_strategy_checks_replies():
         strat.check_reply(reply({"w": [0, 0], "b": [1]}, people=0))
     with pytest.raises(ReplyRejected, match="ClientApp failed: boom"):
         strat.check_reply(Message(Error(code=2, reason="boom"), reply_to=msg))
-    agg = strat.aggregate([strat.check_reply(reply({"w": [0, 4], "b": [1]}, people=1)),
-                           strat.check_reply(reply({"w": [4, 0], "b": [3]}, people=3))])
+    agg = strat.aggregate(
+        [
+            strat.check_reply(reply({"w": [0, 4], "b": [1]}, people=1)),
+            strat.check_reply(reply({"w": [4, 0], "b": [3]}, people=3)),
+        ]
+    )
     assert agg["w"].tolist() == [3.0, 1.0] and agg["b"].tolist() == [2.5]
 
 
@@ -280,10 +320,10 @@ def test_federation_configs_validate(tmp_path):
         cfg = load_config(path, FederationConfig)
         assert cfg.rounds >= 1 and cfg.train.privacy_unit == "person"
     bad = tmp_path / "bad.toml"
-    bad.write_text('rounds = 2\nmin_site = 2\n[train]\nnoise_multiplier = 1.0\n')
+    bad.write_text("rounds = 2\nmin_site = 2\n[train]\nnoise_multiplier = 1.0\n")
     with pytest.raises(ConfigError, match="key `min_site`: unknown key"):
         load_config(bad, FederationConfig)
-    bad.write_text('rounds = 0\n[train]\nnoise_multiplier = 1.0\n')
+    bad.write_text("rounds = 0\n[train]\nnoise_multiplier = 1.0\n")
     with pytest.raises(ConfigError, match="key `rounds`"):
         load_config(bad, FederationConfig)
     with pytest.raises(ConfigError, match="fewer than min_sites"):
@@ -296,17 +336,33 @@ def test_federation_configs_validate(tmp_path):
 
 def test_contribution_log(tmp_path):
     with ContributionLog(tmp_path / "c.sqlite") as log:
-        log.record(run_id="r", rnd=1, attempt=1, parent_checkpoint="r-r0000", images={"ann": 3, "bob": 2},
-                   sampled={"ann"}, head_file="heads/r/r0001-a1.pt")
-        log.record(run_id="r", rnd=1, attempt=1, parent_checkpoint="r-r0000", images={"ann": 3, "bob": 2},
-                   sampled={"ann"}, head_file="heads/r/r0001-a1.pt")  # a retried ClientApp: same rows
-        log.record(run_id="r", rnd=2, attempt=1, parent_checkpoint="r-r0001", images={"bob": 2},
-                   sampled=set(), head_file=None)
+        log.record(
+            run_id="r",
+            rnd=1,
+            attempt=1,
+            parent_checkpoint="r-r0000",
+            images={"ann": 3, "bob": 2},
+            sampled={"ann"},
+            head_file="heads/r/r0001-a1.pt",
+        )
+        log.record(
+            run_id="r",
+            rnd=1,
+            attempt=1,
+            parent_checkpoint="r-r0000",
+            images={"ann": 3, "bob": 2},
+            sampled={"ann"},
+            head_file="heads/r/r0001-a1.pt",
+        )  # a retried ClientApp: same rows
+        log.record(
+            run_id="r", rnd=2, attempt=1, parent_checkpoint="r-r0001", images={"bob": 2}, sampled=set(), head_file=None
+        )
         assert [(c.round, c.sampled) for c in log.of_person("ann")] == [(1, True)]
         assert log.first_round("bob", "r") == 1 and log.people_in("r", 2) == ["bob"]
         with pytest.raises(ValueError, match="not in the training set"):
-            log.record(run_id="r", rnd=3, attempt=1, parent_checkpoint="x", images={"ann": 1}, sampled={"eve"},
-                       head_file=None)
+            log.record(
+                run_id="r", rnd=3, attempt=1, parent_checkpoint="x", images={"ann": 1}, sampled={"eve"}, head_file=None
+            )
         assert log.forget("bob") == 2 and log.first_round("bob", "r") is None
 
 
@@ -324,6 +380,7 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     def previous():
         with run_lock(state, "r"):
             released.wait(5)
+
     holder = threading.Thread(target=previous)
     holder.start()
     time.sleep(0.3)

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 from facefed.server.cli.main import app as server_app
 from facefed.server.ledger.db import Ledger
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                                 reason="simulation needs ray (the `simulation` extra)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="simulation needs ray (the `simulation` extra)"),
+]
 
 CONFIG = """
 name = "sim"
@@ -36,8 +37,24 @@ def test_simulated_sites_train_one_round(tmp_path, lfw_file, pretrained_file):
     cfg = tmp_path / "sim.toml"
     cfg.write_text(CONFIG)
     state = tmp_path / "sim-state"
-    res = CliRunner().invoke(server_app, ["simulate", "--sites", "3", "--config", str(cfg), "--state", str(state),
-                                          "--people-per-site", "3", "--max-images", "3", "--cpus", "2"])
+    res = CliRunner().invoke(
+        server_app,
+        [
+            "simulate",
+            "--sites",
+            "3",
+            "--config",
+            str(cfg),
+            "--state",
+            str(state),
+            "--people-per-site",
+            "3",
+            "--max-images",
+            "3",
+            "--cpus",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     with Ledger(state / "ledger.sqlite") as ledger:
         (run,) = ledger.runs()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from typer.testing import CliRunner
+from vault_support import header_fields, load_faces, make_stores
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.client.forget.erase import ForgetError, default_state_dir, forget, run_forget, settle
@@ -19,11 +20,15 @@ from facefed.client.vault import UnknownPerson, Vault, VaultError, verify_audit_
 from facefed.client.vault.sharefile import ShareKeys
 from facefed.common.model.heads import MarginHead
 from facefed.common.receipts import Receipt, key_fingerprint, sign_receipt, utc_timestamp
-from vault_support import header_fields, load_faces, make_stores
 
 VICTIM = "Ahmed_Chalabi"  # 5 images; no other name of the 12 contains it, so byte scans are meaningful
-HEAD_FILES = ["heads/run-a/r0001-a1.pt", "heads/run-a/r0002-a1.pt", "heads/run-a/r0002-a2.pt",
-              "heads/run-a/r0003-a1.pt", "heads/run-b/r0001-a1.pt"]
+HEAD_FILES = [
+    "heads/run-a/r0001-a1.pt",
+    "heads/run-a/r0002-a1.pt",
+    "heads/run-a/r0002-a2.pt",
+    "heads/run-a/r0003-a1.pt",
+    "heads/run-b/r0001-a1.pt",
+]
 
 
 class Site:
@@ -45,25 +50,53 @@ class Site:
         others = {p: len(imgs) for p, imgs in faces.items() if p != VICTIM}
         allp = {p: len(imgs) for p, imgs in faces.items()}
         with ContributionLog(self.state / "contributions.sqlite") as log:
-            log.record(run_id="run-a", rnd=1, attempt=1, parent_checkpoint="base", images=others, sampled=[],
-                       head_file=HEAD_FILES[0])
+            log.record(
+                run_id="run-a",
+                rnd=1,
+                attempt=1,
+                parent_checkpoint="base",
+                images=others,
+                sampled=[],
+                head_file=HEAD_FILES[0],
+            )
             for rnd, att, rel in ((2, 1, HEAD_FILES[1]), (2, 2, HEAD_FILES[2]), (3, 1, HEAD_FILES[3])):
-                log.record(run_id="run-a", rnd=rnd, attempt=att, parent_checkpoint=f"run-a-r{rnd - 1}", images=allp,
-                           sampled=[VICTIM], head_file=rel)
-            log.record(run_id="run-b", rnd=1, attempt=1, parent_checkpoint="base", images=allp, sampled=[],
-                       head_file=HEAD_FILES[4])
+                log.record(
+                    run_id="run-a",
+                    rnd=rnd,
+                    attempt=att,
+                    parent_checkpoint=f"run-a-r{rnd - 1}",
+                    images=allp,
+                    sampled=[VICTIM],
+                    head_file=rel,
+                )
+            log.record(
+                run_id="run-b",
+                rnd=1,
+                attempt=1,
+                parent_checkpoint="base",
+                images=allp,
+                sampled=[],
+                head_file=HEAD_FILES[4],
+            )
 
     def owner_tag(self, person: str) -> bytes:
         return ShareKeys((self.vault / "key").read_bytes()).owner(self.pseudonyms[person])
 
     def shares_of(self, person: str) -> list[Path]:
         tag = self.owner_tag(person)
-        return [f for s in self.stores for f in Path(s).iterdir()
-                if not f.name.startswith(".") and header_fields(f.read_bytes())["owner"] == tag]
+        return [
+            f
+            for s in self.stores
+            for f in Path(s).iterdir()
+            if not f.name.startswith(".") and header_fields(f.read_bytes())["owner"] == tag
+        ]
 
     def all_files(self) -> dict[str, str]:
-        return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(self.root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file()
+        }
 
     def contribution_people(self) -> set[str]:
         db = sqlite3.connect(self.state / "contributions.sqlite")
@@ -214,14 +247,25 @@ def test_server_stages_and_receipt_are_recorded(site, tmp_path):
         with pytest.raises(RequestError, match="no receipt before"):
             log.store_receipt(req.request_id, {})
         sha = hashlib.sha256(b"replayed").hexdigest()
-        log.mark_unlearned(req.request_id, run_id="run-a", rnd=3, checkpoint_id="run-a-r0003-replay",
-                           checkpoint_sha256=sha)
-        receipt = Receipt(request_id=req.request_id, site="site-a", person_pseudonym=req.pseudonym,
-                          received_at=utc_timestamp(req.received_at), erased_at=utc_timestamp(req.erased_at),
-                          shares_destroyed=req.shares_destroyed, run_id="run-a", rollback_round=1,
-                          replayed_rounds=[2, 3], model_id="run-a-r0003-replay", model_sha256=sha,
-                          checkpoints_deleted=["run-a-r0002", "run-a-r0003"], issued_at=utc_timestamp(),
-                          server_key_fingerprint=key_fingerprint(key.public_key()))
+        log.mark_unlearned(
+            req.request_id, run_id="run-a", rnd=3, checkpoint_id="run-a-r0003-replay", checkpoint_sha256=sha
+        )
+        receipt = Receipt(
+            request_id=req.request_id,
+            site="site-a",
+            person_pseudonym=req.pseudonym,
+            received_at=utc_timestamp(req.received_at),
+            erased_at=utc_timestamp(req.erased_at),
+            shares_destroyed=req.shares_destroyed,
+            run_id="run-a",
+            rollback_round=1,
+            replayed_rounds=[2, 3],
+            model_id="run-a-r0003-replay",
+            model_sha256=sha,
+            checkpoints_deleted=["run-a-r0002", "run-a-r0003"],
+            issued_at=utc_timestamp(),
+            server_key_fingerprint=key_fingerprint(key.public_key()),
+        )
         done = log.store_receipt(req.request_id, sign_receipt(receipt, key))
         assert log.pending_for_server() == []
     assert done.stage == "receipt_issued" and Path(done.receipt_path).is_file()
@@ -290,8 +334,15 @@ def test_settle_removes_what_a_round_in_flight_wrote_after_the_erasure(site):
     late = MarginHead(sorted(site.pseudonyms.values()), seed=99)
     late.save(site.state / "heads/run-a/r0004-a1.pt")
     with ContributionLog(site.state / "contributions.sqlite") as log:
-        log.record(run_id="run-a", rnd=4, attempt=1, parent_checkpoint="run-a-r3",
-                   images={p: len(i) for p, i in site.faces.items()}, sampled=[VICTIM], head_file="heads/run-a/r0004-a1.pt")
+        log.record(
+            run_id="run-a",
+            rnd=4,
+            attempt=1,
+            parent_checkpoint="run-a-r3",
+            images={p: len(i) for p, i in site.faces.items()},
+            sampled=[VICTIM],
+            head_file="heads/run-a/r0004-a1.pt",
+        )
     (o,) = settle(site.vault)
     assert o.request.request_id == req.request_id and o.head_rows_removed_now == 1 and o.contribution_rows_now == 1
     assert o.request.contributions == [RunSpan("run-a", 2, 4, (2, 3, 4)), RunSpan("run-b", 1, 1, (1,))]
@@ -302,8 +353,9 @@ def test_settle_removes_what_a_round_in_flight_wrote_after_the_erasure(site):
     with Vault.open(site.vault) as v:
         v.put(VICTIM, data, source_name=name, allow_reenrol=True)
     with ContributionLog(site.state / "contributions.sqlite") as log:
-        log.record(run_id="run-c", rnd=1, attempt=1, parent_checkpoint="base", images={VICTIM: 1}, sampled=[],
-                   head_file=None)
+        log.record(
+            run_id="run-c", rnd=1, attempt=1, parent_checkpoint="base", images={VICTIM: 1}, sampled=[], head_file=None
+        )
     assert settle(site.vault) == [] and VICTIM in site.contribution_people()
 
 
@@ -324,38 +376,70 @@ def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site,
     assert VICTIM not in reply.model_dump_json()  # the person id never leaves the site
 
     # Budget: a replay of 2 rounds x 50 steps at sigma 1 fits a fresh accountant under 50 but not under 1.
-    cfg = TrainConfig(privacy_unit="person", delta=1e-5, noise_multiplier=1.0, sample_rate=0.2, steps=50,
-                      max_epsilon=50.0)
+    cfg = TrainConfig(
+        privacy_unit="person", delta=1e-5, noise_multiplier=1.0, sample_rate=0.2, steps=50, max_epsilon=50.0
+    )
     ask = BudgetAsk(train_config=cfg.model_dump_json(), rounds=2, steps=50)
     ans = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(budget=ask)).budget
     assert ans.fits and 0 < ans.epsilon_planned < 50 and ans.epsilon_now == 0
     tight = BudgetAsk(train_config=cfg.model_copy(update={"max_epsilon": 1.0}).model_dump_json(), rounds=2, steps=50)
     ans = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(budget=tight)).budget
     assert not ans.fits and "over its max_epsilon 1" in ans.detail
-    assert not (site.state / "accountant.json").exists() or SiteAccountant(
-        site.state / "accountant.json", 1e-5, 50.0, "person").steps == 0  # asking spends nothing
+    assert (
+        not (site.state / "accountant.json").exists()
+        or SiteAccountant(site.state / "accountant.json", 1e-5, 50.0, "person").steps == 0
+    )  # asking spends nothing
 
     # A receipt for another pseudonym is refused; the right one is stored; tainted heads are dropped.
     key = ed25519.Ed25519PrivateKey.generate()
 
     def receipt(pseudonym: str) -> dict:
         t = utc_timestamp(req.received_at)
-        return sign_receipt(Receipt(
-            request_id=req.request_id, site="north", person_pseudonym=pseudonym, received_at=t, erased_at=t,
-            shares_destroyed=req.shares_destroyed, run_id="run-a-u1", rollback_round=1, replayed_rounds=[2, 3],
-            model_id="run-a-u1-r0003", model_sha256="ab" * 32, checkpoints_deleted=["run-a-r0002", "run-a-r0003"],
-            issued_at=t, server_key_fingerprint=key_fingerprint(key.public_key())), key)
+        return sign_receipt(
+            Receipt(
+                request_id=req.request_id,
+                site="north",
+                person_pseudonym=pseudonym,
+                received_at=t,
+                erased_at=t,
+                shares_destroyed=req.shares_destroyed,
+                run_id="run-a-u1",
+                rollback_round=1,
+                replayed_rounds=[2, 3],
+                model_id="run-a-u1-r0003",
+                model_sha256="ab" * 32,
+                checkpoints_deleted=["run-a-r0002", "run-a-r0003"],
+                issued_at=t,
+                server_key_fingerprint=key_fingerprint(key.public_key()),
+            ),
+            key,
+        )
 
     def delivery(doc: dict) -> Delivery:
-        return Delivery(request_id=req.request_id, run_id="run-a-u1", round=3, checkpoint_id="run-a-u1-r0003",
-                        checkpoint_sha256="ab" * 32, receipt=doc)
+        return Delivery(
+            request_id=req.request_id,
+            run_id="run-a-u1",
+            round=3,
+            checkpoint_id="run-a-u1-r0003",
+            checkpoint_sha256="ab" * 32,
+            receipt=doc,
+        )
 
-    wrong = answer_query(site="north", vault_dir=site.vault, state_dir=site.state,
-                         order=QueryOrder(deliver=[delivery(receipt("f" * 32))]))
+    wrong = answer_query(
+        site="north",
+        vault_dir=site.vault,
+        state_dir=site.state,
+        order=QueryOrder(deliver=[delivery(receipt("f" * 32))]),
+    )
     assert wrong.stored == [] and "names another request or person" in wrong.problems[0]
-    ok = answer_query(site="north", vault_dir=site.vault, state_dir=site.state,
-                      order=QueryOrder(deliver=[delivery(receipt(site.pseudonyms[VICTIM]))],
-                                       drop_heads=[DropHeads(run_id="run-a", from_round=2)]))
+    ok = answer_query(
+        site="north",
+        vault_dir=site.vault,
+        state_dir=site.state,
+        order=QueryOrder(
+            deliver=[delivery(receipt(site.pseudonyms[VICTIM]))], drop_heads=[DropHeads(run_id="run-a", from_round=2)]
+        ),
+    )
     assert ok.stored == [req.request_id] and ok.pending == [] and ok.heads_dropped == 3
     assert sorted(p.name for p in (site.state / "heads" / "run-a").glob("*.pt")) == ["r0001-a1.pt"]
     with RequestLog(site.vault) as log:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from opacus.validators import ModuleValidator
 
 from facefed.common.lfw import ImageKey
-from facefed.common.model.mobilefacenet import (PRETRAINED_PREFIX, STAGES, CheckpointMismatch, MobileFaceNet, build_embedder,
-                          load_checkpoint, load_pretrained_state, load_shared_state, save_checkpoint,
-                          sha256_file, shared_state)
+from facefed.common.model.mobilefacenet import (
+    PRETRAINED_PREFIX,
+    STAGES,
+    CheckpointMismatch,
+    MobileFaceNet,
+    build_embedder,
+    load_checkpoint,
+    load_pretrained_state,
+    load_shared_state,
+    save_checkpoint,
+    sha256_file,
+    shared_state,
+)
 from facefed.common.preprocess import decode_faces, to_input
 
 
@@ -28,7 +38,7 @@ def model(pretrained_file):
 def test_folding_keeps_the_pretrained_function(pretrained_file, model, real_batch):
     raw = torch.load(pretrained_file, map_location="cpu", weights_only=True)
     bn = MobileFaceNet("batch")
-    bn.load_state_dict({k[len(PRETRAINED_PREFIX):]: v for k, v in raw.items()})
+    bn.load_state_dict({k[len(PRETRAINED_PREFIX) :]: v for k, v in raw.items()})
     bn.eval()
     with torch.no_grad():
         a, b = bn(real_batch), model(real_batch)
@@ -57,8 +67,9 @@ def test_prefix_then_tail_is_the_forward(model, real_batch):
             assert torch.allclose(model.forward_tail(model.forward_prefix(real_batch)), model(real_batch), atol=1e-6)
     model.train_from = "conv_5"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(model.tail_param_names()) and all(n.split(".")[0] in
-                                                                STAGES[7:] + ("sep", "prelu") for n in trainable)
+    assert trainable == set(model.tail_param_names()) and all(
+        n.split(".")[0] in STAGES[7:] + ("sep", "prelu") for n in trainable
+    )
     model.train_from = "features"  # the default for a pretrained model
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"features.weight", "features.bias"}
 

@@ -11,8 +11,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from facefed.common.certs import load_private, make_ed25519
-from facefed.common.receipts import (Receipt, ReceiptError, canonical_json, key_fingerprint, load_public_key, sign_receipt,
-                             utc_timestamp, verify_receipt_signature)
+from facefed.common.receipts import (
+    Receipt,
+    ReceiptError,
+    canonical_json,
+    key_fingerprint,
+    load_public_key,
+    sign_receipt,
+    utc_timestamp,
+    verify_receipt_signature,
+)
 
 
 @pytest.fixture()
@@ -24,11 +32,21 @@ def server_key(tmp_path):
 
 def _receipt(public_key, **over) -> Receipt:
     fields = dict(
-        request_id="fr-0123456789abcdef", site="site-a", person_pseudonym="ab" * 16,
-        received_at=utc_timestamp(1_790_000_000.25), erased_at=utc_timestamp(1_790_000_000.5), shares_destroyed=9,
-        run_id="run-1", rollback_round=1, replayed_rounds=[2, 3], model_id="run-1-r0003-replay",
-        model_sha256=hashlib.sha256(b"model").hexdigest(), checkpoints_deleted=["run-1-r0002", "run-1-r0003"],
-        issued_at=utc_timestamp(1_790_000_100.0), server_key_fingerprint=key_fingerprint(public_key))
+        request_id="fr-0123456789abcdef",
+        site="site-a",
+        person_pseudonym="ab" * 16,
+        received_at=utc_timestamp(1_790_000_000.25),
+        erased_at=utc_timestamp(1_790_000_000.5),
+        shares_destroyed=9,
+        run_id="run-1",
+        rollback_round=1,
+        replayed_rounds=[2, 3],
+        model_id="run-1-r0003-replay",
+        model_sha256=hashlib.sha256(b"model").hexdigest(),
+        checkpoints_deleted=["run-1-r0002", "run-1-r0003"],
+        issued_at=utc_timestamp(1_790_000_100.0),
+        server_key_fingerprint=key_fingerprint(public_key),
+    )
     fields.update(over)
     return Receipt(**fields)
 
@@ -40,8 +58,10 @@ def test_signed_receipt_verifies_after_a_round_trip_through_a_file(server_key, t
     path.write_text(json.dumps(signed, indent=2))  # pretty-printed on disk: the signature covers canonical form
     back = verify_receipt_signature(json.loads(path.read_text()), pub)
     assert back.request_id == "fr-0123456789abcdef" and back.replayed_rounds == [2, 3]
-    assert canonical_json(signed["receipt"]) == json.dumps(signed["receipt"], sort_keys=True,
-                                                           separators=(",", ":")).encode()
+    assert (
+        canonical_json(signed["receipt"])
+        == json.dumps(signed["receipt"], sort_keys=True, separators=(",", ":")).encode()
+    )
     assert b" " not in canonical_json(signed["receipt"])
 
 
@@ -84,8 +104,12 @@ def test_any_changed_field_fails(server_key):
     for what, body in _mutations(signed["receipt"]):
         doc = {**signed, "receipt": body}
         # A well-formed edit must be caught by the signature itself, not only by the schema.
-        expect = {"format": "format", "extra key": "note", "missing key": "checkpoints_deleted",
-                  "server_key_fingerprint": "names server key"}.get(what, "signature does not match")
+        expect = {
+            "format": "format",
+            "extra key": "note",
+            "missing key": "checkpoints_deleted",
+            "server_key_fingerprint": "names server key",
+        }.get(what, "signature does not match")
         with pytest.raises(ReceiptError, match=expect):
             verify_receipt_signature(doc, pub)
         tried += 1

@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 
 from facefed.client.cli.main import app as client_app
 from facefed.client.holder import proto
-from facefed.client.holder.service import start_holder
 from facefed.client.holder.disk import ShareDir
+from facefed.client.holder.service import start_holder
 from facefed.client.holder.tls import make_store_certs
-from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy, parse_url
 from facefed.client.vault.stores.base import ShareNotFound, Store, StoreError, StoreUnavailable, open_store
+from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy, parse_url
 from facefed.common import certs
 
 LOOPBACK = "127.0.0.1"
@@ -87,7 +87,9 @@ def test_runtime_messages_match_the_proto_file(tmp_path):
 
     proto_dir = Path(proto.__file__).parent
     out = tmp_path / "holder.pb"
-    assert protoc.main(["protoc", f"-I{proto_dir}", f"--descriptor_set_out={out}", str(proto_dir / "holder.proto")]) == 0
+    assert (
+        protoc.main(["protoc", f"-I{proto_dir}", f"--descriptor_set_out={out}", str(proto_dir / "holder.proto")]) == 0
+    )
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     assert compiled == proto.file_descriptor()
 
@@ -183,8 +185,13 @@ def test_concurrent_use_of_one_store_from_many_threads(holder, tls, face_bytes):
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "ab/cd" * 8, "/abs" + "0" * 30, "..", "A" * 32, "0" * 32 + "\x00"])
 def test_share_id_with_path_characters_is_refused_by_client_and_holder(holder, tls, bad, tmp_path):
     store = GrpcStore(_url(holder), tls_dir=tls)
-    for op in (lambda: store.get(bad), lambda: store.put(bad, b"x"), lambda: store.delete(bad),
-               lambda: store.put_many([(_sid(1), b"ok"), (bad, b"x")]), lambda: store.get_many([bad])):
+    for op in (
+        lambda: store.get(bad),
+        lambda: store.put(bad, b"x"),
+        lambda: store.delete(bad),
+        lambda: store.put_many([(_sid(1), b"ok"), (bad, b"x")]),
+        lambda: store.get_many([bad]),
+    ):
         with pytest.raises(ValueError, match="share id"):
             op()
     store.close()
@@ -200,8 +207,15 @@ def test_share_id_with_path_characters_is_refused_by_client_and_holder(holder, t
             ("Delete", proto.DeleteRequest(share_id=bad)),
             ("GetMany", proto.GetManyRequest(share_ids=[_sid(1), bad])),
             # a batch with one bad id is refused whole: not even the good share is written
-            ("PutMany", proto.PutManyRequest(shares=[proto.PutRequest(share_id=_sid(1), data=b"ok"),
-                                                     proto.PutRequest(share_id=bad, data=b"evil")])),
+            (
+                "PutMany",
+                proto.PutManyRequest(
+                    shares=[
+                        proto.PutRequest(share_id=_sid(1), data=b"ok"),
+                        proto.PutRequest(share_id=bad, data=b"evil"),
+                    ]
+                ),
+            ),
         ):
             call = ch.unary_unary(
                 proto.method_path(rpc),
@@ -211,7 +225,11 @@ def test_share_id_with_path_characters_is_refused_by_client_and_holder(holder, t
             with pytest.raises(grpc.RpcError) as ei:
                 call(req, timeout=5)
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    written = [p for p in holder.store.root.rglob("*") if p.is_file() and p.name != "index.sqlite" and "index.sqlite" not in p.name]
+    written = [
+        p
+        for p in holder.store.root.rglob("*")
+        if p.is_file() and p.name != "index.sqlite" and "index.sqlite" not in p.name
+    ]
     assert written == []
     assert holder.store.stat().shares == 0
 
@@ -245,13 +263,21 @@ def test_client_without_certificate_is_refused(holder, tls, caplog):
     caplog.set_level(logging.INFO, logger="facefed.holder")
     creds = grpc.ssl_channel_credentials((tls / "ca.pem").read_bytes())  # server auth only, no client cert
     with grpc.secure_channel(f"{LOOPBACK}:{holder.port}", creds) as ch:
-        call = ch.unary_unary(proto.method_path("Stat"), request_serializer=proto.StatRequest.SerializeToString,
-                              response_deserializer=proto.StatReply.FromString)
+        call = ch.unary_unary(
+            proto.method_path("Stat"),
+            request_serializer=proto.StatRequest.SerializeToString,
+            response_deserializer=proto.StatReply.FromString,
+        )
         with pytest.raises(grpc.RpcError) as ei:
             call(proto.StatRequest(), timeout=5)
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
-    _wait_for(lambda: any(r.getMessage().startswith(f"refused client {LOOPBACK}:") and "no client certificate" in r.getMessage()
-                          for r in caplog.records), f"no refusal logged: {caplog.text}")
+    _wait_for(
+        lambda: any(
+            r.getMessage().startswith(f"refused client {LOOPBACK}:") and "no client certificate" in r.getMessage()
+            for r in caplog.records
+        ),
+        f"no refusal logged: {caplog.text}",
+    )
 
 
 def test_vault_refuses_a_holder_with_a_foreign_certificate(tmp_path, tls, foreign_tls):
@@ -377,15 +403,19 @@ def test_remote_store_without_tls_dir_names_the_remedy(tmp_path):
 
 def test_serve_cli_errors_name_the_problem(tmp_path, tls):
     runner = CliRunner()
-    r = runner.invoke(client_app, ["store", "serve", "--dir", str(tmp_path / "missing"), "--listen", "127.0.0.1:0",
-                                   "--tls-dir", str(tls)])
+    r = runner.invoke(
+        client_app,
+        ["store", "serve", "--dir", str(tmp_path / "missing"), "--listen", "127.0.0.1:0", "--tls-dir", str(tls)],
+    )
     assert r.exit_code == 2 and "does not exist" in r.output
     (tmp_path / "d").mkdir()
-    r = runner.invoke(client_app, ["store", "serve", "--dir", str(tmp_path / "d"), "--listen", "10.9.9.9:7001",
-                                   "--tls-dir", str(tls)])
+    r = runner.invoke(
+        client_app, ["store", "serve", "--dir", str(tmp_path / "d"), "--listen", "10.9.9.9:7001", "--tls-dir", str(tls)]
+    )
     assert r.exit_code == 2 and "no certificate for holder host 10.9.9.9" in r.output
-    r = runner.invoke(client_app, ["store", "serve", "--dir", str(tmp_path / "d"), "--listen", "nonsense",
-                                   "--tls-dir", str(tls)])
+    r = runner.invoke(
+        client_app, ["store", "serve", "--dir", str(tmp_path / "d"), "--listen", "nonsense", "--tls-dir", str(tls)]
+    )
     assert r.exit_code == 2 and "HOST:PORT" in r.output
 
 
@@ -397,7 +427,9 @@ def test_silent_holder_costs_one_deadline_then_fails_at_once(tls):
     silent.bind((LOOPBACK, 0))
     silent.listen(8)  # the kernel completes TCP handshakes; nobody ever reads
     port = silent.getsockname()[1]
-    store = GrpcStore(f"grpcs://{LOOPBACK}:{port}", tls_dir=tls, policy=RemotePolicy(read_timeout_s=0.3, read_attempts=2))
+    store = GrpcStore(
+        f"grpcs://{LOOPBACK}:{port}", tls_dir=tls, policy=RemotePolicy(read_timeout_s=0.3, read_attempts=2)
+    )
     try:
         t0 = time.monotonic()
         with pytest.raises(StoreUnavailable, match=f"{LOOPBACK}:{port}"):

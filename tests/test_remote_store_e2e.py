@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from facefed.client.vault.errors import VaultError
 from facefed.client.holder.procs import HolderProcess, start_all
 from facefed.client.holder.tls import make_store_certs
-from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy
+from facefed.client.vault.errors import VaultError
 from facefed.client.vault.stores.base import StoreError, StoreUnavailable
+from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy
 from facefed.client.vault.vault import Vault
 
 pytestmark = pytest.mark.slow
@@ -228,7 +228,8 @@ def test_vault_over_three_holders_survives_a_dead_one_and_finishes_a_pending_era
         raw[len(raw) // 2] ^= 0x01
         target.write_bytes(bytes(raw))
         assert {i: d for _, i, d in vault.iter_images()} == {
-            i: d for p, imgs in people.items() if p != victim for i, d in zip(ids[p], imgs)}
+            i: d for p, imgs in people.items() if p != victim for i, d in zip(ids[p], imgs)
+        }
         rep = vault.verify()
         assert [(p.x, p.problem) for p in rep.corrupt] == [(2, "corrupt")]
         assert len(vault.repair().regenerated) == 1 and vault.verify().ok

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
+from train_support import small_faces
 
 import facefed.client.training.trainer as trainer
 from facefed.client.training.sampling import ImageSampler, PersonSampler
 from facefed.common.config import TrainConfig
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder
-from train_support import small_faces
 
 
 def test_person_sampler_takes_one_image_per_sampled_person():

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 from scipy.stats import chisquare
+from vault_support import load_faces
 
 from facefed.common.shamir import Share, combine, lagrange_weights, regenerate, split
-from vault_support import load_faces
 
 
 @pytest.fixture(scope="module")

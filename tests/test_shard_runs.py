@@ -5,22 +5,23 @@ of the person forgotten, and the ensemble evaluation."""
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
-
-from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
-from facefed.client.site.round import Site, load_faces
-from facefed.client.vault import Vault
-from facefed.client.vault.tombstones import vault_key
-from facefed.common.evaluate import EvalCache
-from facefed.common.shards import shard_of
-from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, shared_state
 from federation_support import LocalGrid, shifted_site
-from facefed.server.ledger.db import Ledger
 from test_federation_rounds import coordinator, make_config
 from test_unlearn import QuerySite, request, unlearner
 from vault_support import load_faces as lfw_faces
 from vault_support import make_stores
+
+from facefed.client.site.round import Site, load_faces
+from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
+from facefed.client.vault import Vault
+from facefed.client.vault.tombstones import vault_key
+from facefed.common.evaluate import EvalCache
+from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, shared_state
+from facefed.common.shards import shard_of
+from facefed.server.ledger.db import Ledger
 
 
 def test_sharded_job_trains_one_run_per_shard_and_replays_only_the_persons_shard(state, pretrained_file):
@@ -46,8 +47,11 @@ def test_sharded_job_trains_one_run_per_shard_and_replays_only_the_persons_shard
         assert (replay.shard, replay.family, replay.base_checkpoint) == (1, "t-run", "t-run-s1-r0001")
         assert ledger.live_run("t-run", 1).run_id == "t-run-s1-u1"
         assert ledger.request("fr-00000000000000aa").checkpoints_deleted == ["t-run-s1-r0002"]
-    replayed = [json.loads(json.dumps(dict(m.content["config"]))) for m in grid.pushed
-                if "backbone" in m.content and dict(m.content["config"])["run-id"] == "t-run-s1-u1"]
+    replayed = [
+        json.loads(json.dumps(dict(m.content["config"])))
+        for m in grid.pushed
+        if "backbone" in m.content and dict(m.content["config"])["run-id"] == "t-run-s1-u1"
+    ]
     assert {c["shard"] for c in replayed} == {1} and {c["round"] for c in replayed} == {2}
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from train_support import make_vault, small_faces
 
 from facefed.client.training.faces import faces_from_vault
 from facefed.client.training.trainer import train_local
@@ -14,7 +15,6 @@ from facefed.common.accountant import BudgetExceeded, SiteAccountant
 from facefed.common.config import TrainConfig
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, shared_state
-from train_support import make_vault, small_faces
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +84,16 @@ def test_refusals(lfw, pretrained_file, tmp_path):
     with pytest.raises(ValueError, match="would void this site's per-person guarantee"):
         train_local(model, head, faces, TrainConfig(privacy_unit="none"), acc, seed=0)
     with pytest.raises(ValueError, match="config says train_from = `conv_45`"):
-        train_local(model, head, faces, TrainConfig(noise_multiplier=1.0, delta=1e-3, train_from="conv_45"), acc, seed=0)
+        train_local(
+            model, head, faces, TrainConfig(noise_multiplier=1.0, delta=1e-3, train_from="conv_45"), acc, seed=0
+        )
     assert acc.steps == 0
 
 
 def test_image_unit_and_target_epsilon(lfw, pretrained_file, tmp_path):
     faces = small_faces(lfw, 8, max_per_person=3)
     model = build_embedder(pretrained_file)
-    cfg = TrainConfig(privacy_unit="image", target_epsilon=5.0, max_epsilon=5.0, sample_rate=0.3, steps=5,
-                      delta=1e-3)
+    cfg = TrainConfig(privacy_unit="image", target_epsilon=5.0, max_epsilon=5.0, sample_rate=0.3, steps=5, delta=1e-3)
     acc = SiteAccountant(tmp_path / "acc.json", 1e-3, 5.0, "image")
     report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, seed=0)
     assert report.unit == "image" and 4.9 < report.epsilon <= 5.0 and report.noise_multiplier > 0
@@ -104,8 +105,7 @@ def test_empty_batch_still_adds_noise_and_bias_tuning_moves_only_biases(lfw, pre
     model = build_embedder(pretrained_file)
     before = shared_state(model)
     # q so small that every batch is empty (probability 1 - (1 - 1e-6)^6 per step to be non-empty)
-    cfg = TrainConfig(noise_multiplier=2.0, sample_rate=1e-6, steps=3, delta=1e-3, max_epsilon=8.0, tune="bias",
-                      lr=0.1)
+    cfg = TrainConfig(noise_multiplier=2.0, sample_rate=1e-6, steps=3, delta=1e-3, max_epsilon=8.0, tune="bias", lr=0.1)
     acc = SiteAccountant(tmp_path / "acc.json", 1e-3, 8.0, "person")
     report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, seed=0)
     assert report.images == 0 and report.steps == 3 and acc.steps == 3 and not report.people_used

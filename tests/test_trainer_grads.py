@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from opacus import GradSampleModule
+from train_support import small_faces
 
 from facefed.client.training.trainer import _Net, prefix_features
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder
-from train_support import small_faces
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -42,7 +42,7 @@ def test_per_sample_grads_equal_a_per_example_loop(lfw, pretrained_file, pretrai
     kinds = {type(m).__name__ for m in net.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
     assert {"Conv2d", "PReLU", "Linear"} <= kinds and (pretrained or "GroupNorm" in kinds)
     for i in range(len(x)):
-        loss = head.loss(net(x[i:i + 1]), y[i:i + 1], reduction="sum")
+        loss = head.loss(net(x[i : i + 1]), y[i : i + 1], reduction="sum")
         ref = torch.autograd.grad(loss, params)
         for p, g, r in zip(params, grads, ref):
             assert torch.allclose(g[i], r, atol=1e-5, rtol=1e-4), f"param {tuple(p.shape)} sample {i}"
@@ -79,14 +79,13 @@ def test_ghost_and_hooks_clipping_give_the_exact_clipped_sum(lfw, pretrained_fil
     expected = torch.zeros_like(torch.nn.utils.parameters_to_vector(params))
     norms = []
     for i in range(len(x)):
-        g = torch.autograd.grad(head.loss(net(x[i:i + 1]), y[i:i + 1], reduction="sum"), params)
+        g = torch.autograd.grad(head.loss(net(x[i : i + 1]), y[i : i + 1], reduction="sum"), params)
         flat = torch.cat([t.flatten() for t in g])
         norms.append(float(flat.norm()))
         expected += flat * min(1.0, clip / (flat.norm() + 1e-6))
     assert max(norms) > clip  # clipping is active
     for mode in ("ghost", "hooks"):
-        cfg = TrainConfig(noise_multiplier=0.0, max_grad_norm=clip, clipping=mode, train_from=train_from,
-                          momentum=0.0)
+        cfg = TrainConfig(noise_multiplier=0.0, max_grad_norm=clip, clipping=mode, train_from=train_from, momentum=0.0)
         loop = _Loop(net, [{"params": params, "lr": 0.0}], head, cfg, 0.0, len(x), seed=0)
         loop.step(x, y)
         got = torch.cat([p.grad.flatten() for p in params]) * len(x)  # the optimizer divided by E[B]

@@ -12,16 +12,16 @@ import copy
 from pathlib import Path
 
 import pytest
+from federation_support import LocalGrid, shifted_site
 from flwr.app import ConfigRecord, RecordDict
+from test_federation_rounds import coordinator, make_config
 
 from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, BudgetAnswer, PendingRequest, QueryOrder, QueryReply
-from federation_support import LocalGrid, shifted_site
 from facefed.server.app import Coordinator, RunFailed
-from facefed.server.ledger.db import ForgetRow, Ledger
 from facefed.server.forget.receipts import key_paths, verify_receipt
-from facefed.server.ops.submission import Submission
 from facefed.server.forget.unlearn import plan_replays
-from test_federation_rounds import coordinator, make_config
+from facefed.server.ledger.db import ForgetRow, Ledger
+from facefed.server.ops.submission import Submission
 
 PSEUDONYM = "0123456789abcdef0123456789abcdef"
 
@@ -46,17 +46,30 @@ class QuerySite:
         self.pending = [p for p in self.pending if p.request_id not in self.receipts]
         budget = None
         if order.budget:
-            budget = BudgetAnswer(fits=self.fits, unit="person", delta=1e-5, epsilon_now=3.0,
-                                  epsilon_planned=9.5 if not self.fits else 5.0, max_epsilon=8.0,
-                                  detail="" if self.fits else "would reach 9.500 > max_epsilon 8")
-        reply = QueryReply(site=self.name, pending=self.pending, stored=[d.request_id for d in order.deliver],
-                           budget=budget)
+            budget = BudgetAnswer(
+                fits=self.fits,
+                unit="person",
+                delta=1e-5,
+                epsilon_now=3.0,
+                epsilon_planned=9.5 if not self.fits else 5.0,
+                max_epsilon=8.0,
+                detail="" if self.fits else "would reach 9.500 > max_epsilon 8",
+            )
+        reply = QueryReply(
+            site=self.name, pending=self.pending, stored=[d.request_id for d in order.deliver], budget=budget
+        )
         return RecordDict({"config": ConfigRecord({REPLY_KEY: reply.model_dump_json()})})
 
 
 def request(rounds: dict[str, list[int]], rid: str = "fr-00000000000000aa") -> PendingRequest:
-    return PendingRequest(request_id=rid, pseudonym=PSEUDONYM, received_at=1.7e9, erased_at=1.7e9 + 0.2,
-                          shares_destroyed=9, contributions=rounds)
+    return PendingRequest(
+        request_id=rid,
+        pseudonym=PSEUDONYM,
+        received_at=1.7e9,
+        erased_at=1.7e9 + 0.2,
+        shares_destroyed=9,
+        contributions=rounds,
+    )
 
 
 def sites(alpha_query: QuerySite) -> LocalGrid:
@@ -66,8 +79,16 @@ def sites(alpha_query: QuerySite) -> LocalGrid:
 
 
 def unlearner(state, grid, pretrained_file) -> Coordinator:
-    sub = Submission(name="sub-unlearn", run_id="", resume=False, config=None, lfw=None,
-                     pretrained=str(pretrained_file), mode="unlearn", wait_s=0.0)
+    sub = Submission(
+        name="sub-unlearn",
+        run_id="",
+        resume=False,
+        config=None,
+        lfw=None,
+        pretrained=str(pretrained_file),
+        mode="unlearn",
+        wait_s=0.0,
+    )
     return Coordinator(grid, state, sub, log=lambda _m: None)
 
 
@@ -81,8 +102,12 @@ def test_request_replays_from_before_first_round_and_receipt_verifies(state, pre
     with Ledger(state.ledger) as ledger:
         assert ledger.run("t-run").status == "superseded"
         replay = ledger.run("t-run-u1")
-        assert (replay.kind, replay.parent_run_id, replay.base_checkpoint, replay.status) == \
-            ("replay", "t-run", "t-run-r0001", "completed")
+        assert (replay.kind, replay.parent_run_id, replay.base_checkpoint, replay.status) == (
+            "replay",
+            "t-run",
+            "t-run-r0001",
+            "completed",
+        )
         assert [r.round for r in ledger.rounds("t-run-u1", committed_only=True)] == [2, 3]
         for cid in ("t-run-r0002", "t-run-r0003"):  # carried the person: deleted, and said so
             c = ledger.checkpoint(cid)
@@ -99,7 +124,7 @@ def test_request_replays_from_before_first_round_and_receipt_verifies(state, pre
         doc = q.receipts["fr-00000000000000aa"]
         body = doc["receipt"]
         assert (body["rollback_round"], body["replayed_rounds"], body["run_id"]) == (1, [2, 3], "t-run-u1")
-        assert body["person_pseudonym"] == PSEUDONYM and "alpha" == body["site"]
+        assert body["person_pseudonym"] == PSEUDONYM and body["site"] == "alpha"
         pub = key_paths(state)[1].read_bytes()
         receipt, checks = verify_receipt(doc, pub, ledger)
         assert all(c.ok for c in checks), checks
@@ -126,9 +151,17 @@ def test_lineage_check_catches_a_model_trained_with_the_person(state, pretrained
     doc = q.receipts["fr-00000000000000aa"]
     with Ledger(state.ledger) as ledger:
         # The site now says (another report) the person was also in round 1: the replay's base is tainted.
-        ledger.report_request(ForgetRow(
-            request_id="fr-00000000000000aa", site="alpha", pseudonym=PSEUDONYM, received_at=1.7e9,
-            erased_at=1.7e9 + 0.2, shares_destroyed=9, contributions={"t-run": [1]}))
+        ledger.report_request(
+            ForgetRow(
+                request_id="fr-00000000000000aa",
+                site="alpha",
+                pseudonym=PSEUDONYM,
+                received_at=1.7e9,
+                erased_at=1.7e9 + 0.2,
+                shares_destroyed=9,
+                contributions={"t-run": [1]},
+            )
+        )
         _, checks = verify_receipt(doc, key_paths(state)[1].read_bytes(), ledger)
         bad = [c for c in checks if not c.ok]
         assert [c.what for c in bad] == ["rollback predates the person's first contribution"]
@@ -240,8 +273,11 @@ def test_request_for_someone_no_live_model_saw_gets_a_receipt_without_replay(sta
     q.pending = [request({"an-old-replaced-run": [1]})]
     unlearner(state, grid, pretrained_file).run()
     doc = q.receipts["fr-00000000000000aa"]
-    assert (doc["receipt"]["replayed_rounds"], doc["receipt"]["model_id"], doc["receipt"]["rollback_round"]) == \
-        ([], "t-run-r0002", 2)
+    assert (doc["receipt"]["replayed_rounds"], doc["receipt"]["model_id"], doc["receipt"]["rollback_round"]) == (
+        [],
+        "t-run-r0002",
+        2,
+    )
     with Ledger(state.ledger) as ledger:
         assert [r.run_id for r in ledger.runs()] == ["t-run"]  # nothing replayed
         _, checks = verify_receipt(doc, key_paths(state)[1].read_bytes(), ledger)

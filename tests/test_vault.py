@@ -9,12 +9,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+from vault_support import header_fields, load_faces, make_stores, offline, share_files
 
-from facefed.client.vault import (AuditChainBroken, Vault, VerifyReport, UnknownImage, UnknownPerson, open_store,
-                          verify_audit_chain)
+from facefed.client.vault import (
+    AuditChainBroken,
+    UnknownImage,
+    UnknownPerson,
+    Vault,
+    VerifyReport,
+    open_store,
+    verify_audit_chain,
+)
 from facefed.client.vault.sharefile import MIN_BUCKET, OVERHEAD, ShareKeys
 from facefed.client.vault.stores.base import LocalDirStore
-from vault_support import header_fields, load_faces, make_stores, offline, share_files
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,7 @@ def test_round_trip_of_real_lfw_images_is_byte_identical(tmp_path, faces, k, n):
         one = next(iter(stored))
         assert vault.get(one) == stored[one]
     # Each store holds one share per image, padded to a power-of-two bucket, and no plain image bytes.
-    chunks = [data[len(data) // 2:len(data) // 2 + 48] for data in stored.values()]
+    chunks = [data[len(data) // 2 : len(data) // 2 + 48] for data in stored.values()]
     for store in stores:
         files = share_files(store)
         assert len(files) == len(stored)
@@ -99,13 +106,17 @@ def test_erase_leaves_nothing_of_the_person_and_the_audit_chain_verifies(tmp_pat
         fill(vault, faces)
         pseudonym = vault.person(victim).pseudonym
         victim_images = set(vault.image_ids(victim))
-        victim_shares = {f.name for s in stores for f in share_files(s)
-                         if header_fields(f.read_bytes())["image_id"] in victim_images}
+        victim_shares = {
+            f.name for s in stores for f in share_files(s) if header_fields(f.read_bytes())["image_id"] in victim_images
+        }
         assert len(victim_shares) == 3 * len(victim_images) > 0
         report = vault.erase(victim, request_id="ticket-42")
         assert report.complete and report.unrecoverable
-        assert (report.images, report.shares_destroyed, report.pseudonym) == (len(victim_images), len(victim_shares),
-                                                                               pseudonym)
+        assert (report.images, report.shares_destroyed, report.pseudonym) == (
+            len(victim_images),
+            len(victim_shares),
+            pseudonym,
+        )
         with pytest.raises(UnknownPerson, match=victim):
             vault.person(victim)
         assert victim not in [p.person_id for p in vault.people()]

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from vault_support import header_fields, load_faces, make_stores, share_files
 
 from facefed.client.vault import Vault
-from vault_support import header_fields, load_faces, make_stores, share_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,18 @@ def faces(lfw):
 def start_child(tmp_path: Path, image: bytes, mode: str) -> subprocess.Popen:
     (tmp_path / "child.jpg").write_bytes(image)
     (tmp_path / "flags").mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "vault"), str(tmp_path / "child.jpg"), mode,
-                             str(tmp_path / "flags")], cwd=REPO)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp_path / "vault"),
+            str(tmp_path / "child.jpg"),
+            mode,
+            str(tmp_path / "flags"),
+        ],
+        cwd=REPO,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -121,8 +131,22 @@ IMPORT_CHILD = "import sys; from facefed.client.cli.vault import app; app(sys.ar
 def test_import_killed_with_sigkill_reopens_clean_and_resumes(tmp_path, lfw_file):
     stores = make_stores(tmp_path, 3)
     Vault.create(tmp_path / "vault", stores, 2).close()
-    args = [sys.executable, "-c", IMPORT_CHILD, "import", "--vault", str(tmp_path / "vault"), "--lfw", str(lfw_file),
-                     "--site-index", "1", "--num-sites", "3", "--max-people", "100"]
+    args = [
+        sys.executable,
+        "-c",
+        IMPORT_CHILD,
+        "import",
+        "--vault",
+        str(tmp_path / "vault"),
+        "--lfw",
+        str(lfw_file),
+        "--site-index",
+        "1",
+        "--num-sites",
+        "3",
+        "--max-people",
+        "100",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

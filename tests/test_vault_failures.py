@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from facefed.client.vault import (InvalidConfig, InvalidImage, InvalidPersonId, NotEnoughShares, StoreError, UnknownPerson,
-                          Vault)
-from facefed.client.vault.sharefile import HEADER
 from vault_support import header_fields, load_faces, make_stores, offline, read_only, share_files
+
+from facefed.client.vault import (
+    InvalidConfig,
+    InvalidImage,
+    InvalidPersonId,
+    NotEnoughShares,
+    StoreError,
+    UnknownPerson,
+    Vault,
+)
+from facefed.client.vault.sharefile import HEADER
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +38,11 @@ def fill(vault: Vault, faces) -> dict[str, bytes]:
 def snapshot(tmp_path: Path) -> dict[str, object]:
     """Every file under the test directory (stores, key, config, audit log) and the manifest's rows,
     to prove a failure changed nothing. (The manifest file's bytes change on any transaction.)"""
-    files: dict[str, object] = {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*"))
-                                if p.is_file() and "locks" not in p.parts and p.name != "manifest.sqlite"}
+    files: dict[str, object] = {
+        str(p.relative_to(tmp_path)): p.read_bytes()
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_file() and "locks" not in p.parts and p.name != "manifest.sqlite"
+    }
     with sqlite3.connect(tmp_path / "vault" / "manifest.sqlite") as db:
         for table in ("people", "images", "shares", "pending_writes", "pending_deletions"):
             files[table] = sorted(db.execute(f"SELECT * FROM {table}").fetchall())
@@ -56,8 +66,7 @@ def vault(tmp_path, faces):
 
 
 # -- parameters and stores --------------------------------------------------------------------------
-@pytest.mark.parametrize("n,k,msg", [(3, 4, "need 1 <= k <= n"), (3, 0, "need 1 <= k <= n"),
-                                     (256, 2, "at most 255")])
+@pytest.mark.parametrize("n,k,msg", [(3, 4, "need 1 <= k <= n"), (3, 0, "need 1 <= k <= n"), (256, 2, "at most 255")])
 def test_bad_threshold_or_store_count(tmp_path, n, k, msg):
     with pytest.raises(InvalidConfig, match=msg):
         Vault.create(tmp_path / "vault", [str(tmp_path / f"s{i}") for i in range(n)], k)
@@ -73,9 +82,8 @@ def test_missing_store_is_named(tmp_path):
 
 def test_read_only_store_is_named_at_init(tmp_path):
     stores = make_stores(tmp_path, 3)
-    with read_only(Path(stores[1])):
-        with pytest.raises(StoreError, match=f"{stores[1]} is read-only"):
-            Vault.create(tmp_path / "vault", stores, 2)
+    with read_only(Path(stores[1])), pytest.raises(StoreError, match=f"{stores[1]} is read-only"):
+        Vault.create(tmp_path / "vault", stores, 2)
     assert not (tmp_path / "vault").exists()
 
 
@@ -221,12 +229,13 @@ def test_fewer_than_k_valid_shares_names_image_person_and_counts(vault, faces):
 
 # -- erasing while a store is away --------------------------------------------------------------------
 @pytest.mark.parametrize("down,unrecoverable", [(1, True), (2, False)])
-def test_erase_with_unreachable_stores_destroys_what_it_can_and_finishes_later(tmp_path, vault, faces, down,
-                                                                               unrecoverable):
+def test_erase_with_unreachable_stores_destroys_what_it_can_and_finishes_later(
+    tmp_path, vault, faces, down, unrecoverable
+):
     person = next(iter(faces))
     images = set(vault.image_ids(person))
     away = [vault.stores[i].url for i in range(3 - down, 3)]
-    with offline(away[0]), (offline(away[1]) if down == 2 else nullcontext()):
+    with offline(away[0]), offline(away[1]) if down == 2 else nullcontext():
         report = vault.erase(person)
         assert report.shares_destroyed == (3 - down) * len(images)
         assert report.shares_pending == down * len(images) and not report.complete

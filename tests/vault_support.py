@@ -50,8 +50,16 @@ def share_files(store: str | Path) -> list[Path]:
 def header_fields(blob: bytes) -> dict:
     """Parse a share header without the key (what a store holder could see)."""
     magic, version, x, k, n, sid, iid, owner, padded = struct.unpack_from(">4sBBBB16s16s16sI", blob)
-    return {"magic": magic, "x": x, "k": k, "n": n, "share_id": sid.hex(), "image_id": iid.hex(),
-            "owner": owner, "padded": padded}
+    return {
+        "magic": magic,
+        "x": x,
+        "k": k,
+        "n": n,
+        "share_id": sid.hex(),
+        "image_id": iid.hex(),
+        "owner": owner,
+        "padded": padded,
+    }
 
 
 @contextlib.contextmanager

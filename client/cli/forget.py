@@ -22,11 +22,16 @@ from rich.table import Table
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-app = typer.Typer(help="Forget a person at this site (erase now; the server unlearns and signs a receipt).",
-                  invoke_without_command=True, no_args_is_help=False)
+app = typer.Typer(
+    help="Forget a person at this site (erase now; the server unlearns and signs a receipt).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
 
-VaultOpt = Annotated[Path | None, typer.Option("--vault", envvar="FACEFED_VAULT", file_okay=False,
-                                               help="Vault directory (or set FACEFED_VAULT).")]
+VaultOpt = Annotated[
+    Path | None,
+    typer.Option("--vault", envvar="FACEFED_VAULT", file_okay=False, help="Vault directory (or set FACEFED_VAULT)."),
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -35,12 +40,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "-" if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _errors():
-    from facefed.client.forget.requests import RequestError
     from facefed.client.forget.erase import ForgetError
+    from facefed.client.forget.requests import RequestError
     from facefed.client.vault import VaultError
     from facefed.client.vault.stores.base import StoreError
 
@@ -52,10 +57,17 @@ def request(
     ctx: typer.Context,
     vault: VaultOpt = None,
     person: Annotated[str | None, typer.Option("--person", help="The person id to forget (as enrolled).")] = None,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why (kept in the request log; must not name the "
-                                               "person).")] = None,
-    state: Annotated[Path | None, typer.Option("--state", file_okay=False, help="The site's state directory "
-                                               "(default: VAULT/site, as `facefed-client start` uses).")] = None,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why (kept in the request log; must not name the person).")
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state",
+            file_okay=False,
+            help="The site's state directory (default: VAULT/site, as `facefed-client start` uses).",
+        ),
+    ] = None,
 ) -> None:
     """Erase a person's faces from every store now, delete their head rows and contribution records,
     and record the request (its id is printed). Repeating it is harmless."""
@@ -74,30 +86,49 @@ def request(
     except OSError as e:
         _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     r = o.request
-    out.print(f"request {r.request_id} ({'repeated: already erased' if o.repeated else 'new'}), "
-              f"person pseudonym {r.pseudonym}", markup=False)
+    out.print(
+        f"request {r.request_id} ({'repeated: already erased' if o.repeated else 'new'}), "
+        f"person pseudonym {r.pseudonym}",
+        markup=False,
+    )
     if o.erased_now:
-        out.print(f"data erased: {r.images} image(s), {r.shares_destroyed} share(s) destroyed in "
-                  f"{r.erase_seconds:.3f} s from request to data erased", markup=False)
+        out.print(
+            f"data erased: {r.images} image(s), {r.shares_destroyed} share(s) destroyed in "
+            f"{r.erase_seconds:.3f} s from request to data erased",
+            markup=False,
+        )
     else:
-        out.print(f"data erased earlier ({_when(r.erased_at)}): {r.shares_destroyed} share(s) destroyed, "
-                  f"{r.erase_seconds:.3f} s from request to data erased; nothing new to destroy", markup=False)
+        out.print(
+            f"data erased earlier ({_when(r.erased_at)}): {r.shares_destroyed} share(s) destroyed, "
+            f"{r.erase_seconds:.3f} s from request to data erased; nothing new to destroy",
+            markup=False,
+        )
     if o.state_dir is not None and not o.state_dir.is_dir():
-        out.print(f"[yellow]no site state at {escape(str(o.state_dir))}: no head or contribution log cleaned; "
-                  f"pass --state DIR if this site's node keeps its state elsewhere[/yellow]")
-    out.print(f"head rows removed: {o.head_rows_removed_now} now ({r.head_rows_removed} in all) from "
-              f"{len(r.head_files)} head file(s); contribution rows deleted: {o.contribution_rows_now} now "
-              f"({r.contribution_rows} in all)", markup=False)
+        out.print(
+            f"[yellow]no site state at {escape(str(o.state_dir))}: no head or contribution log cleaned; "
+            f"pass --state DIR if this site's node keeps its state elsewhere[/yellow]"
+        )
+    out.print(
+        f"head rows removed: {o.head_rows_removed_now} now ({r.head_rows_removed} in all) from "
+        f"{len(r.head_files)} head file(s); contribution rows deleted: {o.contribution_rows_now} now "
+        f"({r.contribution_rows} in all)",
+        markup=False,
+    )
     for s in r.contributions:
-        out.print(f"  run {s.run_id}: used in rounds {s.first_round}..{s.last_round} -> the server must roll back "
-                  f"to before round {s.first_round}", markup=False)
+        out.print(
+            f"  run {s.run_id}: used in rounds {s.first_round}..{s.last_round} -> the server must roll back "
+            f"to before round {s.first_round}",
+            markup=False,
+        )
     if not r.contributions:
         out.print("  no training round used this person: the model needs no replay", markup=False)
     out.print("stage: data_erased; the server unlearns on its next query (see `facefed-client forget status`)")
     left = False
     if r.shares_pending:
-        out.print(f"[yellow]{r.shares_pending} share deletion(s) pending in unreachable store(s); they finish on the "
-                  f"next vault open, verify or repair[/yellow]")
+        out.print(
+            f"[yellow]{r.shares_pending} share deletion(s) pending in unreachable store(s); they finish on the "
+            f"next vault open, verify or repair[/yellow]"
+        )
         left = True
     for p in o.problems:
         out.print(f"[yellow]{escape(p)}[/yellow]")
@@ -130,8 +161,12 @@ def status(
         _fail(str(e))
     receipts = {r.request_id: _read_receipt(r.receipt_path) for r in reqs if r.receipt_path}
     if as_json:
-        out.print(json.dumps([{**r.to_json(), "receipt": receipts.get(r.request_id)} for r in reqs],
-                             indent=2, sort_keys=True), markup=False)
+        out.print(
+            json.dumps(
+                [{**r.to_json(), "receipt": receipts.get(r.request_id)} for r in reqs], indent=2, sort_keys=True
+            ),
+            markup=False,
+        )
         return
     if not reqs:
         out.print("no forget requests at this vault")
@@ -141,15 +176,22 @@ def status(
     for col in ("pseudonym", "received", "data erased", "model unlearned", "receipt"):
         table.add_column(col, overflow="fold")
     for r in reqs:
-        erased = ("-" if r.erased_at is None else
-                  f"{_when(r.erased_at)}\n{r.shares_destroyed} shares destroyed ({r.erase_seconds:.3f} s)"
-                  + (f"\n{r.shares_pending} pending" if r.shares_pending else ""))
-        unlearned = ("-" if r.unlearned_at is None else
-                     f"{_when(r.unlearned_at)}\nrun {r.run_id} round {r.round}\n{r.checkpoint_id}\n"
-                     f"sha256 {r.checkpoint_sha256[:16]}...")
+        erased = (
+            "-"
+            if r.erased_at is None
+            else f"{_when(r.erased_at)}\n{r.shares_destroyed} shares destroyed ({r.erase_seconds:.3f} s)"
+            + (f"\n{r.shares_pending} pending" if r.shares_pending else "")
+        )
+        unlearned = (
+            "-"
+            if r.unlearned_at is None
+            else f"{_when(r.unlearned_at)}\nrun {r.run_id} round {r.round}\n{r.checkpoint_id}\n"
+            f"sha256 {r.checkpoint_sha256[:16]}..."
+        )
         receipt = "-" if r.receipt_path is None else f"{_when(r.receipt_at)}\n{r.receipt_path}"
-        table.add_row(r.request_id, r.pseudonym, _when(r.received_at), escape(erased), escape(unlearned),
-                      escape(receipt))
+        table.add_row(
+            r.request_id, r.pseudonym, _when(r.received_at), escape(erased), escape(unlearned), escape(receipt)
+        )
     out.print(table)
     for rid, doc in receipts.items():
         out.print(f"receipt of {rid}:", markup=False)

@@ -18,7 +18,9 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def keygen(out: Annotated[Path, typer.Option("--out", help="Directory for node.key (private, 0600) and node.pub.")]) -> None:
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="Directory for node.key (private, 0600) and node.pub.")],
+) -> None:
     """Make this site's node authentication key pair (EC P-384, OpenSSH format)."""
     try:
         pair = make_node_keys(out)
@@ -33,35 +35,66 @@ def start(
     site: Annotated[str, typer.Option("--site", help="This site's name, as the operator registered it.")],
     vault: Annotated[Path, typer.Option("--vault", help="The site's vault directory.")],
     server: Annotated[str, typer.Option("--server", help="Server address HOST:PORT.")],
-    root_cert: Annotated[Path | None, typer.Option("--root-cert", help="The federation CA certificate (ca.crt).")] = None,
+    root_cert: Annotated[
+        Path | None, typer.Option("--root-cert", help="The federation CA certificate (ca.crt).")
+    ] = None,
     key: Annotated[Path | None, typer.Option("--key", help="This site's node key (node.key from keygen).")] = None,
-    state: Annotated[Path | None, typer.Option(
-        "--state", help=f"Site training state (heads, accountant, contribution log); default VAULT/{DEFAULT_STATE_SUBDIR}.")] = None,
-    runtime_port: Annotated[int, typer.Option(
-        "--runtime-port", help="Local port of the node's runtime API (one per node on a machine).")] = 9094,
-    pretrained: Annotated[Path | None, typer.Option(
-        "--pretrained", help=f"Pretrained MobileFaceNet weights (default ${PRETRAINED_ENV}).")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (local tests only; refused by a TLS server).")] = False,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            "--state",
+            help=f"Site training state (heads, accountant, contribution log); default VAULT/{DEFAULT_STATE_SUBDIR}.",
+        ),
+    ] = None,
+    runtime_port: Annotated[
+        int, typer.Option("--runtime-port", help="Local port of the node's runtime API (one per node on a machine).")
+    ] = 9094,
+    pretrained: Annotated[
+        Path | None, typer.Option("--pretrained", help=f"Pretrained MobileFaceNet weights (default ${PRETRAINED_ENV}).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS (local tests only; refused by a TLS server).")
+    ] = False,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads for local training.")] = max(
-        1, min(4, (os.cpu_count() or 2) // 2)),
-    warm_worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Keep a warm training process "
-                                                                            "(saves the import cost every round).")] = True,
-    activation_wait: Annotated[float, typer.Option(
-        "--activation-wait", help="Seconds to keep retrying when the server refuses to activate the node "
-                                  "(it may still count a crashed node online).")] = 75.0,
-    max_retries: Annotated[int | None, typer.Option(
-        "--max-retries", help="Give up after this many failed connection attempts (default: keep retrying).")] = None,
+        1, min(4, (os.cpu_count() or 2) // 2)
+    ),
+    warm_worker: Annotated[
+        bool,
+        typer.Option("--worker/--no-worker", help="Keep a warm training process (saves the import cost every round)."),
+    ] = True,
+    activation_wait: Annotated[
+        float,
+        typer.Option(
+            "--activation-wait",
+            help="Seconds to keep retrying when the server refuses to activate the node "
+            "(it may still count a crashed node online).",
+        ),
+    ] = 75.0,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(
+            "--max-retries", help="Give up after this many failed connection attempts (default: keep retrying)."
+        ),
+    ] = None,
 ) -> None:
     """Run this site's node: it joins the federation and trains on the vault when the server asks."""
     if pretrained is None and os.environ.get(PRETRAINED_ENV):
         pretrained = Path(os.environ[PRETRAINED_ENV])
-    settings = NodeSettings(site=site, vault=vault.expanduser().resolve(),
-                            state=(state or vault / DEFAULT_STATE_SUBDIR).expanduser().resolve(), server=server,
-                            root_cert=root_cert.expanduser().resolve() if root_cert else None,
-                            key=key.expanduser().resolve() if key else None, insecure=insecure,
-                            runtime_port=runtime_port, pretrained=pretrained.expanduser().resolve() if pretrained else None,
-                            max_retries=max_retries, threads=threads,
-                            worker=warm_worker, activation_wait_s=activation_wait)
+    settings = NodeSettings(
+        site=site,
+        vault=vault.expanduser().resolve(),
+        state=(state or vault / DEFAULT_STATE_SUBDIR).expanduser().resolve(),
+        server=server,
+        root_cert=root_cert.expanduser().resolve() if root_cert else None,
+        key=key.expanduser().resolve() if key else None,
+        insecure=insecure,
+        runtime_port=runtime_port,
+        pretrained=pretrained.expanduser().resolve() if pretrained else None,
+        max_retries=max_retries,
+        threads=threads,
+        worker=warm_worker,
+        activation_wait_s=activation_wait,
+    )
     try:
         code = run_node(settings)
     except (NodeError, NodeKeyError, ValueError) as e:

@@ -21,15 +21,25 @@ def _fail(msg: str) -> None:
 @app.command()
 def serve(
     directory: Path = typer.Option(..., "--dir", help="Folder holding this holder's shares and index (must exist)."),
-    listen: str = typer.Option(..., "--listen", help="HOST:PORT to listen on, e.g. 0.0.0.0:7001 (port 0: any free port)."),
+    listen: str = typer.Option(
+        ..., "--listen", help="HOST:PORT to listen on, e.g. 0.0.0.0:7001 (port 0: any free port)."
+    ),
     tls_dir: Path = typer.Option(
-        ..., "--tls-dir", help="This host's bundle from `store certs` (ca.pem, server.pem, server.key), or the whole TLS folder."
+        ...,
+        "--tls-dir",
+        help="This host's bundle from `store certs` (ca.pem, server.pem, server.key), or the whole TLS folder.",
     ),
     cert_host: str = typer.Option(
-        None, "--cert-host", help="Which holders/<host>/ certificate to use when --tls-dir is the whole folder (default: the --listen host)."
+        None,
+        "--cert-host",
+        help="Which holders/<host>/ certificate to use when --tls-dir is the whole folder (default: the --listen host).",
     ),
     max_share_mb: int = typer.Option(
-        None, "--max-share-mb", min=1, max=1024, help="Largest share accepted, in MiB (default: the largest the vault makes)."
+        None,
+        "--max-share-mb",
+        min=1,
+        max=1024,
+        help="Largest share accepted, in MiB (default: the largest the vault makes).",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every closed connection too."),
 ) -> None:
@@ -56,7 +66,9 @@ def serve(
 @app.command()
 def certs(
     out: Path = typer.Option(..., "--out", help="TLS folder to create or extend (the vault's --tls-dir)."),
-    hosts: str = typer.Option(..., "--hosts", help="Comma-separated holder host names or IP addresses, as the vault dials them."),
+    hosts: str = typer.Option(
+        ..., "--hosts", help="Comma-separated holder host names or IP addresses, as the vault dials them."
+    ),
 ) -> None:
     """Make the store CA, one server certificate per holder host and the vault's client certificate."""
     from facefed.client.holder.tls import make_store_certs

@@ -29,11 +29,19 @@ def train(
     vault: Path = typer.Option(..., "--vault", help="the site's vault directory"),
     config: Path = typer.Option(..., "--config", help="training config (TOML, see configs/train*.toml)"),
     out: Path = typer.Option(..., "--out", help="where to write the trained checkpoint"),
-    init: Path = typer.Option(None, "--init", help="start from this checkpoint (default: the pretrained model, "
-                                                   "or scratch if the config says train_from = conv1 and no pretrained)"),
+    init: Path = typer.Option(
+        None,
+        "--init",
+        help="start from this checkpoint (default: the pretrained model, "
+        "or scratch if the config says train_from = conv1 and no pretrained)",
+    ),
     state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{STATE_DIR})"),
-    seed: int = typer.Option(None, "--seed", help="fix the DP randomness, for reproducible experiments only "
-                                                  "(default: fresh OS entropy; noise that can be regenerated protects nothing)"),
+    seed: int = typer.Option(
+        None,
+        "--seed",
+        help="fix the DP randomness, for reproducible experiments only "
+        "(default: fresh OS entropy; noise that can be regenerated protects nothing)",
+    ),
 ) -> None:
     """Train the embedder on this site's faces (DP-SGD per person by default) and save a checkpoint."""
     from facefed.client.training.faces import faces_from_vault
@@ -58,7 +66,10 @@ def train(
             model, parent = load_checkpoint(init)
             model.train_from = cfg.train_from
         elif cfg.pretrained is not None or cfg.train_from != "conv1":
-            model, parent = build_embedder(pretrained_path(cfg.pretrained), train_from=cfg.train_from), {"source": "pretrained"}
+            model, parent = (
+                build_embedder(pretrained_path(cfg.pretrained), train_from=cfg.train_from),
+                {"source": "pretrained"},
+            )
         else:
             model, parent = build_embedder(None, train_from="conv1"), {"source": "scratch"}
     except (DataNotFound, FileNotFoundError, CheckpointMismatch) as e:
@@ -75,22 +86,36 @@ def train(
 
     head_file = state_dir / "head.pt"
     try:
-        head = MarginHead.load(head_file) if head_file.exists() else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed or 0)
-        accountant = None if cfg.privacy_unit == "none" else \
-            SiteAccountant(state_dir / "accountant.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+        head = (
+            MarginHead.load(head_file)
+            if head_file.exists()
+            else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed or 0)
+        )
+        accountant = (
+            None
+            if cfg.privacy_unit == "none"
+            else SiteAccountant(state_dir / "accountant.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+        )
     except (HeadError, AccountantMismatch) as e:
         _fail(str(e))
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("ε {task.fields[eps]}"),
-               TextColumn("{task.fields[ips]:.0f} img/s"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("ε {task.fields[eps]}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("train", total=None, loss=math.nan, eps="-", ips=0.0)
 
         def progress(p) -> None:
             eps = "non-private" if not math.isfinite(p.epsilon) else f"{p.epsilon:.2f}"
-            bar.update(task, total=p.total, completed=p.step, description=p.phase, loss=p.loss, eps=eps,
-                       ips=p.images_per_s)
+            bar.update(
+                task, total=p.total, completed=p.step, description=p.phase, loss=p.loss, eps=eps, ips=p.images_per_s
+            )
 
         try:
             report = train_local(model, head, faces, cfg, accountant, seed=seed, progress=progress)
@@ -98,14 +123,26 @@ def train(
             bar.stop()
             _fail(str(e))
     head.save(head_file)
-    meta = {"kind": "local", "parent": parent.get("sha256", parent.get("source")), "seed": seed,
-            **report.metrics(), "privacy_unit": report.unit, "people": faces.n_people,
-            "n_images": faces.n_images, "config": cfg.model_dump()}
+    meta = {
+        "kind": "local",
+        "parent": parent.get("sha256", parent.get("source")),
+        "seed": seed,
+        **report.metrics(),
+        "privacy_unit": report.unit,
+        "people": faces.n_people,
+        "n_images": faces.n_images,
+        "config": cfg.model_dump(),
+    }
     digest = save_checkpoint(out, model, meta)
-    eps = "non-private (no guarantee)" if report.unit == "none" else \
-        f"ε = {report.epsilon:.3f} at δ = {report.delta:g}, per {report.unit}, {report.accountant.upper()} accountant"
-    console.print(f"trained {report.steps} steps ({report.images} samples, {report.wall_s:.1f} s, "
-                  f"{report.images_per_s:.0f} img/s), loss {report.loss:.3f}; {eps}")
+    eps = (
+        "non-private (no guarantee)"
+        if report.unit == "none"
+        else f"ε = {report.epsilon:.3f} at δ = {report.delta:g}, per {report.unit}, {report.accountant.upper()} accountant"
+    )
+    console.print(
+        f"trained {report.steps} steps ({report.images} samples, {report.wall_s:.1f} s, "
+        f"{report.images_per_s:.0f} img/s), loss {report.loss:.3f}; {eps}"
+    )
     console.print(f"wrote {out} (sha256 {digest})", highlight=False)
 
 

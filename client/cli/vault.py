@@ -33,8 +33,10 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 IMPORT_BATCH = 32  # images per put_many: one directory fsync per store and one manifest commit each
 
-VaultOpt = Annotated[Path, typer.Option("--vault", envvar="FACEFED_VAULT", file_okay=False,
-                                        help="Vault directory (or set FACEFED_VAULT).")]
+VaultOpt = Annotated[
+    Path,
+    typer.Option("--vault", envvar="FACEFED_VAULT", file_okay=False, help="Vault directory (or set FACEFED_VAULT)."),
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -65,8 +67,14 @@ def _open(vault: Path) -> Vault:
 @clean_errors
 def init(
     vault: VaultOpt,
-    stores: Annotated[str, typer.Option("--stores", help="Comma-separated store directories (or grpcs://host:port "
-                                        "holders), one per share, ideally on different disks. Order = x 1..n.")],
+    stores: Annotated[
+        str,
+        typer.Option(
+            "--stores",
+            help="Comma-separated store directories (or grpcs://host:port "
+            "holders), one per share, ideally on different disks. Order = x 1..n.",
+        ),
+    ],
     threshold: Annotated[int, typer.Option("--threshold", "-k", help="Shares needed to rebuild an image (1..n).")] = 2,
     tls_dir: Annotated[Path | None, typer.Option("--tls-dir", help="Client certificates for grpcs:// stores.")] = None,
 ) -> None:
@@ -84,17 +92,27 @@ def init(
 @clean_errors
 def import_(
     vault: VaultOpt,
-    lfw: Annotated[str | None, typer.Option("--lfw", help="LFW archive (lfw-deepfunneled.tgz) or extracted tree; "
-                                            "default $FACEFED_LFW.")] = None,
-    people: Annotated[str, typer.Option("--people", help="LFW people file to take names from, or `all` for every "
-                                        "person in the archive.")] = "peopleDevTrain.txt",
+    lfw: Annotated[
+        str | None,
+        typer.Option("--lfw", help="LFW archive (lfw-deepfunneled.tgz) or extracted tree; default $FACEFED_LFW."),
+    ] = None,
+    people: Annotated[
+        str,
+        typer.Option("--people", help="LFW people file to take names from, or `all` for every person in the archive."),
+    ] = "peopleDevTrain.txt",
     site_index: Annotated[int, typer.Option("--site-index", help="This site's index, 0..num-sites-1.")] = 0,
     num_sites: Annotated[int, typer.Option("--num-sites", help="Sites the people are split over (disjoint).")] = 1,
     min_images: Annotated[int, typer.Option("--min-images", help="Only people with at least this many images.")] = 1,
-    max_people: Annotated[int | None, typer.Option("--max-people", help="At most this many people (first by "
-                                                   "name within this site's share).")] = None,
-    allow_reenrol: Annotated[bool, typer.Option("--allow-reenrol", help="Also import people who were forgotten "
-                                                "here (only with their new consent).")] = False,
+    max_people: Annotated[
+        int | None,
+        typer.Option("--max-people", help="At most this many people (first by name within this site's share)."),
+    ] = None,
+    allow_reenrol: Annotated[
+        bool,
+        typer.Option(
+            "--allow-reenrol", help="Also import people who were forgotten here (only with their new consent)."
+        ),
+    ] = False,
 ) -> None:
     """Import this site's share of LFW people into the vault (resumable: images already stored are skipped)."""
     if num_sites < 1:
@@ -119,19 +137,25 @@ def import_(
     if max_people is not None:
         mine = mine[:max_people]
     if not mine:
-        _fail(f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
-              f"of {num_sites})")
+        _fail(
+            f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
+            f"of {num_sites})"
+        )
     with _open(vault) as v:
         forgotten = set() if allow_reenrol else set(tombstoned(v.path, mine))
         if forgotten:  # a forgotten person stays forgotten when the site re-runs its import
-            out.print(f"skipping {len(forgotten)} person(s) who asked to be forgotten here (--allow-reenrol to "
-                      f"enrol them again with new consent)")
+            out.print(
+                f"skipping {len(forgotten)} person(s) who asked to be forgotten here (--allow-reenrol to "
+                f"enrol them again with new consent)"
+            )
             mine = [n for n in mine if n not in forgotten]
         done = v.sources()
         keys = [k for name in mine for k in dataset.keys(name) if (name, Path(k.relpath).name) not in done]
         total = sum(counts[n] for n in mine)
-        out.print(f"site {site_index} of {num_sites}: {len(mine)} people, {total} images "
-                  f"({total - len(keys)} already in the vault)")
+        out.print(
+            f"site {site_index} of {num_sites}: {len(mine)} people, {total} images "
+            f"({total - len(keys)} already in the vault)"
+        )
         started, batch, stored = time.perf_counter(), [], 0
         columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=False) as progress:
@@ -154,11 +178,18 @@ def import_(
 @clean_errors
 def add(
     vault: VaultOpt,
-    person: Annotated[str, typer.Option("--person", help="The person's id (your own identifier, kept only in the "
-                                        "manifest; stores see a random pseudonym).")],
+    person: Annotated[
+        str,
+        typer.Option(
+            "--person",
+            help="The person's id (your own identifier, kept only in the manifest; stores see a random pseudonym).",
+        ),
+    ],
     images: Annotated[list[Path], typer.Argument(help="JPEG/PNG files of this person.", show_default=False)],
-    allow_reenrol: Annotated[bool, typer.Option("--allow-reenrol", help="Enrol a person who was forgotten here "
-                                                "(only with their new consent).")] = False,
+    allow_reenrol: Annotated[
+        bool,
+        typer.Option("--allow-reenrol", help="Enrol a person who was forgotten here (only with their new consent)."),
+    ] = False,
 ) -> None:
     """Add image files of one person. All files are checked first; if any is bad, nothing is stored."""
     items = []
@@ -185,14 +216,26 @@ def ls(
     with _open(vault) as v:
         people, health = v.people(), v.store_health()
         if as_json:
-            print(json.dumps({
-                "k": v.k, "n": v.n,
-                "stores": [{"x": h.x, "url": h.url, "reachable": h.reachable, "shares": h.shares} for h in health],
-                "people": [{"person_id": p.person_id, "pseudonym": p.pseudonym, "images": p.n_images} for p in people],
-            }, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "k": v.k,
+                        "n": v.n,
+                        "stores": [
+                            {"x": h.x, "url": h.url, "reachable": h.reachable, "shares": h.shares} for h in health
+                        ],
+                        "people": [
+                            {"person_id": p.person_id, "pseudonym": p.pseudonym, "images": p.n_images} for p in people
+                        ],
+                    },
+                    indent=1,
+                )
+            )
             return
-        out.print(f"vault {escape(str(v.path))}: {len(people)} people, {sum(p.n_images for p in people)} images, "
-                  f"any {v.k} of {v.n} stores rebuild an image")
+        out.print(
+            f"vault {escape(str(v.path))}: {len(people)} people, {sum(p.n_images for p in people)} images, "
+            f"any {v.k} of {v.n} stores rebuild an image"
+        )
         for h in health:
             state = f"{h.shares} shares" if h.reachable else f"[red]unreachable[/red] ({escape(h.error or '')})"
             out.print(f"  store x={h.x} {escape(h.url)}: {state}")
@@ -222,15 +265,23 @@ def verify(vault: VaultOpt) -> None:
     for s in r.stores:
         state = f"{s.shares} shares" if s.reachable else f"[red]unreachable[/red] ({escape(s.error or '')})"
         out.print(f"store x={s.x} {escape(s.url)}: {state}")
-    out.print(f"{r.images} images, {r.shares_ok} valid shares; audit log: "
-              + (f"{r.audit_entries} entries, chain intact" if r.audit_error is None else f"[red]{escape(r.audit_error)}[/red]"))
+    out.print(
+        f"{r.images} images, {r.shares_ok} valid shares; audit log: "
+        + (
+            f"{r.audit_entries} entries, chain intact"
+            if r.audit_error is None
+            else f"[red]{escape(r.audit_error)}[/red]"
+        )
+    )
     _print_some("missing shares", r.missing)
     _print_some("corrupt shares", r.corrupt)
     _print_some("shares in unreachable stores", r.unreachable)
     _print_some("images that cannot be rebuilt", r.unrecoverable)
     _print_some("images whose shares disagree", r.inconsistent)
-    _print_some("orphan shares", [f"x={o.x} {o.store}: {o.share_id} ({'this vault' if o.ours else 'not this vault'})"
-                                  for o in r.orphans])
+    _print_some(
+        "orphan shares",
+        [f"x={o.x} {o.store}: {o.share_id} ({'this vault' if o.ours else 'not this vault'})" for o in r.orphans],
+    )
     if r.pending_deletions:
         out.print(f"[yellow]{r.pending_deletions} share deletion(s) of erased people still pending[/yellow]")
     if r.ok:
@@ -246,13 +297,17 @@ def repair(vault: VaultOpt) -> None:
     """Regenerate missing and corrupt shares from k valid ones, remove orphans, finish pending erasures."""
     with _open(vault) as v:
         r = v.repair()
-    out.print(f"regenerated {len(r.regenerated)} share(s), removed {r.orphans_removed} orphan(s), "
-              f"finished {r.pending_deletions_finished} pending deletion(s)")
+    out.print(
+        f"regenerated {len(r.regenerated)} share(s), removed {r.orphans_removed} orphan(s), "
+        f"finished {r.pending_deletions_finished} pending deletion(s)"
+    )
     _print_some("could not repair (store unreachable or refused the write)", r.not_repaired)
     _print_some("images that cannot be rebuilt (fewer than k valid shares)", r.unrecoverable)
     _print_some("images whose shares disagree", r.inconsistent)
-    _print_some("files in stores that are not this vault's (left alone)",
-                [f"x={o.x} {o.store}: {o.share_id}" for o in r.foreign_orphans])
+    _print_some(
+        "files in stores that are not this vault's (left alone)",
+        [f"x={o.x} {o.store}: {o.share_id}" for o in r.foreign_orphans],
+    )
     if r.pending_deletions_left:
         out.print(f"[yellow]{r.pending_deletions_left} deletion(s) still pending (store unreachable)[/yellow]")
     if r.ok:
@@ -266,19 +321,31 @@ def repair(vault: VaultOpt) -> None:
 def erase(
     vault: VaultOpt,
     person: Annotated[str, typer.Option("--person", help="The person id to forget.")],
-    request_id: Annotated[str | None, typer.Option("--request-id", help="Your reference for this erasure request "
-                                                   "(recorded in the audit log); default: a random id.")] = None,
+    request_id: Annotated[
+        str | None,
+        typer.Option(
+            "--request-id",
+            help="Your reference for this erasure request (recorded in the audit log); default: a random id.",
+        ),
+    ] = None,
 ) -> None:
     """Destroy every share of a person in every store and their manifest rows, and log it in the audit chain.
     Exit 1 if a store was unreachable (its deletions stay pending and finish on the next open/repair)."""
     with _open(vault) as v:
         r = v.erase(person, request_id=request_id)
-    out.print(f"erased {escape(person)}: {r.images} image(s), {r.shares_destroyed} share(s) destroyed, "
-              f"request {r.request_id}, pseudonym {r.pseudonym}")
+    out.print(
+        f"erased {escape(person)}: {r.images} image(s), {r.shares_destroyed} share(s) destroyed, "
+        f"request {r.request_id}, pseudonym {r.pseudonym}"
+    )
     if r.shares_pending:
-        out.print(f"[yellow]{r.shares_pending} share(s) pending in unreachable store(s): "
-                  f"{escape(', '.join(r.unreachable_stores))}[/yellow]")
-        verdict = ("the images are already unrecoverable (fewer than k shares remain)" if r.unrecoverable
-                   else "[red]the images may still be recoverable[/red] until the pending deletions finish")
+        out.print(
+            f"[yellow]{r.shares_pending} share(s) pending in unreachable store(s): "
+            f"{escape(', '.join(r.unreachable_stores))}[/yellow]"
+        )
+        verdict = (
+            "the images are already unrecoverable (fewer than k shares remain)"
+            if r.unrecoverable
+            else "[red]the images may still be recoverable[/red] until the pending deletions finish"
+        )
         out.print(verdict + "; they finish on the next open, verify or repair once the store is back")
         raise typer.Exit(1)

@@ -73,8 +73,17 @@ class ContributionLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def record(self, *, run_id: str, rnd: int, attempt: int, parent_checkpoint: str,
-               images: dict[str, int], sampled: Iterable[str], head_file: str | None) -> int:
+    def record(
+        self,
+        *,
+        run_id: str,
+        rnd: int,
+        attempt: int,
+        parent_checkpoint: str,
+        images: dict[str, int],
+        sampled: Iterable[str],
+        head_file: str | None,
+    ) -> int:
         """Record every person present in one training call; returns the number of rows written."""
         sampled = set(sampled)
         unknown = sampled - images.keys()
@@ -84,25 +93,34 @@ class ContributionLog:
         with immediate(self._db):
             self._db.executemany(
                 "INSERT OR REPLACE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(pid, run_id, rnd, attempt, n, int(pid in sampled), parent_checkpoint, head_file, now)
-                 for pid, n in sorted(images.items())])
+                [
+                    (pid, run_id, rnd, attempt, n, int(pid in sampled), parent_checkpoint, head_file, now)
+                    for pid, n in sorted(images.items())
+                ],
+            )
         return len(images)
 
     def of_person(self, person_id: str) -> list[Contribution]:
-        rows = self._db.execute("SELECT * FROM contributions WHERE person_id = ? ORDER BY run_id, round, attempt",
-                                (person_id,)).fetchall()
+        rows = self._db.execute(
+            "SELECT * FROM contributions WHERE person_id = ? ORDER BY run_id, round, attempt", (person_id,)
+        ).fetchall()
         return [self._row(r) for r in rows]
 
     def first_round(self, person_id: str, run_id: str) -> int | None:
         """The earliest round of `run_id` in which the person was present (None if never)."""
-        row = self._db.execute("SELECT MIN(round) FROM contributions WHERE person_id = ? AND run_id = ?",
-                               (person_id, run_id)).fetchone()
+        row = self._db.execute(
+            "SELECT MIN(round) FROM contributions WHERE person_id = ? AND run_id = ?", (person_id, run_id)
+        ).fetchone()
         return row[0]
 
     def people_in(self, run_id: str, rnd: int) -> list[str]:
-        return [r[0] for r in self._db.execute(
-            "SELECT DISTINCT person_id FROM contributions WHERE run_id = ? AND round = ? ORDER BY person_id",
-            (run_id, rnd))]
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT DISTINCT person_id FROM contributions WHERE run_id = ? AND round = ? ORDER BY person_id",
+                (run_id, rnd),
+            )
+        ]
 
     def forget(self, person_id: str) -> int:
         """Drop a forgotten person's rows (after unlearning has used them); returns how many."""

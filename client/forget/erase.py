@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from facefed.client.site.node import DEFAULT_STATE_SUBDIR
 from facefed.client.forget.requests import REQUESTS_NAME, ForgetRequest, RequestError, RequestLog, RunSpan
+from facefed.client.site.node import DEFAULT_STATE_SUBDIR
 from facefed.client.vault import UnknownPerson, Vault
 from facefed.client.vault.validate import check_person_id
 from facefed.common.model.heads import HeadError, MarginHead
@@ -91,8 +91,9 @@ def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
         has = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='contributions'").fetchone()
         if not has:
             return []
-        rows = db.execute("SELECT DISTINCT run_id, round FROM contributions WHERE person_id=? ORDER BY run_id, round",
-                          (person_id,)).fetchall()
+        rows = db.execute(
+            "SELECT DISTINCT run_id, round FROM contributions WHERE person_id=? ORDER BY run_id, round", (person_id,)
+        ).fetchall()
     finally:
         db.close()
     by_run: dict[str, list[int]] = {}
@@ -169,27 +170,37 @@ def _erased_per_audit(vault: Vault, reqlog: RequestLog, req: ForgetRequest, vaul
     """A crash after the vault erased but before the log said so: the vault's audit log has the facts."""
     for entry in reversed(vault.audit_entries()):
         if entry.get("event") == "erase" and entry.get("pseudonym") == req.pseudonym:
-            return reqlog.mark_erased(req.request_id, erased_at=float(entry["time"]),
-                                      shares_destroyed=int(entry.get("shares_destroyed", 0)),
-                                      shares_pending=int(entry.get("shares_pending", 0)),
-                                      images=int(entry.get("images", 0)))
-    raise RequestError(f"request {req.request_id}: the person is gone from the vault but its audit log has no "
-                       f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
-                       f"and check the audit log")
+            return reqlog.mark_erased(
+                req.request_id,
+                erased_at=float(entry["time"]),
+                shares_destroyed=int(entry.get("shares_destroyed", 0)),
+                shares_pending=int(entry.get("shares_pending", 0)),
+                images=int(entry.get("images", 0)),
+            )
+    raise RequestError(
+        f"request {req.request_id}: the person is gone from the vault but its audit log has no "
+        f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
+        f"and check the audit log"
+    )
 
 
-def _scrub_heads_of(reqlog: RequestLog, req: ForgetRequest,
-                    state_dir: Path) -> tuple[ForgetRequest, int, list[str], list[str]]:
+def _scrub_heads_of(
+    reqlog: RequestLog, req: ForgetRequest, state_dir: Path
+) -> tuple[ForgetRequest, int, list[str], list[str]]:
     rows, files, problems = scrub_heads(state_dir, req.pseudonym) if state_dir.is_dir() else (0, [], [])
     if rows or req.head_rows_removed is None:
-        req = reqlog.mark_heads(req.request_id, rows_removed=(req.head_rows_removed or 0) + rows,
-                                files=sorted(set(req.head_files) | set(files)))
+        req = reqlog.mark_heads(
+            req.request_id,
+            rows_removed=(req.head_rows_removed or 0) + rows,
+            files=sorted(set(req.head_files) | set(files)),
+        )
     return req, rows, files, problems
 
 
 # -- the request ------------------------------------------------------------------------------------
-def run_forget(vault_dir: str | Path, state_dir: str | Path | None, person_id: str,
-               reason: str | None = None) -> ForgetOutcome:
+def run_forget(
+    vault_dir: str | Path, state_dir: str | Path | None, person_id: str, reason: str | None = None
+) -> ForgetOutcome:
     received = time.time()
     vault_dir = Path(vault_dir).expanduser().absolute()
     state_dir = default_state_dir(vault_dir) if state_dir is None else Path(state_dir).expanduser().absolute()
@@ -211,12 +222,22 @@ def run_forget(vault_dir: str | Path, state_dir: str | Path | None, person_id: s
 
 
 def _unknown(person_id: str, vault_dir: Path) -> UnknownPerson:
-    return UnknownPerson(f"unknown person {person_id!r} at vault {vault_dir}: nothing was changed; "
-                         f"`facefed-client vault ls --vault {vault_dir}` lists this vault's people")
+    return UnknownPerson(
+        f"unknown person {person_id!r} at vault {vault_dir}: nothing was changed; "
+        f"`facefed-client vault ls --vault {vault_dir}` lists this vault's people"
+    )
 
 
-def _run(vault: Vault, reqlog: RequestLog, vault_dir: Path, state_dir: Path, person_id: str, pseudonym: str | None,
-         reason: str | None, received: float) -> ForgetOutcome:
+def _run(
+    vault: Vault,
+    reqlog: RequestLog,
+    vault_dir: Path,
+    state_dir: Path,
+    person_id: str,
+    pseudonym: str | None,
+    reason: str | None,
+    received: float,
+) -> ForgetOutcome:
     previous = reqlog.latest_for(person_id)
     if pseudonym is None and previous is None:
         raise _unknown(person_id, vault_dir)
@@ -224,8 +245,9 @@ def _run(vault: Vault, reqlog: RequestLog, vault_dir: Path, state_dir: Path, per
     erased_now, destroyed_now = False, 0
     if pseudonym is not None and (previous is None or previous.erased_at is not None):
         # A new request (first time, or a person enrolled again after an earlier one was finished).
-        req = reqlog.receive(person_id, pseudonym, contribution_spans(state_dir, person_id), reason,
-                             received_at=received)
+        req = reqlog.receive(
+            person_id, pseudonym, contribution_spans(state_dir, person_id), reason, received_at=received
+        )
     else:
         assert previous is not None
         req = previous
@@ -235,8 +257,13 @@ def _run(vault: Vault, reqlog: RequestLog, vault_dir: Path, state_dir: Path, per
         if pseudonym is not None:
             report = vault.erase(person_id, request_id=req.request_id)
             erased_at = time.time()
-            req = reqlog.mark_erased(req.request_id, erased_at=erased_at, shares_destroyed=report.shares_destroyed,
-                                     shares_pending=report.shares_pending, images=report.images)
+            req = reqlog.mark_erased(
+                req.request_id,
+                erased_at=erased_at,
+                shares_destroyed=report.shares_destroyed,
+                shares_pending=report.shares_pending,
+                images=report.images,
+            )
             erased_now, destroyed_now = True, report.shares_destroyed
         else:
             req = _erased_per_audit(vault, reqlog, req, vault_dir)
@@ -254,9 +281,17 @@ def _run(vault: Vault, reqlog: RequestLog, vault_dir: Path, state_dir: Path, per
     if dropped or req.contribution_rows is None:
         req = reqlog.mark_contributions_dropped(req.request_id, (req.contribution_rows or 0) + dropped)
 
-    return ForgetOutcome(request=req, repeated=repeated, erased_now=erased_now, shares_destroyed_now=destroyed_now,
-                         head_rows_removed_now=rows, head_files_now=files, contribution_rows_now=dropped,
-                         problems=problems, state_dir=state_dir)
+    return ForgetOutcome(
+        request=req,
+        repeated=repeated,
+        erased_now=erased_now,
+        shares_destroyed_now=destroyed_now,
+        head_rows_removed_now=rows,
+        head_files_now=files,
+        contribution_rows_now=dropped,
+        problems=problems,
+        state_dir=state_dir,
+    )
 
 
 def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[ForgetOutcome]:
@@ -283,8 +318,16 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
             if h in latest:  # an earlier request of someone forgotten twice: only its head rows can remain
                 old, rows, files, problems = _scrub_heads_of(reqlog, latest[h], state_dir)
                 if rows or problems:
-                    done.append(ForgetOutcome(request=old, repeated=True, erased_now=False, head_rows_removed_now=rows,
-                                              head_files_now=files, problems=problems))
+                    done.append(
+                        ForgetOutcome(
+                            request=old,
+                            repeated=True,
+                            erased_now=False,
+                            head_rows_removed_now=rows,
+                            head_files_now=files,
+                            problems=problems,
+                        )
+                    )
             latest[h] = req
         for h, req in latest.items():
             pid = by_pseudonym.get(req.pseudonym) or by_hash.get(h)
@@ -295,14 +338,21 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
                 if req.erased_at is None and req.pseudonym not in by_pseudonym:
                     req = _erased_per_audit(vault, reqlog, req, vault_dir)
                 req, rows, files, problems = _scrub_heads_of(reqlog, req, state_dir)
-                o = ForgetOutcome(request=req, repeated=True, erased_now=False, head_rows_removed_now=rows,
-                                  head_files_now=files, problems=problems)
+                o = ForgetOutcome(
+                    request=req,
+                    repeated=True,
+                    erased_now=False,
+                    head_rows_removed_now=rows,
+                    head_files_now=files,
+                    problems=problems,
+                )
             if (o.request.erased_at, o.request.head_rows_removed, o.request.contribution_rows) != was or o.problems:
                 done.append(o)
     return done
 
 
-def forget(vault_dir: str | Path, state_dir: str | Path | None, person_id: str,
-           reason: str | None = None) -> ForgetRequest:
+def forget(
+    vault_dir: str | Path, state_dir: str | Path | None, person_id: str, reason: str | None = None
+) -> ForgetRequest:
     """Forget a person at this site (see the module doc); returns the request record."""
     return run_forget(vault_dir, state_dir, person_id, reason).request

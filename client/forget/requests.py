@@ -31,14 +31,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from facefed.common.durable import immediate
 from facefed.client.vault.tombstones import REQUESTS_NAME, TOMBSTONES_SCHEMA, id_hash, vault_key
+from facefed.common.durable import immediate
 
 RECEIPTS_DIR = "receipts"
 REQUEST_ID_RE = re.compile(r"^fr-[0-9a-f]{16}$")
 STAGES = ("received", "data_erased", "model_unlearned", "receipt_issued")
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS requests (
     request_id      TEXT PRIMARY KEY,
     id_hash         TEXT NOT NULL,
@@ -62,7 +63,9 @@ CREATE TABLE IF NOT EXISTS requests (
     receipt_at      REAL
 );
 CREATE INDEX IF NOT EXISTS requests_by_hash ON requests(id_hash);
-""" + TOMBSTONES_SCHEMA
+"""
+    + TOMBSTONES_SCHEMA
+)
 
 
 class RequestError(ValueError):
@@ -133,8 +136,10 @@ def new_request_id() -> str:
 
 def check_request_id(request_id: str) -> str:
     if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
-        raise RequestError(f"request id {str(request_id)[:40]!r} is not a forget request id (fr- and 16 hex digits); "
-                           f"`facefed-client forget status --vault DIR` lists them")
+        raise RequestError(
+            f"request id {str(request_id)[:40]!r} is not a forget request id (fr- and 16 hex digits); "
+            f"`facefed-client forget status --vault DIR` lists them"
+        )
     return request_id
 
 
@@ -175,8 +180,9 @@ class RequestLog:
     def get(self, request_id: str) -> ForgetRequest:
         row = self._db.execute("SELECT * FROM requests WHERE request_id=?", (check_request_id(request_id),)).fetchone()
         if row is None:
-            raise RequestError(f"no forget request {request_id} in {self.path}; "
-                               f"`facefed-client forget status --vault DIR` lists them")
+            raise RequestError(
+                f"no forget request {request_id} in {self.path}; `facefed-client forget status --vault DIR` lists them"
+            )
         return self._row(row)
 
     def id_hash_of(self, request_id: str) -> str:
@@ -190,8 +196,9 @@ class RequestLog:
 
     def latest_for(self, person_id: str) -> ForgetRequest | None:
         """The most recent request for this person id (matched by keyed hash), if any."""
-        row = self._db.execute("SELECT * FROM requests WHERE id_hash=? ORDER BY received_at DESC LIMIT 1",
-                               (self.hash_of(person_id),)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM requests WHERE id_hash=? ORDER BY received_at DESC LIMIT 1", (self.hash_of(person_id),)
+        ).fetchone()
         return None if row is None else self._row(row)
 
     def pending_for_server(self) -> list[ForgetRequest]:
@@ -199,40 +206,57 @@ class RequestLog:
         return [r for r in self.all() if r.stage == "data_erased"]
 
     def tombstoned(self, person_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM tombstones WHERE id_hash=?", (self.hash_of(person_id),)).fetchone() \
+        return (
+            self._db.execute("SELECT 1 FROM tombstones WHERE id_hash=?", (self.hash_of(person_id),)).fetchone()
             is not None
+        )
 
     # -- stages ---------------------------------------------------------------------------------
-    def receive(self, person_id: str, pseudonym: str, contributions: list[RunSpan], reason: str | None,
-                received_at: float | None = None) -> ForgetRequest:
+    def receive(
+        self,
+        person_id: str,
+        pseudonym: str,
+        contributions: list[RunSpan],
+        reason: str | None,
+        received_at: float | None = None,
+    ) -> ForgetRequest:
         """Open a request and lay the tombstone, in one transaction, before any data is touched."""
         rid = new_request_id()
         h = self.hash_of(person_id)
         now = time.time() if received_at is None else received_at
         with self._write() as db:
-            db.execute("INSERT INTO requests (request_id, id_hash, pseudonym, reason, received_at, contributions) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (rid, h, pseudonym, reason, now, json.dumps([asdict(s) for s in contributions])))
+            db.execute(
+                "INSERT INTO requests (request_id, id_hash, pseudonym, reason, received_at, contributions) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (rid, h, pseudonym, reason, now, json.dumps([asdict(s) for s in contributions])),
+            )
             db.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)", (h, rid, now))
         return self.get(rid)
 
-    def mark_erased(self, request_id: str, *, erased_at: float, shares_destroyed: int, shares_pending: int,
-                    images: int) -> ForgetRequest:
+    def mark_erased(
+        self, request_id: str, *, erased_at: float, shares_destroyed: int, shares_pending: int, images: int
+    ) -> ForgetRequest:
         with self._write() as db:
-            db.execute("UPDATE requests SET erased_at=?, shares_destroyed=?, shares_pending=?, images=? "
-                       "WHERE request_id=?", (erased_at, shares_destroyed, shares_pending, images, request_id))
+            db.execute(
+                "UPDATE requests SET erased_at=?, shares_destroyed=?, shares_pending=?, images=? WHERE request_id=?",
+                (erased_at, shares_destroyed, shares_pending, images, request_id),
+            )
         return self.get(request_id)
 
     def mark_heads(self, request_id: str, *, rows_removed: int, files: list[str]) -> ForgetRequest:
         with self._write() as db:
-            db.execute("UPDATE requests SET head_rows_removed=?, head_files=? WHERE request_id=?",
-                       (rows_removed, json.dumps(files), request_id))
+            db.execute(
+                "UPDATE requests SET head_rows_removed=?, head_files=? WHERE request_id=?",
+                (rows_removed, json.dumps(files), request_id),
+            )
         return self.get(request_id)
 
     def set_contributions(self, request_id: str, spans: list[RunSpan]) -> ForgetRequest:
         with self._write() as db:
-            db.execute("UPDATE requests SET contributions=? WHERE request_id=?",
-                       (json.dumps([asdict(s) for s in spans]), request_id))
+            db.execute(
+                "UPDATE requests SET contributions=? WHERE request_id=?",
+                (json.dumps([asdict(s) for s in spans]), request_id),
+            )
         return self.get(request_id)
 
     def mark_contributions_dropped(self, request_id: str, rows: int) -> ForgetRequest:
@@ -240,20 +264,31 @@ class RequestLog:
             db.execute("UPDATE requests SET contribution_rows=? WHERE request_id=?", (rows, request_id))
         return self.get(request_id)
 
-    def mark_unlearned(self, request_id: str, *, run_id: str, rnd: int, checkpoint_id: str,
-                       checkpoint_sha256: str, at: float | None = None) -> ForgetRequest:
+    def mark_unlearned(
+        self,
+        request_id: str,
+        *,
+        run_id: str,
+        rnd: int,
+        checkpoint_id: str,
+        checkpoint_sha256: str,
+        at: float | None = None,
+    ) -> ForgetRequest:
         """Filled by the server flow: the first model that excludes the person."""
         req = self.get(request_id)
         if req.erased_at is None:
-            raise RequestError(f"request {request_id}: the data is not erased yet; finish `facefed-client forget` "
-                               f"before recording the model as unlearned")
+            raise RequestError(
+                f"request {request_id}: the data is not erased yet; finish `facefed-client forget` "
+                f"before recording the model as unlearned"
+            )
         if not re.fullmatch(r"[0-9a-f]{64}", checkpoint_sha256):
             raise RequestError(f"checkpoint sha256 {checkpoint_sha256!r} is not 64 hex digits")
         with self._write() as db:
-            db.execute("UPDATE requests SET unlearned_at=?, run_id=?, round=?, checkpoint_id=?, checkpoint_sha256=? "
-                       "WHERE request_id=?",
-                       (time.time() if at is None else at, run_id, int(rnd), checkpoint_id, checkpoint_sha256,
-                        request_id))
+            db.execute(
+                "UPDATE requests SET unlearned_at=?, run_id=?, round=?, checkpoint_id=?, checkpoint_sha256=? "
+                "WHERE request_id=?",
+                (time.time() if at is None else at, run_id, int(rnd), checkpoint_id, checkpoint_sha256, request_id),
+            )
         return self.get(request_id)
 
     def mark_receipt(self, request_id: str, path: Path) -> ForgetRequest:
@@ -261,8 +296,10 @@ class RequestLog:
         if req.unlearned_at is None:
             raise RequestError(f"request {request_id}: no receipt before the model is unlearned")
         with self._write() as db:
-            db.execute("UPDATE requests SET receipt_path=?, receipt_at=? WHERE request_id=?",
-                       (str(path), time.time(), request_id))
+            db.execute(
+                "UPDATE requests SET receipt_path=?, receipt_at=? WHERE request_id=?",
+                (str(path), time.time(), request_id),
+            )
         return self.get(request_id)
 
     def store_receipt(self, request_id: str, signed: dict) -> ForgetRequest:
@@ -290,7 +327,9 @@ class RequestLog:
     def _row(r: sqlite3.Row) -> ForgetRequest:
         d = dict(r)
         d.pop("id_hash")
-        d["contributions"] = [RunSpan(s["run_id"], s["first_round"], s["last_round"], tuple(s["rounds"]))
-                              for s in json.loads(d["contributions"])]
+        d["contributions"] = [
+            RunSpan(s["run_id"], s["first_round"], s["last_round"], tuple(s["rounds"]))
+            for s in json.loads(d["contributions"])
+        ]
         d["head_files"] = json.loads(d["head_files"]) if d["head_files"] else []
         return ForgetRequest(**d)

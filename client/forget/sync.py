@@ -39,12 +39,24 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
     if (vault_dir / "requests.sqlite").is_file():
         with RequestLog(vault_dir) as log:
             for r in log.pending_for_server():
-                pending.append(PendingRequest(
-                    request_id=r.request_id, pseudonym=r.pseudonym, received_at=r.received_at,
-                    erased_at=float(r.erased_at), shares_destroyed=int(r.shares_destroyed or 0),
-                    contributions={s.run_id: sorted(set(s.rounds)) for s in r.contributions}))
-    return QueryReply(site=site, pending=pending, stored=stored, heads_dropped=dropped, budget=budget,
-                      problems=[p[:1000] for p in problems[:100]])
+                pending.append(
+                    PendingRequest(
+                        request_id=r.request_id,
+                        pseudonym=r.pseudonym,
+                        received_at=r.received_at,
+                        erased_at=float(r.erased_at),
+                        shares_destroyed=int(r.shares_destroyed or 0),
+                        contributions={s.run_id: sorted(set(s.rounds)) for s in r.contributions},
+                    )
+                )
+    return QueryReply(
+        site=site,
+        pending=pending,
+        stored=stored,
+        heads_dropped=dropped,
+        budget=budget,
+        problems=[p[:1000] for p in problems[:100]],
+    )
 
 
 def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> list[str]:
@@ -59,16 +71,24 @@ def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> l
                 problems.append(f"receipt for unknown request {d.request_id}: not stored")
                 continue
             body = d.receipt.get("receipt") if isinstance(d.receipt, dict) else None
-            if not isinstance(body, dict) or body.get("request_id") != req.request_id \
-                    or body.get("person_pseudonym") != req.pseudonym:
+            if (
+                not isinstance(body, dict)
+                or body.get("request_id") != req.request_id
+                or body.get("person_pseudonym") != req.pseudonym
+            ):
                 problems.append(f"receipt for {d.request_id} names another request or person: not stored")
                 continue
             if req.stage == "receipt_issued":
                 stored.append(req.request_id)  # a repeated delivery (our earlier reply was lost)
                 continue
             if req.unlearned_at is None:
-                log.mark_unlearned(req.request_id, run_id=d.run_id, rnd=d.round, checkpoint_id=d.checkpoint_id,
-                                   checkpoint_sha256=d.checkpoint_sha256)
+                log.mark_unlearned(
+                    req.request_id,
+                    run_id=d.run_id,
+                    rnd=d.round,
+                    checkpoint_id=d.checkpoint_id,
+                    checkpoint_sha256=d.checkpoint_sha256,
+                )
             log.store_receipt(req.request_id, d.receipt)
             stored.append(req.request_id)
     return stored
@@ -89,28 +109,68 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
     try:
         cfg = validate_config(json.loads(ask.train_config), TrainConfig, where="server query")
     except (json.JSONDecodeError, ConfigError) as e:
-        return BudgetAnswer(fits=False, unit="?", delta=0.0, epsilon_now=-1.0, epsilon_planned=-1.0, max_epsilon=-1.0,
-                            detail=f"the replay's training config is unusable here: {e}")
+        return BudgetAnswer(
+            fits=False,
+            unit="?",
+            delta=0.0,
+            epsilon_now=-1.0,
+            epsilon_planned=-1.0,
+            max_epsilon=-1.0,
+            detail=f"the replay's training config is unusable here: {e}",
+        )
     if cfg.privacy_unit == "none":
-        return BudgetAnswer(fits=True, unit="none", delta=0.0, epsilon_now=-1.0, epsilon_planned=-1.0,
-                            max_epsilon=-1.0, detail="non-private training: no epsilon is claimed")
+        return BudgetAnswer(
+            fits=True,
+            unit="none",
+            delta=0.0,
+            epsilon_now=-1.0,
+            epsilon_planned=-1.0,
+            max_epsilon=-1.0,
+            detail="non-private training: no epsilon is claimed",
+        )
     try:
-        acc = SiteAccountant(accountant_path(state_dir, ask.shard, ask.shards), cfg.delta, cfg.max_epsilon,
-                             cfg.privacy_unit)
+        acc = SiteAccountant(
+            accountant_path(state_dir, ask.shard, ask.shards), cfg.delta, cfg.max_epsilon, cfg.privacy_unit
+        )
     except (AccountantMismatch, ShardStateError) as e:
-        return BudgetAnswer(fits=False, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=-1.0,
-                            epsilon_planned=-1.0, max_epsilon=cfg.max_epsilon, detail=str(e))
+        return BudgetAnswer(
+            fits=False,
+            unit=cfg.privacy_unit,
+            delta=cfg.delta,
+            epsilon_now=-1.0,
+            epsilon_planned=-1.0,
+            max_epsilon=cfg.max_epsilon,
+            detail=str(e),
+        )
     steps = ask.rounds * ask.steps + cfg.probe_steps
     if cfg.noise_multiplier is None:
-        return BudgetAnswer(fits=False, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=acc.epsilon(),
-                            epsilon_planned=-1.0, max_epsilon=cfg.max_epsilon,
-                            detail="a replay needs train.noise_multiplier (target_epsilon calibrates one call)")
+        return BudgetAnswer(
+            fits=False,
+            unit=cfg.privacy_unit,
+            delta=cfg.delta,
+            epsilon_now=acc.epsilon(),
+            epsilon_planned=-1.0,
+            max_epsilon=cfg.max_epsilon,
+            detail="a replay needs train.noise_multiplier (target_epsilon calibrates one call)",
+        )
     # As if every head were fresh (a rollback to round 0): the centring release and the probe steps too.
-    now, planned = acc.epsilon(), acc.projected(cfg.noise_multiplier, cfg.sample_rate, steps,
-                                                extra=cfg.fresh_head_events())
+    now, planned = (
+        acc.epsilon(),
+        acc.projected(cfg.noise_multiplier, cfg.sample_rate, steps, extra=cfg.fresh_head_events()),
+    )
     fits = planned <= cfg.max_epsilon
-    return BudgetAnswer(fits=fits, unit=cfg.privacy_unit, delta=cfg.delta, epsilon_now=now, epsilon_planned=planned,
-                        max_epsilon=cfg.max_epsilon,
-                        detail="" if fits else (f"{ask.rounds} replayed round(s) would take this site's per-"
-                                                f"{cfg.privacy_unit} epsilon from {now:.3f} to {planned:.3f}, over its "
-                                                f"max_epsilon {cfg.max_epsilon:g} (delta {cfg.delta:g})"))
+    return BudgetAnswer(
+        fits=fits,
+        unit=cfg.privacy_unit,
+        delta=cfg.delta,
+        epsilon_now=now,
+        epsilon_planned=planned,
+        max_epsilon=cfg.max_epsilon,
+        detail=""
+        if fits
+        else (
+            f"{ask.rounds} replayed round(s) would take this site's per-"
+            f"{cfg.privacy_unit} epsilon from {now:.3f} to {planned:.3f}, over its "
+            f"max_epsilon {cfg.max_epsilon:g} (delta {cfg.delta:g})"
+        ),
+    )

@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from facefed.client.vault.sharefile import LEN_PREFIX, MAX_IMAGE_BYTES, OVERHEAD, bucket
 from facefed.client.vault.stores.base import ShareNotFound, StoreError, check_share_id
 from facefed.common.durable import fsync_dir, immediate
@@ -86,9 +85,7 @@ class ShareDir:
             for (share_id,) in self._db.execute("SELECT id FROM shares WHERE pending=1").fetchall():
                 path = self._path(share_id)
                 if path.exists():
-                    self._db.execute(
-                        "UPDATE shares SET pending=0, size=? WHERE id=?", (path.stat().st_size, share_id)
-                    )
+                    self._db.execute("UPDATE shares SET pending=0, size=? WHERE id=?", (path.stat().st_size, share_id))
                 else:
                     self._db.execute("DELETE FROM shares WHERE id=?", (share_id,))
                 fixed += 1
@@ -109,7 +106,8 @@ class ShareDir:
             path = self._path(share_id)  # validates the id
             if len(data) > self.max_share_bytes:
                 raise ValueError(
-                    f"share {share_id} has {len(data)} bytes; this holder accepts at most {self.max_share_bytes}")
+                    f"share {share_id} has {len(data)} bytes; this holder accepts at most {self.max_share_bytes}"
+                )
             planned.append((share_id, path, data))
         if len({sid for sid, _, _ in planned}) != len(planned):
             raise ValueError("the same share id twice in one write")
@@ -127,7 +125,7 @@ class ShareDir:
                     try:
                         view = memoryview(data)
                         while view:
-                            view = view[os.write(fd, view):]
+                            view = view[os.write(fd, view) :]
                         os.fsync(fd)
                     finally:
                         os.close(fd)

@@ -66,8 +66,10 @@ def _reason(exc: BaseException) -> tuple[int, str]:
         return logging.WARNING, f"refused client {{}}: no TLS handshake within {HANDSHAKE_TIMEOUT_S:.0f}s"
     if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)) or "EOF" in text or "ALERT" in text:
         # the client gave up mid-handshake: typically it does not trust this holder's certificate
-        return logging.WARNING, ("TLS handshake with {} ended by the client (does its --tls-dir hold this "
-                                 f"site's ca.pem?): {getattr(exc, 'reason', None) or type(exc).__name__}")
+        return logging.WARNING, (
+            "TLS handshake with {} ended by the client (does its --tls-dir hold this "
+            f"site's ca.pem?): {getattr(exc, 'reason', None) or type(exc).__name__}"
+        )
     return logging.WARNING, f"refused client {{}}: TLS error {getattr(exc, 'reason', None) or text}"
 
 
@@ -86,7 +88,7 @@ def _send_tls(tls: ssl.SSLSocket, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[tls.send(view):]
+            view = view[tls.send(view) :]
         except (ssl.SSLWantWriteError, BlockingIOError):
             _wait(tls, selectors.EVENT_WRITE)
         except ssl.SSLWantReadError:
@@ -134,7 +136,7 @@ def _send_plain(sock: socket.socket, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[sock.send(view):]
+            view = view[sock.send(view) :]
         except BlockingIOError:
             _wait(sock, selectors.EVENT_WRITE)
 

@@ -51,7 +51,7 @@ class HolderProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> "HolderProcess":
+    def start(self, timeout: float = 60.0) -> HolderProcess:
         """Start (or restart on the same address) and wait for its ready line."""
         self.launch()
         return self.wait_ready(timeout)
@@ -60,22 +60,33 @@ class HolderProcess:
         if self.alive():
             raise RuntimeError(f"holder {self.url} already runs (pid {self.pid})")
         cmd = client_command() + [
-            "store", "serve", "--dir", str(self.directory), "--listen", f"{self.host}:{self.port}",
-            "--tls-dir", str(self.tls_dir),
+            "store",
+            "serve",
+            "--dir",
+            str(self.directory),
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--tls-dir",
+            str(self.tls_dir),
         ]
         if self.netns:
             cmd = [shutil.which("ip") or "ip", "netns", "exec", self.netns] + cmd
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         finally:
             log.close()
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
         self._out = b""
 
-    def wait_ready(self, timeout: float = 60.0) -> "HolderProcess":
+    def wait_ready(self, timeout: float = 60.0) -> HolderProcess:
         assert self.proc is not None and self.proc.stdout is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

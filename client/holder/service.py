@@ -27,8 +27,8 @@ from pathlib import Path
 import grpc
 
 from facefed.client.holder import proto
-from facefed.client.holder.front import TLSFront
 from facefed.client.holder.disk import DEFAULT_MAX_SHARE_BYTES, ShareDir
+from facefed.client.holder.front import TLSFront
 from facefed.client.holder.tls import load_server_tls
 from facefed.client.vault.stores.base import ShareNotFound, check_share_id
 
@@ -66,7 +66,9 @@ class HolderService:
             _abort_invalid(context, e)
         except OSError as e:
             log.error("put failed: %s", e.strerror)
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno == errno.ENOSPC else grpc.StatusCode.FAILED_PRECONDITION
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno == errno.ENOSPC else grpc.StatusCode.FAILED_PRECONDITION
+            )
             context.abort(code, f"holder {self.name} cannot write ({e.strerror}); fix its --dir on that host")
         except sqlite3.Error as e:
             log.error("put failed: index: %s", e)
@@ -85,8 +87,10 @@ class HolderService:
 
     def GetMany(self, req, context):
         if len(req.share_ids) > GET_MANY_MAX_IDS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"get many: {len(req.share_ids)} ids, at most {GET_MANY_MAX_IDS} per request")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"get many: {len(req.share_ids)} ids, at most {GET_MANY_MAX_IDS} per request",
+            )
         reply = proto.GetManyReply()
         budget = self.reply_budget
         for share_id in req.share_ids:
@@ -112,7 +116,10 @@ class HolderService:
             _abort_invalid(context, e)
         except (OSError, sqlite3.Error) as e:
             log.error("delete failed: %s", e)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"holder {self.name} cannot delete ({e}); fix its --dir on that host")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"holder {self.name} cannot delete ({e}); fix its --dir on that host",
+            )
 
     def List(self, req, context):
         if req.after:
@@ -209,7 +216,13 @@ def start_holder(
     stat = store.stat()
     log.info(
         "serving %s on %s:%d (%d shares, %d bytes; certificate from %s; %d pending index rows settled)",
-        store.root, host, bound, stat.shares, stat.bytes, tls.folder, store.recovered,
+        store.root,
+        host,
+        bound,
+        stat.shares,
+        stat.bytes,
+        tls.folder,
+        store.recovered,
     )
     return Holder(store, server, front, sock_dir, bound)
 

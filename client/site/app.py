@@ -55,8 +55,9 @@ def train(msg: Message, context: Context) -> Message:
     t0, started_at = time.perf_counter(), time.time()
     config = dict(msg.content[CONFIG])
     # The tail arrives as one flat vector with its layout (common/wire.py).
-    received = unpack(msg.content[ARRAYS][TAIL].numpy(), [str(n) for n in config[NAMES]],
-                      [str(x) for x in config[SHAPES]])
+    received = unpack(
+        msg.content[ARRAYS][TAIL].numpy(), [str(n) for n in config[NAMES]], [str(x) for x in config[SHAPES]]
+    )
     nc, rc = dict(context.node_config), dict(context.run_config)
 
     res = worker.call(Path(str(nc["state"])), {"config": config, "arrays": received}) if "state" in nc else None
@@ -70,8 +71,14 @@ def train(msg: Message, context: Context) -> Message:
     if not res.get("ok"):
         raise SiteRoundError(res.get("error", "the site's training worker failed"))
 
-    metrics = MetricRecord({**res["metrics"], "compute-s": time.perf_counter() - t0,
-                            "handler-start": started_at, "process-start": process_started_at()})
+    metrics = MetricRecord(
+        {
+            **res["metrics"],
+            "compute-s": time.perf_counter() - t0,
+            "handler-start": started_at,
+            "process-start": process_started_at(),
+        }
+    )
     flat, names, shapes = pack(res["arrays"])  # the shared tail only: the head stays at the site
     info = ConfigRecord({**res["info"], NAMES: names, SHAPES: shapes})
     arrays = ArrayRecord({TAIL: Array(np.ascontiguousarray(flat))})
@@ -99,6 +106,10 @@ def query(msg: Message, context: Context) -> Message:
             from facefed.client.forget.sync import answer_query
             from facefed.common.nodekeys import check_site_name
 
-            answer = answer_query(site=check_site_name(str(nc["site"])), vault_dir=Path(str(nc["vault"])),
-                                  state_dir=Path(str(nc["state"])), order=order).model_dump_json()
+            answer = answer_query(
+                site=check_site_name(str(nc["site"])),
+                vault_dir=Path(str(nc["vault"])),
+                state_dir=Path(str(nc["state"])),
+                order=order,
+            ).model_dump_json()
     return Message(RecordDict({CONFIG: ConfigRecord({REPLY_KEY: answer})}), reply_to=msg)

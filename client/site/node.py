@@ -62,17 +62,23 @@ class NodeSettings:
         if not self.vault.is_dir():
             raise NodeError(f"vault {self.vault} does not exist; create it with `facefed-client vault init`")
         if self.insecure and (self.root_cert or self.key):
-            raise NodeError("--insecure turns TLS off, so it cannot be combined with --root-cert or --key "
-                            "(node authentication needs TLS)")
+            raise NodeError(
+                "--insecure turns TLS off, so it cannot be combined with --root-cert or --key "
+                "(node authentication needs TLS)"
+            )
         if not self.insecure and self.root_cert is None:
-            raise NodeError("TLS needs the federation's CA certificate: pass --root-cert ca.crt "
-                            "(from the operator's `facefed-server certs`); --insecure only for a local test")
+            raise NodeError(
+                "TLS needs the federation's CA certificate: pass --root-cert ca.crt "
+                "(from the operator's `facefed-server certs`); --insecure only for a local test"
+            )
         if self.root_cert is not None and not self.root_cert.is_file():
             raise NodeError(f"--root-cert {self.root_cert} does not exist")
         if self.key is not None:
             load_private(self.key)  # raises NodeKeyError with the file name and the remedy
         if self.pretrained is not None and not self.pretrained.is_file():
-            raise NodeError(f"pretrained weights {self.pretrained} do not exist (set FACEFED_PRETRAINED or --pretrained)")
+            raise NodeError(
+                f"pretrained weights {self.pretrained} do not exist (set FACEFED_PRETRAINED or --pretrained)"
+            )
         if not 1 <= self.threads <= 256:
             raise NodeError(f"--threads {self.threads}: expected 1..256")
         if not 0 < self.runtime_port < 65536:
@@ -92,8 +98,15 @@ def write_node_config(s: NodeSettings) -> Path:
 
 
 def supernode_command(s: NodeSettings, node_config: Path) -> list[str]:
-    cmd = ["flower-supernode", "--superlink", s.server, "--node-config", str(node_config),
-           "--port", str(s.runtime_port)]
+    cmd = [
+        "flower-supernode",
+        "--superlink",
+        s.server,
+        "--node-config",
+        str(node_config),
+        "--port",
+        str(s.runtime_port),
+    ]
     if s.insecure:
         cmd.append("--insecure")
     else:
@@ -109,18 +122,24 @@ def diagnose(s: NodeSettings, line: str) -> str | None:
     """A reason and remedy for a Flower error line, or None."""
     if "Failed to activate SuperNode" in line or "[code: 2004]" in line:
         fp = fingerprint(load_private(s.key).public_key()) if s.key else "(no key given)"
-        return (f"{ACTIVATION_REFUSED}: this site's node key ({fp}) is not registered there, or was revoked. "
-                f"Send node.pub to the operator, who runs `facefed-server sites register --name {s.site} node.pub`"
-                + ("" if s.key else "; and start the node with --key node.key"))
+        return (
+            f"{ACTIVATION_REFUSED}: this site's node key ({fp}) is not registered there, or was revoked. "
+            f"Send node.pub to the operator, who runs `facefed-server sites register --name {s.site} node.pub`"
+            + ("" if s.key else "; and start the node with --key node.key")
+        )
     if "Invalid SuperNode authentication" in line or ("401" in line and "Unauthorized" in line):
         return "refused by the server: the node's signature was not accepted (wrong or revoked node key)"
     if "CERTIFICATE_VERIFY_FAILED" in line:
-        return (f"refused: the server's TLS certificate is not trusted by this node. Pass the federation CA "
-                f"with --root-cert (the ca.crt from `facefed-server certs`); got "
-                f"{s.root_cert if s.root_cert else 'none, so only system CAs were tried'}")
+        return (
+            f"refused: the server's TLS certificate is not trusted by this node. Pass the federation CA "
+            f"with --root-cert (the ca.crt from `facefed-server certs`); got "
+            f"{s.root_cert if s.root_cert else 'none, so only system CAs were tried'}"
+        )
     if "Server disconnected without sending a response" in line and s.insecure:
-        return ("refused: the server requires TLS and this node was started with --insecure. "
-                "Drop --insecure and pass --root-cert ca.crt (and --key node.key)")
+        return (
+            "refused: the server requires TLS and this node was started with --insecure. "
+            "Drop --insecure and pass --root-cert ca.crt (and --key node.key)"
+        )
     if "WRONG_VERSION_NUMBER" in line or "wrong version number" in line:
         return "the server does not speak TLS at this address (is it started with --tls-dir?) or the port is wrong"
     if "SuperNode authentication requires a secure TLS connection" in line:
@@ -153,20 +172,26 @@ def preflight(s: NodeSettings, timeout: float = 10.0) -> str | None:
             except OSError:
                 head = b""
             if not head.startswith(b"HTTP/"):
-                raise NodeError(f"refused: the server at {s.server} requires TLS and this node was started with "
-                                f"--insecure. Drop --insecure and pass --root-cert ca.crt (and --key node.key)")
+                raise NodeError(
+                    f"refused: the server at {s.server} requires TLS and this node was started with "
+                    f"--insecure. Drop --insecure and pass --root-cert ca.crt (and --key node.key)"
+                )
             return None
         ctx = ssl.create_default_context(cafile=str(s.root_cert))
         try:
             with ctx.wrap_socket(sock, server_hostname=host):
                 return None
         except ssl.SSLCertVerificationError as e:
-            raise NodeError(f"refused: the server's TLS certificate is not trusted by --root-cert {s.root_cert} "
-                            f"({e.verify_message}). Use the federation's ca.crt from `facefed-server certs`, "
-                            f"and make sure the server certificate names {host}") from None
+            raise NodeError(
+                f"refused: the server's TLS certificate is not trusted by --root-cert {s.root_cert} "
+                f"({e.verify_message}). Use the federation's ca.crt from `facefed-server certs`, "
+                f"and make sure the server certificate names {host}"
+            ) from None
         except ssl.SSLError as e:
-            raise NodeError(f"TLS with the server at {s.server} failed ({e.reason or e}); is it started with "
-                            f"--tls-dir, and is this the right port?") from None
+            raise NodeError(
+                f"TLS with the server at {s.server} failed ({e.reason or e}); is it started with "
+                f"--tls-dir, and is this the right port?"
+            ) from None
 
 
 def run_node(s: NodeSettings) -> int:
@@ -176,23 +201,38 @@ def run_node(s: NodeSettings) -> int:
     if note:
         print(f"facefed-client: {note}", file=sys.stderr, flush=True)
     node_config = write_node_config(s)
-    env = flower_env(s.state / "flwr", {
-        # Pick up a new message within ~0.2 s instead of 1 s: less idle time per federated round.
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
-    })
+    env = flower_env(
+        s.state / "flwr",
+        {
+            # Pick up a new message within ~0.2 s instead of 1 s: less idle time per federated round.
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
+        },
+    )
     (s.state / "logs").mkdir(parents=True, exist_ok=True)
-    warm = worker.start(node_config, s.state, preexec_fn=die_with_parent, log_path=s.state / "logs" / "worker.log",
-                        wait=False) if s.worker else None
+    warm = (
+        worker.start(
+            node_config, s.state, preexec_fn=die_with_parent, log_path=s.state / "logs" / "worker.log", wait=False
+        )
+        if s.worker
+        else None
+    )
     deadline = time.monotonic() + s.activation_wait_s
     try:
         while True:
-            code, why = run_foreground(supernode_command(s, node_config), env,
-                                       on_line=lambda line: diagnose(s, line),
-                                       log_path=s.state / "logs" / "supernode.log")
+            code, why = run_foreground(
+                supernode_command(s, node_config),
+                env,
+                on_line=lambda line: diagnose(s, line),
+                log_path=s.state / "logs" / "supernode.log",
+            )
             if not (why and why.startswith(ACTIVATION_REFUSED) and time.monotonic() < deadline):
                 break
-            print("facefed-client: the server refused to activate this node; if it crashed less than a minute "
-                  "ago the server still counts it online, so trying again in 15 s", file=sys.stderr, flush=True)
+            print(
+                "facefed-client: the server refused to activate this node; if it crashed less than a minute "
+                "ago the server still counts it online, so trying again in 15 s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(15)
     finally:
         if warm is not None:

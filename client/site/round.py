@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from facefed.client.forget.contributions import ContributionLog
-from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
+from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.training.trainer import train_local
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig, validate_config
@@ -106,19 +106,32 @@ def site_of(nc: dict, rc: dict) -> Site:
             if not str(nc.get(key, "")):
                 raise SiteConfigError(f"node config lacks `{key}`; start the node with `facefed-client start`")
         pre = nc.get("pretrained") or None
-        return Site(name=check_site_name(str(nc["site"])), state=Path(str(nc["state"])), vault=Path(str(nc["vault"])),
-                    pretrained=pretrained_path(pre), threads=max(1, threads))
+        return Site(
+            name=check_site_name(str(nc["site"])),
+            state=Path(str(nc["state"])),
+            vault=Path(str(nc["vault"])),
+            pretrained=pretrained_path(pre),
+            threads=max(1, threads),
+        )
     if "partition-id" in nc:  # a virtual site on Flower's simulation engine
         pid, n = int(nc["partition-id"]), int(nc["num-partitions"])
         state, lfw = str(rc.get("sim-state", "")), str(rc.get("sim-lfw", ""))
         if not state or not lfw:
-            raise SiteConfigError("a simulated site needs run config `sim-state` and `sim-lfw`; "
-                                  "use `facefed-server simulate`")
+            raise SiteConfigError(
+                "a simulated site needs run config `sim-state` and `sim-lfw`; use `facefed-server simulate`"
+            )
         name = f"sim-{pid:03d}"
-        return Site(name=name, state=Path(state) / "sites" / name, vault=None,
-                    pretrained=pretrained_path(str(rc.get("sim-pretrained", "")) or None), threads=1,
-                    sim_lfw=lfw, sim_partition=(pid, n), sim_people=int(rc.get("sim-people", 0)),
-                    sim_max_images=int(rc.get("sim-max-images", 0)))
+        return Site(
+            name=name,
+            state=Path(state) / "sites" / name,
+            vault=None,
+            pretrained=pretrained_path(str(rc.get("sim-pretrained", "")) or None),
+            threads=1,
+            sim_lfw=lfw,
+            sim_partition=(pid, n),
+            sim_people=int(rc.get("sim-people", 0)),
+            sim_max_images=int(rc.get("sim-max-images", 0)),
+        )
     raise SiteConfigError("node config has no `vault`: start this node with `facefed-client start --vault DIR`")
 
 
@@ -147,10 +160,22 @@ def order_of(config: dict) -> Order:
     head_run = str(config.get("head-run", "")) or run_id
     if not RUN_ID_RE.match(head_run):
         raise SiteConfigError(f"the server's head run {head_run!r} is not a valid run id")
-    return Order(run_id=run_id, round=rnd, attempt=attempt, parent_checkpoint=get("parent-checkpoint", str),
-                 prefix=get("prefix-fingerprint", str), train=train, steps=steps, seed=get("seed", int),
-                 head_round=get("head-round", int), head_attempt=get("head-attempt", int),
-                 expected_site=str(config.get("expected-site", "")), head_run=head_run, shard=shard, shards=shards)
+    return Order(
+        run_id=run_id,
+        round=rnd,
+        attempt=attempt,
+        parent_checkpoint=get("parent-checkpoint", str),
+        prefix=get("prefix-fingerprint", str),
+        train=train,
+        steps=steps,
+        seed=get("seed", int),
+        head_round=get("head-round", int),
+        head_attempt=get("head-attempt", int),
+        expected_site=str(config.get("expected-site", "")),
+        head_run=head_run,
+        shard=shard,
+        shards=shards,
+    )
 
 
 class _SimulatedLFW:
@@ -242,14 +267,18 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
     """Train this site's faces for one round from the received shared tail; persist head and logs."""
     t0 = time.perf_counter()
     if order.expected_site and order.expected_site != site.name:
-        raise SiteConfigError(f"the server knows this node as site {order.expected_site!r} but it was started "
-                              f"with --site {site.name}; restart it with --site {order.expected_site}")
+        raise SiteConfigError(
+            f"the server knows this node as site {order.expected_site!r} but it was started "
+            f"with --site {site.name}; restart it with --site {order.expected_site}"
+        )
     torch.set_num_threads(site.threads)
 
     model = build_embedder(site.pretrained, train_from=order.train.train_from)
     if prefix_fingerprint(model) != order.prefix:
-        raise SiteConfigError(f"this site's pretrained weights ({site.pretrained}) differ from the server's base "
-                              f"model (frozen layers do not match); use the same pretrained file as the server")
+        raise SiteConfigError(
+            f"this site's pretrained weights ({site.pretrained}) differ from the server's base "
+            f"model (frozen layers do not match); use the same pretrained file as the server"
+        )
     load_shared_state(model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in received.items()})
 
     try:
@@ -261,8 +290,9 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
         raise SiteConfigError(f"this site has no people in shard {order.shard} of {order.shards}")
     head, head_from = load_head(site, order)
     cfg = order.train.model_copy(update={"steps": order.steps})
-    accountant = None if cfg.privacy_unit == "none" else SiteAccountant(
-        acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+    accountant = (
+        None if cfg.privacy_unit == "none" else SiteAccountant(acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+    )
     t_train = time.perf_counter()
     # No seed: the DP randomness is fresh OS entropy, never derivable from the server's order (the
     # server could otherwise regenerate the noise and strip it from the update).
@@ -272,19 +302,37 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
     head_path.parent.mkdir(parents=True, exist_ok=True)
     head.save(head_path)
     with ContributionLog(site.contributions_path) as log:
-        log.record(run_id=order.run_id, rnd=order.round, attempt=order.attempt,
-                   parent_checkpoint=order.parent_checkpoint,
-                   images={pid: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
-                   sampled=report.people_used, head_file=str(head_path.relative_to(site.state)))
+        log.record(
+            run_id=order.run_id,
+            rnd=order.round,
+            attempt=order.attempt,
+            parent_checkpoint=order.parent_checkpoint,
+            images={pid: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
+            sampled=report.people_used,
+            head_file=str(head_path.relative_to(site.state)),
+        )
 
     eps = report.epsilon if math.isfinite(report.epsilon) else -1.0
     metrics = {
-        "num-people": faces.n_people, "num-images": faces.n_images, "steps": report.steps,
-        "probe-steps": report.probe_steps, "sampled-images": report.images, "people-sampled": len(report.people_used),
-        "loss": float(report.loss), "epsilon": float(eps), "delta": float(report.delta),
-        "noise-multiplier": float(report.noise_multiplier), "sample-rate": float(report.sample_rate),
-        "train-s": time.perf_counter() - t_train, "round-s": time.perf_counter() - t0,
+        "num-people": faces.n_people,
+        "num-images": faces.n_images,
+        "steps": report.steps,
+        "probe-steps": report.probe_steps,
+        "sampled-images": report.images,
+        "people-sampled": len(report.people_used),
+        "loss": float(report.loss),
+        "epsilon": float(eps),
+        "delta": float(report.delta),
+        "noise-multiplier": float(report.noise_multiplier),
+        "sample-rate": float(report.sample_rate),
+        "train-s": time.perf_counter() - t_train,
+        "round-s": time.perf_counter() - t0,
     }
-    info = {"name": site.name, "unit": report.unit, "accountant": report.accountant, "head-from": head_from,
-            "pid": os.getpid()}
+    info = {
+        "name": site.name,
+        "unit": report.unit,
+        "accountant": report.accountant,
+        "head-from": head_from,
+        "pid": os.getpid(),
+    }
     return RoundResult({k: v.detach().cpu().numpy() for k, v in shared_state(model).items()}, metrics, info)

@@ -63,8 +63,12 @@ def serve(node_config: Path) -> None:
                 try:
                     req = conn.recv()
                     if "query" in req:  # forget requests both ways (client/forget_sync.py)
-                        reply = answer_query(site=site.name, vault_dir=site.vault, state_dir=site.state,
-                                             order=QueryOrder.model_validate_json(req["query"]))
+                        reply = answer_query(
+                            site=site.name,
+                            vault_dir=site.vault,
+                            state_dir=site.state,
+                            order=QueryOrder.model_validate_json(req["query"]),
+                        )
                         conn.send({"ok": True, "reply": reply.model_dump_json()})
                         continue
                     res = run_round(site, order_of(req["config"]), req["arrays"])
@@ -78,8 +82,9 @@ def serve(node_config: Path) -> None:
                         pass
 
 
-def start(node_config: Path, state: Path, *, preexec_fn=None, log_path: Path | None = None,
-          wait: bool = True) -> subprocess.Popen:
+def start(
+    node_config: Path, state: Path, *, preexec_fn=None, log_path: Path | None = None, wait: bool = True
+) -> subprocess.Popen:
     """Start the worker for this node (fresh key each time); with `wait`, until its socket is up.
 
     Without waiting, rounds that arrive before it is ready are trained in the ClientApp's process."""
@@ -87,8 +92,13 @@ def start(node_config: Path, state: Path, *, preexec_fn=None, log_path: Path | N
     write_private(state / KEY_NAME, secrets.token_bytes(32))
     socket_path(state).unlink(missing_ok=True)
     out = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-    proc = subprocess.Popen([sys.executable, "-m", "facefed.client.site.worker", str(node_config)], stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "facefed.client.site.worker", str(node_config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
+    )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while wait and time.monotonic() < deadline:
         if socket_path(state).exists():

@@ -34,33 +34,46 @@ class CenteringError(ValueError):
 
 
 @torch.no_grad()
-def unit_means(model: MobileFaceNet, faces: SiteFaces, feats: torch.Tensor | None, unit: str,
-               batch_size: int = 512) -> torch.Tensor:
+def unit_means(
+    model: MobileFaceNet, faces: SiteFaces, feats: torch.Tensor | None, unit: str, batch_size: int = 512
+) -> torch.Tensor:
     """(U, d) mean pre-normalisation embedding per unit (person, or image for unit "image")."""
     z = []
     for i in range(0, faces.n_images, batch_size):
         if feats is not None:
-            f = feats[i:i + batch_size]
+            f = feats[i : i + batch_size]
             z.append(model.forward_tail(f.flatten(0, 1), normalize=False).view(len(f), f.shape[1], -1).mean(1))
         else:
-            x = to_input(faces.images[i:i + batch_size])
+            x = to_input(faces.images[i : i + batch_size])
             z.append((model.forward_tail(x, normalize=False) + model.forward_tail(x.flip(3), normalize=False)) / 2)
     per_image = torch.cat(z)
     if unit == "image":
         return per_image
-    sums = torch.zeros((faces.n_people, per_image.shape[1]), dtype=per_image.dtype).index_add_(0, faces.labels, per_image)
+    sums = torch.zeros((faces.n_people, per_image.shape[1]), dtype=per_image.dtype).index_add_(
+        0, faces.labels, per_image
+    )
     return sums / faces.counts.clamp_min(1).unsqueeze(1).to(per_image.dtype)
 
 
 @torch.no_grad()
-def dp_center(model: MobileFaceNet, faces: SiteFaces, feats: torch.Tensor | None, *, unit: str, clip: float,
-              noise_multiplier: float, generator: torch.Generator) -> float:
+def dp_center(
+    model: MobileFaceNet,
+    faces: SiteFaces,
+    feats: torch.Tensor | None,
+    *,
+    unit: str,
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> float:
     """Subtract the DP mean of the units' embeddings from the embedding layer's bias; returns the norm
     of the shift applied."""
     bias = model.features.bias
     if bias is None:
-        raise CenteringError("centring needs the folded-norm embedder (its embedding layer has a bias); "
-                             "leave center_noise unset for a GroupNorm model trained from scratch")
+        raise CenteringError(
+            "centring needs the folded-norm embedder (its embedding layer has a bias); "
+            "leave center_noise unset for a GroupNorm model trained from scratch"
+        )
     means = unit_means(model, faces, feats, unit)
     if not len(means):
         raise CenteringError("no faces to centre on")

@@ -36,8 +36,9 @@ class SiteFaces:
             raise ValueError("person_ids and pseudonyms must be parallel lists of unique ids")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or len(self.images) != len(self.labels):
             raise ValueError("images must be uint8 (N, 3, H, W) with one label each")
-        if len(self.labels) and (bool((self.labels[1:] < self.labels[:-1]).any()) or
-                                 int(self.labels.max()) >= len(self.person_ids)):
+        if len(self.labels) and (
+            bool((self.labels[1:] < self.labels[:-1]).any()) or int(self.labels.max()) >= len(self.person_ids)
+        ):
             raise ValueError("labels must be sorted (images grouped by person) and index person_ids")
         self.counts = torch.bincount(self.labels, minlength=len(self.person_ids))
         self.starts = torch.cumsum(self.counts, 0) - self.counts
@@ -50,22 +51,34 @@ class SiteFaces:
     def n_images(self) -> int:
         return len(self.labels)
 
-    def subset(self, person_ids: list[str]) -> "SiteFaces":
+    def subset(self, person_ids: list[str]) -> SiteFaces:
         """The same faces restricted to some people (e.g. all but those who asked to be forgotten)."""
         index = {p: k for k, p in enumerate(self.person_ids)}
         missing = [p for p in person_ids if p not in index]
         if missing:
             raise KeyError(f"person {missing[0]!r} has no faces here")
         ks = [index[p] for p in person_ids]
-        rows = torch.cat([torch.arange(int(self.starts[k]), int(self.starts[k] + self.counts[k])) for k in ks]) \
-            if ks else torch.empty(0, dtype=torch.long)
-        labels = torch.cat([torch.full((int(self.counts[k]),), j, dtype=torch.long) for j, k in enumerate(ks)]) \
-            if ks else torch.empty(0, dtype=torch.long)
-        sub = SiteFaces([self.person_ids[k] for k in ks], [self.pseudonyms[k] for k in ks], self.images[rows],
-                        labels, [self.image_ids[i] for i in rows.tolist()])
+        rows = (
+            torch.cat([torch.arange(int(self.starts[k]), int(self.starts[k] + self.counts[k])) for k in ks])
+            if ks
+            else torch.empty(0, dtype=torch.long)
+        )
+        labels = (
+            torch.cat([torch.full((int(self.counts[k]),), j, dtype=torch.long) for j, k in enumerate(ks)])
+            if ks
+            else torch.empty(0, dtype=torch.long)
+        )
+        sub = SiteFaces(
+            [self.person_ids[k] for k in ks],
+            [self.pseudonyms[k] for k in ks],
+            self.images[rows],
+            labels,
+            [self.image_ids[i] for i in rows.tolist()],
+        )
         # Per-image derived tensors (frozen-prefix features) carry over row by row.
-        sub.cache.update({k: v[rows] for k, v in self.cache.items() if isinstance(v, torch.Tensor)
-                          and len(v) == self.n_images})
+        sub.cache.update(
+            {k: v[rows] for k, v in self.cache.items() if isinstance(v, torch.Tensor) and len(v) == self.n_images}
+        )
         return sub
 
 
@@ -73,10 +86,18 @@ def _build(groups: list[tuple[str, str, list[tuple[str, bytes]]]], threads: int)
     groups = [g for g in groups if g[2]]
     datas = [data for _, _, imgs in groups for _, data in imgs]
     images = decode_faces(datas, threads=threads)
-    labels = torch.cat([torch.full((len(imgs),), k, dtype=torch.long) for k, (_, _, imgs) in enumerate(groups)]) \
-        if groups else torch.empty(0, dtype=torch.long)
-    return SiteFaces([g[0] for g in groups], [g[1] for g in groups], images, labels,
-                     [iid for _, _, imgs in groups for iid, _ in imgs])
+    labels = (
+        torch.cat([torch.full((len(imgs),), k, dtype=torch.long) for k, (_, _, imgs) in enumerate(groups)])
+        if groups
+        else torch.empty(0, dtype=torch.long)
+    )
+    return SiteFaces(
+        [g[0] for g in groups],
+        [g[1] for g in groups],
+        images,
+        labels,
+        [iid for _, _, imgs in groups for iid, _ in imgs],
+    )
 
 
 def faces_from_vault(vault, people: list[str] | None = None, *, threads: int = 2) -> SiteFaces:

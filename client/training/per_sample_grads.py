@@ -37,8 +37,7 @@ def prelu_grad_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprop
 @register_grad_sampler(nn.Conv2d)
 def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
     depthwise = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
-    pointwise = (layer.groups == 1 and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
-                 and layer.padding == (0, 0))
+    pointwise = layer.groups == 1 and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
     if not (depthwise or pointwise) or len(activations[0]) == 0 or isinstance(layer.padding, str):
         return compute_conv_grad_sample(layer, activations, backprops)
     x = activations[0].to(backprops.dtype)
@@ -60,12 +59,12 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
         xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
         ho, wo = g.shape[2], g.shape[3]
         if ho == wo == 1:  # a global depthwise conv (GDC): the gradient is the input window times g
-            w = xp[:, :, : (kh - 1) * dh + 1: dh, : (kw - 1) * dw + 1: dw] * g
+            w = xp[:, :, : (kh - 1) * dh + 1 : dh, : (kw - 1) * dw + 1 : dw] * g
         else:
             w = torch.empty((n, c, kh, kw), dtype=g.dtype)
             for i in range(kh):
                 for j in range(kw):
-                    patch = xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+                    patch = xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
                     w[:, :, i, j] = torch.einsum("nchw,nchw->nc", patch, g)
         ret[layer.weight] = w.view(n, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
@@ -82,8 +81,7 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
     matrix per sample (with L = 1 after the global depthwise conv, just |g| |a|), used when that is
     cheaper (small maps). Other convs: norms of the per-sample gradients above.
     """
-    pointwise = (layer.groups == 1 and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
-                 and layer.padding == (0, 0))
+    pointwise = layer.groups == 1 and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
     n = len(activations[0])
     positions = backprops[0].numel() // layer.out_channels if n else 0
     # Gram matrices cost L^2 (C_in + C_out) per sample, the gradient C_in C_out L: pick the cheaper.
@@ -107,12 +105,14 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
 
 @register_norm_sampler(nn.PReLU)
 def prelu_norm_sample(layer: nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
-    return {p: g.reshape(len(g), -1).norm(2, dim=1)
-            for p, g in prelu_grad_sample(layer, activations, backprops).items()}
+    return {
+        p: g.reshape(len(g), -1).norm(2, dim=1) for p, g in prelu_grad_sample(layer, activations, backprops).items()
+    }
 
 
-def batch_grad(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor, *,
-               samplers: dict | None = None) -> dict:
+def batch_grad(
+    layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor, *, samplers: dict | None = None
+) -> dict:
     """Sum over the batch of the per-sample parameter gradients for these backprops.
 
     With backprops already scaled by each sample's clipping factor this is the clipped sum DP-SGD
@@ -124,8 +124,9 @@ def batch_grad(layer: nn.Module, activations: list[torch.Tensor], backprops: tor
     out = {}
     if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
         if layer.weight.requires_grad:
-            out[layer.weight] = torch.nn.grad.conv2d_weight(x, layer.weight.shape, backprops, layer.stride,
-                                                            layer.padding, layer.dilation, layer.groups)
+            out[layer.weight] = torch.nn.grad.conv2d_weight(
+                x, layer.weight.shape, backprops, layer.stride, layer.padding, layer.dilation, layer.groups
+            )
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = backprops.sum((0, 2, 3))
         return out

@@ -17,17 +17,18 @@ import torch
 
 @dataclass(frozen=True)
 class Batch:
-    rows: torch.Tensor    # long (B,): image rows in SiteFaces
+    rows: torch.Tensor  # long (B,): image rows in SiteFaces
     labels: torch.Tensor  # long (B,): person index of each row
-    flips: torch.Tensor   # bool (B,): mirror this image
+    flips: torch.Tensor  # bool (B,): mirror this image
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
 class PersonSampler:
-    def __init__(self, counts: torch.Tensor, sample_rate: float, *, flip: bool = True,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self, counts: torch.Tensor, sample_rate: float, *, flip: bool = True, generator: torch.Generator | None = None
+    ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if (counts <= 0).any():
@@ -44,13 +45,16 @@ class PersonSampler:
     def sample(self) -> Batch:
         people = torch.nonzero(torch.rand(len(self.counts), generator=self.g) < self.q).flatten()
         pick = (torch.rand(len(people), generator=self.g) * self.counts[people]).long()
-        flips = torch.rand(len(people), generator=self.g) < 0.5 if self.flip else torch.zeros(len(people), dtype=torch.bool)
+        flips = (
+            torch.rand(len(people), generator=self.g) < 0.5 if self.flip else torch.zeros(len(people), dtype=torch.bool)
+        )
         return Batch(self.starts[people] + pick, people, flips)
 
 
 class ImageSampler:
-    def __init__(self, labels: torch.Tensor, sample_rate: float, *, flip: bool = True,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self, labels: torch.Tensor, sample_rate: float, *, flip: bool = True, generator: torch.Generator | None = None
+    ):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.labels = labels.long()

@@ -30,14 +30,17 @@ def accountant_path(state: Path, shard: int, shards: int) -> Path:
     """The accountant file for this shard, refusing a shard count the site did not train with so far."""
     if not 0 <= shard < shards:
         raise ShardStateError(f"shard {shard} is not in 0..{shards - 1}")
-    others = sorted({int(m.group(2)) for p in state.glob("accountant-s*of*.json") if (m := SHARD_FILE_RE.match(p.name))}
-                    - {shards})
+    others = sorted(
+        {int(m.group(2)) for p in state.glob("accountant-s*of*.json") if (m := SHARD_FILE_RE.match(p.name))} - {shards}
+    )
     plain = (state / ACCOUNTANT).exists()
     if (shards == 1 and others) or (shards > 1 and (plain or others)):
         had = f"{others[0]} shards" if others else "no shards"
-        raise ShardStateError(f"this site's privacy accountant ({state}) was kept for training with {had}; a site "
-                              f"trains with one shard count (the per-person guarantee composes in parallel over "
-                              f"disjoint shards only), so it cannot join a run with shards = {shards}")
+        raise ShardStateError(
+            f"this site's privacy accountant ({state}) was kept for training with {had}; a site "
+            f"trains with one shard count (the per-person guarantee composes in parallel over "
+            f"disjoint shards only), so it cannot join a run with shards = {shards}"
+        )
     return state / (ACCOUNTANT if shards == 1 else f"accountant-s{shard}of{shards}.json")
 
 

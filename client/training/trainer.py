@@ -73,8 +73,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from facefed.client.training.centering import dp_center
-from facefed.client.training.per_sample_grads import batch_grad  # (importing it registers fast PReLU / conv samplers)
 from facefed.client.training.faces import SiteFaces
+from facefed.client.training.per_sample_grads import batch_grad  # (importing it registers fast PReLU / conv samplers)
 from facefed.client.training.sampling import Batch, ImageSampler, PersonSampler
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig
@@ -85,24 +85,24 @@ from facefed.common.preprocess import to_input
 
 @dataclass
 class TrainProgress:
-    phase: str          # "probe" (head only, frozen features) or "finetune"
-    step: int           # steps done in this call (both phases)
+    phase: str  # "probe" (head only, frozen features) or "finetune"
+    step: int  # steps done in this call (both phases)
     total: int
-    loss: float         # running mean per-sample loss
-    epsilon: float      # site epsilon after the steps done so far (inf when non-private)
+    loss: float  # running mean per-sample loss
+    epsilon: float  # site epsilon after the steps done so far (inf when non-private)
     images_per_s: float
 
 
 @dataclass
 class TrainReport:
-    steps: int                  # DP-SGD steps taken (probe + fine-tune)
+    steps: int  # DP-SGD steps taken (probe + fine-tune)
     probe_steps: int
-    images: int                 # per-sample gradients computed
-    loss: float                 # mean per-sample loss over the last 10% of steps
-    epsilon: float              # the site's total epsilon after this call (inf: non-private)
+    images: int  # per-sample gradients computed
+    loss: float  # mean per-sample loss over the last 10% of steps
+    epsilon: float  # the site's total epsilon after this call (inf: non-private)
     delta: float
-    unit: str                   # "person", "image" or "none"
-    accountant: str             # "rdp" ("none" when non-private)
+    unit: str  # "person", "image" or "none"
+    accountant: str  # "rdp" ("none" when non-private)
     noise_multiplier: float
     sample_rate: float
     wall_s: float
@@ -112,11 +112,21 @@ class TrainReport:
 
     def metrics(self) -> dict[str, float | int | str]:
         """Flat, JSON-able numbers (epsilon -1 when non-private) for logs and federation metrics."""
-        return {"steps": self.steps, "probe_steps": self.probe_steps, "images": self.images, "loss": self.loss,
-                "epsilon": self.epsilon if math.isfinite(self.epsilon) else -1.0, "delta": self.delta,
-                "unit": self.unit, "accountant": self.accountant, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "wall_s": self.wall_s, "people_used": len(self.people_used),
-                "centered": self.center_shift is not None}
+        return {
+            "steps": self.steps,
+            "probe_steps": self.probe_steps,
+            "images": self.images,
+            "loss": self.loss,
+            "epsilon": self.epsilon if math.isfinite(self.epsilon) else -1.0,
+            "delta": self.delta,
+            "unit": self.unit,
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "wall_s": self.wall_s,
+            "people_used": len(self.people_used),
+            "centered": self.center_shift is not None,
+        }
 
 
 # -- frozen prefix, computed once per image and its mirror -----------------------------------------
@@ -127,11 +137,11 @@ def prefix_features(model: MobileFaceNet, images: torch.Tensor, *, batch_size: i
         return None
     out = None
     for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size])
+        x = to_input(images[i : i + batch_size])
         f = torch.stack([model.forward_prefix(x), model.forward_prefix(x.flip(3))], 1)
         if out is None:
             out = torch.empty((len(images), *f.shape[1:]))
-        out[i:i + len(f)] = f
+        out[i : i + len(f)] = f
     return out if out is not None else torch.empty(0)
 
 
@@ -178,7 +188,8 @@ class _BookkeepingGSM(GradSampleModuleFastGradientClipping):
 
     def rearrange_grad_samples(self, *, module, backprops, loss_reduction, batch_first):
         activations, backprops = super().rearrange_grad_samples(
-            module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first)
+            module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first
+        )
         self._kept.append((module, activations, backprops))
         return activations, backprops
 
@@ -205,8 +216,17 @@ class _BookkeepingGSM(GradSampleModuleFastGradientClipping):
 
 # -- one optimisation loop, private or not -----------------------------------------------------
 class _Loop:
-    def __init__(self, module: nn.Module, groups: list[dict], head: MarginHead, cfg: TrainConfig,
-                 sigma: float, expected_batch: float, seed: int, anchored: list[nn.Parameter] = ()):
+    def __init__(
+        self,
+        module: nn.Module,
+        groups: list[dict],
+        head: MarginHead,
+        cfg: TrainConfig,
+        sigma: float,
+        expected_batch: float,
+        seed: int,
+        anchored: list[nn.Parameter] = (),
+    ):
         self.head, self.cfg, self.private = head, cfg, cfg.privacy_unit != "none"
         # Proximal pull toward the weights this call started from (pretrained or the round's global
         # model: public or earlier DP outputs), so it is data-independent and costs no privacy.
@@ -222,14 +242,23 @@ class _Loop:
                 raise ValueError(f"model is not valid for DP-SGD: {errors[0]}")
             # Loss is a sum; the optimizer divides (clipped sum + noise) by the EXPECTED batch size,
             # which (unlike the realised size) does not depend on who was sampled.
-            dp = dict(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
-                      expected_batch_size=max(1, round(expected_batch)), loss_reduction="mean",
-                      generator=torch.Generator().manual_seed(seed ^ 0x5EED))
+            dp = dict(
+                noise_multiplier=sigma,
+                max_grad_norm=cfg.max_grad_norm,
+                expected_batch_size=max(1, round(expected_batch)),
+                loss_reduction="mean",
+                generator=torch.Generator().manual_seed(seed ^ 0x5EED),
+            )
             if self.ghost:
                 # Ghost clipping: per-sample gradient NORMS (the head's from |dL/dlogits| |x|, never
                 # materialising B x people x 128), then the clipped sum from the kept backprops.
-                self.module = _BookkeepingGSM(module, batch_first=True, loss_reduction="sum",
-                                              max_grad_norm=cfg.max_grad_norm, use_ghost_clipping=True)
+                self.module = _BookkeepingGSM(
+                    module,
+                    batch_first=True,
+                    loss_reduction="sum",
+                    max_grad_norm=cfg.max_grad_norm,
+                    use_ghost_clipping=True,
+                )
                 self.opt = DPOptimizerFastGradientClipping(opt, **dp)
             else:
                 self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
@@ -279,29 +308,43 @@ class _Loop:
         self.module.eval()
 
 
-def _check(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: TrainConfig,
-           accountant: SiteAccountant | None) -> None:
+def _check(
+    model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: TrainConfig, accountant: SiteAccountant | None
+) -> None:
     cfg.check_people(faces.n_people, faces.n_images)
     if model.train_from != cfg.train_from:
-        raise ValueError(f"the model trains from `{model.train_from}`, the config says train_from = "
-                         f"`{cfg.train_from}`; build the model with build_embedder(..., train_from=cfg.train_from)")
+        raise ValueError(
+            f"the model trains from `{model.train_from}`, the config says train_from = "
+            f"`{cfg.train_from}`; build the model with build_embedder(..., train_from=cfg.train_from)"
+        )
     if cfg.privacy_unit == "none":
         if accountant is not None and accountant.unit != "none":
-            raise ValueError(f"non-private training would void this site's per-{accountant.unit} guarantee "
-                             f"({accountant.path}); use a separate state for baselines")
+            raise ValueError(
+                f"non-private training would void this site's per-{accountant.unit} guarantee "
+                f"({accountant.path}); use a separate state for baselines"
+            )
         return
     if accountant is None:
         raise ValueError(f"privacy_unit = {cfg.privacy_unit} needs the site's SiteAccountant")
     if accountant.unit != cfg.privacy_unit or accountant.delta != cfg.delta:
-        raise ValueError(f"accountant {accountant.path} is per {accountant.unit} at delta {accountant.delta:g}; "
-                         f"the config says per {cfg.privacy_unit} at delta {cfg.delta:g}")
+        raise ValueError(
+            f"accountant {accountant.path} is per {accountant.unit} at delta {accountant.delta:g}; "
+            f"the config says per {cfg.privacy_unit} at delta {cfg.delta:g}"
+        )
     if head.scale != cfg.scale or head.margin != cfg.margin:
         raise ValueError(f"head has scale {head.scale}, margin {head.margin}; config says {cfg.scale}, {cfg.margin}")
 
 
-def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: TrainConfig,
-                accountant: SiteAccountant | None, *, seed: int | None = None,
-                progress: Callable[[TrainProgress], None] | None = None) -> TrainReport:
+def train_local(
+    model: MobileFaceNet,
+    head: MarginHead,
+    faces: SiteFaces,
+    cfg: TrainConfig,
+    accountant: SiteAccountant | None,
+    *,
+    seed: int | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainReport:
     """Train `model`'s tail and `head` in place on `faces`; record the privacy spent; report.
 
     The DP randomness (Poisson sampling, flips, Gaussian noise) comes from fresh OS entropy unless
@@ -331,8 +374,11 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
     # Privacy plan first: refuse before touching anything.
     sigma = 0.0
     if unit != "none":
-        sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else \
-            accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total, extra=extra)
+        sigma = (
+            cfg.noise_multiplier
+            if cfg.noise_multiplier is not None
+            else accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total, extra=extra)
+        )
         accountant.plan(sigma, cfg.sample_rate, total, extra=extra)
 
     inputs = _Inputs(model, faces)
@@ -346,11 +392,23 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
         if progress is None:
             return
         if done - eps_cache[0] >= max(1, total // 20) or done == total:
-            eps_cache = (done, math.inf if unit == "none" else
-                         accountant.projected(sigma, cfg.sample_rate, done, extra=extra if shift is not None else ()))
+            eps_cache = (
+                done,
+                math.inf
+                if unit == "none"
+                else accountant.projected(sigma, cfg.sample_rate, done, extra=extra if shift is not None else ()),
+            )
         recent = losses[-20:]
-        progress(TrainProgress(phase, done, total, sum(recent) / max(1, len(recent)), eps_cache[1],
-                               n_images / max(1e-9, time.perf_counter() - t_loop)))
+        progress(
+            TrainProgress(
+                phase,
+                done,
+                total,
+                sum(recent) / max(1, len(recent)),
+                eps_cache[1],
+                n_images / max(1e-9, time.perf_counter() - t_loop),
+            )
+        )
 
     def run(loop: _Loop, steps: int, phase: str, x_of: Callable[[Batch], torch.Tensor]) -> None:
         nonlocal done, n_images
@@ -369,16 +427,29 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
     try:
         if center:
             # DP mean centring (client/centering.py): one Gaussian release, recorded below.
-            shift = dp_center(model, faces, inputs.feats, unit="image" if unit == "image" else "person",
-                              clip=cfg.center_clip, noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
-                              generator=torch.Generator().manual_seed(seed ^ 0xCE17E4))
+            shift = dp_center(
+                model,
+                faces,
+                inputs.feats,
+                unit="image" if unit == "image" else "person",
+                clip=cfg.center_clip,
+                noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
+                generator=torch.Generator().manual_seed(seed ^ 0xCE17E4),
+            )
         if probe:
             # DP linear probing: the head learns on frozen embeddings (tail not trained here).
             with torch.no_grad():
                 feats = inputs.feats if inputs.feats is not None else None
                 emb = _embed_all(model, faces, feats)
-            loop = _Loop(head, [{"params": list(head.parameters()), "lr": cfg.probe_lr}], head, cfg, sigma,
-                         sampler.expected_batch_size, seed)
+            loop = _Loop(
+                head,
+                [{"params": list(head.parameters()), "lr": cfg.probe_lr}],
+                head,
+                cfg,
+                sigma,
+                sampler.expected_batch_size,
+                seed,
+            )
             run(loop, probe, "probe", lambda b: emb[b.rows, b.flips.long()])
         if center or probe:
             head.probed = True  # the fresh-head phase (centring, probe) is done: later calls skip it
@@ -394,8 +465,9 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
             for p in frozen_now:
                 p.requires_grad_(False)
             try:
-                loop = _Loop(net, groups, head, cfg, sigma, sampler.expected_batch_size, seed + 1,
-                             anchored=groups[0]["params"])
+                loop = _Loop(
+                    net, groups, head, cfg, sigma, sampler.expected_batch_size, seed + 1, anchored=groups[0]["params"]
+                )
                 run(loop, cfg.steps, "finetune", inputs)
             finally:
                 for p in frozen_now:
@@ -409,25 +481,36 @@ def train_local(model: MobileFaceNet, head: MarginHead, faces: SiteFaces, cfg: T
             accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
         model.eval()
     wall = time.perf_counter() - t0
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return TrainReport(
-        steps=done, probe_steps=probe, images=n_images, loss=sum(tail) / max(1, len(tail)),
-        epsilon=math.inf if unit == "none" else accountant.epsilon(), delta=cfg.delta, unit=unit,
-        accountant="none" if unit == "none" else "rdp", noise_multiplier=sigma, sample_rate=cfg.sample_rate,
-        wall_s=wall, images_per_s=n_images / max(1e-9, time.perf_counter() - t_loop),
-        people_used={faces.person_ids[k] for k in torch.nonzero(used).flatten().tolist()}, center_shift=shift,
+        steps=done,
+        probe_steps=probe,
+        images=n_images,
+        loss=sum(tail) / max(1, len(tail)),
+        epsilon=math.inf if unit == "none" else accountant.epsilon(),
+        delta=cfg.delta,
+        unit=unit,
+        accountant="none" if unit == "none" else "rdp",
+        noise_multiplier=sigma,
+        sample_rate=cfg.sample_rate,
+        wall_s=wall,
+        images_per_s=n_images / max(1e-9, time.perf_counter() - t_loop),
+        people_used={faces.person_ids[k] for k in torch.nonzero(used).flatten().tolist()},
+        center_shift=shift,
     )
 
 
 @torch.no_grad()
-def _embed_all(model: MobileFaceNet, faces: SiteFaces, feats: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
+def _embed_all(
+    model: MobileFaceNet, faces: SiteFaces, feats: torch.Tensor | None, batch_size: int = 256
+) -> torch.Tensor:
     """(N, 2, 128) embeddings of every image and its mirror with the current (frozen) model."""
     out = []
     for i in range(0, faces.n_images, batch_size):
         if feats is None:
-            x = to_input(faces.images[i:i + batch_size])
+            x = to_input(faces.images[i : i + batch_size])
             out.append(torch.stack([model(x), model(x.flip(3))], 1))
         else:
-            f = feats[i:i + batch_size]
+            f = feats[i : i + batch_size]
             out.append(model.forward_tail(f.flatten(0, 1)).view(len(f), 2, -1))
     return torch.cat(out) if out else torch.empty((0, 2, 128))

@@ -1,18 +1,57 @@
 """The site's secret-shared face vault. See `vault.py` for the design, `store.py` for stores."""
 
 from facefed.client.vault.audit import verify_audit_chain
-from facefed.client.vault.errors import (AuditChainBroken, CorruptShare, InvalidConfig, InvalidImage, InvalidPersonId,
-                                 NotEnoughShares, ShareNotFound, StoreError, StoreUnavailable, UnknownImage,
-                                 UnknownPerson, VaultError)
-from facefed.client.vault.reports import (EraseReport, ImageProblem, OrphanShare, PersonRecord, RepairReport, ShareProblem,
-                                  StoreHealth, VerifyReport)
+from facefed.client.vault.errors import (
+    AuditChainBroken,
+    CorruptShare,
+    InvalidConfig,
+    InvalidImage,
+    InvalidPersonId,
+    NotEnoughShares,
+    ShareNotFound,
+    StoreError,
+    StoreUnavailable,
+    UnknownImage,
+    UnknownPerson,
+    VaultError,
+)
+from facefed.client.vault.reports import (
+    EraseReport,
+    ImageProblem,
+    OrphanShare,
+    PersonRecord,
+    RepairReport,
+    ShareProblem,
+    StoreHealth,
+    VerifyReport,
+)
 from facefed.client.vault.stores.base import LocalDirStore, Store, open_store
 from facefed.client.vault.vault import Vault
 
 __all__ = [
-    "Vault", "Store", "LocalDirStore", "open_store", "verify_audit_chain",
-    "PersonRecord", "EraseReport", "VerifyReport", "RepairReport", "ShareProblem", "OrphanShare", "ImageProblem",
+    "Vault",
+    "Store",
+    "LocalDirStore",
+    "open_store",
+    "verify_audit_chain",
+    "PersonRecord",
+    "EraseReport",
+    "VerifyReport",
+    "RepairReport",
+    "ShareProblem",
+    "OrphanShare",
+    "ImageProblem",
     "StoreHealth",
-    "VaultError", "InvalidConfig", "UnknownPerson", "UnknownImage", "NotEnoughShares", "InvalidImage",
-    "InvalidPersonId", "CorruptShare", "AuditChainBroken", "StoreError", "StoreUnavailable", "ShareNotFound",
+    "VaultError",
+    "InvalidConfig",
+    "UnknownPerson",
+    "UnknownImage",
+    "NotEnoughShares",
+    "InvalidImage",
+    "InvalidPersonId",
+    "CorruptShare",
+    "AuditChainBroken",
+    "StoreError",
+    "StoreUnavailable",
+    "ShareNotFound",
 ]

@@ -84,14 +84,16 @@ def verify_audit_chain(path: str | Path, known_head: str | None = None) -> Audit
             raise AuditChainBroken(f"audit log {path} line {number} is not JSON (edited?)") from None
         if not isinstance(entry, dict) or entry.get("prev") != prev:
             raise AuditChainBroken(
-                f"audit log {path} line {number}: chain broken (the line before it was edited or removed)")
+                f"audit log {path} line {number}: chain broken (the line before it was edited or removed)"
+            )
         prev, count = _line_hash(line), count + 1
         seen = seen or prev == known_head
     if data and not data.endswith(b"\n"):
         raise AuditChainBroken(f"audit log {path}: last line is incomplete")
     if not seen:
         raise AuditChainBroken(
-            f"audit log {path} ends at a different entry than the manifest records (lines removed at the end?)")
+            f"audit log {path} ends at a different entry than the manifest records (lines removed at the end?)"
+        )
     return AuditStatus(count, prev)
 
 

@@ -24,7 +24,7 @@ class VaultConfig(BaseModel):
     tls_dir: str | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "VaultConfig":
+    def _consistent(self) -> VaultConfig:
         if self.threshold > len(self.stores):
             raise ValueError(f"threshold {self.threshold} is larger than the number of stores ({len(self.stores)})")
         if len(set(self.stores)) != len(self.stores):
@@ -47,11 +47,13 @@ class VaultConfig(BaseModel):
 def load_config(vault_dir: Path) -> VaultConfig:
     path = vault_dir / CONFIG_NAME
     if not vault_dir.is_dir():
-        raise InvalidConfig(f"no vault at {vault_dir}: directory does not exist "
-                            f"(create one with `facefed-client vault init`)")
+        raise InvalidConfig(
+            f"no vault at {vault_dir}: directory does not exist (create one with `facefed-client vault init`)"
+        )
     if not path.is_file():
-        raise InvalidConfig(f"no vault at {vault_dir}: {CONFIG_NAME} is missing "
-                            f"(create one with `facefed-client vault init`)")
+        raise InvalidConfig(
+            f"no vault at {vault_dir}: {CONFIG_NAME} is missing (create one with `facefed-client vault init`)"
+        )
     try:
         raw = tomllib.loads(path.read_text())
         return VaultConfig.model_validate(raw)

@@ -5,8 +5,18 @@ from __future__ import annotations
 from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreUnavailable
 
 __all__ = [
-    "VaultError", "InvalidConfig", "UnknownPerson", "UnknownImage", "NotEnoughShares", "InvalidImage",
-    "InvalidPersonId", "CorruptShare", "AuditChainBroken", "StoreError", "StoreUnavailable", "ShareNotFound",
+    "VaultError",
+    "InvalidConfig",
+    "UnknownPerson",
+    "UnknownImage",
+    "NotEnoughShares",
+    "InvalidImage",
+    "InvalidPersonId",
+    "CorruptShare",
+    "AuditChainBroken",
+    "StoreError",
+    "StoreUnavailable",
+    "ShareNotFound",
 ]
 
 

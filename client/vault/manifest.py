@@ -164,18 +164,27 @@ class Manifest:
             return self._db.execute(
                 "SELECT p.person_id, p.pseudonym, COUNT(i.image_id) FROM people p "
                 f"LEFT JOIN images i ON i.pseudonym = p.pseudonym {where} "
-                "GROUP BY p.person_id ORDER BY p.person_id", args).fetchall()
+                "GROUP BY p.person_id ORDER BY p.person_id",
+                args,
+            ).fetchall()
 
     def image_ids(self, pseudonym: str) -> list[str]:
         with self._lock:
-            return [r[0] for r in self._db.execute(
-                "SELECT image_id FROM images WHERE pseudonym=? ORDER BY created, rowid", (pseudonym,))]
+            return [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT image_id FROM images WHERE pseudonym=? ORDER BY created, rowid", (pseudonym,)
+                )
+            ]
 
     def sources(self) -> set[tuple[str, str]]:
         with self._lock:
-            return set(self._db.execute(
-                "SELECT p.person_id, i.source_name FROM images i JOIN people p ON p.pseudonym = i.pseudonym "
-                "WHERE i.source_name IS NOT NULL").fetchall())
+            return set(
+                self._db.execute(
+                    "SELECT p.person_id, i.source_name FROM images i JOIN people p ON p.pseudonym = i.pseudonym "
+                    "WHERE i.source_name IS NOT NULL"
+                ).fetchall()
+            )
 
     def image(self, image_id: str) -> ImageInfo | None:
         """One image with its shares, in a single statement (the `get` hot path)."""
@@ -183,7 +192,9 @@ class Manifest:
             rows = self._db.execute(
                 "SELECT i.image_id, p.person_id, i.pseudonym, i.size, i.padded, s.x, s.share_id FROM images i "
                 "JOIN people p ON p.pseudonym = i.pseudonym LEFT JOIN shares s ON s.image_id = i.image_id "
-                "WHERE i.image_id = ?", (image_id,)).fetchall()
+                "WHERE i.image_id = ?",
+                (image_id,),
+            ).fetchall()
         if not rows:
             return None
         r = rows[0]
@@ -205,14 +216,16 @@ class Manifest:
                 wanted = list(dict.fromkeys(image_ids))
                 rows, share_rows = [], []
                 for start in range(0, len(wanted), 500):  # stay below SQLite's variable limit
-                    chunk = wanted[start:start + 500]
+                    chunk = wanted[start : start + 500]
                     marks = ",".join("?" * len(chunk))
                     rows += db.execute(
                         "SELECT i.image_id, p.person_id, i.pseudonym, i.size, i.padded FROM images i "
-                        f"JOIN people p ON p.pseudonym = i.pseudonym WHERE i.image_id IN ({marks})", chunk
+                        f"JOIN people p ON p.pseudonym = i.pseudonym WHERE i.image_id IN ({marks})",
+                        chunk,
                     ).fetchall()
                     share_rows += db.execute(
-                        f"SELECT image_id, x, share_id FROM shares WHERE image_id IN ({marks})", chunk).fetchall()
+                        f"SELECT image_id, x, share_id FROM shares WHERE image_id IN ({marks})", chunk
+                    ).fetchall()
                 order = {iid: n for n, iid in enumerate(wanted)}
                 rows.sort(key=lambda r: order[r[0]])
         shares: dict[str, dict[int, str]] = {}
@@ -223,8 +236,10 @@ class Manifest:
     # -- writing --------------------------------------------------------------------------------
     def add_pending_writes(self, writer: str, shares: Iterable[tuple[int, str]]) -> None:
         with self.write() as db:
-            db.executemany("INSERT INTO pending_writes (x, share_id, writer) VALUES (?, ?, ?)",
-                           [(x, sid, writer) for x, sid in shares])
+            db.executemany(
+                "INSERT INTO pending_writes (x, share_id, writer) VALUES (?, ?, ?)",
+                [(x, sid, writer) for x, sid in shares],
+            )
 
     def drop_pending_writes(self, shares: Iterable[tuple[int, str]]) -> None:
         with self.write() as db:
@@ -239,10 +254,13 @@ class Manifest:
                 actual = db.execute("SELECT pseudonym FROM people WHERE person_id=?", (img.person_id,)).fetchone()
                 if actual[0] != img.pseudonym:
                     raise ConcurrentPersonCreation(img.person_id)
-                db.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
-                           (img.image_id, img.pseudonym, img.size, img.padded, img.source_name, now))
-                db.executemany("INSERT INTO shares VALUES (?, ?, ?)",
-                               [(img.image_id, x, sid) for x, sid in img.shares.items()])
+                db.execute(
+                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                    (img.image_id, img.pseudonym, img.size, img.padded, img.source_name, now),
+                )
+                db.executemany(
+                    "INSERT INTO shares VALUES (?, ?, ?)", [(img.image_id, x, sid) for x, sid in img.shares.items()]
+                )
                 db.executemany("DELETE FROM pending_writes WHERE x=? AND share_id=?", list(img.shares.items()))
 
     def pending_writers(self) -> list[str]:
@@ -266,20 +284,29 @@ class Manifest:
             pseudonym = row[0]
             shares = db.execute(
                 "SELECT s.x, s.share_id, s.image_id FROM shares s JOIN images i ON i.image_id = s.image_id "
-                "WHERE i.pseudonym=?", (pseudonym,)).fetchall()
+                "WHERE i.pseudonym=?",
+                (pseudonym,),
+            ).fetchall()
             pending = [PendingDeletion(x, sid, iid, request_id, pseudonym) for x, sid, iid in shares]
-            db.executemany("INSERT OR REPLACE INTO pending_deletions VALUES (?, ?, ?, ?, ?, ?)",
-                           [(p.x, p.share_id, p.image_id, request_id, pseudonym, now) for p in pending])
-            db.execute("DELETE FROM shares WHERE image_id IN (SELECT image_id FROM images WHERE pseudonym=?)",
-                       (pseudonym,))
+            db.executemany(
+                "INSERT OR REPLACE INTO pending_deletions VALUES (?, ?, ?, ?, ?, ?)",
+                [(p.x, p.share_id, p.image_id, request_id, pseudonym, now) for p in pending],
+            )
+            db.execute(
+                "DELETE FROM shares WHERE image_id IN (SELECT image_id FROM images WHERE pseudonym=?)", (pseudonym,)
+            )
             db.execute("DELETE FROM images WHERE pseudonym=?", (pseudonym,))
             db.execute("DELETE FROM people WHERE pseudonym=?", (pseudonym,))
         return pseudonym, pending
 
     def pending_deletions(self) -> list[PendingDeletion]:
         with self._lock:
-            return [PendingDeletion(*r) for r in self._db.execute(
-                "SELECT x, share_id, image_id, request_id, pseudonym FROM pending_deletions ORDER BY created")]
+            return [
+                PendingDeletion(*r)
+                for r in self._db.execute(
+                    "SELECT x, share_id, image_id, request_id, pseudonym FROM pending_deletions ORDER BY created"
+                )
+            ]
 
     def finish_deletions(self, done: Iterable[tuple[int, str]]) -> None:
         with self.write() as db:

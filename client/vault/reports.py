@@ -35,8 +35,10 @@ class ShareProblem:
 
     def __str__(self) -> str:
         extra = f": {self.detail}" if self.detail else ""
-        return (f"image {self.image_id} of person {self.person_id}: share x={self.x} in store {self.store} "
-                f"{self.problem}{extra}")
+        return (
+            f"image {self.image_id} of person {self.person_id}: share x={self.x} in store {self.store} "
+            f"{self.problem}{extra}"
+        )
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,17 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.unreachable or self.unrecoverable or self.inconsistent
-                    or self.orphans or self.pending_deletions or self.audit_error
-                    or not all(s.reachable for s in self.stores))
+        return not (
+            self.missing
+            or self.corrupt
+            or self.unreachable
+            or self.unrecoverable
+            or self.inconsistent
+            or self.orphans
+            or self.pending_deletions
+            or self.audit_error
+            or not all(s.reachable for s in self.stores)
+        )
 
 
 @dataclass
@@ -94,8 +104,13 @@ class RepairReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.unrecoverable or self.inconsistent or self.not_repaired or self.foreign_orphans
-                    or self.pending_deletions_left)
+        return not (
+            self.unrecoverable
+            or self.inconsistent
+            or self.not_repaired
+            or self.foreign_orphans
+            or self.pending_deletions_left
+        )
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,17 @@ class ShareHeader:
     version: int = FORMAT_VERSION
 
     def pack(self) -> bytes:
-        return HEADER.pack(MAGIC, self.version, self.x, self.k, self.n, bytes.fromhex(self.share_id),
-                           bytes.fromhex(self.image_id), self.owner, self.padded_len)
+        return HEADER.pack(
+            MAGIC,
+            self.version,
+            self.x,
+            self.k,
+            self.n,
+            bytes.fromhex(self.share_id),
+            bytes.fromhex(self.image_id),
+            self.owner,
+            self.padded_len,
+        )
 
 
 def bucket(secret_len: int) -> int:
@@ -101,24 +110,27 @@ def unseal(keys: ShareKeys, blob: bytes) -> tuple[ShareHeader, memoryview]:
     if not hmac.compare_digest(expected, view[-TAG_LEN:]):
         raise ShareFormatError("integrity tag does not verify (modified, or written by another vault)")
     header = ShareHeader(x, k, n, sid.hex(), iid.hex(), owner, padded, version)
-    return header, view[HEADER.size:-TAG_LEN]
+    return header, view[HEADER.size : -TAG_LEN]
 
 
 _EXPECT = struct.Struct(">4sBBBB16s16s")  # the header up to the image id; then owner, then padded length
 _OWNER_END = _EXPECT.size + 16
 
 
-def unseal_expected(keys: ShareKeys, blob: bytes, *, share_id: str, image_id: str, x: int, k: int, n: int,
-                    padded: int) -> memoryview:
+def unseal_expected(
+    keys: ShareKeys, blob: bytes, *, share_id: str, image_id: str, x: int, k: int, n: int, padded: int
+) -> memoryview:
     """The read hot path: verify the tag and that the header is exactly the expected one with two
     byte comparisons, no header object. Any mismatch is re-checked slowly for a precise reason."""
     view = memoryview(blob)
-    if (len(blob) == OVERHEAD + padded
-            and view[:_EXPECT.size] == _EXPECT.pack(MAGIC, FORMAT_VERSION, x, k, n, bytes.fromhex(share_id),
-                                                    bytes.fromhex(image_id))
-            and LEN_PREFIX.unpack_from(blob, _OWNER_END)[0] == padded
-            and hmac.compare_digest(hmac.digest(keys.tag_key, view[:-TAG_LEN], "sha256"), view[-TAG_LEN:])):
-        return view[HEADER.size:-TAG_LEN]
+    if (
+        len(blob) == OVERHEAD + padded
+        and view[: _EXPECT.size]
+        == _EXPECT.pack(MAGIC, FORMAT_VERSION, x, k, n, bytes.fromhex(share_id), bytes.fromhex(image_id))
+        and LEN_PREFIX.unpack_from(blob, _OWNER_END)[0] == padded
+        and hmac.compare_digest(hmac.digest(keys.tag_key, view[:-TAG_LEN], "sha256"), view[-TAG_LEN:])
+    ):
+        return view[HEADER.size : -TAG_LEN]
     header, payload = unseal(keys, blob)
     check_header(header, share_id=share_id, image_id=image_id, x=x, k=k, n=n)
     if header.padded_len != padded:
@@ -128,7 +140,12 @@ def unseal_expected(keys: ShareKeys, blob: bytes, *, share_id: str, image_id: st
 
 def check_header(header: ShareHeader, *, share_id: str, image_id: str, x: int, k: int, n: int) -> None:
     """A share with a valid tag can still sit in the wrong place (copied or renamed): refuse that."""
-    for what, got, want in (("share id", header.share_id, share_id), ("image id", header.image_id, image_id),
-                            ("x-coordinate", header.x, x), ("threshold k", header.k, k), ("n", header.n, n)):
+    for what, got, want in (
+        ("share id", header.share_id, share_id),
+        ("image id", header.image_id, image_id),
+        ("x-coordinate", header.x, x),
+        ("threshold k", header.k, k),
+        ("n", header.n, n),
+    ):
         if got != want:
             raise ShareFormatError(f"header {what} is {got}, expected {want} (share moved or renamed)")

@@ -31,8 +31,9 @@ def vault_key(vault_dir: Path) -> bytes:
     try:
         key = path.read_bytes()
     except FileNotFoundError:
-        raise InvalidConfig(f"{path} is missing: {vault_dir} is not a vault (or its key was lost; restore it "
-                            f"from the vault backup)") from None
+        raise InvalidConfig(
+            f"{path} is missing: {vault_dir} is not a vault (or its key was lost; restore it from the vault backup)"
+        ) from None
     if len(key) != 32:
         raise InvalidConfig(f"{path} is damaged ({len(key)} bytes, expected 32); restore it from the vault backup")
     return key
@@ -64,8 +65,12 @@ def tombstoned(vault_dir: str | Path, person_ids: list[str]) -> list[str]:
     try:
         key = vault_key(Path(vault_dir))
         hashes = {id_hash(key, p): p for p in dict.fromkeys(person_ids)}
-        found = {r[0] for r in db.execute(
-            f"SELECT id_hash FROM tombstones WHERE id_hash IN ({','.join('?' * len(hashes))})", list(hashes))}
+        found = {
+            r[0]
+            for r in db.execute(
+                f"SELECT id_hash FROM tombstones WHERE id_hash IN ({','.join('?' * len(hashes))})", list(hashes)
+            )
+        }
     finally:
         db.close()
     return [p for h, p in hashes.items() if h in found]
@@ -80,7 +85,9 @@ def lift_tombstones(vault_dir: str | Path, person_ids: list[str]) -> int:
         db.execute("PRAGMA secure_delete=ON")
         key = vault_key(Path(vault_dir))
         with db:
-            return sum(db.execute("DELETE FROM tombstones WHERE id_hash=?", (id_hash(key, p),)).rowcount
-                       for p in dict.fromkeys(person_ids))
+            return sum(
+                db.execute("DELETE FROM tombstones WHERE id_hash=?", (id_hash(key, p),)).rowcount
+                for p in dict.fromkeys(person_ids)
+            )
     finally:
         db.close()

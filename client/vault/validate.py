@@ -33,8 +33,9 @@ def check_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
                 if fmt not in IMAGE_FORMATS:
                     raise InvalidImage(f"{name}: {fmt} image; only JPEG and PNG are accepted")
                 if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE) or w * h > MAX_PIXELS:
-                    raise InvalidImage(f"{name}: {w}x{h} pixels is not a sane face image size "
-                                       f"(each side {MIN_SIDE}..{MAX_SIDE})")
+                    raise InvalidImage(
+                        f"{name}: {w}x{h} pixels is not a sane face image size (each side {MIN_SIDE}..{MAX_SIDE})"
+                    )
                 img.load()  # decode everything: truncated or corrupt data fails here, not at training
     except InvalidImage:
         raise

@@ -32,18 +32,47 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 
-
 from facefed.client.vault import audit
-from facefed.client.vault.tombstones import lift_tombstones, tombstoned
 from facefed.client.vault.config import CONFIG_NAME, VaultConfig, load_config, write_config
-from facefed.client.vault.errors import (CorruptShare, InvalidConfig, InvalidImage, NotEnoughShares, UnknownImage, UnknownPerson,
-                                 VaultError)
+from facefed.client.vault.errors import (
+    CorruptShare,
+    InvalidConfig,
+    InvalidImage,
+    NotEnoughShares,
+    UnknownImage,
+    UnknownPerson,
+    VaultError,
+)
 from facefed.client.vault.manifest import ConcurrentPersonCreation, ImageInfo, Manifest, NewImage
-from facefed.client.vault.reports import (EraseReport, ImageProblem, OrphanShare, PersonRecord, RepairReport, ShareProblem,
-                                  StoreHealth, VerifyReport)
-from facefed.client.vault.sharefile import (LEN_PREFIX, ShareFormatError, ShareHeader, ShareKeys, bucket, seal, unseal,
-                                    unseal_expected)
-from facefed.client.vault.stores.base import LocalDirStore, ShareNotFound, Store, StoreError, StoreUnavailable, open_store
+from facefed.client.vault.reports import (
+    EraseReport,
+    ImageProblem,
+    OrphanShare,
+    PersonRecord,
+    RepairReport,
+    ShareProblem,
+    StoreHealth,
+    VerifyReport,
+)
+from facefed.client.vault.sharefile import (
+    LEN_PREFIX,
+    ShareFormatError,
+    ShareHeader,
+    ShareKeys,
+    bucket,
+    seal,
+    unseal,
+    unseal_expected,
+)
+from facefed.client.vault.stores.base import (
+    LocalDirStore,
+    ShareNotFound,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from facefed.client.vault.tombstones import lift_tombstones, tombstoned
 from facefed.client.vault.validate import check_image, check_person_id, check_request_id
 from facefed.common.shamir import MAX_SHARES, Share, combine, random_bytes, regenerate, split
 
@@ -82,8 +111,15 @@ class Vault:
 
     # -- creating and opening ---------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, stores: list[str], threshold: int, *,
-               tls_dir: Path | None = None, workers: int | None = None) -> "Vault":
+    def create(
+        cls,
+        path: str | Path,
+        stores: list[str],
+        threshold: int,
+        *,
+        tls_dir: Path | None = None,
+        workers: int | None = None,
+    ) -> Vault:
         """A new, empty vault at `path` over `stores` (x = 1..n in the order given)."""
         path = Path(path).expanduser().absolute()
         stores = list(stores)
@@ -130,17 +166,19 @@ class Vault:
             store.check()  # missing, unreadable or read-only: StoreError naming it
             ident = os.path.realpath(store.url) if isinstance(store, LocalDirStore) else store.url
             if ident in seen:
-                raise InvalidConfig(f"stores {seen[ident]} and {url} are the same place; "
-                                    f"each of the n shares needs its own store")
+                raise InvalidConfig(
+                    f"stores {seen[ident]} and {url} are the same place; each of the n shares needs its own store"
+                )
             seen[ident] = url
             if isinstance(store, LocalDirStore) and (store.path == path or path in store.path.parents):
                 raise InvalidConfig(f"store {url} is inside the vault directory {path}; put stores elsewhere")
             if next(iter(store.list()), None) is not None:
-                raise InvalidConfig(f"store {store.url} already holds share files (of another vault?); "
-                                    f"give an empty directory")
+                raise InvalidConfig(
+                    f"store {store.url} already holds share files (of another vault?); give an empty directory"
+                )
 
     @classmethod
-    def open(cls, path: str | Path, *, workers: int | None = None) -> "Vault":
+    def open(cls, path: str | Path, *, workers: int | None = None) -> Vault:
         """Open a vault; sweeps orphan shares and finishes pending deletions it can reach."""
         path = Path(path).expanduser().absolute()
         config = load_config(path)
@@ -148,14 +186,18 @@ class Vault:
         try:
             key = key_path.read_bytes()
         except FileNotFoundError:
-            raise InvalidConfig(f"{key_path} is missing: without it no share can be verified; "
-                                f"restore it from your backup of the vault directory") from None
+            raise InvalidConfig(
+                f"{key_path} is missing: without it no share can be verified; "
+                f"restore it from your backup of the vault directory"
+            ) from None
         if len(key) != KEY_BYTES:
             raise InvalidConfig(f"{key_path} is damaged ({len(key)} bytes, expected {KEY_BYTES}); restore it")
         if not (path / MANIFEST_NAME).is_file():
             # Never start from an empty manifest: every share would then look like an orphan.
-            raise InvalidConfig(f"{path / MANIFEST_NAME} is missing; restore it from your backup of the vault "
-                                f"directory (opening without it would treat every share as an orphan)")
+            raise InvalidConfig(
+                f"{path / MANIFEST_NAME} is missing; restore it from your backup of the vault "
+                f"directory (opening without it would treat every share as an orphan)"
+            )
         if stat.S_IMODE(key_path.stat().st_mode) & 0o077:
             log.warning("vault key %s is readable by other users; run: chmod 600 %s", key_path, key_path)
         vault = cls(path, config, key, workers=workers)
@@ -221,17 +263,27 @@ class Vault:
             return []
         forgotten = tombstoned(self.path, [pid for pid, _, _ in checked])
         if forgotten and not allow_reenrol:
-            raise VaultError(f"person {forgotten[0]!r} asked to be forgotten at this site; nothing was stored. "
-                             f"Enrol them again only with their new consent, using --allow-reenrol")
+            raise VaultError(
+                f"person {forgotten[0]!r} asked to be forgotten at this site; nothing was stored. "
+                f"Enrol them again only with their new consent, using --allow-reenrol"
+            )
         self._ensure_writer()
         pseudonyms: dict[str, str] = {}
         for person_id, _, _ in checked:
             if person_id not in pseudonyms:
                 pseudonyms[person_id] = self._manifest.pseudonym(person_id) or secrets.token_hex(16)
-        plans = [NewImage(image_id=secrets.token_hex(16), person_id=pid, pseudonym=pseudonyms[pid], size=len(data),
-                          padded=bucket(LEN_PREFIX.size + len(data)), source_name=src,
-                          shares={x: secrets.token_hex(16) for x in range(1, self.n + 1)})
-                 for pid, data, src in checked]
+        plans = [
+            NewImage(
+                image_id=secrets.token_hex(16),
+                person_id=pid,
+                pseudonym=pseudonyms[pid],
+                size=len(data),
+                padded=bucket(LEN_PREFIX.size + len(data)),
+                source_name=src,
+                shares={x: secrets.token_hex(16) for x in range(1, self.n + 1)},
+            )
+            for pid, data, src in checked
+        ]
         all_shares = [(x, sid) for plan in plans for x, sid in plan.shares.items()]
         assert self._writer is not None
         self._manifest.add_pending_writes(self._writer, all_shares)
@@ -242,8 +294,10 @@ class Vault:
             gone, _ = self._delete_shares(all_shares)
             self._manifest.drop_pending_writes(gone)
             if isinstance(e, ConcurrentPersonCreation):
-                raise VaultError(f"person {e.args[0]!r} was added by another process at the same moment; "
-                                 f"nothing was stored, run the command again") from None
+                raise VaultError(
+                    f"person {e.args[0]!r} was added by another process at the same moment; "
+                    f"nothing was stored, run the command again"
+                ) from None
             raise
         if forgotten:  # enrolled again by the operator's explicit choice: later imports need no flag
             lift_tombstones(self.path, forgotten)
@@ -260,7 +314,7 @@ class Vault:
             owner = self._keys.owner(plan.pseudonym)
             for i, share in enumerate(split(framed, self.n, self.k)):
                 header = ShareHeader(share.x, self.k, self.n, plan.shares[share.x], plan.image_id, owner, plan.padded)
-                blob = seal(self._keys, header, share.data, pads[i * pad:(i + 1) * pad])
+                blob = seal(self._keys, header, share.data, pads[i * pad : (i + 1) * pad])
                 per_store[i].append((plan.shares[share.x], blob))
         return per_store
 
@@ -344,7 +398,7 @@ class Vault:
 
         def fetch(chunk: Sequence[ImageInfo]) -> dict[int, dict[str, bytes]]:
             now = time.monotonic()
-            xs = sorted(range(1, self.n + 1), key=lambda x: (self._down_until[x - 1] > now, x))[:self.k]
+            xs = sorted(range(1, self.n + 1), key=lambda x: (self._down_until[x - 1] > now, x))[: self.k]
 
             def one(x: int) -> dict[str, bytes]:
                 ids = [info.shares[x] for info in chunk if x in info.shares]
@@ -359,7 +413,7 @@ class Vault:
 
             return dict(zip(xs, fetchers.map(one, xs)))
 
-        chunks = [infos[i:i + window] for i in range(0, len(infos), window)]
+        chunks = [infos[i : i + window] for i in range(0, len(infos), window)]
         try:
             pending = fetchers.submit(fetch, chunks[0]) if chunks else None
             for i, chunk in enumerate(chunks):
@@ -378,8 +432,9 @@ class Vault:
         blob = (prefetched or {}).get(x, {}).get(share_id)
         if blob is None:  # not prefetched (or that fetch failed): ask the store itself
             blob = self.stores[x - 1].get(share_id)
-        return unseal_expected(self._keys, blob, share_id=share_id, image_id=info.image_id, x=x, k=self.k,
-                               n=self.n, padded=info.padded)
+        return unseal_expected(
+            self._keys, blob, share_id=share_id, image_id=info.image_id, x=x, k=self.k, n=self.n, padded=info.padded
+        )
 
     def _read(self, info: ImageInfo, prefetched: dict[int, dict[str, bytes]] | None = None) -> bytes:
         now = time.monotonic()
@@ -408,7 +463,8 @@ class Vault:
         if len(valid) < self.k:
             raise NotEnoughShares(
                 f"image {info.image_id} of person {info.person_id}: {len(valid)} of {self.k} required shares "
-                f"valid ({'; '.join(notes)}); bring the stores back or restore them, then run `vault repair`")
+                f"valid ({'; '.join(notes)}); bring the stores back or restore them, then run `vault repair`"
+            )
         return self._combine(info, valid)
 
     def _combine(self, info: ImageInfo, valid: Sequence[tuple[int, memoryview]]) -> bytes:
@@ -419,9 +475,11 @@ class Vault:
         secret = combine([Share(x, bytearray(p[:end])) for x, p in valid])
         (length,) = LEN_PREFIX.unpack_from(secret)
         if length != info.size:
-            raise CorruptShare(f"image {info.image_id} of person {info.person_id}: valid shares combine to "
-                               f"{length} bytes, manifest says {info.size}; run `facefed-client vault verify`")
-        return secret[LEN_PREFIX.size:]
+            raise CorruptShare(
+                f"image {info.image_id} of person {info.person_id}: valid shares combine to "
+                f"{length} bytes, manifest says {info.size}; run `facefed-client vault verify`"
+            )
+        return secret[LEN_PREFIX.size :]
 
     # -- erasing ----------------------------------------------------------------------------------
     def erase(self, person_id: str, *, request_id: str | None = None) -> EraseReport:
@@ -432,8 +490,9 @@ class Vault:
         try:
             pseudonym, pending = self._manifest.begin_erase(person_id, request_id)
         except KeyError:
-            raise UnknownPerson(f"unknown person {person_id!r}; `facefed-client vault ls` lists this vault's people") \
-                from None
+            raise UnknownPerson(
+                f"unknown person {person_id!r}; `facefed-client vault ls` lists this vault's people"
+            ) from None
         gone, failed = self._delete_shares([(p.x, p.share_id) for p in pending])
         self._manifest.finish_deletions(gone)
         gone_set = set(gone)
@@ -442,12 +501,24 @@ class Vault:
             destroyed[p.image_id] = destroyed.get(p.image_id, 0) + ((p.x, p.share_id) in gone_set)
         # With n-k+1 of its shares gone, fewer than k remain anywhere: the image cannot be rebuilt.
         unrecoverable = all(count >= self.n - self.k + 1 for count in destroyed.values())
-        report = EraseReport(request_id=request_id, pseudonym=pseudonym, images=len(destroyed),
-                             shares_destroyed=len(gone), shares_pending=len(pending) - len(gone),
-                             unreachable_stores=sorted(failed), unrecoverable=unrecoverable)
-        self._audit("erase", request_id=request_id, pseudonym=pseudonym, images=report.images,
-                    shares_destroyed=report.shares_destroyed, shares_pending=report.shares_pending,
-                    unrecoverable=unrecoverable)
+        report = EraseReport(
+            request_id=request_id,
+            pseudonym=pseudonym,
+            images=len(destroyed),
+            shares_destroyed=len(gone),
+            shares_pending=len(pending) - len(gone),
+            unreachable_stores=sorted(failed),
+            unrecoverable=unrecoverable,
+        )
+        self._audit(
+            "erase",
+            request_id=request_id,
+            pseudonym=pseudonym,
+            images=report.images,
+            shares_destroyed=report.shares_destroyed,
+            shares_pending=report.shares_pending,
+            unrecoverable=unrecoverable,
+        )
         return report
 
     def _delete_shares(self, shares: Iterable[tuple[int, str]]) -> tuple[list[tuple[int, str]], set[str]]:
@@ -488,8 +559,13 @@ class Vault:
             g[0 if (p.x, p.share_id) in gone_set else 1] += 1
         for (request_id, pseudonym), (done, left) in groups.items():
             if done:
-                self._audit("erase_resumed", request_id=request_id, pseudonym=pseudonym,
-                            shares_destroyed=done, shares_pending=left)
+                self._audit(
+                    "erase_resumed",
+                    request_id=request_id,
+                    pseudonym=pseudonym,
+                    shares_destroyed=done,
+                    shares_pending=left,
+                )
         return len(gone), len(pending) - len(gone)
 
     # -- orphans and dead writers -----------------------------------------------------------------
@@ -595,11 +671,17 @@ class Vault:
                 problems.append(problem("corrupt", str(e)))
         xs = [x for x, _ in valid]
         if len(valid) < self.k:
-            return xs, problems, ImageProblem(info.image_id, info.person_id,
-                                              f"{len(valid)} of {self.k} required shares valid: cannot be rebuilt"), None
+            return (
+                xs,
+                problems,
+                ImageProblem(
+                    info.image_id, info.person_id, f"{len(valid)} of {self.k} required shares valid: cannot be rebuilt"
+                ),
+                None,
+            )
         try:
-            first = self._combine(info, valid[:self.k])
-            if len(valid) > self.k and self._combine(info, valid[-self.k:]) != first:
+            first = self._combine(info, valid[: self.k])
+            if len(valid) > self.k and self._combine(info, valid[-self.k :]) != first:
                 raise CorruptShare("different share subsets rebuild different images")
         except CorruptShare as e:
             return xs, problems, None, ImageProblem(info.image_id, info.person_id, str(e))
@@ -648,7 +730,7 @@ class Vault:
         rep.orphans_removed = self._remove_orphans(scan.orphans)
         rep.foreign_orphans = [o for o in scan.orphans if not o.ours]
         for info, xs, problems in todo.values():
-            sources = [Share(x, bytes(self._load_share(info, x))) for x in xs[:self.k]]
+            sources = [Share(x, bytes(self._load_share(info, x))) for x in xs[: self.k]]
             owner = self._keys.owner(info.pseudonym)
             for p in problems:
                 if p.problem not in ("missing", "corrupt"):
@@ -656,7 +738,7 @@ class Vault:
                     continue
                 new = regenerate(sources, p.x)
                 # Defensive: the regenerated share must rebuild the same image with k-1 of the others.
-                check = [new] + sources[:self.k - 1]
+                check = [new] + sources[: self.k - 1]
                 if combine(check) != combine(sources):
                     raise CorruptShare(f"image {info.image_id}: regenerated share x={p.x} does not match; not written")
                 header = ShareHeader(p.x, self.k, self.n, p.share_id, info.image_id, owner, info.padded)
@@ -664,8 +746,9 @@ class Vault:
                     self.stores[p.x - 1].put(p.share_id, seal(self._keys, header, new.data, b""))
                     rep.regenerated.append(p)
                 except StoreError as e:
-                    rep.not_repaired.append(ShareProblem(p.image_id, p.person_id, p.x, p.store, p.share_id,
-                                                         p.problem, f"write failed: {e}"))
+                    rep.not_repaired.append(
+                        ShareProblem(p.image_id, p.person_id, p.x, p.store, p.share_id, p.problem, f"write failed: {e}")
+                    )
         if rep.regenerated or rep.orphans_removed:
             self._audit("repair", shares_regenerated=len(rep.regenerated), orphans_removed=rep.orphans_removed)
         return rep
@@ -728,7 +811,7 @@ class Vault:
         for store in self.stores:
             getattr(store, "close", lambda: None)()
 
-    def __enter__(self) -> "Vault":
+    def __enter__(self) -> Vault:
         return self
 
     def __exit__(self, *exc) -> None:

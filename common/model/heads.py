@@ -45,7 +45,9 @@ def _random_rows(ids: Sequence[str], dim: int, seed: int) -> torch.Tensor:
     """Unit rows from a generator seeded by (seed, id) only: data-independent and reproducible."""
     rows = []
     for pid in ids:
-        g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}\x00{pid}".encode()).digest()[:8], "big") >> 1)
+        g = torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(f"{seed}\x00{pid}".encode()).digest()[:8], "big") >> 1
+        )
         rows.append(torch.randn(dim, generator=g))
     return F.normalize(torch.stack(rows), dim=1) if rows else torch.empty((0, dim))
 
@@ -53,8 +55,15 @@ def _random_rows(ids: Sequence[str], dim: int, seed: int) -> torch.Tensor:
 class MarginHead(nn.Module):
     """CosFace head: `forward(emb)` -> scaled cosine logits; `loss(logits, labels)` applies the margin."""
 
-    def __init__(self, ids: Iterable[str] = (), *, dim: int = EMBEDDING_DIM, scale: float = 32.0,
-                 margin: float = 0.35, seed: int = 0):
+    def __init__(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        dim: int = EMBEDDING_DIM,
+        scale: float = 32.0,
+        margin: float = 0.35,
+        seed: int = 0,
+    ):
         super().__init__()
         self.dim, self.scale, self.margin, self.seed = dim, float(scale), float(margin), int(seed)
         self.ids: list[str] = []
@@ -121,12 +130,19 @@ class MarginHead(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"format": HEAD_FORMAT, "ids": list(self.ids), "weight": self.fc.weight.detach().clone(),
-                "dim": self.dim, "scale": self.scale, "margin": self.margin, "seed": self.seed,
-                "probed": self.probed}
+        return {
+            "format": HEAD_FORMAT,
+            "ids": list(self.ids),
+            "weight": self.fc.weight.detach().clone(),
+            "dim": self.dim,
+            "scale": self.scale,
+            "margin": self.margin,
+            "seed": self.seed,
+            "probed": self.probed,
+        }
 
     @classmethod
-    def from_state(cls, state: dict, *, what: str = "head state") -> "MarginHead":
+    def from_state(cls, state: dict, *, what: str = "head state") -> MarginHead:
         if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
             raise HeadError(f"{what}: not a facefed head (format {HEAD_FORMAT})")
         ids, weight = list(state["ids"]), state["weight"]
@@ -147,7 +163,7 @@ class MarginHead(nn.Module):
         atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MarginHead":
+    def load(cls, path: str | os.PathLike) -> MarginHead:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:

@@ -40,7 +40,6 @@ PRETRAINED_PREFIX = "arcface."
 BN_EPS = 1e-5  # torch's BatchNorm default, which the CASIA checkpoint was trained with
 
 
-
 class CheckpointMismatch(ValueError):
     """A state dict whose keys or shapes do not fit the model; the message names the first mismatch."""
 
@@ -57,8 +56,9 @@ def _norm(kind: Norm, channels: int) -> nn.Module:
 class ConvUnit(nn.Module):
     """conv (+ norm) (+ PReLU). With `folded` normalisation the conv carries the bias."""
 
-    def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1, p: int = 0, groups: int = 1, *,
-                 norm: Norm, act: bool = True):
+    def __init__(
+        self, cin: int, cout: int, k: int = 1, s: int = 1, p: int = 0, groups: int = 1, *, norm: Norm, act: bool = True
+    ):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, s, p, groups=groups, bias=norm == "folded")
         if norm != "folded":
@@ -93,8 +93,9 @@ class DepthWise(nn.Module):
 class Residual(nn.Module):
     def __init__(self, channels: int, blocks: int, hidden: int, *, norm: Norm):
         super().__init__()
-        self.model = nn.Sequential(*[DepthWise(channels, channels, 1, hidden, norm=norm, residual=True)
-                                     for _ in range(blocks)])
+        self.model = nn.Sequential(
+            *[DepthWise(channels, channels, 1, hidden, norm=norm, residual=True) for _ in range(blocks)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -173,7 +174,7 @@ class MobileFaceNet(nn.Module):
     def forward_tail(self, h: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         """The trainable stages, from `forward_prefix`'s output to the unit embedding (or, with
         `normalize=False`, to the embedding layer's output before L2 normalisation)."""
-        for name in STAGES[STAGES.index(self.train_from):]:
+        for name in STAGES[STAGES.index(self.train_from) :]:
             h = self._run_stage(name, h, normalize=normalize)
         return h
 
@@ -247,8 +248,9 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], *, what: str, 
                 continue
             raise CheckpointMismatch(f"{what}: missing key `{k}` (shape {tuple(v.shape)})")
         if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointMismatch(f"{what}: key `{k}` has shape {tuple(state[k].shape)}, "
-                                     f"the model expects {tuple(v.shape)}")
+            raise CheckpointMismatch(
+                f"{what}: key `{k}` has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}"
+            )
     for k in state:
         if k not in expected:
             raise CheckpointMismatch(f"{what}: unexpected key `{k}` (not in a {type(model).__name__})")
@@ -262,13 +264,14 @@ def load_pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointMismatch(f"{path}: not a readable PyTorch state dict ({e})") from e
     if not isinstance(raw, dict):
         raise CheckpointMismatch(f"{path}: expected a state dict, found {type(raw).__name__}")
-    raw = {k[len(PRETRAINED_PREFIX):] if k.startswith(PRETRAINED_PREFIX) else k: v for k, v in raw.items()}
+    raw = {k[len(PRETRAINED_PREFIX) :] if k.startswith(PRETRAINED_PREFIX) else k: v for k, v in raw.items()}
     check_state(MobileFaceNet("batch"), raw, what=str(path))
     return fold_batchnorm(raw)
 
 
-def build_embedder(pretrained: str | os.PathLike | None = None, *, train_from: str | None = None,
-                   norm: Norm | None = None) -> MobileFaceNet:
+def build_embedder(
+    pretrained: str | os.PathLike | None = None, *, train_from: str | None = None, norm: Norm | None = None
+) -> MobileFaceNet:
     """A folded, Opacus-valid embedder: from the CASIA checkpoint, or from scratch (GroupNorm) if None.
 
     `train_from` defaults to `conv1` (all trainable) from scratch and to `features` (the last 512->128
@@ -308,8 +311,9 @@ def load_shared_state(model: MobileFaceNet, state: dict[str, torch.Tensor]) -> N
         if n not in state:
             raise CheckpointMismatch(f"shared state: missing key `{n}` (train_from={model.train_from})")
         if tuple(state[n].shape) != tuple(params[n].shape):
-            raise CheckpointMismatch(f"shared state: key `{n}` has shape {tuple(state[n].shape)}, "
-                                     f"the model expects {tuple(params[n].shape)}")
+            raise CheckpointMismatch(
+                f"shared state: key `{n}` has shape {tuple(state[n].shape)}, the model expects {tuple(params[n].shape)}"
+            )
     for n in state:
         if n not in params:
             raise CheckpointMismatch(f"shared state: unexpected key `{n}` (not a parameter of the embedder)")
@@ -365,8 +369,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MobileFaceNet, dict]:
         return model.eval(), dict(payload["meta"])
     if isinstance(payload, dict) and any(k.startswith(PRETRAINED_PREFIX) for k in payload):
         return build_embedder(path), {"source": "pretrained", "sha256": sha256_file(path)}
-    raise CheckpointMismatch(f"{path}: neither a facefed checkpoint (format {CHECKPOINT_FORMAT}) "
-                             f"nor the CASIA MobileFaceNet state dict (keys `{PRETRAINED_PREFIX}*`)")
+    raise CheckpointMismatch(
+        f"{path}: neither a facefed checkpoint (format {CHECKPOINT_FORMAT}) "
+        f"nor the CASIA MobileFaceNet state dict (keys `{PRETRAINED_PREFIX}*`)"
+    )
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

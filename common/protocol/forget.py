@@ -72,8 +72,10 @@ class PendingRequest(_Strict):
     received_at: float
     erased_at: float
     shares_destroyed: Annotated[int, Field(ge=0)]
-    contributions: Annotated[dict[RunId, Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=100_000)]],
-                             Field(max_length=MAX_ITEMS)]
+    contributions: Annotated[
+        dict[RunId, Annotated[list[Annotated[int, Field(ge=1)]], Field(max_length=100_000)]],
+        Field(max_length=MAX_ITEMS),
+    ]
 
 
 class BudgetAnswer(_Strict):

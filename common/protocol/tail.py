@@ -32,8 +32,10 @@ def layout(state: Mapping[str, object]) -> tuple[list[str], list[str]]:
 
 def pack(state: Mapping[str, object]) -> tuple[np.ndarray, list[str], list[str]]:
     """(flat float32 vector, names, shapes) of a name -> tensor mapping (torch or numpy)."""
-    parts = [np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float32).ravel()
-             for v in state.values()]
+    parts = [
+        np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float32).ravel()
+        for v in state.values()
+    ]
     flat = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     names, shapes = layout(state)
     return flat, names, shapes
@@ -48,7 +50,7 @@ def unpack(flat: np.ndarray, names: list[str], shapes: list[str]) -> dict[str, n
         raise LayoutError(f"flat vector has {flat.size} values, its layout needs {sum(sizes)}")
     out, pos = {}, 0
     for name, d, n in zip(names, dims, sizes, strict=True):
-        out[name] = flat[pos:pos + n].reshape(d)
+        out[name] = flat[pos : pos + n].reshape(d)
         pos += n
     return out
 

@@ -18,15 +18,21 @@ def _fail(msg: str) -> None:
 
 
 def evaluate(
-    model: list[Path] = typer.Option(..., "--model", help="facefed checkpoint (or the CASIA .pth) to evaluate; "
-                                     "repeat it for the shard models of a sharded job (evaluated as their ensemble)"),
+    model: list[Path] = typer.Option(
+        ...,
+        "--model",
+        help="facefed checkpoint (or the CASIA .pth) to evaluate; "
+        "repeat it for the shard models of a sharded job (evaluated as their ensemble)",
+    ),
     lfw: str = typer.Option(None, "--lfw", help="LFW archive or tree (default: $FACEFED_LFW)"),
-    pairs: str = typer.Option("pairsDevTest.txt", "--pairs",
-                              help="pairsDevTest.txt (View 1 test) or pairs.txt (View 2, 10 folds)"),
+    pairs: str = typer.Option(
+        "pairsDevTest.txt", "--pairs", help="pairsDevTest.txt (View 1 test) or pairs.txt (View 2, 10 folds)"
+    ),
     no_flip: bool = typer.Option(False, "--no-flip", help="no horizontal-flip test-time averaging"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
-    max_pairs: int = typer.Option(None, "--max-pairs", min=20,
-                                  help="quick look on a balanced subset of the pairs (not the protocol)"),
+    max_pairs: int = typer.Option(
+        None, "--max-pairs", min=20, help="quick look on a balanced subset of the pairs (not the protocol)"
+    ),
 ) -> None:
     """Accuracy (10-fold CV thresholds, mean ± std), ROC AUC and TAR@FAR on LFW pairs."""
     # torch and LFW load here, not at import: every other facefed-server command starts fast.
@@ -36,8 +42,9 @@ def evaluate(
     from facefed.common.paths import DataNotFound
 
     if pairs not in PAIR_FILES:
-        _fail(f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} "
-              "(pairsDevTrain's people are training people)")
+        _fail(
+            f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} (pairsDevTrain's people are training people)"
+        )
     nets, meta = [], {}
     for path in model:
         try:
@@ -53,23 +60,41 @@ def evaluate(
     result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
     name = model[0].name if len(model) == 1 else f"{len(model)}-shard ensemble ({', '.join(m.name for m in model)})"
     if as_json:
-        print(json.dumps({"model": [str(m) for m in model] if len(model) > 1 else str(model[0]),
-                          "meta": meta, **result.to_dict()}, indent=1, default=str))
+        print(
+            json.dumps(
+                {
+                    "model": [str(m) for m in model] if len(model) > 1 else str(model[0]),
+                    "meta": meta,
+                    **result.to_dict(),
+                },
+                indent=1,
+                default=str,
+            )
+        )
         return
     table = Table(title=f"LFW {pairs}{' (subset)' if max_pairs else ''}: {name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("note")
-    table.add_row("accuracy", f"{100 * result.accuracy_mean:.2f} ± {100 * result.accuracy_std:.2f} %",
-                  f"{len(result.fold_accuracies)}-fold CV thresholds, {result.n_pairs} pairs")
+    table.add_row(
+        "accuracy",
+        f"{100 * result.accuracy_mean:.2f} ± {100 * result.accuracy_std:.2f} %",
+        f"{len(result.fold_accuracies)}-fold CV thresholds, {result.n_pairs} pairs",
+    )
     table.add_row("ROC AUC", f"{result.auc:.4f}", "")
     for t in result.tar_at_far.values():
-        table.add_row(f"TAR @ FAR={t.far:g}", f"{100 * t.tar:.2f} %",
-                      f"{t.n_impostor} impostor pairs, {t.impostors_accepted} accepted")
+        table.add_row(
+            f"TAR @ FAR={t.far:g}",
+            f"{100 * t.tar:.2f} %",
+            f"{t.n_impostor} impostor pairs, {t.impostors_accepted} accepted",
+        )
     table.add_row("flip averaging", "yes" if result.flip else "no", "")
     if "epsilon" in meta:
-        table.add_row("privacy", f"ε={meta['epsilon']}", f"δ={meta.get('delta')}, per {meta.get('privacy_unit')}, "
-                                                         f"{meta.get('accountant')}")
+        table.add_row(
+            "privacy",
+            f"ε={meta['epsilon']}",
+            f"δ={meta.get('delta')}, per {meta.get('privacy_unit')}, {meta.get('accountant')}",
+        )
     Console().print(table)
 
 

@@ -17,7 +17,6 @@ from facefed.common.fedconfig import FederationConfig
 from facefed.common.nodekeys import NodeKeyError, check_site_name, fingerprint, load_public, openssh_public
 from facefed.common.paths import DataNotFound, lfw_path, pretrained_path
 from facefed.server.ledger.db import Ledger, LedgerError
-from facefed.server.state import StateDirError, StatePaths
 from facefed.server.ops.progress import follow, submit
 from facefed.server.ops.superlink import (
     TLS_CA,
@@ -28,9 +27,16 @@ from facefed.server.ops.superlink import (
     flwr_cli,
     serve,
 )
+from facefed.server.state import StateDirError, StatePaths
 
-StateOpt = Annotated[Path, typer.Option("--state", envvar="FACEFED_SERVER_STATE",
-                                        help="Server state directory (ledger, checkpoints, SuperLink database).")]
+StateOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state",
+        envvar="FACEFED_SERVER_STATE",
+        help="Server state directory (ledger, checkpoints, SuperLink database).",
+    ),
+]
 sites_app = typer.Typer(help="Register, list and revoke the sites allowed to join.", no_args_is_help=True)
 console = Console()
 RECEIPT_KEY, RECEIPT_PUB = "receipts.key", "receipts.pub"
@@ -50,19 +56,25 @@ def _paths(state: Path, *, create: bool = False) -> StatePaths:
 
 
 # -- start / certs --------------------------------------------------------------------------------
-def start(state: StateOpt,
-          port: Annotated[int, typer.Option("--port", help="The one port for sites, `flwr` and the ServerApp.")] = 8000,
-          host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-          tls_dir: Annotated[Path | None, typer.Option("--tls-dir", help="ca.crt, server.crt, server.key "
-                                                                          "(from `facefed-server certs`).")] = None,
-          insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no node authentication "
-                                                                     "(local experiments only).")] = False) -> None:
+def start(
+    state: StateOpt,
+    port: Annotated[int, typer.Option("--port", help="The one port for sites, `flwr` and the ServerApp.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    tls_dir: Annotated[
+        Path | None, typer.Option("--tls-dir", help="ca.crt, server.crt, server.key (from `facefed-server certs`).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS and no node authentication (local experiments only).")
+    ] = False,
+) -> None:
     """Run the server (Flower SuperLink) in the foreground; Ctrl-C stops it cleanly."""
     if not 0 < port < 65536:
         _fail(f"--port {port} is not a TCP port")
     if tls_dir is None and not insecure:
-        _fail("the server runs with TLS and node authentication by default: pass --tls-dir DIR "
-              "(make it with `facefed-server certs --out DIR`), or --insecure for a local experiment")
+        _fail(
+            "the server runs with TLS and node authentication by default: pass --tls-dir DIR "
+            "(make it with `facefed-server certs --out DIR`), or --insecure for a local experiment"
+        )
     if tls_dir is not None and insecure:
         _fail("--insecure and --tls-dir contradict each other; pick one")
     paths = _paths(state, create=True)
@@ -75,17 +87,22 @@ def start(state: StateOpt,
     raise typer.Exit(0 if code in (0, -2, 130, -15, 143) else code)
 
 
-def certs(out: Annotated[Path, typer.Option("--out", help="Directory for the CA, server and receipt keys.")],
-          host: Annotated[list[str] | None, typer.Option(
-              "--host", help="Name or IP sites dial (repeatable); 127.0.0.1 and localhost are always included.")] = None,
-          force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False) -> None:
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the CA, server and receipt keys.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Name or IP sites dial (repeatable); 127.0.0.1 and localhost are always included."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
     """Make the federation's CA, the server TLS certificate and the receipt-signing key."""
     out = out.expanduser().resolve()
     targets = [out / n for n in (TLS_CA, "ca.key", TLS_CERT, TLS_KEY, RECEIPT_KEY, RECEIPT_PUB)]
     existing = [p.name for p in targets if p.exists()]
     if existing and not force:
-        _fail(f"{out} already holds {', '.join(existing)}; pass --force to replace them "
-              f"(sites then need the new ca.crt)")
+        _fail(
+            f"{out} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new ca.crt)"
+        )
     hosts = ["127.0.0.1", "localhost", *(host or [])]
     ca = certmod.make_ca("facefed federation CA")
     leaf = certmod.issue(ca, "facefed-server", hosts=list(dict.fromkeys(hosts)), server=True)
@@ -103,9 +120,11 @@ def certs(out: Annotated[Path, typer.Option("--out", help="Directory for the CA,
 
 # -- sites ----------------------------------------------------------------------------------------
 @sites_app.command("register")
-def sites_register(key: Annotated[Path, typer.Argument(help="The site's node.pub (from `facefed-client keygen`).")],
-                   name: Annotated[str, typer.Option("--name", help="The site's name.")],
-                   state: StateOpt) -> None:
+def sites_register(
+    key: Annotated[Path, typer.Argument(help="The site's node.pub (from `facefed-client keygen`).")],
+    name: Annotated[str, typer.Option("--name", help="The site's name.")],
+    state: StateOpt,
+) -> None:
     """Allow a site's node key to join (registers it with the SuperLink and in the ledger)."""
     paths = _paths(state)
     try:
@@ -117,8 +136,10 @@ def sites_register(key: Annotated[Path, typer.Argument(help="The site's node.pub
     with Ledger(paths.ledger) as ledger:
         current = {s.name: s for s in ledger.sites()}
         if name in current and current[name].active:
-            _fail(f"site {name!r} is already registered (key {current[name].fingerprint}); "
-                  f"revoke it first with `facefed-server sites revoke {name}`")
+            _fail(
+                f"site {name!r} is already registered (key {current[name].fingerprint}); "
+                f"revoke it first with `facefed-server sites revoke {name}`"
+            )
         if ledger.site_by_fingerprint(fp):
             _fail(f"this key ({fp}) is already registered for site {ledger.site_by_fingerprint(fp).name!r}")
         # `flwr supernode register` reads OpenSSH; accept a PEM key too by converting it.
@@ -153,10 +174,15 @@ def sites_ls(state: StateOpt) -> None:
             t.add_column(col)
         for s in ledger.sites():
             e = eps.get(s.name)
-            t.add_row(s.name, s.node_id or "-", s.fingerprint[:23] + "...", _ts(s.registered_at),
-                      _ts(s.revoked_at) if s.revoked_at else "-",
-                      online.get(s.node_id or "", "unknown" if not online else "offline") if s.active else "revoked",
-                      f"{e.epsilon:.3f} per {e.unit} (delta {e.delta:g})" if e else "-")
+            t.add_row(
+                s.name,
+                s.node_id or "-",
+                s.fingerprint[:23] + "...",
+                _ts(s.registered_at),
+                _ts(s.revoked_at) if s.revoked_at else "-",
+                online.get(s.node_id or "", "unknown" if not online else "offline") if s.active else "revoked",
+                f"{e.epsilon:.3f} per {e.unit} (delta {e.delta:g})" if e else "-",
+            )
     console.print(t)
 
 
@@ -191,17 +217,23 @@ def _resolve_data(cfg: FederationConfig) -> tuple[str | None, str]:
     return lfw, pre
 
 
-def train(state: StateOpt,
-          config: Annotated[Path, typer.Option("--config", help="Federation config (configs/federation*.toml).")],
-          run: Annotated[str | None, typer.Option("--run", help="Resume this run id.")] = None,
-          new: Annotated[bool, typer.Option("--new", help="Start a new run even if one with this config "
-                                                          "is unfinished.")] = False,
-          detach: Annotated[bool, typer.Option("--detach", help="Submit and return without following.")] = False,
-          timeout: Annotated[float, typer.Option("--timeout", help="Stop following after this many seconds.")] = 0.0,
-          receipt_key: Annotated[Path | None, typer.Option(
-              "--receipt-key", help="Ed25519 key for forget receipts (default: beside the server's CA, else "
-                                    "STATE/keys/receipts.key).")] = None,
-          ) -> None:
+def train(
+    state: StateOpt,
+    config: Annotated[Path, typer.Option("--config", help="Federation config (configs/federation*.toml).")],
+    run: Annotated[str | None, typer.Option("--run", help="Resume this run id.")] = None,
+    new: Annotated[
+        bool, typer.Option("--new", help="Start a new run even if one with this config is unfinished.")
+    ] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Submit and return without following.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Stop following after this many seconds.")] = 0.0,
+    receipt_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--receipt-key",
+            help="Ed25519 key for forget receipts (default: beside the server's CA, else STATE/keys/receipts.key).",
+        ),
+    ] = None,
+) -> None:
     """Submit a training run (or resume an unfinished one) and stream per-round progress.
 
     Before the run and between rounds the sites are asked for forget requests; a request whose
@@ -233,14 +265,23 @@ def train(state: StateOpt,
             run_id, resume = (found.run_id, True) if found else (new_run_id(cfg), False)
     if receipt_key is not None and not receipt_key.is_file():
         _fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
-    sub = write_submission(paths, cfg, run_id=run_id, resume=resume, lfw=lfw, pretrained=pre,
-                           receipt_key=str(receipt_key.resolve()) if receipt_key else None)
+    sub = write_submission(
+        paths,
+        cfg,
+        run_id=run_id,
+        resume=resume,
+        lfw=lfw,
+        pretrained=pre,
+        receipt_key=str(receipt_key.resolve()) if receipt_key else None,
+    )
     try:
         flwr_run = submit(paths, sub)
     except SuperLinkError as e:
         _fail(str(e), 3)
-    typer.echo(f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})"
-               + (f" as {cfg.shards} shard runs {run_id}-s0..s{cfg.shards - 1}" if cfg.shards > 1 else ""))
+    typer.echo(
+        f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})"
+        + (f" as {cfg.shards} shard runs {run_id}-s0..s{cfg.shards - 1}" if cfg.shards > 1 else "")
+    )
     if detach:
         return
     if cfg.shards > 1:
@@ -255,9 +296,10 @@ def _ts(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-def status(state: StateOpt,
-           run: Annotated[str | None, typer.Option("--run", help="Show the rounds of this run (default: latest).")] = None
-           ) -> None:
+def status(
+    state: StateOpt,
+    run: Annotated[str | None, typer.Option("--run", help="Show the rounds of this run (default: latest).")] = None,
+) -> None:
     """Runs, rounds, sites and the latest metrics, from the ledger."""
     paths = _paths(state)
     with Ledger(paths.ledger) as ledger:
@@ -269,9 +311,18 @@ def status(state: StateOpt,
             done = ledger.rounds(r.run_id, committed_only=True)
             acc = next((x.metrics.get("lfw_accuracy") for x in reversed(done) if "lfw_accuracy" in x.metrics), None)
             base = (r.base_metrics or {}).get("lfw_accuracy")
-            t.add_row(r.run_id, r.status, f"{len(done)}/{r.rounds_planned}", _ts(r.created_at),
-                      f"{base:.4f} -> {acc:.4f}" if acc is not None and base is not None
-                      else f"{acc:.4f}" if acc is not None else "-", (r.detail or "")[:60])
+            t.add_row(
+                r.run_id,
+                r.status,
+                f"{len(done)}/{r.rounds_planned}",
+                _ts(r.created_at),
+                f"{base:.4f} -> {acc:.4f}"
+                if acc is not None and base is not None
+                else f"{acc:.4f}"
+                if acc is not None
+                else "-",
+                (r.detail or "")[:60],
+            )
         console.print(t)
         target = run or (runs[-1].run_id if runs else None)
         if target:
@@ -280,15 +331,36 @@ def status(state: StateOpt,
             except LedgerError as e:
                 _fail(str(e))
             t = Table(title=f"rounds of {target}")
-            for col in ("round", "try", "status", "ended", "sites", "missing", "LFW acc", "epsilon per site",
-                        "checkpoint", "sha256"):
+            for col in (
+                "round",
+                "try",
+                "status",
+                "ended",
+                "sites",
+                "missing",
+                "LFW acc",
+                "epsilon per site",
+                "checkpoint",
+                "sha256",
+            ):
                 t.add_column(col)
             for r in rounds:
                 acc = r.metrics.get("lfw_accuracy")
-                eps = " ".join(f"{s.site}:{s.epsilon:.2f}" for s in r.sites if s.status == "ok" and s.epsilon is not None)
-                t.add_row(str(r.round), str(r.attempt), r.status, _ts(r.ended_at), ", ".join(r.participants) or "-",
-                          ", ".join(r.missing) or "-", f"{acc:.4f}" if acc is not None else "-", eps or "-",
-                          r.checkpoint_id or "-", (r.checkpoint_sha256 or "-")[:12])
+                eps = " ".join(
+                    f"{s.site}:{s.epsilon:.2f}" for s in r.sites if s.status == "ok" and s.epsilon is not None
+                )
+                t.add_row(
+                    str(r.round),
+                    str(r.attempt),
+                    r.status,
+                    _ts(r.ended_at),
+                    ", ".join(r.participants) or "-",
+                    ", ".join(r.missing) or "-",
+                    f"{acc:.4f}" if acc is not None else "-",
+                    eps or "-",
+                    r.checkpoint_id or "-",
+                    (r.checkpoint_sha256 or "-")[:12],
+                )
             console.print(t)
         t = Table(title="sites")
         for col in ("site", "key fingerprint", "registered", "revoked", "epsilon", "unit", "delta", "accountant"):
@@ -298,23 +370,32 @@ def status(state: StateOpt,
         by_name = {s.name: s for s in ledger.sites()}
         for n in names:
             s, e = by_name.get(n), eps.get(n)
-            t.add_row(n, (s.fingerprint[:23] + "...") if s else "(unregistered)", _ts(s.registered_at) if s else "-",
-                      _ts(s.revoked_at) if s and s.revoked_at else "-", f"{e.epsilon:.3f}" if e else "-",
-                      e.unit if e else "-", f"{e.delta:g}" if e else "-", e.accountant if e else "-")
+            t.add_row(
+                n,
+                (s.fingerprint[:23] + "...") if s else "(unregistered)",
+                _ts(s.registered_at) if s else "-",
+                _ts(s.revoked_at) if s and s.revoked_at else "-",
+                f"{e.epsilon:.3f}" if e else "-",
+                e.unit if e else "-",
+                f"{e.delta:g}" if e else "-",
+                e.accountant if e else "-",
+            )
         console.print(t)
 
 
 # -- simulate -------------------------------------------------------------------------------------
-def simulate(config: Annotated[Path, typer.Option("--config", help="Federation config.")],
-             sites: Annotated[int, typer.Option("--sites", help="Number of virtual sites.")] = 3,
-             state: Annotated[Path, typer.Option("--state", help="State directory for the simulation.")] = Path(
-                 "sim-state"),
-             people_per_site: Annotated[int | None, typer.Option(
-                 "--people-per-site", help="Use at most this many LFW people per site.")] = None,
-             max_images: Annotated[int | None, typer.Option(
-                 "--max-images", help="Use at most this many images per person.")] = None,
-             cpus: Annotated[int, typer.Option("--cpus", help="CPUs for the simulation engine.")] = min(2, os.cpu_count() or 1),
-             ) -> None:
+def simulate(
+    config: Annotated[Path, typer.Option("--config", help="Federation config.")],
+    sites: Annotated[int, typer.Option("--sites", help="Number of virtual sites.")] = 3,
+    state: Annotated[Path, typer.Option("--state", help="State directory for the simulation.")] = Path("sim-state"),
+    people_per_site: Annotated[
+        int | None, typer.Option("--people-per-site", help="Use at most this many LFW people per site.")
+    ] = None,
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", help="Use at most this many images per person.")
+    ] = None,
+    cpus: Annotated[int, typer.Option("--cpus", help="CPUs for the simulation engine.")] = min(2, os.cpu_count() or 1),
+) -> None:
     """Run the same ServerApp and ClientApp on Flower's simulation engine, LFW people over N virtual sites."""
     from facefed.server.ops.simulate import SimulationError, run_simulation
 
@@ -326,8 +407,16 @@ def simulate(config: Annotated[Path, typer.Option("--config", help="Federation c
         _fail(str(e))
     lfw, pre = _resolve_data(cfg)
     try:
-        run_simulation(cfg, sites=sites, state=state, lfw=lfw or str(lfw_path(cfg.lfw)), pretrained=pre,
-                       people_per_site=people_per_site, max_images=max_images, cpus=cpus)
+        run_simulation(
+            cfg,
+            sites=sites,
+            state=state,
+            lfw=lfw or str(lfw_path(cfg.lfw)),
+            pretrained=pre,
+            people_per_site=people_per_site,
+            max_images=max_images,
+            cpus=cpus,
+        )
     except (SimulationError, DataNotFound) as e:
         _fail(str(e), 3)
     status(state.expanduser().resolve())

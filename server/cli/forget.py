@@ -17,17 +17,27 @@ from facefed.server.ledger.db import Ledger, LedgerError
 
 receipts_app = typer.Typer(help="Check forget receipts against the ledger.", no_args_is_help=True)
 console = Console()
-KeyOpt = Annotated[Path | None, typer.Option(
-    "--receipt-key", help="Ed25519 receipt signing key (default: receipts.key beside the server's CA from "
-                          "`facefed-server certs`, else STATE/keys/receipts.key, made on first use).")]
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--receipt-key",
+        help="Ed25519 receipt signing key (default: receipts.key beside the server's CA from "
+        "`facefed-server certs`, else STATE/keys/receipts.key, made on first use).",
+    ),
+]
 
 
-def unlearn(state: StateOpt,
-            wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for every registered site to be "
-                                                                "online before asking for requests.")] = 60.0,
-            receipt_key: KeyOpt = None,
-            timeout: Annotated[float, typer.Option("--timeout", help="Stop following after this many seconds.")] = 0.0,
-            ) -> None:
+def unlearn(
+    state: StateOpt,
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait", help="Seconds to wait for every registered site to be online before asking for requests."
+        ),
+    ] = 60.0,
+    receipt_key: KeyOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Stop following after this many seconds.")] = 0.0,
+) -> None:
     """Collect the sites' forget requests now, replay every run they taint, and deliver signed receipts.
 
     Training runs do the same before they start and between rounds; this command is for when no
@@ -48,8 +58,17 @@ def unlearn(state: StateOpt,
         _fail(str(e))
         raise
     started = time.time()
-    sub = write_submission(paths, None, run_id="", resume=False, lfw=lfw, pretrained=pre, mode="unlearn",
-                           receipt_key=str(receipt_key.resolve()) if receipt_key else None, wait_s=wait)
+    sub = write_submission(
+        paths,
+        None,
+        run_id="",
+        resume=False,
+        lfw=lfw,
+        pretrained=pre,
+        mode="unlearn",
+        receipt_key=str(receipt_key.resolve()) if receipt_key else None,
+        wait_s=wait,
+    )
     try:
         flwr_run = submit(paths, sub)
     except Exception as e:  # SuperLinkError: the server is not running
@@ -58,8 +77,9 @@ def unlearn(state: StateOpt,
     raise typer.Exit(follow_unlearn(paths, flwr_run, started, timeout=timeout))
 
 
-def requests(state: StateOpt,
-             as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+def requests(
+    state: StateOpt, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False
+) -> None:
     """Forget requests the sites reported, and how each was unlearned."""
     paths = _paths(state)
     with Ledger(paths.ledger) as ledger:
@@ -68,13 +88,32 @@ def requests(state: StateOpt,
         typer.echo(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
         return
     t = Table(title="forget requests")
-    for col in ("request", "site", "pseudonym", "received", "erased", "status", "replay run", "model",
-                "deleted", "receipt delivered"):
+    for col in (
+        "request",
+        "site",
+        "pseudonym",
+        "received",
+        "erased",
+        "status",
+        "replay run",
+        "model",
+        "deleted",
+        "receipt delivered",
+    ):
         t.add_column(col)
     for r in rows:
-        t.add_row(r.request_id, r.site, r.pseudonym[:8] + "..", _ts(r.received_at), _ts(r.erased_at), r.status,
-                  r.replay_run_id or "-", r.model_checkpoint or "-", str(len(r.checkpoints_deleted)),
-                  _ts(r.delivered_at) if r.delivered_at else "-")
+        t.add_row(
+            r.request_id,
+            r.site,
+            r.pseudonym[:8] + "..",
+            _ts(r.received_at),
+            _ts(r.erased_at),
+            r.status,
+            r.replay_run_id or "-",
+            r.model_checkpoint or "-",
+            str(len(r.checkpoints_deleted)),
+            _ts(r.delivered_at) if r.delivered_at else "-",
+        )
     console.print(t)
     for r in rows:
         if r.detail:
@@ -82,10 +121,13 @@ def requests(state: StateOpt,
 
 
 @receipts_app.command("verify")
-def receipts_verify(file: Annotated[Path, typer.Argument(help="A receipt (VAULT/receipts/<request>.json at the site).")],
-                    state: StateOpt,
-                    key: Annotated[Path | None, typer.Option(
-                        "--key", help="The server's receipts.pub (default: found as for signing).")] = None) -> None:
+def receipts_verify(
+    file: Annotated[Path, typer.Argument(help="A receipt (VAULT/receipts/<request>.json at the site).")],
+    state: StateOpt,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="The server's receipts.pub (default: found as for signing).")
+    ] = None,
+) -> None:
     """Check a receipt's signature, and its lineage against the ledger: the model descends from a
     checkpoint that predates the person's first contribution, and no later round used them."""
     from facefed.server.forget.receipts import key_paths, verify_receipt
@@ -108,13 +150,18 @@ def receipts_verify(file: Annotated[Path, typer.Argument(help="A receipt (VAULT/
     except LedgerError as e:
         _fail(str(e))
     for c in checks:
-        typer.secho(f"  [{'ok' if c.ok else 'FAIL'}] {c.what}" + (f": {c.detail}" if c.detail else ""),
-                    fg=None if c.ok else typer.colors.RED)
+        typer.secho(
+            f"  [{'ok' if c.ok else 'FAIL'}] {c.what}" + (f": {c.detail}" if c.detail else ""),
+            fg=None if c.ok else typer.colors.RED,
+        )
     if all(c.ok for c in checks):
         assert receipt is not None
-        typer.secho(f"receipt {receipt.request_id} VERIFIED: site {receipt.site}, person {receipt.person_pseudonym[:8]}.., "
-                    f"model {receipt.model_id} ({receipt.model_sha256[:12]}), rolled back to round "
-                    f"{receipt.rollback_round}, replayed {receipt.replayed_rounds or 'nothing'}", fg=typer.colors.GREEN)
+        typer.secho(
+            f"receipt {receipt.request_id} VERIFIED: site {receipt.site}, person {receipt.person_pseudonym[:8]}.., "
+            f"model {receipt.model_id} ({receipt.model_sha256[:12]}), rolled back to round "
+            f"{receipt.rollback_round}, replayed {receipt.replayed_rounds or 'nothing'}",
+            fg=typer.colors.GREEN,
+        )
         return
     typer.secho(f"receipt {file} does NOT verify", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facefed.common import certs as certmod
-from facefed.common.receipts import Receipt, ReceiptError, key_fingerprint, load_public_key, sign_receipt, utc_timestamp, \
-    verify_receipt_signature
+from facefed.common.receipts import (
+    Receipt,
+    ReceiptError,
+    key_fingerprint,
+    load_public_key,
+    sign_receipt,
+    utc_timestamp,
+    verify_receipt_signature,
+)
 from facefed.server.ledger.db import CheckpointRow, ForgetRow, Ledger, LedgerError
 from facefed.server.state import StateDirError, StatePaths
 
@@ -55,15 +62,25 @@ def signing_key(private: Path, public: Path):
     return key
 
 
-def issue(req: ForgetRow, *, replay_run: str, rollback: CheckpointRow, model: CheckpointRow,
-          deleted: list[str], key) -> dict:
+def issue(
+    req: ForgetRow, *, replay_run: str, rollback: CheckpointRow, model: CheckpointRow, deleted: list[str], key
+) -> dict:
     receipt = Receipt(
-        request_id=req.request_id, site=req.site, person_pseudonym=req.pseudonym,
-        received_at=utc_timestamp(req.received_at), erased_at=utc_timestamp(req.erased_at),
-        shares_destroyed=req.shares_destroyed, run_id=replay_run, rollback_round=rollback.round,
-        replayed_rounds=list(range(rollback.round + 1, model.round + 1)), model_id=model.checkpoint_id,
-        model_sha256=model.sha256, checkpoints_deleted=list(deleted), issued_at=utc_timestamp(time.time()),
-        server_key_fingerprint=key_fingerprint(key.public_key()))
+        request_id=req.request_id,
+        site=req.site,
+        person_pseudonym=req.pseudonym,
+        received_at=utc_timestamp(req.received_at),
+        erased_at=utc_timestamp(req.erased_at),
+        shares_destroyed=req.shares_destroyed,
+        run_id=replay_run,
+        rollback_round=rollback.round,
+        replayed_rounds=list(range(rollback.round + 1, model.round + 1)),
+        model_id=model.checkpoint_id,
+        model_sha256=model.sha256,
+        checkpoints_deleted=list(deleted),
+        issued_at=utc_timestamp(time.time()),
+        server_key_fingerprint=key_fingerprint(key.public_key()),
+    )
     return sign_receipt(receipt, key)
 
 
@@ -77,7 +94,7 @@ class Check:
 def _ts(s: str) -> float:
     import datetime as dt
 
-    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | None, list[Check]]:
@@ -92,8 +109,13 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
     try:
         req = ledger.request(r.request_id)
         same = (req.site, req.pseudonym) == (r.site, r.person_pseudonym)
-        checks.append(Check("request in the ledger", same, "" if same else
-                            f"the ledger has site {req.site}, pseudonym {req.pseudonym} for {r.request_id}"))
+        checks.append(
+            Check(
+                "request in the ledger",
+                same,
+                "" if same else f"the ledger has site {req.site}, pseudonym {req.pseudonym} for {r.request_id}",
+            )
+        )
     except LedgerError as e:
         return r, checks + [Check("request in the ledger", False, str(e))]
     erased = _ts(r.erased_at)
@@ -105,9 +127,16 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
     except LedgerError as e:
         return r, checks + [Check("model in the ledger", False, str(e))]
     ok = model.sha256 == r.model_sha256 and model.deleted_at is None and Path(model.path).is_file()
-    checks.append(Check("model in the ledger", ok, f"{model.checkpoint_id} sha256 {model.sha256[:16]}..." if ok else
-                        f"{model.checkpoint_id}: ledger sha256 {model.sha256[:16]}..., deleted "
-                        f"{model.deleted_at is not None}, file present {Path(model.path).is_file()}"))
+    checks.append(
+        Check(
+            "model in the ledger",
+            ok,
+            f"{model.checkpoint_id} sha256 {model.sha256[:16]}..."
+            if ok
+            else f"{model.checkpoint_id}: ledger sha256 {model.sha256[:16]}..., deleted "
+            f"{model.deleted_at is not None}, file present {Path(model.path).is_file()}",
+        )
+    )
 
     lineage = ledger.lineage(model.checkpoint_id)  # newest first
     ids = [c.checkpoint_id for c in lineage]
@@ -117,16 +146,28 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
     else:  # no live model had been trained with the person: the model itself is the clean point
         base = model
         ok = model.round == r.rollback_round and model.run_id == r.run_id
-    checks.append(Check("descends from the rollback checkpoint", ok,
-                        f"{model.checkpoint_id} <- ... <- {base.checkpoint_id} (round {base.round})" if ok else
-                        f"run {r.run_id} (kind {run.kind}) base {base.checkpoint_id} round {base.round} is not on the "
-                        f"model's lineage at round {r.rollback_round}"))
-    before = [c for c in lineage[ids.index(base.checkpoint_id):]] if base.checkpoint_id in ids else lineage
+    checks.append(
+        Check(
+            "descends from the rollback checkpoint",
+            ok,
+            f"{model.checkpoint_id} <- ... <- {base.checkpoint_id} (round {base.round})"
+            if ok
+            else f"run {r.run_id} (kind {run.kind}) base {base.checkpoint_id} round {base.round} is not on the "
+            f"model's lineage at round {r.rollback_round}",
+        )
+    )
+    before = [c for c in lineage[ids.index(base.checkpoint_id) :]] if base.checkpoint_id in ids else lineage
     used = [c.checkpoint_id for c in before if c.round >= first.get(c.run_id or "", 10**9)]
-    checks.append(Check("rollback predates the person's first contribution", not used,
-                        f"first contribution: {first or 'none recorded'}" if not used else
-                        f"checkpoints from rounds with the person: {used}"))
-    after = lineage[:ids.index(base.checkpoint_id)] if base.checkpoint_id in ids else []
+    checks.append(
+        Check(
+            "rollback predates the person's first contribution",
+            not used,
+            f"first contribution: {first or 'none recorded'}"
+            if not used
+            else f"checkpoints from rounds with the person: {used}",
+        )
+    )
+    after = lineage[: ids.index(base.checkpoint_id)] if base.checkpoint_id in ids else []
     late = []
     for c in after:
         rnd = ledger.round_of_checkpoint(c.checkpoint_id)
@@ -138,9 +179,15 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
             for row in ledger.rounds(c.run_id, committed_only=True):
                 if row.round > model.round and row.started_at < erased:
                     late.append(row.checkpoint_id or f"{c.run_id} round {row.round}")
-    checks.append(Check("no round after the rollback could use them", not late,
-                        f"{len(after)} replayed round(s), all started after the erasure at {r.erased_at}"
-                        if not late else f"rounds that started before the erasure or with the person: {late}"))
+    checks.append(
+        Check(
+            "no round after the rollback could use them",
+            not late,
+            f"{len(after)} replayed round(s), all started after the erasure at {r.erased_at}"
+            if not late
+            else f"rounds that started before the erasure or with the person: {late}",
+        )
+    )
     bad = []
     for cid in r.checkpoints_deleted:
         try:
@@ -150,6 +197,11 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
             continue
         if c.deleted_at is None or Path(c.path).exists():
             bad.append(f"{cid} (deleted_at {c.deleted_at}, file present {Path(c.path).exists()})")
-    checks.append(Check("listed checkpoints deleted", not bad,
-                        f"{len(r.checkpoints_deleted)} checkpoint(s) deleted, files gone" if not bad else "; ".join(bad)))
+    checks.append(
+        Check(
+            "listed checkpoints deleted",
+            not bad,
+            f"{len(r.checkpoints_deleted)} checkpoint(s) deleted, files gone" if not bad else "; ".join(bad),
+        )
+    )
     return r, checks

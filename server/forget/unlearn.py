@@ -60,11 +60,14 @@ def plan_replays(ledger: Ledger, requests: list[ForgetRow]) -> list[ReplayPlan]:
             continue
         first = hit.index(True)
         if first == 0:
-            raise RuntimeError(f"run {run.run_id}: the root of its lineage ({lineage[0].checkpoint_id}) is tainted; "
-                               f"a base model must never hold site data")
+            raise RuntimeError(
+                f"run {run.run_id}: the root of its lineage ({lineage[0].checkpoint_id}) is tainted; "
+                f"a base model must never hold site data"
+            )
         mine = [r for r in requests if any(taints(r, c) for c in lineage[first:])]
-        plans.append(ReplayPlan(run=run, done=done, rollback=lineage[first - 1], tainted=lineage[first:],
-                                requests=mine))
+        plans.append(
+            ReplayPlan(run=run, done=done, rollback=lineage[first - 1], tainted=lineage[first:], requests=mine)
+        )
     return plans
 
 
@@ -89,5 +92,7 @@ def tainted_of(ledger: Ledger, replay: RunRow) -> list[CheckpointRow]:
 
 
 def deletion_reason(requests: list[str], replay_run: str) -> str:
-    return (f"unlearning: carries the influence of forget request(s) {', '.join(requests)}; "
-            f"replaced by replay run {replay_run} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    return (
+        f"unlearning: carries the influence of forget request(s) {', '.join(requests)}; "
+        f"replaced by replay run {replay_run} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+    )

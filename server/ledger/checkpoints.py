@@ -41,17 +41,30 @@ class CheckpointStore:
             raise ValueError(f"round must be >= 0, got {rnd}")
         return self.root / run_id / f"r{rnd:04d}.pt"
 
-    def save(self, model: MobileFaceNet, *, run_id: str, rnd: int, parent: CheckpointRow | None,
-             meta: dict | None = None) -> CheckpointRow:
+    def save(
+        self, model: MobileFaceNet, *, run_id: str, rnd: int, parent: CheckpointRow | None, meta: dict | None = None
+    ) -> CheckpointRow:
         path = self.path_for(run_id, rnd)
         cid = checkpoint_id(run_id, rnd)
-        full_meta = {"checkpoint_id": cid, "run_id": run_id, "round": rnd,
-                     "parent_id": parent.checkpoint_id if parent else None,
-                     "parent_sha256": parent.sha256 if parent else None, **(meta or {})}
+        full_meta = {
+            "checkpoint_id": cid,
+            "run_id": run_id,
+            "round": rnd,
+            "parent_id": parent.checkpoint_id if parent else None,
+            "parent_sha256": parent.sha256 if parent else None,
+            **(meta or {}),
+        }
         sha = save_checkpoint(path, model, full_meta)  # atomic: temp + fsync + rename
         fsync_dir(path.parent)
-        return CheckpointRow(checkpoint_id=cid, run_id=run_id, round=rnd, path=str(path), sha256=sha,
-                             parent_id=parent.checkpoint_id if parent else None, created_at=time.time())
+        return CheckpointRow(
+            checkpoint_id=cid,
+            run_id=run_id,
+            round=rnd,
+            path=str(path),
+            sha256=sha,
+            parent_id=parent.checkpoint_id if parent else None,
+            created_at=time.time(),
+        )
 
     def load(self, row: CheckpointRow) -> tuple[MobileFaceNet, dict]:
         path = Path(row.path)
@@ -61,8 +74,10 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"checkpoint {row.checkpoint_id}: file {path} is missing")
         actual = sha256_file(path)
         if actual != row.sha256:
-            raise CheckpointCorrupt(f"checkpoint {row.checkpoint_id}: {path} has sha256 {actual[:16]}..., "
-                                    f"the ledger recorded {row.sha256[:16]}...; refusing to use a changed file")
+            raise CheckpointCorrupt(
+                f"checkpoint {row.checkpoint_id}: {path} has sha256 {actual[:16]}..., "
+                f"the ledger recorded {row.sha256[:16]}...; refusing to use a changed file"
+            )
         return load_checkpoint(path)
 
     def delete(self, row: CheckpointRow) -> bool:
@@ -72,6 +87,3 @@ class CheckpointStore:
         if existed:
             fsync_dir(path.parent)
         return existed
-
-
-

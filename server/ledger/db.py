@@ -309,8 +309,9 @@ class Ledger:
         self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise LedgerError(f"{self.path} has ledger schema {version}, newer than this facefed ({SCHEMA_VERSION}); "
-                              f"upgrade facefed")
+            raise LedgerError(
+                f"{self.path} has ledger schema {version}, newer than this facefed ({SCHEMA_VERSION}); upgrade facefed"
+            )
         if version == 0:  # executescript commits on its own; the DDL is idempotent
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -332,14 +333,19 @@ class Ledger:
         with self._tx() as db:
             current = db.execute("SELECT * FROM sites WHERE name = ?", (name,)).fetchone()
             if current and current["revoked_at"] is None:
-                raise LedgerError(f"site {name!r} is already registered (key {current['fingerprint']}); "
-                                  f"revoke it first with `facefed-server sites revoke {name}`")
-            other = db.execute("SELECT name FROM sites WHERE fingerprint = ? AND revoked_at IS NULL",
-                               (fingerprint,)).fetchone()
+                raise LedgerError(
+                    f"site {name!r} is already registered (key {current['fingerprint']}); "
+                    f"revoke it first with `facefed-server sites revoke {name}`"
+                )
+            other = db.execute(
+                "SELECT name FROM sites WHERE fingerprint = ? AND revoked_at IS NULL", (fingerprint,)
+            ).fetchone()
             if other:
                 raise LedgerError(f"this key ({fingerprint}) is already registered for site {other['name']!r}")
-            db.execute("INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?, ?, NULL)",
-                       (name, fingerprint, public_key, node_id, _now()))
+            db.execute(
+                "INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?, ?, NULL)",
+                (name, fingerprint, public_key, node_id, _now()),
+            )
         return self.site(name)
 
     def revoke_site(self, name: str) -> SiteRow:
@@ -359,16 +365,18 @@ class Ledger:
         return [SiteRow(**dict(r)) for r in self._db.execute("SELECT * FROM sites ORDER BY name")]
 
     def site_by_fingerprint(self, fingerprint: str) -> SiteRow | None:
-        row = self._db.execute("SELECT * FROM sites WHERE fingerprint = ? AND revoked_at IS NULL",
-                               (fingerprint,)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM sites WHERE fingerprint = ? AND revoked_at IS NULL", (fingerprint,)
+        ).fetchone()
         return SiteRow(**dict(row)) if row else None
 
     # -- checkpoints --------------------------------------------------------------------------
     def add_checkpoint(self, row: CheckpointRow) -> None:
         """Record a checkpoint that is not a round's result (a run's base model)."""
         with self._tx() as db:
-            existing = db.execute("SELECT sha256 FROM checkpoints WHERE checkpoint_id = ?",
-                                  (row.checkpoint_id,)).fetchone()
+            existing = db.execute(
+                "SELECT sha256 FROM checkpoints WHERE checkpoint_id = ?", (row.checkpoint_id,)
+            ).fetchone()
             if existing:
                 if existing["sha256"] != row.sha256:
                     raise LedgerError(f"checkpoint {row.checkpoint_id} already recorded with another sha256")
@@ -377,8 +385,10 @@ class Ledger:
 
     @staticmethod
     def _insert_checkpoint(db: sqlite3.Connection, row: CheckpointRow) -> None:
-        db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
-                   (row.checkpoint_id, row.run_id, row.round, row.path, row.sha256, row.parent_id, row.created_at))
+        db.execute(
+            "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            (row.checkpoint_id, row.run_id, row.round, row.path, row.sha256, row.parent_id, row.created_at),
+        )
 
     def checkpoint(self, checkpoint_id: str) -> CheckpointRow:
         row = self._db.execute("SELECT * FROM checkpoints WHERE checkpoint_id = ?", (checkpoint_id,)).fetchone()
@@ -398,19 +408,47 @@ class Ledger:
 
     def mark_checkpoint_deleted(self, checkpoint_id: str, reason: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE checkpoints SET deleted_at = ?, deleted_reason = ? WHERE checkpoint_id = ?",
-                       (_now(), reason, checkpoint_id))
+            db.execute(
+                "UPDATE checkpoints SET deleted_at = ?, deleted_reason = ? WHERE checkpoint_id = ?",
+                (_now(), reason, checkpoint_id),
+            )
 
     # -- runs ---------------------------------------------------------------------------------
-    def create_run(self, run_id: str, *, config_json: str, config_sha256: str, rounds: int,
-                   base: CheckpointRow, kind: str = "train", parent_run_id: str | None = None,
-                   family: str | None = None, shard: int = 0) -> RunRow:
+    def create_run(
+        self,
+        run_id: str,
+        *,
+        config_json: str,
+        config_sha256: str,
+        rounds: int,
+        base: CheckpointRow,
+        kind: str = "train",
+        parent_run_id: str | None = None,
+        family: str | None = None,
+        shard: int = 0,
+    ) -> RunRow:
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", (base.checkpoint_id,)).fetchone() is None:
+            if (
+                db.execute("SELECT 1 FROM checkpoints WHERE checkpoint_id = ?", (base.checkpoint_id,)).fetchone()
+                is None
+            ):
                 self._insert_checkpoint(db, base)
-            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
-                       (run_id, kind, parent_run_id, _now(), rounds, config_sha256, config_json, base.checkpoint_id,
-                        base.round if kind == "replay" else 0, family or run_id, shard))
+            db.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
+                (
+                    run_id,
+                    kind,
+                    parent_run_id,
+                    _now(),
+                    rounds,
+                    config_sha256,
+                    config_json,
+                    base.checkpoint_id,
+                    base.round if kind == "replay" else 0,
+                    family or run_id,
+                    shard,
+                ),
+            )
         return self.run(run_id)
 
     @staticmethod
@@ -430,14 +468,18 @@ class Ledger:
 
     def live_run(self, family: str, shard: int) -> RunRow | None:
         """The newest run of this job and shard that no replay replaced."""
-        row = self._db.execute("SELECT * FROM runs WHERE family = ? AND shard = ? AND status != 'superseded' "
-                               "ORDER BY created_at DESC LIMIT 1", (family, shard)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE family = ? AND shard = ? AND status != 'superseded' "
+            "ORDER BY created_at DESC LIMIT 1",
+            (family, shard),
+        ).fetchone()
         return self._run_row(row) if row else None
 
     def resumable_family(self, config_sha256: str, shards: int) -> str | None:
         """The newest sharded job with this configuration that has a shard not yet completed."""
-        rows = self._db.execute("SELECT DISTINCT family FROM runs WHERE config_sha256 = ? ORDER BY created_at DESC",
-                                (config_sha256,)).fetchall()
+        rows = self._db.execute(
+            "SELECT DISTINCT family FROM runs WHERE config_sha256 = ? ORDER BY created_at DESC", (config_sha256,)
+        ).fetchall()
         for (family,) in rows:
             live = [self.live_run(family, k) for k in range(shards)]
             if any(r is None or r.status != "completed" for r in live):
@@ -453,13 +495,17 @@ class Ledger:
 
     def record_ensemble(self, family: str, checkpoints: list[str], metrics: dict) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO ensembles VALUES (?, ?, ?, ?)",
-                       (family, _now(), json.dumps(checkpoints), json.dumps(metrics)))
+            db.execute(
+                "INSERT INTO ensembles VALUES (?, ?, ?, ?)",
+                (family, _now(), json.dumps(checkpoints), json.dumps(metrics)),
+            )
 
     def ensembles(self, family: str | None = None) -> list[dict]:
         sql = "SELECT * FROM ensembles" + (" WHERE family = ?" if family else "") + " ORDER BY created_at"
-        return [{**dict(r), "checkpoints": json.loads(r["checkpoints"]), "metrics": json.loads(r["metrics"])}
-                for r in self._db.execute(sql, (family,) if family else ())]
+        return [
+            {**dict(r), "checkpoints": json.loads(r["checkpoints"]), "metrics": json.loads(r["metrics"])}
+            for r in self._db.execute(sql, (family,) if family else ())
+        ]
 
     def set_base_metrics(self, run_id: str, metrics: dict) -> None:
         """Evaluation of the run's base model (round 0), the reference for every later round."""
@@ -470,14 +516,17 @@ class Ledger:
         """The newest unfinished run (running, or failed/stopped part-way) with this exact configuration."""
         row = self._db.execute(
             "SELECT * FROM runs WHERE config_sha256 = ? AND status NOT IN ('completed', 'superseded') "
-            "ORDER BY created_at DESC LIMIT 1", (config_sha256,)).fetchone()
+            "ORDER BY created_at DESC LIMIT 1",
+            (config_sha256,),
+        ).fetchone()
         return self._run_row(row) if row else None
 
     def set_run_status(self, run_id: str, status: str, detail: str | None = None) -> None:
         ended = _now() if status in ("completed", "failed", "stopped", "superseded") else None
         with self._tx() as db:
-            db.execute("UPDATE runs SET status = ?, detail = ?, ended_at = ? WHERE run_id = ?",
-                       (status, detail, ended, run_id))
+            db.execute(
+                "UPDATE runs SET status = ?, detail = ?, ended_at = ? WHERE run_id = ?", (status, detail, ended, run_id)
+            )
 
     def add_attempt(self, run_id: str, flwr_run_id: str) -> None:
         with self._tx() as db:
@@ -485,25 +534,33 @@ class Ledger:
 
     def end_attempt(self, run_id: str, flwr_run_id: str, outcome: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE run_id = ? AND flwr_run_id = ?",
-                       (_now(), outcome, run_id, flwr_run_id))
+            db.execute(
+                "UPDATE attempts SET ended_at = ?, outcome = ? WHERE run_id = ? AND flwr_run_id = ?",
+                (_now(), outcome, run_id, flwr_run_id),
+            )
 
     def attempts(self, run_id: str) -> list[dict]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM attempts WHERE run_id = ? ORDER BY started_at",
-                                                  (run_id,))]
+        return [
+            dict(r) for r in self._db.execute("SELECT * FROM attempts WHERE run_id = ? ORDER BY started_at", (run_id,))
+        ]
 
     # -- rounds -------------------------------------------------------------------------------
     def head(self, run_id: str) -> tuple[int, CheckpointRow]:
         """(last committed round, its checkpoint); (0, base checkpoint) before the first commit."""
-        row = self._db.execute("SELECT round, checkpoint_id FROM rounds WHERE run_id = ? AND status = 'committed' "
-                               "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT round, checkpoint_id FROM rounds WHERE run_id = ? AND status = 'committed' "
+            "ORDER BY round DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
         if row is None:
             run = self.run(run_id)
             return run.start_round, self.checkpoint(run.base_checkpoint)
         return row["round"], self.checkpoint(row["checkpoint_id"])
 
     def next_attempt(self, run_id: str, rnd: int) -> int:
-        row = self._db.execute("SELECT MAX(attempt) FROM rounds WHERE run_id = ? AND round = ?", (run_id, rnd)).fetchone()
+        row = self._db.execute(
+            "SELECT MAX(attempt) FROM rounds WHERE run_id = ? AND round = ?", (run_id, rnd)
+        ).fetchone()
         return (row[0] or 0) + 1
 
     def commit_round(self, row: RoundRow, checkpoint: CheckpointRow) -> None:
@@ -511,13 +568,18 @@ class Ledger:
         if row.status != "committed" or row.checkpoint_id != checkpoint.checkpoint_id:
             raise LedgerError("commit_round needs a committed row that names its checkpoint")
         with self._tx() as db:
-            done = db.execute("SELECT attempt FROM rounds WHERE run_id = ? AND round = ? AND status = 'committed'",
-                              (row.run_id, row.round)).fetchone()
+            done = db.execute(
+                "SELECT attempt FROM rounds WHERE run_id = ? AND round = ? AND status = 'committed'",
+                (row.run_id, row.round),
+            ).fetchone()
             if done:
-                raise LedgerError(f"round {row.round} of run {row.run_id} is already committed "
-                                  f"(attempt {done['attempt']}); a round is never counted twice")
-            old = db.execute("SELECT checkpoint_id FROM checkpoints WHERE checkpoint_id = ?",
-                             (checkpoint.checkpoint_id,)).fetchone()
+                raise LedgerError(
+                    f"round {row.round} of run {row.run_id} is already committed "
+                    f"(attempt {done['attempt']}); a round is never counted twice"
+                )
+            old = db.execute(
+                "SELECT checkpoint_id FROM checkpoints WHERE checkpoint_id = ?", (checkpoint.checkpoint_id,)
+            ).fetchone()
             if old:  # an uncommitted leftover can only come from a failed attempt: replace it
                 db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (checkpoint.checkpoint_id,))
             self._insert_checkpoint(db, checkpoint)
@@ -531,16 +593,54 @@ class Ledger:
 
     @staticmethod
     def _insert_round(db: sqlite3.Connection, r: RoundRow) -> None:
-        db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (r.run_id, r.round, r.attempt, r.status, r.flwr_run_id, r.started_at, r.ended_at,
-                    r.parent_checkpoint, r.parent_sha256, r.checkpoint_id, r.checkpoint_sha256,
-                    json.dumps(r.participants), json.dumps(r.missing), r.weighting, r.total_weight,
-                    json.dumps(r.metrics), r.detail))
+        db.execute(
+            "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.run_id,
+                r.round,
+                r.attempt,
+                r.status,
+                r.flwr_run_id,
+                r.started_at,
+                r.ended_at,
+                r.parent_checkpoint,
+                r.parent_sha256,
+                r.checkpoint_id,
+                r.checkpoint_sha256,
+                json.dumps(r.participants),
+                json.dumps(r.missing),
+                r.weighting,
+                r.total_weight,
+                json.dumps(r.metrics),
+                r.detail,
+            ),
+        )
         for s in r.sites:
-            db.execute("INSERT INTO site_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (r.run_id, r.round, r.attempt, s.site, s.node_id, s.status, s.weight, s.people, s.images,
-                        s.steps, s.loss, s.epsilon, s.delta, s.unit, s.accountant, s.compute_s, s.bytes_down,
-                        s.bytes_up, json.dumps(s.received_keys) if s.received_keys is not None else None, s.detail))
+            db.execute(
+                "INSERT INTO site_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.run_id,
+                    r.round,
+                    r.attempt,
+                    s.site,
+                    s.node_id,
+                    s.status,
+                    s.weight,
+                    s.people,
+                    s.images,
+                    s.steps,
+                    s.loss,
+                    s.epsilon,
+                    s.delta,
+                    s.unit,
+                    s.accountant,
+                    s.compute_s,
+                    s.bytes_down,
+                    s.bytes_up,
+                    json.dumps(s.received_keys) if s.received_keys is not None else None,
+                    s.detail,
+                ),
+            )
 
     def rounds(self, run_id: str, *, committed_only: bool = False) -> list[RoundRow]:
         sql = "SELECT * FROM rounds WHERE run_id = ?" + (" AND status = 'committed'" if committed_only else "")
@@ -556,8 +656,10 @@ class Ledger:
 
     def site_rounds(self, run_id: str, rnd: int, attempt: int) -> list[SiteRound]:
         out = []
-        for r in self._db.execute("SELECT * FROM site_rounds WHERE run_id = ? AND round = ? AND attempt = ? "
-                                  "ORDER BY site", (run_id, rnd, attempt)):
+        for r in self._db.execute(
+            "SELECT * FROM site_rounds WHERE run_id = ? AND round = ? AND attempt = ? ORDER BY site",
+            (run_id, rnd, attempt),
+        ):
             d = dict(r)
             for k in ("run_id", "round", "attempt"):
                 d.pop(k)
@@ -579,22 +681,29 @@ class Ledger:
             row = self._db.execute(
                 "SELECT r.attempt FROM rounds r JOIN site_rounds sr USING (run_id, round, attempt) "
                 "WHERE r.run_id = ? AND r.round = ? AND r.status = 'committed' AND r.checkpoint_id = ? "
-                "AND sr.site = ? AND sr.status = 'ok'", (ckpt.run_id, ckpt.round, ckpt.checkpoint_id, site)).fetchone()
+                "AND sr.site = ? AND sr.status = 'ok'",
+                (ckpt.run_id, ckpt.round, ckpt.checkpoint_id, site),
+            ).fetchone()
             if row:
                 return ckpt.run_id, ckpt.round, row["attempt"]
         return None
 
     def round_of_checkpoint(self, checkpoint_id: str) -> RoundRow | None:
         """The committed round that produced this checkpoint (None for a base model)."""
-        row = self._db.execute("SELECT run_id, round FROM rounds WHERE checkpoint_id = ? AND status = 'committed'",
-                               (checkpoint_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT run_id, round FROM rounds WHERE checkpoint_id = ? AND status = 'committed'", (checkpoint_id,)
+        ).fetchone()
         if row is None:
             return None
         return next(r for r in self.rounds(row["run_id"], committed_only=True) if r.round == row["round"])
 
     def children(self, checkpoint_id: str) -> list[CheckpointRow]:
-        return [CheckpointRow(**dict(r)) for r in
-                self._db.execute("SELECT * FROM checkpoints WHERE parent_id = ? ORDER BY created_at", (checkpoint_id,))]
+        return [
+            CheckpointRow(**dict(r))
+            for r in self._db.execute(
+                "SELECT * FROM checkpoints WHERE parent_id = ? ORDER BY created_at", (checkpoint_id,)
+            )
+        ]
 
     # -- forget requests ----------------------------------------------------------------------
     def report_request(self, row: ForgetRow) -> tuple[ForgetRow, bool]:
@@ -603,23 +712,40 @@ class Ledger:
         with self._tx() as db:
             old = db.execute("SELECT * FROM forget_requests WHERE request_id = ?", (row.request_id,)).fetchone()
             if old is None:
-                db.execute("INSERT INTO forget_requests (request_id, site, pseudonym, received_at, erased_at, "
-                           "shares_destroyed, contributions, reported_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (row.request_id, row.site, row.pseudonym, row.received_at, row.erased_at,
-                            row.shares_destroyed, json.dumps(row.contributions, sort_keys=True), _now(), "pending"))
+                db.execute(
+                    "INSERT INTO forget_requests (request_id, site, pseudonym, received_at, erased_at, "
+                    "shares_destroyed, contributions, reported_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        row.request_id,
+                        row.site,
+                        row.pseudonym,
+                        row.received_at,
+                        row.erased_at,
+                        row.shares_destroyed,
+                        json.dumps(row.contributions, sort_keys=True),
+                        _now(),
+                        "pending",
+                    ),
+                )
                 return self.request(row.request_id), True
             if old["site"] != row.site or old["pseudonym"] != row.pseudonym:
-                raise LedgerError(f"request {row.request_id} was reported by site {old['site']!r}; "
-                                  f"site {row.site!r} reports it again with other details")
+                raise LedgerError(
+                    f"request {row.request_id} was reported by site {old['site']!r}; "
+                    f"site {row.site!r} reports it again with other details"
+                )
             merged = {k: sorted(set(v)) for k, v in json.loads(old["contributions"]).items()}
             for run, rounds in row.contributions.items():
                 merged[run] = sorted(set(merged.get(run, [])) | set(rounds))
             if old["status"] != "pending" and merged != json.loads(old["contributions"]):
                 # Rounds we did not know of when we replayed: the replay must be done again.
-                db.execute("UPDATE forget_requests SET status = 'pending', detail = ? WHERE request_id = ?",
-                           ("the site reported further rounds with this person after the replay", row.request_id))
-            db.execute("UPDATE forget_requests SET contributions = ? WHERE request_id = ?",
-                       (json.dumps(merged, sort_keys=True), row.request_id))
+                db.execute(
+                    "UPDATE forget_requests SET status = 'pending', detail = ? WHERE request_id = ?",
+                    ("the site reported further rounds with this person after the replay", row.request_id),
+                )
+            db.execute(
+                "UPDATE forget_requests SET contributions = ? WHERE request_id = ?",
+                (json.dumps(merged, sort_keys=True), row.request_id),
+            )
         return self.request(row.request_id), False
 
     def request(self, request_id: str) -> ForgetRow:
@@ -632,16 +758,22 @@ class Ledger:
         sql = "SELECT * FROM forget_requests" + (" WHERE status = ?" if status else "") + " ORDER BY reported_at"
         return [ForgetRow.of(r) for r in self._db.execute(sql, (status,) if status else ())]
 
-    def start_replay(self, request_ids: list[str], replay_run_id: str, rollback: str, superseded_run: str,
-                     detail: str) -> None:
+    def start_replay(
+        self, request_ids: list[str], replay_run_id: str, rollback: str, superseded_run: str, detail: str
+    ) -> None:
         """Tie requests to their replay run and retire the tainted run, in one transaction (a crash
         after it resumes the replay; before it, the requests are still pending)."""
         with self._tx() as db:
             for rid in request_ids:
-                db.execute("UPDATE forget_requests SET status = 'replaying', replay_run_id = ?, rollback_checkpoint = ?,"
-                           " detail = NULL WHERE request_id = ?", (replay_run_id, rollback, rid))
-            db.execute("UPDATE runs SET status = 'superseded', detail = ?, ended_at = ? WHERE run_id = ?",
-                       (detail, _now(), superseded_run))
+                db.execute(
+                    "UPDATE forget_requests SET status = 'replaying', replay_run_id = ?, rollback_checkpoint = ?,"
+                    " detail = NULL WHERE request_id = ?",
+                    (replay_run_id, rollback, rid),
+                )
+            db.execute(
+                "UPDATE runs SET status = 'superseded', detail = ?, ended_at = ? WHERE run_id = ?",
+                (detail, _now(), superseded_run),
+            )
 
     def refuse_requests(self, request_ids: list[str], why: str) -> None:
         with self._tx() as db:
@@ -650,22 +782,34 @@ class Ledger:
 
     def finish_request(self, request_id: str, *, model: CheckpointRow, deleted: list[str], receipt: dict) -> None:
         with self._tx() as db:
-            db.execute("UPDATE forget_requests SET status = 'unlearned', model_checkpoint = ?, model_sha256 = ?, "
-                       "checkpoints_deleted = ?, receipt = ?, detail = NULL WHERE request_id = ?",
-                       (model.checkpoint_id, model.sha256, json.dumps(deleted), json.dumps(receipt, sort_keys=True),
-                        request_id))
+            db.execute(
+                "UPDATE forget_requests SET status = 'unlearned', model_checkpoint = ?, model_sha256 = ?, "
+                "checkpoints_deleted = ?, receipt = ?, detail = NULL WHERE request_id = ?",
+                (
+                    model.checkpoint_id,
+                    model.sha256,
+                    json.dumps(deleted),
+                    json.dumps(receipt, sort_keys=True),
+                    request_id,
+                ),
+            )
 
     def mark_delivered(self, request_ids: list[str]) -> None:
         with self._tx() as db:
             for rid in request_ids:
-                db.execute("UPDATE forget_requests SET delivered_at = ? WHERE request_id = ? AND delivered_at IS NULL",
-                           (_now(), rid))
+                db.execute(
+                    "UPDATE forget_requests SET delivered_at = ? WHERE request_id = ? AND delivered_at IS NULL",
+                    (_now(), rid),
+                )
 
     def site_epsilons(self, run_id: str | None = None) -> dict[str, SiteRound]:
         """Each site's latest reported privacy spend (its accountant is cumulative)."""
-        sql = ("SELECT sr.* FROM site_rounds sr JOIN rounds r USING (run_id, round, attempt) "
-               "WHERE sr.status = 'ok' AND sr.epsilon IS NOT NULL" + (" AND sr.run_id = ?" if run_id else "") +
-               " ORDER BY r.ended_at")
+        sql = (
+            "SELECT sr.* FROM site_rounds sr JOIN rounds r USING (run_id, round, attempt) "
+            "WHERE sr.status = 'ok' AND sr.epsilon IS NOT NULL"
+            + (" AND sr.run_id = ?" if run_id else "")
+            + " ORDER BY r.ended_at"
+        )
         latest: dict[str, SiteRound] = {}
         for r in self._db.execute(sql, (run_id,) if run_id else ()):
             d = dict(r)

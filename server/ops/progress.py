@@ -14,9 +14,9 @@ import tomli_w
 import typer
 
 from facefed.server.ledger.db import Ledger, LedgerError, RoundRow
-from facefed.server.state import StatePaths
 from facefed.server.ops.flwr_app import write_app_dir
 from facefed.server.ops.superlink import SuperLinkError, flwr_cli
+from facefed.server.state import StatePaths
 
 
 def submit(paths: StatePaths, submission: str, extra: dict | None = None) -> str:
@@ -29,19 +29,25 @@ def submit(paths: StatePaths, submission: str, extra: dict | None = None) -> str
 
 def print_round(r: RoundRow, planned: int) -> None:
     if r.status == "failed":
-        typer.secho(f"round {r.round}/{planned} attempt {r.attempt}: FAILED ({r.detail}); "
-                    f"missing {', '.join(r.missing) or 'none'}", fg=typer.colors.YELLOW)
+        typer.secho(
+            f"round {r.round}/{planned} attempt {r.attempt}: FAILED ({r.detail}); "
+            f"missing {', '.join(r.missing) or 'none'}",
+            fg=typer.colors.YELLOW,
+        )
         return
     acc = r.metrics.get("lfw_accuracy")
-    eps = ", ".join(f"{s.site} {s.epsilon:.3f}" for s in r.sites
-                    if s.status == "ok" and s.epsilon is not None and s.epsilon >= 0)
-    typer.echo(f"round {r.round}/{planned}: "
-               + (f"LFW accuracy {acc:.4f}; " if acc is not None else "")
-               + (f"epsilon {eps}; " if eps else "")
-               + f"sites {', '.join(r.participants)}"
-               + (f"; missing {', '.join(r.missing)}" if r.missing else "")
-               + f"; {r.metrics.get('round_s', 0):.1f} s (slowest site {r.metrics.get('slowest_site_s', 0):.1f} s)"
-               + f"; checkpoint {r.checkpoint_id} ({(r.checkpoint_sha256 or '')[:12]})")
+    eps = ", ".join(
+        f"{s.site} {s.epsilon:.3f}" for s in r.sites if s.status == "ok" and s.epsilon is not None and s.epsilon >= 0
+    )
+    typer.echo(
+        f"round {r.round}/{planned}: "
+        + (f"LFW accuracy {acc:.4f}; " if acc is not None else "")
+        + (f"epsilon {eps}; " if eps else "")
+        + f"sites {', '.join(r.participants)}"
+        + (f"; missing {', '.join(r.missing)}" if r.missing else "")
+        + f"; {r.metrics.get('round_s', 0):.1f} s (slowest site {r.metrics.get('slowest_site_s', 0):.1f} s)"
+        + f"; checkpoint {r.checkpoint_id} ({(r.checkpoint_sha256 or '')[:12]})"
+    )
 
 
 def flwr_status(paths: StatePaths, flwr_run: str) -> str | None:
@@ -88,8 +94,11 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
             # A resumed run shows how its previous attempt ended (written, after a server crash, by a
             # ServerApp that may outlive the submission by seconds) until ours opens it: an end counts
             # only once the run's latest attempt is our Flower run.
-            if run is not None and run.status in ("completed", "failed", "stopped") \
-                    and _latest_attempt(ledger, run_id) == flwr_run:
+            if (
+                run is not None
+                and run.status in ("completed", "failed", "stopped")
+                and _latest_attempt(ledger, run_id) == flwr_run
+            ):
                 if run.status == "completed":
                     if not quiet:
                         typer.echo(f"run {run_id} completed")
@@ -104,10 +113,13 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
                     time.sleep(2)  # let a final ledger write land
                     run = ledger.run(run_id) if run is not None else None
                     if run is None or run.status == "running" or _latest_attempt(ledger, run_id) != flwr_run:
-                        typer.secho(f"the ServerApp ended ({st}) before run {run_id} finished; "
-                                    f"FLWR_HOME={paths.flwr_home} flwr log {flwr_run} shows why; "
-                                    f"`facefed-server train` with the same config resumes it",
-                                    fg=typer.colors.RED, err=True)
+                        typer.secho(
+                            f"the ServerApp ended ({st}) before run {run_id} finished; "
+                            f"FLWR_HOME={paths.flwr_home} flwr log {flwr_run} shows why; "
+                            f"`facefed-server train` with the same config resumes it",
+                            fg=typer.colors.RED,
+                            err=True,
+                        )
                         return 1
                     continue
             if timeout and time.monotonic() - t0 > timeout:
@@ -133,8 +145,11 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                 if (qrow["site"], qrow["at"]) not in asked:
                     asked.add((qrow["site"], qrow["at"]))
                     if not qrow["ok"]:
-                        typer.secho(f"site {qrow['site']} did not answer the query ({qrow['detail']}); its requests "
-                                    f"wait until it does", fg=typer.colors.YELLOW)
+                        typer.secho(
+                            f"site {qrow['site']} did not answer the query ({qrow['detail']}); its requests "
+                            f"wait until it does",
+                            fg=typer.colors.YELLOW,
+                        )
                     elif qrow["detail"]:
                         typer.echo(f"site {qrow['site']}: {qrow['detail']}")
             for run in ledger.runs():
@@ -148,9 +163,14 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
             for r in ledger.requests():
                 if seen.get(r.request_id) != r.status:
                     seen[r.request_id] = r.status
-                    extra = (f": model {r.model_checkpoint} ({(r.model_sha256 or '')[:12]}), "
-                             f"{len(r.checkpoints_deleted)} tainted checkpoint(s) deleted" if r.status == "unlearned"
-                             else f": {r.detail}" if r.detail else "")
+                    extra = (
+                        f": model {r.model_checkpoint} ({(r.model_sha256 or '')[:12]}), "
+                        f"{len(r.checkpoints_deleted)} tainted checkpoint(s) deleted"
+                        if r.status == "unlearned"
+                        else f": {r.detail}"
+                        if r.detail
+                        else ""
+                    )
                     typer.echo(f"request {r.request_id} from site {r.site}: {r.status}{extra}")
             st = flwr_status(paths, flwr_run)
             if st and st.startswith("finished"):
@@ -163,12 +183,17 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                 if pending:
                     typer.echo(f"requests still pending: {', '.join(pending)}")
                 if not st.endswith("completed"):
-                    typer.secho(f"the unlearning ServerApp ended ({st}); FLWR_HOME={paths.flwr_home} flwr log "
-                                f"{flwr_run} shows why; `facefed-server unlearn` resumes it", fg=typer.colors.RED, err=True)
+                    typer.secho(
+                        f"the unlearning ServerApp ended ({st}); FLWR_HOME={paths.flwr_home} flwr log "
+                        f"{flwr_run} shows why; `facefed-server unlearn` resumes it",
+                        fg=typer.colors.RED,
+                        err=True,
+                    )
                     return 1
                 if refused:
-                    typer.secho(f"refused (see `facefed-server requests`): {', '.join(refused)}",
-                                fg=typer.colors.RED, err=True)
+                    typer.secho(
+                        f"refused (see `facefed-server requests`): {', '.join(refused)}", fg=typer.colors.RED, err=True
+                    )
                     return 1
                 typer.echo("unlearning done")
                 return 0
@@ -189,8 +214,12 @@ def follow_family(paths: StatePaths, family: str, shards: int, flwr_run: str, *,
                 break
             st = flwr_status(paths, flwr_run)
             if st and st.startswith("finished"):
-                typer.secho(f"the ServerApp ended ({st}) before shard {k} started; FLWR_HOME={paths.flwr_home} "
-                            f"flwr log {flwr_run} shows why", fg=typer.colors.RED, err=True)
+                typer.secho(
+                    f"the ServerApp ended ({st}) before shard {k} started; FLWR_HOME={paths.flwr_home} "
+                    f"flwr log {flwr_run} shows why",
+                    fg=typer.colors.RED,
+                    err=True,
+                )
                 return 1
             if timeout and time.monotonic() - t0 > timeout:
                 return 2

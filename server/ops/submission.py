@@ -45,12 +45,29 @@ def new_run_id(config: FederationConfig) -> str:
     return f"{config.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def write_submission(paths: StatePaths, config: FederationConfig | None, *, run_id: str, resume: bool,
-                     lfw: str | None, pretrained: str, mode: str = "train", receipt_key: str | None = None,
-                     wait_s: float = 60.0) -> str:
+def write_submission(
+    paths: StatePaths,
+    config: FederationConfig | None,
+    *,
+    run_id: str,
+    resume: bool,
+    lfw: str | None,
+    pretrained: str,
+    mode: str = "train",
+    receipt_key: str | None = None,
+    wait_s: float = 60.0,
+) -> str:
     name = f"sub-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}.json"
-    payload = {"run_id": run_id, "resume": resume, "config": json.loads(config.frozen_json()) if config else None,
-               "lfw": lfw, "pretrained": pretrained, "mode": mode, "receipt_key": receipt_key, "wait_s": wait_s}
+    payload = {
+        "run_id": run_id,
+        "resume": resume,
+        "config": json.loads(config.frozen_json()) if config else None,
+        "lfw": lfw,
+        "pretrained": pretrained,
+        "mode": mode,
+        "receipt_key": receipt_key,
+        "wait_s": wait_s,
+    }
     paths.submissions.mkdir(parents=True, exist_ok=True)
     (paths.submissions / name).write_text(json.dumps(payload, indent=1))
     return name
@@ -58,8 +75,9 @@ def write_submission(paths: StatePaths, config: FederationConfig | None, *, run_
 
 def read_submission(paths: StatePaths, name: str) -> Submission:
     if not isinstance(name, str) or not SUBMISSION_RE.match(name):
-        raise SubmissionError(f"submission {name!r} is not a submission file name (sub-*.json); "
-                              f"submit runs with `facefed-server train`")
+        raise SubmissionError(
+            f"submission {name!r} is not a submission file name (sub-*.json); submit runs with `facefed-server train`"
+        )
     path = paths.submissions / name
     if not path.is_file():
         raise SubmissionError(f"submission {path} does not exist")
@@ -71,6 +89,14 @@ def read_submission(paths: StatePaths, name: str) -> Submission:
     if mode not in ("train", "unlearn"):
         raise SubmissionError(f"submission {path}: mode {mode!r} is neither train nor unlearn")
     config = None if mode == "unlearn" else validate_config(data.get("config") or {}, FederationConfig, where=str(path))
-    return Submission(name=name, run_id=str(data["run_id"]), resume=bool(data["resume"]), config=config,
-                      lfw=data.get("lfw"), pretrained=str(data["pretrained"]), mode=mode,
-                      receipt_key=data.get("receipt_key"), wait_s=float(data.get("wait_s", 60.0)))
+    return Submission(
+        name=name,
+        run_id=str(data["run_id"]),
+        resume=bool(data["resume"]),
+        config=config,
+        lfw=data.get("lfw"),
+        pretrained=str(data["pretrained"]),
+        mode=mode,
+        receipt_key=data.get("receipt_key"),
+        wait_s=float(data.get("wait_s", 60.0)),
+    )

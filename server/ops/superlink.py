@@ -82,15 +82,23 @@ class TlsFiles:
         files = cls(d / TLS_CA, d / TLS_CERT, d / TLS_KEY)
         missing = [p.name for p in (files.ca, files.cert, files.key) if not p.is_file()]
         if missing:
-            raise SuperLinkError(f"TLS directory {d} lacks {', '.join(missing)}; "
-                                 f"make them with `facefed-server certs --out {d}`")
+            raise SuperLinkError(
+                f"TLS directory {d} lacks {', '.join(missing)}; make them with `facefed-server certs --out {d}`"
+            )
         return files
 
 
-def superlink_command(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None,
-                      node_auth: bool) -> list[str]:
-    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--database", str(paths.superlink_db),
-           "--disable-runtime-dependency-installation"]
+def superlink_command(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node_auth: bool) -> list[str]:
+    cmd = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(paths.superlink_db),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         if node_auth:
             raise SuperLinkError("node authentication needs TLS: pass --tls-dir (made by `facefed-server certs`)")
@@ -152,8 +160,9 @@ def serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise SuperLinkError(f"another server is already running with state {paths.root} "
-                             f"(see {paths.server_json}); stop it first") from None
+        raise SuperLinkError(
+            f"another server is already running with state {paths.root} (see {paths.server_json}); stop it first"
+        ) from None
     try:
         return _serve(paths, host=host, port=port, tls=tls, node_auth=node_auth)
     finally:
@@ -165,11 +174,21 @@ def _serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, nod
         raise SuperLinkError(f"port {port} on {host} is already in use: stop the other server or pick another --port")
     address = f"{connect_host(host)}:{port}"
     write_connection(paths, address, tls.ca if tls else None)
-    paths.write_server_info(ServerInfo(address=address, bind_host=host, port=port, tls=tls is not None,
-                                       ca_cert=str(tls.ca) if tls else None, node_auth=node_auth, pid=os.getpid()))
+    paths.write_server_info(
+        ServerInfo(
+            address=address,
+            bind_host=host,
+            port=port,
+            tls=tls is not None,
+            ca_cert=str(tls.ca) if tls else None,
+            node_auth=node_auth,
+            pid=os.getpid(),
+        )
+    )
     cmd = superlink_command(paths, host=host, port=port, tls=tls, node_auth=node_auth)
-    code, diagnosis = run_foreground(cmd, flower_env(paths.flwr_home), on_line=_diagnose,
-                                     log_path=paths.logs / "superlink.log")
+    code, diagnosis = run_foreground(
+        cmd, flower_env(paths.flwr_home), on_line=_diagnose, log_path=paths.logs / "superlink.log"
+    )
     if diagnosis:
         raise SuperLinkError(diagnosis)
     return code
@@ -180,14 +199,18 @@ def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> d
     """Run `flwr ARGS facefed --format json` and return its JSON; errors name the command and Flower's reason."""
     env = flower_env(paths.flwr_home)
     if not paths.flwr_config.is_file():
-        raise SuperLinkError(f"no SuperLink connection in {paths.flwr_config}; start the server with "
-                             f"`facefed-server start --state {paths.root}` first")
+        raise SuperLinkError(
+            f"no SuperLink connection in {paths.flwr_config}; start the server with "
+            f"`facefed-server start --state {paths.root}` first"
+        )
     cmd = ["flwr", *args, "--format", "json"]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise SuperLinkError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f} s; "
-                             f"is the server at {_address(paths)} running?") from None
+        raise SuperLinkError(
+            f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f} s; "
+            f"is the server at {_address(paths)} running?"
+        ) from None
     out = proc.stdout.strip()
     payload: dict = {}
     start = out.find("{")

@@ -108,10 +108,13 @@ class LocalDirStore:
         if not self.path.is_dir():
             return StoreUnavailable(
                 f"store {self.url}: directory is missing (disk not mounted?); mount or recreate it, "
-                f"then run `facefed-client vault repair`")
+                f"then run `facefed-client vault repair`"
+            )
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return StoreError(f"store {self.url} is read-only or not accessible ({doing}: {e.strerror}); "
-                              f"fix its permissions or mount it read-write")
+            return StoreError(
+                f"store {self.url} is read-only or not accessible ({doing}: {e.strerror}); "
+                f"fix its permissions or mount it read-write"
+            )
         if e.errno == errno.ENOSPC:
             return StoreError(f"store {self.url} is full ({doing}); free space or move it to a larger disk")
         return StoreError(f"store {self.url}: {doing} failed: {e.strerror or e}")
@@ -122,7 +125,7 @@ class LocalDirStore:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -243,8 +246,13 @@ class LocalDirStore:
         now, removed = time.time(), 0
         try:
             with os.scandir(self.path) as it:
-                stale = [e.path for e in it if e.name.startswith(_TMP_PREFIX) and e.name.endswith(_TMP_SUFFIX)
-                         and now - e.stat().st_mtime > older_than_s]
+                stale = [
+                    e.path
+                    for e in it
+                    if e.name.startswith(_TMP_PREFIX)
+                    and e.name.endswith(_TMP_SUFFIX)
+                    and now - e.stat().st_mtime > older_than_s
+                ]
         except OSError:
             return 0
         for p in stale:

@@ -96,7 +96,9 @@ class GrpcStore:
         self.target = f"{netloc}:{self.port}"
         self.policy = policy or RemotePolicy()
         tls = load_client_tls(tls_dir, self.url)
-        self._creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+        self._creds = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+        )
         self._lock = threading.Lock()
         self._pid = -1
         self._channel: grpc.Channel | None = None
@@ -305,7 +307,7 @@ class GrpcStore:
             check_share_id(share_id)
         found: dict[str, bytes] = {}
         for start in range(0, len(share_ids), GET_BATCH):
-            found.update(self._get_many(share_ids[start:start + GET_BATCH]))
+            found.update(self._get_many(share_ids[start : start + GET_BATCH]))
         return found
 
     def _get_many(self, ids: list[str]) -> dict[str, bytes]:
