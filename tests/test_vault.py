@@ -21,7 +21,7 @@ from facefed.client.vault import (
     verify_audit_chain,
 )
 from facefed.client.vault.sharefile import MIN_BUCKET, OVERHEAD, ShareKeys
-from facefed.client.vault.stores.base import LocalDirStore
+from facefed.client.vault.stores.local import LocalDirStore
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,17 @@ The holder never learns whose face a share belongs to: it stores opaque ids and 
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from facefed.client.vault.sharefile import LEN_PREFIX, MAX_IMAGE_BYTES, OVERHEAD, bucket
-from facefed.client.vault.stores.base import ShareNotFound, StoreError, check_share_id
+from facefed.client.holder.proto.shares import MAX_SHARE_BYTES, ShareNotFound, StoreError, check_share_id
+from facefed.common import sqlite
 from facefed.common.durable import fsync_dir, immediate
 
 # The largest share the vault can make (its largest image, padded to its bucket): bounds a request's memory.
-DEFAULT_MAX_SHARE_BYTES = bucket(MAX_IMAGE_BYTES + LEN_PREFIX.size) + OVERHEAD
+DEFAULT_MAX_SHARE_BYTES = MAX_SHARE_BYTES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (
@@ -36,7 +35,8 @@ CREATE TABLE IF NOT EXISTS shares (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_FORMAT = "facefed-holder-1"
+_FORMAT = "facefed-holder-1"  # meta row 'format' (not PRAGMA user_version, which stays 0)
+INDEX_NAME = "index.sqlite"
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,8 @@ class ShareDir:
         except OSError as e:
             raise StoreError(f"holder directory {self.root} is not writable: {e.strerror}") from e
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        # FULL: an acknowledged put must survive power loss, index row included.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # WAL, synchronous=FULL: an acknowledged put must survive power loss, index row included.
+        self._db = sqlite.connect(self.root / INDEX_NAME, journal="WAL", threads=True)
         self._db.executescript(_SCHEMA)
         fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
         if fmt is None:

@@ -2,9 +2,9 @@
 
     facefed-client store serve --dir DIR --listen HOST:PORT --tls-dir TLS
 
-Pieces: `holder_store.ShareDir` (files + index), the gRPC service below (generic handlers with the
+Pieces: `disk.ShareDir` (files + index), the gRPC service below (generic handlers with the
 messages of `proto/holder.proto`, bound to a unix socket in a private 0700 folder), and
-`holder_front.TLSFront` (the only network listener: verifies client certificates, logs who, relays).
+`front.TLSFront` (the only network listener: verifies client certificates, logs who, relays).
 Share ids are checked here as well as by the client, so a hand-made request with a path in its id
 gets INVALID_ARGUMENT and touches no file.
 """
@@ -29,8 +29,8 @@ import grpc
 from facefed.client.holder import proto
 from facefed.client.holder.disk import DEFAULT_MAX_SHARE_BYTES, ShareDir
 from facefed.client.holder.front import TLSFront
+from facefed.client.holder.proto.shares import ShareNotFound, check_share_id
 from facefed.client.holder.tls import load_server_tls
-from facefed.client.vault.stores.base import ShareNotFound, check_share_id
 
 log = logging.getLogger("facefed.holder")
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from facefed.client.vault.stores.base import StoreError
+from facefed.client.holder.proto.shares import StoreError
 from facefed.common import certs
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"

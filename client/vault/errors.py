@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreUnavailable
+from facefed.common.errors import FacefedError
 
 __all__ = [
     "VaultError",
@@ -20,7 +21,7 @@ __all__ = [
 ]
 
 
-class VaultError(Exception):
+class VaultError(FacefedError):
     """Base class of everything the vault refuses or cannot do."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facefed.client.vault.errors import InvalidConfig
+from facefed.common import sqlite
 from facefed.common.durable import immediate
 
 SCHEMA_VERSION = "1"
@@ -107,10 +108,11 @@ class Manifest:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
-            for pragma in ("secure_delete=ON", "journal_mode=DELETE", "synchronous=FULL", "foreign_keys=ON"):
-                self._db.execute(f"PRAGMA {pragma}")
+            self._db = sqlite.connect(path, journal="DELETE", secure_delete=True, foreign_keys=True, threads=True)
+        except sqlite3.DatabaseError as e:
+            raise InvalidConfig(f"{path} is not a readable vault manifest ({e}); restore it from your backup") from None
+        try:
             self._db.executescript(_SCHEMA)
             with self.write() as db:
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))

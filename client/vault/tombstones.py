@@ -13,6 +13,8 @@ import sqlite3
 from pathlib import Path
 
 from facefed.client.vault.errors import InvalidConfig
+from facefed.common import sqlite
+from facefed.common.durable import immediate
 
 REQUESTS_NAME = "requests.sqlite"
 VAULT_KEY_NAME = "key"  # the vault's 32-byte secret (client/vault/vault.py)
@@ -48,7 +50,8 @@ def _connect(vault_dir: Path, *, readonly: bool) -> sqlite3.Connection | None:
     path = Path(vault_dir) / REQUESTS_NAME
     if not path.is_file():
         return None
-    db = sqlite3.connect(f"file:{path}?mode={'ro' if readonly else 'rw'}", uri=True, timeout=30.0)
+    # requests.sqlite is client/forget/requests.py's file: the same rollback journal and secure_delete.
+    db = sqlite.connect(path, journal="DELETE", secure_delete=True, mode="ro" if readonly else "rw")
     if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='tombstones'").fetchone():
         db.close()
         return None
@@ -82,9 +85,8 @@ def lift_tombstones(vault_dir: str | Path, person_ids: list[str]) -> int:
     if db is None:
         return 0
     try:
-        db.execute("PRAGMA secure_delete=ON")
         key = vault_key(Path(vault_dir))
-        with db:
+        with immediate(db):
             return sum(
                 db.execute("DELETE FROM tombstones WHERE id_hash=?", (id_hash(key, p),)).rowcount
                 for p in dict.fromkeys(person_ids)

@@ -1,6 +1,6 @@
 """`grpcs://host:port`: a share store on another host, reached through its share holder (mutual TLS).
 
-`GrpcStore` implements the `Store` protocol over the holder's gRPC service, so the vault treats a
+`GrpcStore` implements `Store` over the holder's gRPC service, so the vault treats a
 remote holder exactly like a local directory. What the network adds is handled here:
 - every call has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED are retried a bounded number of times
   with exponential backoff (every operation is idempotent: put overwrites, delete of a missing share
@@ -27,13 +27,20 @@ from urllib.parse import urlsplit
 import grpc
 
 from facefed.client.holder import proto
-from facefed.client.holder.disk import DEFAULT_MAX_SHARE_BYTES
+from facefed.client.holder.proto.shares import MAX_SHARE_BYTES
 from facefed.client.holder.tls import load_client_tls
-from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreStat, StoreUnavailable, check_share_id
+from facefed.client.vault.stores.base import (
+    ShareNotFound,
+    Store,
+    StoreError,
+    StoreStat,
+    StoreUnavailable,
+    check_share_id,
+)
 
 SCHEME = "grpcs"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_MAX_MESSAGE = DEFAULT_MAX_SHARE_BYTES + 64 * 1024
+_MAX_MESSAGE = MAX_SHARE_BYTES + 64 * 1024
 PUT_MANY_BYTES = 4 * 1024 * 1024  # share bytes per PutMany request
 GET_BATCH = 32  # share ids per GetMany request
 GET_INFLIGHT = 1  # concurrent read requests per store before further gets queue up and batch
@@ -86,8 +93,11 @@ class _PendingGet:
         self.event = threading.Event()
 
 
-class GrpcStore:
+class GrpcStore(Store):
     """A `Store` on a remote share holder. Thread-safe."""
+
+    is_remote = True
+    prefetch_window = 32  # images per batched read ahead of the vault's reader (one GetMany per store)
 
     def __init__(self, url: str, *, tls_dir: str | Path | None = None, policy: RemotePolicy | None = None):
         self.host, self.port = parse_url(url)
@@ -216,7 +226,7 @@ class GrpcStore:
             return ValueError(f"share holder {self.url} refused {what}: {details}")
         return StoreError(f"share holder {self.url} failed {what}: {code.name}: {details}")
 
-    # -- Store protocol ----------------------------------------------------------------------------
+    # -- Store operations ----------------------------------------------------------------------------
     def put(self, share_id: str, data: bytes) -> None:
         check_share_id(share_id)
         self._call("Put", proto.PutRequest(share_id=share_id, data=bytes(data)), f"put {share_id}", read=False)
