@@ -49,7 +49,7 @@ class HolderStat:
 class ShareDir:
     """Thread-safe: reads go straight to files; index writes are serialised by one lock."""
 
-    def __init__(self, root: str | os.PathLike, *, max_share_bytes: int = DEFAULT_MAX_SHARE_BYTES):
+    def __init__(self, root: str | os.PathLike[str], *, max_share_bytes: int = DEFAULT_MAX_SHARE_BYTES):
         self.root = Path(root).resolve()
         self.max_share_bytes = max_share_bytes
         if not self.root.is_dir():
@@ -139,7 +139,7 @@ class ShareDir:
             raise
         self._index_many("UPDATE shares SET pending=0, size=? WHERE id=?", [(len(d), sid) for sid, _, d in planned])
 
-    def _index_many(self, sql: str, rows: list[tuple]) -> None:
+    def _index_many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         with self._lock, immediate(self._db):
             self._db.executemany(sql, rows)
 

@@ -36,7 +36,7 @@ class HolderProcess:
     tls_dir: Path
     log_path: Path
     netns: str | None = None
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _out: bytes = field(default=b"", repr=False)
 
     @property

@@ -22,9 +22,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from google.protobuf.message import Message
 
 from facefed.client.holder import proto
 from facefed.client.holder.proto.shares import MAX_SHARE_BYTES
@@ -166,16 +168,17 @@ class GrpcStore(Store):
             self._channel, self._pid = None, -1
 
     # -- one rpc with deadline, bounded retries and the down-holder fast path ---------------------
-    def _call(self, rpc: str, request, what: str, *, read: bool):
+    def _call(self, rpc: str, request: Message, what: str, *, read: bool) -> Any:
         p = self.policy
         timeout = p.read_timeout_s if read else p.write_timeout_s
         with self._lock:
-            down = self._down_since is not None
-            if down:
+            down_since = self._down_since
+            down = down_since is not None
+            if down_since is not None:
                 now = time.monotonic()
                 if now - self._last_probe < p.probe_interval_s:
                     raise StoreUnavailable(
-                        f"share holder {self.url} is unreachable (since {now - self._down_since:.1f}s); {what} skipped"
+                        f"share holder {self.url} is unreachable (since {now - down_since:.1f}s); {what} skipped"
                     )
                 self._last_probe = now
         attempts = max(1, p.read_attempts if read else p.write_attempts)
@@ -340,7 +343,7 @@ class GrpcStore(Store):
     def delete(self, share_id: str) -> bool:
         check_share_id(share_id)
         reply = self._call("Delete", proto.DeleteRequest(share_id=share_id), f"delete {share_id}", read=False)
-        return reply.existed
+        return bool(reply.existed)
 
     def list(self) -> Iterator[str]:
         after = ""
