@@ -29,6 +29,7 @@ import numpy as np
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from facefed.common.durable import atomic_write_bytes
+from facefed.common.errors import FacefedError
 
 Unit = Literal["person", "image", "none"]
 ACCOUNTANT = "rdp"
@@ -36,7 +37,7 @@ FORMAT = "facefed-accountant/1"
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256]
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FacefedError, RuntimeError):
     """Training would take the site past its epsilon budget; nothing was run or recorded."""
 
     def __init__(self, planned: float, spent: float, max_epsilon: float, delta: float, unit: str):
@@ -50,7 +51,7 @@ class BudgetExceeded(RuntimeError):
         )
 
 
-class AccountantMismatch(ValueError):
+class AccountantMismatch(FacefedError, ValueError):
     """The state file was written for another unit or delta, or is not an accountant file."""
 
 

@@ -15,12 +15,13 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from facefed.common.errors import FacefedError
 from facefed.common.model.stages import EMBEDDING_DIM, STAGES
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(FacefedError, ValueError):
     """A config file that cannot be read or does not validate; the message names file and key."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from facefed.common.errors import FacefedError
+
 LFW_ENV = "FACEFED_LFW"
 PRETRAINED_ENV = "FACEFED_PRETRAINED"
 
@@ -25,7 +27,7 @@ PRETRAINED_HELP = (
 )
 
 
-class DataNotFound(FileNotFoundError):
+class DataNotFound(FacefedError, FileNotFoundError):
     """A dataset or weight file that configuration points at (or fails to point at) is missing."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import INPUT_SIZE
 
 LFW_CROP = (65, 60, 185, 190)  # left, top, right, bottom in the 250x250 deep-funneled frame
@@ -29,7 +30,7 @@ MAX_IMAGE_BYTES = 20 << 20
 MAX_PIXELS = 40_000_000
 
 
-class BadImage(ValueError):
+class BadImage(FacefedError, ValueError):
     """Bytes that are not a decodable JPEG/PNG face image of the expected frame."""
 
 

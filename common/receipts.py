@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from facefed.common.errors import FacefedError
+
 RECEIPT_FORMAT = "facefed-receipt/1"
 ALGORITHM = "ed25519"
 _TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -35,7 +37,7 @@ Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 Timestamp = Annotated[str, Field(pattern=_TIME_RE.pattern)]
 
 
-class ReceiptError(ValueError):
+class ReceiptError(FacefedError, ValueError):
     """A receipt that is malformed, tampered with, or signed by another key; the message says which."""
 
 

@@ -7,6 +7,7 @@ config written by `facefed-client start`):
     STATE/heads/<run>/r<round>-a<attempt>.pt   the site's private margin head after each round
     STATE/accountant.json                      the site's privacy accountant (epsilon accumulates)
     STATE/contributions.sqlite                 who was trained on in which run and round
+(every path is named in client/state.py).
 
 Per round: check the order (run id, round, training config) and that the frozen part of our model is
 the server's (same prefix fingerprint); open the vault and decode the faces in memory (no plain image
@@ -34,11 +35,13 @@ import numpy as np
 import torch
 
 from facefed.client.forget.contributions import ContributionLog
+from facefed.client.state import SiteState
 from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
 from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.training.trainer import train_local
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig, validate_config
+from facefed.common.errors import FacefedError
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.nodekeys import check_site_name
@@ -46,11 +49,10 @@ from facefed.common.paths import pretrained_path
 from facefed.common.shards import shard_of
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
-HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
 _LFW_CACHE: dict[tuple, tuple] = {}  # simulation: ray reuses worker processes (see _SimulatedLFW)
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(FacefedError, ValueError):
     """The node or the order from the server is unusable; the message names the key and the remedy."""
 
 
@@ -67,15 +69,19 @@ class Site:
     sim_max_images: int = 0
 
     @property
+    def files(self) -> SiteState:
+        return SiteState(self.state, self.vault)
+
+    @property
     def accountant_path(self) -> Path:
-        return self.state / "accountant.json"
+        return self.files.accountant
 
     @property
     def contributions_path(self) -> Path:
-        return self.state / "contributions.sqlite"
+        return self.files.contributions
 
     def head_path(self, run_id: str, rnd: int, attempt: int) -> Path:
-        return self.state / "heads" / run_id / f"r{rnd:04d}-a{attempt}.pt"
+        return self.files.head_path(run_id, rnd, attempt)
 
 
 @dataclass(frozen=True)
@@ -246,14 +252,11 @@ def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
             return fresh, f"fresh (missing {path.name})"
         return MarginHead.load(path), path.name
     # Unknown to the server (no authentication): our latest head of this run before this round.
-    runs_dir = site.state / "heads" / order.run_id
-    best = None
-    for p in runs_dir.glob("r*-a*.pt") if runs_dir.is_dir() else []:
-        m = HEAD_RE.match(p.name)
-        if m and int(m.group(1)) < order.round:
-            key = (int(m.group(1)), int(m.group(2)))
-            best = max(best, (key, p)) if best else (key, p)
-    return (MarginHead.load(best[1]), best[1].name) if best else (fresh, "fresh")
+    earlier = [((rnd, att), p) for rnd, att, p in site.files.round_heads(order.run_id) if rnd < order.round]
+    if not earlier:
+        return fresh, "fresh"
+    best = max(earlier)[1]
+    return MarginHead.load(best), best.name
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,14 @@ import time
 from multiprocessing.connection import AuthenticationError, Client, Listener
 from pathlib import Path
 
+from facefed.client.state import SiteState
 from facefed.common.certs import write_private
 
-SOCKET_NAME = "worker.sock"
-KEY_NAME = "worker.key"
 STARTUP_TIMEOUT_S = 120.0
 
 
 def socket_path(state: Path) -> Path:
-    return Path(state) / SOCKET_NAME
+    return SiteState(Path(state)).worker_socket
 
 
 def serve(node_config: Path) -> None:
@@ -44,7 +43,7 @@ def serve(node_config: Path) -> None:
 
     nc = tomllib.loads(Path(node_config).read_text())
     site = site_of(nc, {})
-    key = (site.state / KEY_NAME).read_bytes()
+    key = site.files.worker_key.read_bytes()
     sock = socket_path(site.state)
     sock.unlink(missing_ok=True)
     old = os.umask(0o177)  # the socket file is created 0600
@@ -89,7 +88,7 @@ def start(
 
     Without waiting, rounds that arrive before it is ready are trained in the ClientApp's process."""
     state = Path(state)
-    write_private(state / KEY_NAME, secrets.token_bytes(32))
+    write_private(SiteState(state).worker_key, secrets.token_bytes(32))
     socket_path(state).unlink(missing_ok=True)
     out = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
@@ -114,7 +113,8 @@ def start(
 
 def call(state: Path, request: dict) -> dict | None:
     """Send one round to the worker and wait for its answer; None if there is no worker to ask."""
-    sock, key_path = socket_path(state), Path(state) / KEY_NAME
+    files = SiteState(Path(state))
+    sock, key_path = files.worker_socket, files.worker_key
     if not sock.exists() or not key_path.exists():
         return None
     try:

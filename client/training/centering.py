@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch
 
 from facefed.client.training.faces import SiteFaces
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import MobileFaceNet
 from facefed.common.preprocess import to_input
 
 
-class CenteringError(ValueError):
+class CenteringError(FacefedError, ValueError):
     """Centring asked of a model or site where it cannot run; the message says why."""
 
 

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from facefed.common.durable import atomic_write_bytes
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import EMBEDDING_DIM
 
 HEAD_FORMAT = "facefed-head/1"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
-class HeadError(ValueError):
+class HeadError(FacefedError, ValueError):
     """A bad person id, a duplicate or unknown row, or a head file that does not fit."""
 
 

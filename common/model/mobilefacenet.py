@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facefed.common.durable import atomic_write_bytes
+from facefed.common.errors import FacefedError
 from facefed.common.model.stages import EMBEDDING_DIM, STAGES
 
 Norm = Literal["folded", "group", "batch"]
@@ -40,7 +41,7 @@ PRETRAINED_PREFIX = "arcface."
 BN_EPS = 1e-5  # torch's BatchNorm default, which the CASIA checkpoint was trained with
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(FacefedError, ValueError):
     """A state dict whose keys or shapes do not fit the model; the message names the first mismatch."""
 
 

@@ -14,11 +14,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from facefed.common.errors import FacefedError
+
 TAIL = "tail"  # the one array in the ArrayRecord
 NAMES, SHAPES = "layout-names", "layout-shapes"  # ConfigRecord keys
 
 
-class LayoutError(ValueError):
+class LayoutError(FacefedError, ValueError):
     """A flat vector whose layout or length does not match; the message says what differs."""
 
 
