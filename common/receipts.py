@@ -57,7 +57,7 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    format: Literal["facefed-receipt/1"] = RECEIPT_FORMAT
+    format: Literal["facefed-receipt/1"] = "facefed-receipt/1"  # RECEIPT_FORMAT
     request_id: Annotated[str, Field(pattern=r"^fr-[0-9a-f]{16}$")]
     site: Ident
     person_pseudonym: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -97,7 +97,7 @@ def key_fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
     return "SHA256:" + hashlib.sha256(der).hexdigest()
 
 
-def sign_receipt(receipt: Receipt, private_key: ed25519.Ed25519PrivateKey) -> dict:
+def sign_receipt(receipt: Receipt, private_key: ed25519.Ed25519PrivateKey) -> dict[str, Any]:
     """The signed document; refuses a receipt that names another key than the one signing it."""
     if not isinstance(private_key, ed25519.Ed25519PrivateKey):
         raise ReceiptError(
