@@ -182,7 +182,7 @@ def status(
             "-"
             if r.unlearned_at is None
             else f"{_when(r.unlearned_at)}\nrun {r.run_id} round {r.round}\n{r.checkpoint_id}\n"
-            f"sha256 {r.checkpoint_sha256[:16]}..."
+            f"sha256 {(r.checkpoint_sha256 or '')[:16]}..."
         )
         receipt = "-" if r.receipt_path is None else f"{_when(r.receipt_at)}\n{r.receipt_path}"
         table.add_row(

@@ -42,7 +42,7 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
                         request_id=r.request_id,
                         pseudonym=r.pseudonym,
                         received_at=r.received_at,
-                        erased_at=float(r.erased_at),
+                        erased_at=float(r.erased_at or 0.0),  # pending_for_server: erased_at is set
                         shares_destroyed=int(r.shares_destroyed or 0),
                         contributions={s.run_id: sorted(set(s.rounds)) for s in r.contributions},
                     )

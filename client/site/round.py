@@ -28,6 +28,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from facefed.client.training.trainer import train_local
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig, validate_config
 from facefed.common.errors import FacefedError
+from facefed.common.lfw import ImageKey
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.nodekeys import check_site_name
@@ -49,7 +51,8 @@ from facefed.common.paths import pretrained_path
 from facefed.common.shards import shard_of
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
-_LFW_CACHE: dict[tuple, tuple] = {}  # simulation: ray reuses worker processes (see _SimulatedLFW)
+# simulation: ray reuses worker processes (see _SimulatedLFW); (archive, sites, people, images) -> data
+_LFW_CACHE: dict[tuple[str, int, int, int], tuple[list[list[str]], _SimulatedLFW]] = {}
 
 
 class SiteConfigError(FacefedError, ValueError):
@@ -200,10 +203,10 @@ class _SimulatedLFW:
         self._keys = {n: (lfw.keys(n)[:max_images] if max_images else lfw.keys(n)) for p in partitions for n in p}
         self._bytes = lfw.load_images([k for ks in self._keys.values() for k in ks])
 
-    def keys(self, name: str):
+    def keys(self, name: str) -> list[ImageKey]:
         return self._keys[name]
 
-    def load_images(self, keys):
+    def load_images(self, keys: Iterable[ImageKey]) -> dict[ImageKey, bytes]:
         return {k: self._bytes[k] for k in keys}
 
 
@@ -216,9 +219,11 @@ def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
         with Vault.open(site.vault) as vault:
             people = None
             if shards > 1:
-                key = shard_key(vault_key(site.vault))
-                people = sorted(r.person_id for r in vault.people() if shard_of(key, r.pseudonym, shards) == shard)
+                vkey = shard_key(vault_key(site.vault))
+                people = sorted(r.person_id for r in vault.people() if shard_of(vkey, r.pseudonym, shards) == shard)
             return faces_from_vault(vault, people, threads=site.threads)
+    if site.sim_partition is None or site.sim_lfw is None:
+        raise SiteConfigError(f"site {site.name} has neither a vault nor a simulation partition")
     pid, n = site.sim_partition
     key = (site.sim_lfw, n, site.sim_people, site.sim_max_images)
     cached = _LFW_CACHE.get(key)
@@ -234,10 +239,10 @@ def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
     parts, images = cached
     names = parts[pid]
     if shards > 1:
-        key = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
+        skey = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
         from facefed.client.training.faces import lfw_pseudonym
 
-        names = [n for n in names if shard_of(key, lfw_pseudonym(n), shards) == shard]
+        names = [n for n in names if shard_of(skey, lfw_pseudonym(n), shards) == shard]
     return faces_from_lfw(images, names, max_per_person=site.sim_max_images or None, threads=site.threads)
 
 
@@ -331,7 +336,7 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
         "train-s": time.perf_counter() - t_train,
         "round-s": time.perf_counter() - t0,
     }
-    info = {
+    info: dict[str, str | int] = {
         "name": site.name,
         "unit": report.unit,
         "accountant": report.accountant,

@@ -20,7 +20,8 @@ import secrets
 import subprocess
 import sys
 import time
-from multiprocessing.connection import AuthenticationError, Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 from facefed.client.state import SiteState
@@ -38,11 +39,14 @@ def serve(node_config: Path) -> None:
     import tomllib
 
     from facefed.client.forget.sync import answer_query
-    from facefed.client.site.round import order_of, run_round, site_of  # the expensive imports, once
+    from facefed.client.site.round import SiteConfigError, order_of, run_round, site_of  # the expensive imports
     from facefed.common.protocol.forget import QueryOrder
 
     nc = tomllib.loads(Path(node_config).read_text())
     site = site_of(nc, {})
+    vault = site.vault
+    if vault is None:
+        raise SiteConfigError("the warm worker serves a node with a vault (`facefed-client start`)")
     key = site.files.worker_key.read_bytes()
     sock = socket_path(site.state)
     sock.unlink(missing_ok=True)
@@ -64,7 +68,7 @@ def serve(node_config: Path) -> None:
                     if "query" in req:  # forget requests both ways (client/forget_sync.py)
                         reply = answer_query(
                             site=site.name,
-                            vault_dir=site.vault,
+                            vault_dir=vault,
                             state_dir=site.state,
                             order=QueryOrder.model_validate_json(req["query"]),
                         )

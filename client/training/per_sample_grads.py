@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
+from torch.nn import grad as nn_grad
 
 
 @register_grad_sampler(nn.PReLU)
@@ -124,7 +125,7 @@ def batch_grad(
     out = {}
     if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
         if layer.weight.requires_grad:
-            out[layer.weight] = torch.nn.grad.conv2d_weight(
+            out[layer.weight] = nn_grad.conv2d_weight(
                 x, layer.weight.shape, backprops, layer.stride, layer.padding, layer.dilation, layer.groups
             )
         if layer.bias is not None and layer.bias.requires_grad:

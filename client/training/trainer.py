@@ -62,8 +62,9 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
@@ -225,7 +226,7 @@ class _Loop:
         sigma: float,
         expected_batch: float,
         seed: int,
-        anchored: list[nn.Parameter] = (),
+        anchored: Sequence[nn.Parameter] = (),
     ):
         self.head, self.cfg, self.private = head, cfg, cfg.privacy_unit != "none"
         # Proximal pull toward the weights this call started from (pretrained or the round's global
@@ -236,6 +237,7 @@ class _Loop:
         module.train()  # Opacus validates and captures activations only in training mode (no layer here
         #                 behaves differently in it: no dropout, no BatchNorm)
         self.ghost = self.private and cfg.clipping == "ghost"
+        self.module: Any  # an Opacus GradSampleModule (an untyped library) or, non-private, the module itself
         if self.private:
             errors = ModuleValidator.validate(module, strict=False)
             if errors:
@@ -335,6 +337,12 @@ def _check(
         raise ValueError(f"head has scale {head.scale}, margin {head.margin}; config says {cfg.scale}, {cfg.margin}")
 
 
+def _given(value: float | None) -> float:
+    """A config value that TrainConfig's validation guarantees for this branch (private training)."""
+    assert value is not None
+    return value
+
+
 def train_local(
     model: MobileFaceNet,
     head: MarginHead,
@@ -362,7 +370,9 @@ def train_local(
     unit = cfg.privacy_unit
     gen = torch.Generator().manual_seed(seed)
     if unit == "image":
-        sampler = ImageSampler(faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen)
+        sampler: ImageSampler | PersonSampler = ImageSampler(
+            faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen
+        )
     else:  # person, and the non-private baseline on exactly the same kind of batches
         sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, generator=gen)
     fresh = not head.probed  # a fresh head gets the centring release and the probe steps
@@ -374,15 +384,17 @@ def train_local(
     # Privacy plan first: refuse before touching anything.
     sigma = 0.0
     if unit != "none":
+        assert accountant is not None  # _check refused a private call without one
         sigma = (
             cfg.noise_multiplier
             if cfg.noise_multiplier is not None
-            else accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total, extra=extra)
+            else accountant.noise_for(_given(cfg.target_epsilon), cfg.sample_rate, total, extra=extra)
         )
         accountant.plan(sigma, cfg.sample_rate, total, extra=extra)
 
     inputs = _Inputs(model, faces)
-    done, n_images, losses, used = 0, 0, [], torch.zeros(faces.n_people, dtype=torch.bool)
+    done, n_images, used = 0, 0, torch.zeros(faces.n_people, dtype=torch.bool)
+    losses: list[float] = []
     shift = None
     eps_cache = (0, accountant.epsilon() if accountant else 0.0)
     t_loop = time.perf_counter()
@@ -395,7 +407,7 @@ def train_local(
             eps_cache = (
                 done,
                 math.inf
-                if unit == "none"
+                if unit == "none" or accountant is None
                 else accountant.projected(sigma, cfg.sample_rate, done, extra=extra if shift is not None else ()),
             )
         recent = losses[-20:]
@@ -433,7 +445,7 @@ def train_local(
                 inputs.feats,
                 unit="image" if unit == "image" else "person",
                 clip=cfg.center_clip,
-                noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
+                noise_multiplier=_given(cfg.center_noise) if unit != "none" else 0.0,
                 generator=torch.Generator().manual_seed(seed ^ 0xCE17E4),
             )
         if probe:
@@ -461,7 +473,10 @@ def train_local(
                 tuned = {id(p) for n, p in net.tail.named_parameters() if n.endswith(".bias")}
                 frozen_now = [p for p in tail if id(p) not in tuned]
                 tail = [p for p in tail if id(p) in tuned]
-            groups = [{"params": tail, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+            groups: list[dict[str, Any]] = [
+                {"params": tail, "lr": cfg.lr},
+                {"params": list(head.parameters()), "lr": cfg.head_lr},
+            ]
             for p in frozen_now:
                 p.requires_grad_(False)
             try:
@@ -481,13 +496,13 @@ def train_local(
             accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
         model.eval()
     wall = time.perf_counter() - t0
-    tail = losses[-max(1, len(losses) // 10) :]
+    last = losses[-max(1, len(losses) // 10) :]
     return TrainReport(
         steps=done,
         probe_steps=probe,
         images=n_images,
-        loss=sum(tail) / max(1, len(tail)),
-        epsilon=math.inf if unit == "none" else accountant.epsilon(),
+        loss=sum(last) / max(1, len(last)),
+        epsilon=math.inf if unit == "none" or accountant is None else accountant.epsilon(),
         delta=cfg.delta,
         unit=unit,
         accountant="none" if unit == "none" else "rdp",
