@@ -2,7 +2,7 @@
 
 `forget(vault_dir, state_dir, person_id)` does, in this order:
  1. checks the person (an unknown person is an error that changes nothing);
- 2. records the request (`client/requests.py`): pseudonym, the runs/rounds their data was used in
+ 2. records the request (`client/forget/requests.py`): pseudonym, the runs/rounds their data was used in
     (what the server needs to roll back and replay), and a tombstone; committed before anything is
     destroyed, so a crash later never loses the request;
  3. erases their shares from every store (`Vault.erase`: manifest rows first, then the files; what a
@@ -16,7 +16,7 @@ Repeating it is harmless: an open request for the same person is resumed or retu
 the node at start-up and around rounds (a crash before erasing, a round in flight during the erasure).
 
 What this cannot do alone: the other rows of a head and the shared backbone were trained *with* the
-person; exact unlearning (rollback + replay without them) is the server's part (server/unlearn.py),
+person; exact unlearning (rollback + replay without them) is the server's part (server/forget/unlearn.py),
 which reads the summary from the request log through the site's `query` reply.
 """
 

@@ -1,7 +1,7 @@
-"""The site's answer to the server's `query` message (common/forget_wire.py): forget requests both ways.
+"""The site's answer to the server's `query` message (common/protocol/forget.py): forget requests both ways.
 
 In order:
- 1. `settle` every request first (client/forget.py): a site that crashed between erasing and
+ 1. `settle` every request first (client/forget/erase.py): a site that crashed between erasing and
     reporting, or a head written by a round in flight during an erasure, is put right before
     anything is reported;
  2. keep the receipts the server delivers (each moves its request to `model_unlearned`, then

@@ -1,5 +1,5 @@
 """One federated round of local DP training at a site: what the ClientApp (or the site's warm
-worker, see client/worker.py) does with a `train` message from the server.
+worker, see client/site/worker.py) does with a `train` message from the server.
 
 Everything that must outlive the round is on disk, under the site's state directory (from the node
 config written by `facefed-client start`):

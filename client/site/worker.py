@@ -7,7 +7,7 @@ serves one round (or one forget `query`) at a time over a Unix socket in the sit
 The ClientApp stays thin (Flower plus numpy) and forwards the server's order and arrays here.
 
 Nothing is kept between rounds: every round re-reads the vault, the head and the accountant from disk
-exactly as the in-process path does (`client.site_round.run_round`). The socket is 0600 and the
+exactly as the in-process path does (`client/site/round.py` `run_round`). The socket is 0600 and the
 connection is authenticated with a random key written 0600 at start (multiprocessing's HMAC
 challenge), so only processes of the site's own user that can read the state directory can use it.
 If the worker is not there, the ClientApp trains in its own process instead.
@@ -65,7 +65,7 @@ def serve(node_config: Path) -> None:
             with conn:
                 try:
                     req = conn.recv()
-                    if "query" in req:  # forget requests both ways (client/forget_sync.py)
+                    if "query" in req:  # forget requests both ways (client/forget/sync.py)
                         reply = answer_query(
                             site=site.name,
                             vault_dir=vault,

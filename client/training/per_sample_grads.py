@@ -7,7 +7,7 @@ Importing this module registers two grad samplers with Opacus (its registry is g
   (out x in*k*k) product per sample and keeps its block diagonal, i.e. `groups` times too much work
   (256x for MobileFaceNet's 3x3 depthwise layers). Here only the diagonal is computed. Other convs go
   to Opacus' own sampler, except 1x1 stride-1 convs, which need no unfold (a batched matmul).
-For ghost clipping (the default, see client/trainer.py) it also registers per-sample gradient NORM
+For ghost clipping (the default, see client/training/trainer.py) it also registers per-sample gradient NORM
 samplers for Conv2d (Gram-matrix trick for 1x1 convs) and PReLU.
 tests/test_trainer_grads.py checks all of them against a per-example autograd loop.
 """

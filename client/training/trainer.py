@@ -1,59 +1,9 @@
 """Local training at a site: DP-SGD (Opacus) with per-person Poisson sampling.
 
-Why the guarantee is per person, and what it relies on
-------------------------------------------------------
-Neighbouring datasets differ in all the images of one person (add/remove one person). The site's
-enrolment roster, i.e. the set of head rows (random pseudonyms, one per enrolled person) and hence the
-number of people, is treated as public/fixed: a row exists for every enrolled person whether or not
-their images are used, it is initialised at random from (seed, pseudonym) only, and removing a
-person's images from training does not change any other row's initial value. Epsilon bounds what the
-*released* backbone (the trainable tail sent to the federation) and every later model derived from it
-reveal about one person's images. The head itself is never released, but the backbone's updates depend
-on it (every head row enters every person's softmax), so the head must itself be an output of DP steps.
-
-Each step (`_dp_step`):
-1. `PersonSampler` puts each person in the batch with probability q, with one of their images (and a
-   random flip): a person enters a step through at most one per-sample gradient.
-2. Opacus computes per-sample gradients of the CosFace loss w.r.t. ALL trainable parameters jointly
-   (backbone tail + head), clips each to L2 norm C, sums, and adds N(0, sigma^2 C^2) to the sum.
-   That is the subsampled Gaussian mechanism with sensitivity C per person.
-3. Per-sample separability: a sampled person's gradient depends only on their own image and on the
-   current parameters (the network has no BatchNorm; folded or GroupNorm layers are per-sample), and
-   the current parameters are outputs of earlier DP steps or data-independent (pretrained CASIA
-   weights, random head rows). Tested in tests/test_trainer_grads.py and tests/test_trainer.py.
-   The DP randomness (sampling, flips, noise) is drawn from OS entropy for every call, so no one can
-   regenerate the noise, and an unlearning replay is an independent release (see `train_local`).
-4. Everything after the noisy sum (momentum, head row renormalisation, the proximal pull `prox` of
-   the tail toward the weights the call started from) is post-processing: it uses no data.
-The RDP accountant (common/accountant.py) composes all steps the site ever took, persisted on disk,
-and training that would pass `max_epsilon` is refused before it starts.
-
-What would break it (and is therefore not done): initialising a head row from the person's images
-(e.g. their mean embedding) — that row enters every other person's loss, so a person would influence
-many per-sample gradients; BatchNorm in training mode; sampling several images of a person per step
-under the person unit; "free" non-private warm-up steps on the site's data.
-
-The recipe (bench/train.py, chosen on held-out peopleDevTrain people by bench/tune.py): with a fresh
-head, the embedding is first centred on the site's people by one Gaussian release of their mean
-(`center_noise`, client/centering.py), then the head learns privately on frozen features
-(`probe_steps`, DP linear probing), then tail and head train together (`steps`). Every release is
-counted in the accountant. Only the tail runs per step: the frozen prefix runs once per image and its
-mirror (`prefix_features`), since the only augmentation is the flip.
-What limits per-person DP here is the head, and it is fundamental: a head row is, in effect, a
-DP release of one person's class centre, and at epsilon 8 the Gaussian noise on a 128-d row is several
-times the row itself. Backbone updates that chase those noisy centres fit noise (all 65k-300k tail
-weights drift; measured: -1 to -5 points). So the DP rows tune only the tail's biases (`tune = "bias"`,
-DP-BiTFiT, Bu et al. 2022): 128 numbers cannot fit per-person noise, but can learn what all people
-share. The largest such shared thing is the embedding's offset, which the centring release gets
-directly, with no head in the way (on held-out people: centring alone +0.5 to +1.0 points, DP-BiTFiT
-alone about 0, both together about the same as centring). What non-private fine-tuning gains beyond
-that is a full-rank change of the 512->128 map (its singular values are flat), out of reach of a
-low-dimensional DP update at this number of people.
-Per-sample clipping uses Opacus ghost clipping (`clipping = "ghost"`): per-sample gradient norms from
-one backward pass (our norm samplers in client/per_sample_grads.py), then the clipped sum from the
-same pass's activations and backprops scaled per sample ("book-keeping"), instead of a second
-backward pass; `clipping = "hooks"` materialises per-sample gradients (Opacus' classic mode). Both
-give the exact clipped sum (tests/test_trainer_grads.py).
+`train_local` trains the embedder's tail and the site's private margin head on the site's faces,
+refusing before any step a call that would pass the site's privacy budget, and records every release
+in the accountant. Why the guarantee is per person, what it relies on, what would break it, and why
+the recipe is centring + DP linear probing + DP-BiTFiT: docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -438,7 +388,7 @@ def train_local(
 
     try:
         if center:
-            # DP mean centring (client/centering.py): one Gaussian release, recorded below.
+            # DP mean centring (client/training/centering.py): one Gaussian release, recorded below.
             shift = dp_center(
                 model,
                 faces,
