@@ -18,6 +18,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet, build_embedder, sha256_file
 from facefed.server.evaluation import Evaluator, Evaluators, evaluate_ensemble
 from facefed.server.forget.replay import Unlearning
@@ -70,7 +71,7 @@ class Coordinator:
             return
         self._run_one(RunContext(self.sub.run_id, cfg), resume=self.sub.resume)
 
-    def _run_shards(self, cfg) -> None:
+    def _run_shards(self, cfg: FederationConfig) -> None:
         """SISA: one run per shard (each on the people the sites' keyed hash puts in it), one after the
         other; a resumed job skips the shards that completed. Then the ensemble is evaluated."""
         family, shards = self.sub.run_id, cfg.shards

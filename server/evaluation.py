@@ -48,7 +48,7 @@ class Evaluators:
 
     def __init__(self, lfw: str | None, injected: EvalFn | None = None):
         self.lfw, self.injected = lfw, injected
-        self._made: dict[tuple, Evaluator] = {}
+        self._made: dict[tuple[str, bool, int | None], Evaluator] = {}
 
     def for_config(self, cfg: FederationConfig) -> EvalFn | None:
         if self.injected is not None:

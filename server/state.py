@@ -19,10 +19,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facefed.common.errors import FacefedError
+
 CONNECTION = "facefed"  # name of the SuperLink connection in DIR/flwr/config.toml
 
 
-class StateDirError(FileNotFoundError):
+class StateDirError(FacefedError, FileNotFoundError):
     """The state directory is missing a part a command needs; the message says which command makes it."""
 
 

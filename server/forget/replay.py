@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from facefed.common.config import validate_config
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.protocol.forget import BudgetAsk
@@ -35,7 +37,7 @@ class Unlearning:
             json.loads(self.ledger.run(run_id).config_json), FederationConfig, where=f"ledger run {run_id}"
         )
 
-    def _key(self):
+    def _key(self) -> Ed25519PrivateKey:
         return signing_key(*key_paths(self.paths, Path(self.receipt_key) if self.receipt_key else None))
 
     def unlearn(self, cfg: FederationConfig | None, current: str | None) -> str | None:
