@@ -9,7 +9,7 @@ Everything the operator must keep (and back up) lives under one directory:
     DIR/flwr/config.toml    the `facefed` SuperLink connection (`flwr run`, `flwr supernode ...`)
     DIR/server.json         how this server was started (address, TLS): read by train/sites/status
     DIR/submissions/        frozen, validated run configurations handed to the ServerApp
-    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/flwr_app.py)
+    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/ops/flwr_app.py)
     DIR/logs/               SuperLink log
 """
 
