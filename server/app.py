@@ -93,8 +93,8 @@ class Coordinator:
 
             def between(c: RunContext) -> RunContext:
                 nonlocal current
-                run_id = self.unlearning.unlearn(c.config, current=c.run_id)
-                current = c if run_id == c.run_id or run_id is None else dataclasses.replace(c, run_id=run_id)
+                run_id = self.unlearning.unlearn(c.config, current=c.run_id) or c.run_id
+                current = c if run_id == c.run_id else dataclasses.replace(c, run_id=run_id)
                 return current
 
             try:
