@@ -25,7 +25,7 @@ from facefed.server.ledger.checkpoints import CheckpointCorrupt, CheckpointStore
 from facefed.server.ledger.db import Ledger, LedgerError
 from facefed.server.ops.submission import Submission, read_submission, write_submission
 from facefed.server.state import StatePaths
-from facefed.server.strategy import BackboneFedAvg, ReplyRejected
+from facefed.server.strategy import BackboneAverage, ReplyRejected
 
 TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
@@ -229,7 +229,7 @@ def test_strategy_checks_replies():
 
     TaskIdentity.run_id, TaskIdentity.node_id = 1, 0
     sent = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
-    strat = BackboneFedAvg(weighting="people", expected=sent, min_sites=1)
+    strat = BackboneAverage(weighting="people", expected=sent)
     msg = Message(RecordDict({}), dst_node_id=9, message_type="train")
     msg.metadata.__dict__["_message_id"] = msg.object_id
 
@@ -372,7 +372,7 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     import threading
     import time
 
-    from facefed.server.app import run_lock
+    from facefed.server.runs import run_lock
 
     released = threading.Event()
     said: list[str] = []

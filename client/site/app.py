@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from facefed.client.site import worker
 from facefed.common.errors import FacefedError
 from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
-
-ARRAYS, CONFIG, METRICS, SITE = "backbone", "config", "metrics", "site"  # same keys as server/strategy.py
+from facefed.common.protocol.train import ARRAYS, CONFIG, METRICS, SITE, SiteInfo, TrainMetrics, TrainReply
 
 app = ClientApp()
 
@@ -72,16 +71,19 @@ def train(msg: Message, context: Context) -> Message:
     if not res.get("ok"):
         raise SiteRoundError(res.get("error", "the site's training worker failed"))
 
-    metrics = MetricRecord(
-        {
-            **res["metrics"],
-            "compute-s": time.perf_counter() - t0,
-            "handler-start": started_at,
-            "process-start": process_started_at(),
-        }
-    )
     flat, names, shapes = pack(res["arrays"])  # the shared tail only: the head stays at the site
-    info = ConfigRecord({**res["info"], NAMES: names, SHAPES: shapes})
+    reply = TrainReply(
+        metrics=TrainMetrics.model_validate(
+            {
+                **res["metrics"],
+                "compute-s": time.perf_counter() - t0,
+                "handler-start": started_at,
+                "process-start": process_started_at(),
+            }
+        ),
+        site=SiteInfo.model_validate({**res["info"], NAMES: names, SHAPES: shapes}),
+    )
+    metrics, info = reply.to_records()
     arrays = ArrayRecord({TAIL: Array(np.ascontiguousarray(flat))})
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: info}), reply_to=msg)
 
