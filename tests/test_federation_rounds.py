@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,9 +297,9 @@ def test_checkpoint_tampering_is_refused(tmp_path, pretrained_file):
     row = store.save(build_embedder(pretrained_file), run_id="r1", rnd=0, parent=None)
     model, meta = store.load(row)
     assert meta["checkpoint_id"] == "r1-r0000"
-    data = bytearray(open(row.path, "rb").read())
+    data = bytearray(Path(row.path).read_bytes())
     data[-100] ^= 0xFF
-    open(row.path, "wb").write(bytes(data))
+    Path(row.path).write_bytes(bytes(data))
     with pytest.raises(CheckpointCorrupt, match="refusing to use a changed file"):
         store.load(row)
     with pytest.raises(ValueError, match="invalid run id"):
@@ -396,9 +397,11 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     holder.start()
     time.sleep(0.3)
     try:
-        with pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"):
-            with run_lock(state, "r", wait_s=1.0, log=said.append):
-                pass
+        with (
+            pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"),
+            run_lock(state, "r", wait_s=1.0, log=said.append),
+        ):
+            pass
     finally:
         released.set()
         holder.join()

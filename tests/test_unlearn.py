@@ -2,7 +2,7 @@
 
 The Coordinator, ledger, checkpoints and receipts run for real (real tensors, SQLite, files, Ed25519);
 Flower's transport is `LocalGrid` and the sites are deterministic stand-ins that answer `query` the
-way client/forget_sync.py does (its own behaviour is tested on a real vault in test_forget_sync.py;
+way client/forget/sync.py does (its own behaviour is tested on a real vault in test_forget_sync.py;
 the whole path over real processes in test_federation_forget.py).
 """
 

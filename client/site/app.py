@@ -2,11 +2,11 @@
 
 Flower runs it in a fresh process per message. It stays thin on purpose (Flower and numpy only):
 the round itself, i.e. opening the vault, decoding faces in memory, DP training with the site's
-private head, saving the head and the contribution log, is `client.site_round.run_round`, executed
-by the site's warm worker (`client/worker.py`, started by `facefed-client start`) or, when there is
-none (simulation, or the worker is down), in this process.
+private head, saving the head and the contribution log, is `client/site/round.py`'s `run_round`,
+executed by the site's warm worker (`client/site/worker.py`, started by `facefed-client start`) or,
+when there is none (simulation, or the worker is down), in this process.
 
-`query` messages carry right-to-be-forgotten state both ways (client/forget_sync.py): the site
+`query` messages carry right-to-be-forgotten state both ways (client/forget/sync.py): the site
 reports its erased-but-not-yet-unlearned requests and keeps the receipts the server delivers.
 
 Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (people, images, steps, loss,
@@ -54,9 +54,12 @@ def process_started_at() -> float:
 def train(msg: Message, context: Context) -> Message:
     t0, started_at = time.perf_counter(), time.time()
     config = dict(msg.content[CONFIG])
-    # The tail arrives as one flat vector with its layout (common/wire.py).
+    # The tail arrives as one flat vector with its layout (common/protocol/tail.py).
+    names, shapes = config[NAMES], config[SHAPES]
+    if not isinstance(names, list) or not isinstance(shapes, list):
+        raise SiteRoundError("malformed train order: the tail's names and shapes must be lists")
     received = unpack(
-        msg.content[ARRAYS][TAIL].numpy(), [str(n) for n in config[NAMES]], [str(x) for x in config[SHAPES]]
+        msg.content.array_records[ARRAYS][TAIL].numpy(), [str(n) for n in names], [str(x) for x in shapes]
     )
     nc, rc = dict(context.node_config), dict(context.run_config)
 
