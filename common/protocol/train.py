@@ -10,11 +10,12 @@ Wire keys are the models' field names with `-` for `_`. No torch here: the Clien
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from flwr.app import ConfigRecord, MetricRecord
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from facefed.common.errors import FacefedError
 from facefed.common.protocol.tail import NAMES, SHAPES
 
 ARRAYS = "backbone"  # ArrayRecord key both ways (one flat array, common/protocol/tail.py `TAIL`)
@@ -134,3 +135,29 @@ def problems(e: ValidationError, limit: int = 3) -> str:
 
 if (_dashed("layout_names"), _dashed("layout_shapes")) != (NAMES, SHAPES):  # the layout fields above
     raise ImportError("common/protocol/tail.py's layout keys no longer match TrainOrder/SiteInfo")
+
+
+REFUSAL = "refusal"  # ConfigRecord key site -> server, instead of a tail: why this site did not train
+RefusalKind = Literal["policy", "config", "budget", "data", "crash"]
+
+
+class SiteRefused(FacefedError):
+    """A site declines an order, or its round failed, for a reason the server operator must see.
+
+    kind: policy (the order asks for less privacy than the site's policy allows), config (the
+    order or the node's configuration is unusable), budget (the release would exceed the site's
+    epsilon budget), data (missing or unreadable vault, weights, accountant), crash (anything else).
+    """
+
+    def __init__(self, kind: RefusalKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind: RefusalKind = kind
+        self.reason = reason
+
+
+class TrainRefusal(_Wire):
+    """The site's one-line answer when it does not train: the server prints `site NAME refused (KIND): REASON`."""
+
+    site: Str
+    kind: RefusalKind
+    reason: Annotated[str, StringConstraints(max_length=1000)]
