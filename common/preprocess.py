@@ -27,17 +27,19 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from facefed.common.errors import FacefedError
-from facefed.common.faces.align import CANONICAL_CENTRE, CANONICAL_SIZE
+from facefed.common.faces.align import CANONICAL_CENTRE
+from facefed.common.faces.layouts import (
+    ALIGNED,
+    CANONICAL,
+    FIXED_CROP,
+    FIXED_CROP_FALLBACK,
+    LFW_SIZE,  # noqa: F401  (re-exported)
+    layout_of,
+    refused_layout,
+)
 from facefed.common.model.mobilefacenet import INPUT_SIZE
 
-# The pre-alignment preprocessing of 250x250 LFW deep-funneled frames: this fixed box
-# (left, top, right, bottom) resized to 112x112. Only a named fallback now, reported wherever used.
-FIXED_CROP_FALLBACK = (65, 60, 185, 190)
 LFW_CROP = FIXED_CROP_FALLBACK  # old name
-LFW_SIZE = (250, 250)
-CANONICAL = "canonical"
-ALIGNED = "aligned"
-FIXED_CROP = "fixed-crop"
 
 
 class FixedCropFallback(UserWarning):
@@ -50,26 +52,6 @@ MAX_PIXELS = 40_000_000
 
 class BadImage(FacefedError, ValueError):
     """Bytes that are not a decodable JPEG/PNG face image of the expected frame."""
-
-
-def layout_of(size: tuple[int, int]) -> str | None:
-    """Which accepted layout an image of this size is: CANONICAL, ALIGNED, FIXED_CROP, or None."""
-    if size == (CANONICAL_SIZE, CANONICAL_SIZE):
-        return CANONICAL
-    if size == (INPUT_SIZE, INPUT_SIZE):
-        return ALIGNED
-    if size == LFW_SIZE:
-        return FIXED_CROP
-    return None
-
-
-def refused_layout(size: tuple[int, int], what: str) -> str:
-    """The one-line reason an image of this size is not an accepted layout."""
-    return (
-        f"{what}: {size[0]}x{size[1]} is not an aligned face (a {CANONICAL_SIZE}x{CANONICAL_SIZE} canonical "
-        f"crop, an aligned {INPUT_SIZE}x{INPUT_SIZE} face, or a {LFW_SIZE[0]}x{LFW_SIZE[1]} LFW frame); "
-        "enrol raw photos with `facefed-client vault add`, which detects and aligns them"
-    )
 
 
 def decode_face(

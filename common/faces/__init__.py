@@ -42,6 +42,8 @@ from facefed.common.faces.detect import (
     register_backend,
     single_face,
 )
+from facefed.common.faces.enrol import UnreadablePhoto, enrolment_crop, open_photo
+from facefed.common.faces.layouts import FIXED_CROP_FALLBACK, layout_of
 
 __all__ = [
     "ALIGNED_SIZE",
@@ -51,6 +53,7 @@ __all__ = [
     "CANONICAL_SIZE",
     "DEFAULT_BACKEND",
     "DLIB5_TEMPLATE",
+    "FIXED_CROP_FALLBACK",
     "MIN_FACE_PX",
     "AlignerUnavailable",
     "Detector",
@@ -59,13 +62,17 @@ __all__ = [
     "FaceTooSmall",
     "NoFace",
     "SeveralFaces",
+    "UnreadablePhoto",
     "align",
     "align_single",
     "available_backends",
     "canonical_crop",
     "detect",
     "encode_canonical",
+    "enrolment_crop",
     "get_detector",
+    "layout_of",
+    "open_photo",
     "pick_central",
     "register_backend",
     "similarity_transform",
