@@ -25,6 +25,7 @@ from facefed.client.vault.tombstones import tombstoned
 from facefed.client.vault.validate import check_image
 from facefed.common import cli as common_cli
 from facefed.common.cli import fail
+from facefed.common.errors import FacefedError
 from facefed.common.lfw import LFW, PROTOCOL_FILES, partition_people
 from facefed.common.paths import lfw_path
 
@@ -99,7 +100,10 @@ def import_(
         ),
     ] = False,
 ) -> None:
-    """Import this site's share of LFW people into the vault (resumable: images already stored are skipped)."""
+    """Import this site's share of LFW people into the vault (resumable: images already stored are skipped).
+
+    Each image is detected and aligned (the face nearest the centre, as LFW's protocol has it) and
+    stored as its canonical 224x224 crop; an image with no detectable face is skipped and listed."""
     if num_sites < 1:
         fail(f"--num-sites {num_sites}: must be at least 1")
     if not 0 <= site_index < num_sites:
@@ -141,12 +145,20 @@ def import_(
             f"site {site_index} of {num_sites}: {len(mine)} people, {total} images "
             f"({total - len(keys)} already in the vault)"
         )
-        started, batch, stored = time.perf_counter(), [], 0
-        columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        from facefed.common.faces import CANONICAL_MARGIN, encode_canonical
+        from facefed.common.faces.lfw import AlignReport, align_public
+
+        started, batch, stored, aligned, skipped = time.perf_counter(), [], 0, AlignReport(), []
+        columns = (TextColumn("aligning + importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("import", total=len(keys))
-            for key, data in dataset.iter_images(keys):
-                batch.append((key.name, data, Path(key.relpath).name))
+            faces = align_public(dataset.iter_images(keys), margin=CANONICAL_MARGIN, report=aligned)
+            for key, _, crop in faces:
+                if crop is None:  # no detectable face: skipped, reported below
+                    skipped.append(str(dataset.path / key.relpath))
+                    progress.advance(task)
+                    continue
+                batch.append((key.name, encode_canonical(crop), Path(key.relpath).name))
                 if len(batch) == IMPORT_BATCH:
                     stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
                     progress.advance(task, len(batch))
@@ -157,6 +169,8 @@ def import_(
         elapsed = time.perf_counter() - started
         rate = f" ({stored / elapsed:.0f} images/s)" if stored and elapsed > 0 else ""
         out.print(f"imported {stored} images of {len(mine)} people in {elapsed:.1f} s{rate}", markup=False)
+        out.print(f"aligned: {aligned.detected} detected, {aligned.cached} from the landmarks cache", markup=False)
+        _print_some("LFW images skipped, no face detected", skipped)
 
 
 @app.command()
@@ -176,19 +190,30 @@ def add(
         typer.Option("--allow-reenrol", help="Enrol a person who was forgotten here (only with their new consent)."),
     ] = False,
 ) -> None:
-    """Add image files of one person. All files are checked first; if any is bad, nothing is stored."""
-    items = []
-    for path in images:
-        if not path.is_file():
-            fail(f"{path}: no such file")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            fail(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
-        data = path.read_bytes()
-        check_image(data, str(path))
-        items.append((person, data, path.name[:255]))
+    """Add photos of one person (JPEG/PNG, any size). Each must show exactly one face, which is detected,
+    aligned and stored as its canonical 224x224 crop. All files are checked first; if any is bad, nothing
+    is stored."""
+    items = [(person, enrol_file(path), path.name[:255]) for path in images]
     with _open(vault) as v:
         ids = v.put_many(items, allow_reenrol=allow_reenrol)
         out.print(f"stored {len(ids)} image(s) of {person} ({v.person(person).n_images} in the vault)", markup=False)
+
+
+def enrol_file(path: Path) -> bytes:
+    """The canonical crop of the one face in the photo at `path`; errors name its full path."""
+    from facefed.common.faces import enrolment_crop
+
+    full = str(path.absolute())
+    if not path.is_file():
+        fail(f"{full}: no such file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        fail(f"{full}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
+    data = path.read_bytes()
+    check_image(data, full, aligned=False)
+    try:
+        return enrolment_crop(data, what=full)
+    except FacefedError as e:
+        fail(str(e), e.exit_code)
 
 
 @app.command("ls")

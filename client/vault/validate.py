@@ -9,6 +9,7 @@ from PIL import Image, UnidentifiedImageError
 
 from facefed.client.vault.errors import InvalidImage, InvalidPersonId
 from facefed.client.vault.sharefile import MAX_IMAGE_BYTES
+from facefed.common.faces.layouts import layout_of, refused_layout
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 MIN_SIDE = 16  # smaller than this is no face crop
@@ -17,8 +18,13 @@ MAX_PIXELS = 40_000_000  # decompression-bomb guard, checked before decoding
 MAX_ID_LEN = 128
 
 
-def check_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
-    """Raise InvalidImage unless `data` is a fully decodable JPEG/PNG of sane size; (format, w, h)."""
+def check_image(data: bytes, name: str = "image", *, aligned: bool = True) -> tuple[str, int, int]:
+    """Raise InvalidImage unless `data` is a fully decodable JPEG/PNG of sane size; (format, w, h).
+
+    With `aligned` (what the vault stores) the image must also be a layout training accepts (a
+    canonical 224 crop, an aligned 112 face, or a 250x250 LFW frame): nothing enters the vault that
+    training would refuse. `aligned=False` checks a raw photo before detection and alignment.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidImage(f"{name}: expected image bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -43,6 +49,8 @@ def check_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
         raise InvalidImage(f"{name}: not a JPEG or PNG image (unrecognised content)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise InvalidImage(f"{name}: not a decodable JPEG/PNG image ({e})") from None
+    if aligned and layout_of((w, h)) is None:
+        raise InvalidImage(refused_layout((w, h), name))
     return fmt, w, h
 
 

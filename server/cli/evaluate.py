@@ -31,14 +31,22 @@ def evaluate(
     max_pairs: int = typer.Option(
         None, "--max-pairs", min=20, help="quick look on a balanced subset of the pairs (not the protocol)"
     ),
+    preprocess: str = typer.Option(
+        "aligned",
+        "--preprocess",
+        help="aligned: detect + 5-point alignment (the field's protocol); fixed-crop: the old fixed box, as a baseline",
+    ),
 ) -> None:
     """Accuracy (10-fold CV thresholds, mean ± std), ROC AUC and TAR@FAR on LFW pairs."""
     # torch and LFW load here, not at import: every other facefed-server command starts fast.
+    from facefed.common.errors import FacefedError
     from facefed.common.evaluate import EvalCache
     from facefed.common.lfw import LFW, LFWFormatError
     from facefed.common.model.mobilefacenet import CheckpointMismatch, load_checkpoint
     from facefed.common.paths import DataNotFound
 
+    if preprocess not in ("aligned", "fixed-crop"):
+        fail(f"--preprocess must be aligned or fixed-crop, got {preprocess!r}")
     if pairs not in PAIR_FILES:
         fail(
             f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} (pairsDevTrain's people are training people)"
@@ -53,8 +61,8 @@ def evaluate(
         nets.append(net)
     try:
         data = LFW(lfw)
-        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs)
-    except (DataNotFound, LFWFormatError) as e:
+        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs, preprocess=preprocess)
+    except (DataNotFound, LFWFormatError, FacefedError) as e:
         fail(str(e))
     result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
     name = model[0].name if len(model) == 1 else f"{len(model)}-shard ensemble ({', '.join(m.name for m in model)})"
@@ -88,6 +96,14 @@ def evaluate(
             f"{t.n_impostor} impostor pairs, {t.impostors_accepted} accepted",
         )
     table.add_row("flip averaging", "yes" if result.flip else "no", "")
+    fell = result.fallbacks
+    table.add_row(
+        "preprocessing",
+        result.preprocess,
+        f"{len(fell)} image(s) with no face: fixed-crop fallback ({', '.join(fell[:4])}{', ...' if len(fell) > 4 else ''})"
+        if fell
+        else "",
+    )
     if "epsilon" in meta:
         table.add_row(
             "privacy",
