@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 825  # the longest lifetime browsers and most TLS stacks accept for a leaf
@@ -39,7 +40,7 @@ def write_public(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def pem_private(key) -> bytes:
+def pem_private(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -113,7 +114,7 @@ def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(Path(path).read_bytes())
 
 
-def load_private(path: Path):
+def load_private(path: Path) -> PrivateKeyTypes:
     return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or unlink in `path` durable (the directory entry itself is data)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

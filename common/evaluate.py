@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from facefed.common.lfw import LFW, ImageKey, Pair
-from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, prefix_fingerprint
+from facefed.common.model.mobilefacenet import MobileFaceNet, prefix_fingerprint
+from facefed.common.model.stages import STAGES
 from facefed.common.preprocess import decode_faces, to_input
 
 FARS = (1e-2, 1e-3)
@@ -53,7 +55,7 @@ class EvalResult:
     auc: float
     tar_at_far: dict[float, TarAtFar] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tar_at_far"] = {f"{far:g}": asdict(t) for far, t in self.tar_at_far.items()}
         return d
@@ -205,14 +207,16 @@ class EvalCache:
         if self._feats is None or self._feats[0] != key:
             self._feats = None
             views = 2 if self.flip else 1
-            out = None
+            out: torch.Tensor | None = None
             for i in range(0, len(self.images), batch_size):
                 x = to_input(self.images[i : i + batch_size])
-                f = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
-                f = torch.stack(f, 1)
+                both = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
+                f = torch.stack(both, 1)
                 if out is None:
                     out = torch.empty((len(self.images), views, *f.shape[2:]))
                 out[i : i + len(f)] = f
+            if out is None:  # no images
+                return None
             self._feats = (key, out)
         return self._feats[1]
 

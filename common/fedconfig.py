@@ -39,6 +39,10 @@ class EvalConfig(BaseModel):
     )
 
 
+def _default_eval() -> EvalConfig:
+    return EvalConfig.model_validate({})
+
+
 class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,7 +76,7 @@ class FederationConfig(BaseModel):
     )
     lfw: str | None = Field(None, description="LFW archive for evaluation (default $FACEFED_LFW)")
     pretrained: str | None = Field(None, description="base model (default train.pretrained, then $FACEFED_PRETRAINED)")
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    evaluate: EvalConfig = Field(default_factory=_default_eval)
     train: TrainConfig
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import INPUT_SIZE
 
 LFW_CROP = (65, 60, 185, 190)  # left, top, right, bottom in the 250x250 deep-funneled frame
@@ -29,7 +30,7 @@ MAX_IMAGE_BYTES = 20 << 20
 MAX_PIXELS = 40_000_000
 
 
-class BadImage(ValueError):
+class BadImage(FacefedError, ValueError):
     """Bytes that are not a decodable JPEG/PNG face image of the expected frame."""
 
 
@@ -47,7 +48,7 @@ def decode_face(
     if len(data) > MAX_IMAGE_BYTES:
         raise BadImage(f"{what}: {len(data)} bytes is larger than the {MAX_IMAGE_BYTES}-byte limit")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         if img.format not in ("JPEG", "PNG"):
             raise BadImage(f"{what}: format {img.format} is not JPEG or PNG")
         if img.width * img.height > MAX_PIXELS:
@@ -73,18 +74,20 @@ def decode_face(
             raise BadImage(f"{what}: {img.size[0]}x{img.size[1]} is smaller than the crop box {crop}")
         img = img.crop(crop)
     if img.size != (INPUT_SIZE, INPUT_SIZE):
-        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)
+        img = img.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def decode_faces(datas: Iterable[bytes], *, threads: int = 2, **kw) -> torch.Tensor:
+def decode_faces(
+    datas: Iterable[bytes], *, threads: int = 2, crop: tuple[int, int, int, int] | None | str = "auto"
+) -> torch.Tensor:
     """Many images -> uint8 (N, 3, 112, 112). PIL releases the GIL while decoding, so threads help."""
     datas = list(datas)
     if not datas:
         return torch.empty((0, 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        faces = list(pool.map(lambda d: decode_face(d, **kw), datas))
+        faces = list(pool.map(lambda d: decode_face(d, crop=crop), datas))
     return torch.stack(faces)
 
 

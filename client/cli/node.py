@@ -8,14 +8,11 @@ from typing import Annotated
 
 import typer
 
-from facefed.client.site.node import DEFAULT_STATE_SUBDIR, NodeError, NodeSettings, run_node
+from facefed.client.site.node import NodeError, NodeSettings, run_node
+from facefed.client.state import NODE_STATE_SUBDIR, default_node_state
+from facefed.common.cli import fail
 from facefed.common.nodekeys import NodeKeyError, make_node_keys
 from facefed.common.paths import PRETRAINED_ENV
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"facefed-client: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def keygen(
@@ -25,7 +22,7 @@ def keygen(
     try:
         pair = make_node_keys(out)
     except (FileExistsError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"private key: {pair.private_path} (keep it at the site; never send it)")
     typer.echo(f"public key:  {pair.public_path} (send this to the federation operator)")
     typer.echo(f"fingerprint: {pair.fingerprint} (read it to the operator to confirm the key they register)")
@@ -43,7 +40,7 @@ def start(
         Path | None,
         typer.Option(
             "--state",
-            help=f"Site training state (heads, accountant, contribution log); default VAULT/{DEFAULT_STATE_SUBDIR}.",
+            help=f"Site training state (heads, accountant, contribution log); default VAULT/{NODE_STATE_SUBDIR}.",
         ),
     ] = None,
     runtime_port: Annotated[
@@ -83,7 +80,7 @@ def start(
     settings = NodeSettings(
         site=site,
         vault=vault.expanduser().resolve(),
-        state=(state or vault / DEFAULT_STATE_SUBDIR).expanduser().resolve(),
+        state=(state or default_node_state(vault)).expanduser().resolve(),
         server=server,
         root_cert=root_cert.expanduser().resolve() if root_cert else None,
         key=key.expanduser().resolve() if key else None,
@@ -98,7 +95,7 @@ def start(
     try:
         code = run_node(settings)
     except (NodeError, NodeKeyError, ValueError) as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     raise typer.Exit(code)
 
 

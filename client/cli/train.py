@@ -1,6 +1,6 @@
 """`facefed-client train`: local (non-federated) training from a vault, for baselines.
 
-The site's training state lives in `VAULT/train-state/` (or `--state DIR`): the privacy accountant
+The site's training state lives in `VAULT/train-state/` (or `--state DIR`; client/state.py): the privacy accountant
 (epsilon accumulates over every run on this vault) and the private margin head. Faces are read from
 the vault into memory only.
 """
@@ -14,15 +14,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from facefed.client.state import TRAIN_STATE_SUBDIR, SiteState, default_train_state
+from facefed.common.cli import fail
 from facefed.common.config import ConfigError, TrainConfig, load_config
 from facefed.common.paths import DataNotFound, pretrained_path
-
-STATE_DIR = "train-state"
-
-
-def _fail(msg: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
-    raise typer.Exit(2)
 
 
 def train(
@@ -35,7 +30,7 @@ def train(
         help="start from this checkpoint (default: the pretrained model, "
         "or scratch if the config says train_from = conv1 and no pretrained)",
     ),
-    state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{STATE_DIR})"),
+    state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{TRAIN_STATE_SUBDIR})"),
     seed: int = typer.Option(
         None,
         "--seed",
@@ -55,11 +50,11 @@ def train(
     try:
         cfg = load_config(config, TrainConfig)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     out = out.expanduser()
     if out.exists() and out.is_dir():
-        _fail(f"--out {out} is a directory; give a file name, e.g. {out / 'model.ckpt'}")
-    state_dir = (state or vault / STATE_DIR).expanduser()
+        fail(f"--out {out} is a directory; give a file name, e.g. {out / 'model.ckpt'}")
+    files = SiteState((state or default_train_state(vault)).expanduser(), vault)
     console = Console()
     try:
         if init is not None:
@@ -73,18 +68,18 @@ def train(
         else:
             model, parent = build_embedder(None, train_from="conv1"), {"source": "scratch"}
     except (DataNotFound, FileNotFoundError, CheckpointMismatch) as e:
-        _fail(str(e))
+        fail(str(e))
     try:
         v = Vault.open(vault)
     except (VaultError, OSError) as e:
-        _fail(f"cannot open vault {vault}: {e}")
+        fail(f"cannot open vault {vault}: {e}")
     try:
         with console.status(f"reading {len(v.people())} people from the vault (in memory only)"):
             faces = faces_from_vault(v)
     finally:
         v.close()
 
-    head_file = state_dir / "head.pt"
+    head_file = files.head
     try:
         head = (
             MarginHead.load(head_file)
@@ -94,10 +89,10 @@ def train(
         accountant = (
             None
             if cfg.privacy_unit == "none"
-            else SiteAccountant(state_dir / "accountant.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+            else SiteAccountant(files.accountant, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
         )
     except (HeadError, AccountantMismatch) as e:
-        _fail(str(e))
+        fail(str(e))
 
     columns = [
         TextColumn("{task.description}"),
@@ -121,7 +116,7 @@ def train(
             report = train_local(model, head, faces, cfg, accountant, seed=seed, progress=progress)
         except (BudgetExceeded, ValueError) as e:
             bar.stop()
-            _fail(str(e))
+            fail(str(e))
     head.save(head_file)
     meta = {
         "kind": "local",

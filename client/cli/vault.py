@@ -6,7 +6,6 @@ Exit codes: 0 ok; 1 the command ran but found problems (verify/repair) or left w
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -24,8 +23,10 @@ from facefed.client.vault.sharefile import MAX_IMAGE_BYTES
 from facefed.client.vault.stores.base import StoreError
 from facefed.client.vault.tombstones import tombstoned
 from facefed.client.vault.validate import check_image
-from facefed.common.lfw import LFW, PROTOCOL_FILES, LFWFormatError, partition_people
-from facefed.common.paths import DataNotFound, lfw_path
+from facefed.common import cli as common_cli
+from facefed.common.cli import fail
+from facefed.common.lfw import LFW, PROTOCOL_FILES, partition_people
+from facefed.common.paths import lfw_path
 
 app = typer.Typer(help="Secret-shared face vault: init, import, add, ls, verify, repair, erase.", no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -39,24 +40,8 @@ VaultOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def clean_errors(fn):
-    """Turn expected failures into one red line and exit code 2 (a traceback helps no operator)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (VaultError, StoreError, DataNotFound, LFWFormatError, ValueError) as e:
-            _fail(str(e))
-        except OSError as e:
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-
-    return wrapper
+# Expected failures become one red line and exit code 2 (a traceback helps no operator).
+clean_errors = common_cli.clean_errors(VaultError, StoreError, ValueError)
 
 
 def _open(vault: Path) -> Vault:
@@ -81,7 +66,7 @@ def init(
     """Create an empty vault over n existing, empty store directories; any k of them rebuild an image."""
     urls = [s.strip() for s in stores.split(",") if s.strip()]
     if not urls:
-        _fail("--stores is empty; give n comma-separated store directories, e.g. --stores /mnt/a/s,/mnt/b/s,/mnt/c/s")
+        fail("--stores is empty; give n comma-separated store directories, e.g. --stores /mnt/a/s,/mnt/b/s,/mnt/c/s")
     with Vault.create(vault, urls, threshold, tls_dir=tls_dir) as v:
         out.print(f"created vault {v.path}: any {v.k} of {v.n} stores rebuild an image", markup=False)
         for x, s in enumerate(v.stores, start=1):
@@ -116,28 +101,28 @@ def import_(
 ) -> None:
     """Import this site's share of LFW people into the vault (resumable: images already stored are skipped)."""
     if num_sites < 1:
-        _fail(f"--num-sites {num_sites}: must be at least 1")
+        fail(f"--num-sites {num_sites}: must be at least 1")
     if not 0 <= site_index < num_sites:
-        _fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
+        fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
     if min_images < 1:
-        _fail(f"--min-images {min_images}: must be at least 1")
+        fail(f"--min-images {min_images}: must be at least 1")
     if max_people is not None and max_people < 1:
-        _fail(f"--max-people {max_people}: must be at least 1")
+        fail(f"--max-people {max_people}: must be at least 1")
     people_files = [f for f in PROTOCOL_FILES if f.startswith("people")]
     if people != "all" and people not in people_files:
-        _fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
+        fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
     dataset = LFW(lfw_path(lfw))
     counts = dataset.counts()
     names = list(counts) if people == "all" else list(dict.fromkeys(dataset.people(people)))
     missing = [n for n in names if n not in counts]
     if missing:
-        _fail(f"{people} lists {len(missing)} people without images in {dataset.path}, e.g. {missing[0]}")
+        fail(f"{people} lists {len(missing)} people without images in {dataset.path}, e.g. {missing[0]}")
     names = [n for n in names if counts[n] >= min_images]
     mine = partition_people(names, num_sites)[site_index]
     if max_people is not None:
         mine = mine[:max_people]
     if not mine:
-        _fail(
+        fail(
             f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
             f"of {num_sites})"
         )
@@ -195,9 +180,9 @@ def add(
     items = []
     for path in images:
         if not path.is_file():
-            _fail(f"{path}: no such file")
+            fail(f"{path}: no such file")
         if path.stat().st_size > MAX_IMAGE_BYTES:
-            _fail(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
+            fail(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
         data = path.read_bytes()
         check_image(data, str(path))
         items.append((person, data, path.name[:255]))

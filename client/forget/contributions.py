@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefed.common import sqlite
 from facefed.common.durable import immediate
 
 _SCHEMA = """
@@ -58,10 +59,7 @@ class ContributionLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = sqlite.connect(self.path, journal="WAL", rows=True)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 `forget(vault_dir, state_dir, person_id)` does, in this order:
  1. checks the person (an unknown person is an error that changes nothing);
- 2. records the request (`client/requests.py`): pseudonym, the runs/rounds their data was used in
+ 2. records the request (`client/forget/requests.py`): pseudonym, the runs/rounds their data was used in
     (what the server needs to roll back and replay), and a tombstone; committed before anything is
     destroyed, so a crash later never loses the request;
  3. erases their shares from every store (`Vault.erase`: manifest rows first, then the files; what a
@@ -16,7 +16,7 @@ Repeating it is harmless: an open request for the same person is resumed or retu
 the node at start-up and around rounds (a crash before erasing, a round in flight during the erasure).
 
 What this cannot do alone: the other rows of a head and the shared backbone were trained *with* the
-person; exact unlearning (rollback + replay without them) is the server's part (server/unlearn.py),
+person; exact unlearning (rollback + replay without them) is the server's part (server/forget/unlearn.py),
 which reads the summary from the request log through the site's `query` reply.
 """
 
@@ -28,20 +28,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from facefed.client.forget.requests import REQUESTS_NAME, ForgetRequest, RequestError, RequestLog, RunSpan
-from facefed.client.site.node import DEFAULT_STATE_SUBDIR
+from facefed.client.forget.requests import ForgetRequest, RequestError, RequestLog, RunSpan
+from facefed.client.state import SiteState, default_node_state, requests_path
 from facefed.client.vault import UnknownPerson, Vault
 from facefed.client.vault.validate import check_person_id
+from facefed.common import sqlite
+from facefed.common.errors import FacefedError
 from facefed.common.model.heads import HeadError, MarginHead
 
 log = logging.getLogger("facefed.forget")
 
-CONTRIBUTIONS_NAME = "contributions.sqlite"  # client/site_round.py Site.contributions_path
-HEADS_DIR = "heads"  # client/site_round.py Site.head_path: STATE/heads/<run>/r<round>-a<attempt>.pt
 MAX_REASON = 500
 
 
-class ForgetError(ValueError):
+class ForgetError(FacefedError, ValueError):
     """The request cannot be made as given (bad reason text, state directory unusable)."""
 
 
@@ -60,7 +60,7 @@ class ForgetOutcome:
 
 def default_state_dir(vault_dir: Path) -> Path:
     """Where `facefed-client start` keeps the site's state unless told otherwise."""
-    return Path(vault_dir) / DEFAULT_STATE_SUBDIR
+    return default_node_state(vault_dir)
 
 
 def check_reason(reason: str | None, person_id: str) -> str | None:
@@ -76,14 +76,14 @@ def check_reason(reason: str | None, person_id: str) -> str | None:
 
 # -- contribution log (operated on directly: the ContributionLog API lacks a secure delete) -----------
 def _contrib_db(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    db.execute("PRAGMA secure_delete=ON")  # the deleted rows carry the person id: overwrite them
-    return db
+    # The log runs in WAL mode (ContributionLog); the deleted rows carry the person id: overwrite them.
+    # Not mode=ro even to read: a read-only open of a WAL database fails without its -shm file.
+    return sqlite.connect(path, journal="WAL", secure_delete=True)
 
 
 def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
     """Per run: the earliest and latest round the person was present in (attempts included)."""
-    path = Path(state_dir) / CONTRIBUTIONS_NAME
+    path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
         return []
     db = _contrib_db(path)
@@ -104,7 +104,7 @@ def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
 
 def drop_contributions(state_dir: Path, person_id: str) -> int:
     """Delete the person's rows and push the WAL into the database, so no copy of them stays behind."""
-    path = Path(state_dir) / CONTRIBUTIONS_NAME
+    path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
         return 0
     db = _contrib_db(path)
@@ -119,10 +119,10 @@ def drop_contributions(state_dir: Path, person_id: str) -> int:
 
 
 def contribution_people(state_dir: Path) -> list[str]:
-    path = Path(state_dir) / CONTRIBUTIONS_NAME
+    path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
         return []
-    db = _contrib_db(path)  # not mode=ro: a read-only open of a WAL database fails without its -shm file
+    db = _contrib_db(path)
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='contributions'").fetchone():
             return []
@@ -142,12 +142,7 @@ def merge_spans(a: list[RunSpan], b: list[RunSpan]) -> list[RunSpan]:
 
 # -- heads ------------------------------------------------------------------------------------------
 def head_files(state_dir: Path) -> list[Path]:
-    state_dir = Path(state_dir)
-    found = list(state_dir.glob("*.pt"))
-    heads = state_dir / HEADS_DIR
-    if heads.is_dir():
-        found += heads.rglob("*.pt")
-    return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+    return SiteState(Path(state_dir)).head_files()
 
 
 def scrub_heads(state_dir: Path, pseudonym: str) -> tuple[int, list[str], list[str]]:
@@ -215,7 +210,7 @@ def run_forget(
         except UnknownPerson:
             pseudonym = None
         # Without a request log no one was ever forgotten here: do not even create the file.
-        if pseudonym is None and not (vault_dir / REQUESTS_NAME).is_file():
+        if pseudonym is None and not requests_path(vault_dir).is_file():
             raise _unknown(person_id, vault_dir)
         with RequestLog(vault_dir) as reqlog:
             return _run(vault, reqlog, vault_dir, state_dir, person_id, pseudonym, reason, received)
@@ -305,7 +300,7 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
     Returns the requests for which something was done."""
     vault_dir = Path(vault_dir).expanduser().absolute()
     state_dir = default_state_dir(vault_dir) if state_dir is None else Path(state_dir).expanduser().absolute()
-    if not (vault_dir / REQUESTS_NAME).is_file():
+    if not requests_path(vault_dir).is_file():
         return []
     done: list[ForgetOutcome] = []
     with Vault.open(vault_dir) as vault, RequestLog(vault_dir) as reqlog:

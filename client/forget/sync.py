@@ -1,7 +1,7 @@
-"""The site's answer to the server's `query` message (common/forget_wire.py): forget requests both ways.
+"""The site's answer to the server's `query` message (common/protocol/forget.py): forget requests both ways.
 
 In order:
- 1. `settle` every request first (client/forget.py): a site that crashed between erasing and
+ 1. `settle` every request first (client/forget/erase.py): a site that crashed between erasing and
     reporting, or a head written by a round in flight during an erasure, is put right before
     anything is reported;
  2. keep the receipts the server delivers (each moves its request to `model_unlearned`, then
@@ -15,17 +15,15 @@ In order:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from facefed.client.forget.erase import HEADS_DIR, settle
+from facefed.client.forget.erase import settle
 from facefed.client.forget.requests import RequestError, RequestLog
+from facefed.client.state import SiteState, requests_path
 from facefed.client.training.shard_state import ShardStateError, accountant_path
 from facefed.common.accountant import AccountantMismatch, SiteAccountant
 from facefed.common.config import ConfigError, TrainConfig, validate_config
 from facefed.common.protocol.forget import BudgetAnswer, BudgetAsk, DropHeads, PendingRequest, QueryOrder, QueryReply
-
-HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
 
 
 def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrder) -> QueryReply:
@@ -36,7 +34,7 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
     dropped = sum(_drop_heads(state_dir, d) for d in order.drop_heads)
     budget = _budget(state_dir, order.budget) if order.budget else None
     pending = []
-    if (vault_dir / "requests.sqlite").is_file():
+    if requests_path(vault_dir).is_file():
         with RequestLog(vault_dir) as log:
             for r in log.pending_for_server():
                 pending.append(
@@ -44,7 +42,7 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
                         request_id=r.request_id,
                         pseudonym=r.pseudonym,
                         received_at=r.received_at,
-                        erased_at=float(r.erased_at),
+                        erased_at=float(r.erased_at or 0.0),  # pending_for_server: erased_at is set
                         shares_destroyed=int(r.shares_destroyed or 0),
                         contributions={s.run_id: sorted(set(s.rounds)) for s in r.contributions},
                     )
@@ -95,13 +93,12 @@ def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> l
 
 
 def _drop_heads(state_dir: Path, drop: DropHeads) -> int:
-    folder = state_dir / HEADS_DIR / drop.run_id  # run_id is validated against a strict pattern
+    # run_id is validated against a strict pattern (common/protocol/forget.py)
     n = 0
-    for path in sorted(folder.glob("r*-a*.pt")) if folder.is_dir() else []:
-        m = HEAD_RE.match(path.name)
-        if m and int(m.group(1)) >= drop.from_round:
-            path.unlink(missing_ok=True)
-            n += 1
+    heads = SiteState(state_dir).round_heads(drop.run_id)
+    for path in sorted(p for rnd, _, p in heads if rnd >= drop.from_round):
+        path.unlink(missing_ok=True)
+        n += 1
     return n
 
 

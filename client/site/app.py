@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from facefed.client.site import worker
+from facefed.common.errors import FacefedError
 from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
 
@@ -33,7 +34,7 @@ ARRAYS, CONFIG, METRICS, SITE = "backbone", "config", "metrics", "site"  # same 
 app = ClientApp()
 
 
-class SiteRoundError(RuntimeError):
+class SiteRoundError(FacefedError, RuntimeError):
     """The round failed at the site; the message is what the server records for it."""
 
 

@@ -1,5 +1,5 @@
 """One federated round of local DP training at a site: what the ClientApp (or the site's warm
-worker, see client/worker.py) does with a `train` message from the server.
+worker, see client/site/worker.py) does with a `train` message from the server.
 
 Everything that must outlive the round is on disk, under the site's state directory (from the node
 config written by `facefed-client start`):
@@ -7,6 +7,7 @@ config written by `facefed-client start`):
     STATE/heads/<run>/r<round>-a<attempt>.pt   the site's private margin head after each round
     STATE/accountant.json                      the site's privacy accountant (epsilon accumulates)
     STATE/contributions.sqlite                 who was trained on in which run and round
+(every path is named in client/state.py).
 
 Per round: check the order (run id, round, training config) and that the frozen part of our model is
 the server's (same prefix fingerprint); open the vault and decode the faces in memory (no plain image
@@ -27,6 +28,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +36,14 @@ import numpy as np
 import torch
 
 from facefed.client.forget.contributions import ContributionLog
+from facefed.client.state import SiteState
 from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
 from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.training.trainer import train_local
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig, validate_config
+from facefed.common.errors import FacefedError
+from facefed.common.lfw import ImageKey
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.nodekeys import check_site_name
@@ -46,11 +51,11 @@ from facefed.common.paths import pretrained_path
 from facefed.common.shards import shard_of
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
-HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
-_LFW_CACHE: dict[tuple, tuple] = {}  # simulation: ray reuses worker processes (see _SimulatedLFW)
+# simulation: ray reuses worker processes (see _SimulatedLFW); (archive, sites, people, images) -> data
+_LFW_CACHE: dict[tuple[str, int, int, int], tuple[list[list[str]], _SimulatedLFW]] = {}
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(FacefedError, ValueError):
     """The node or the order from the server is unusable; the message names the key and the remedy."""
 
 
@@ -67,15 +72,19 @@ class Site:
     sim_max_images: int = 0
 
     @property
+    def files(self) -> SiteState:
+        return SiteState(self.state, self.vault)
+
+    @property
     def accountant_path(self) -> Path:
-        return self.state / "accountant.json"
+        return self.files.accountant
 
     @property
     def contributions_path(self) -> Path:
-        return self.state / "contributions.sqlite"
+        return self.files.contributions
 
     def head_path(self, run_id: str, rnd: int, attempt: int) -> Path:
-        return self.state / "heads" / run_id / f"r{rnd:04d}-a{attempt}.pt"
+        return self.files.head_path(run_id, rnd, attempt)
 
 
 @dataclass(frozen=True)
@@ -194,10 +203,10 @@ class _SimulatedLFW:
         self._keys = {n: (lfw.keys(n)[:max_images] if max_images else lfw.keys(n)) for p in partitions for n in p}
         self._bytes = lfw.load_images([k for ks in self._keys.values() for k in ks])
 
-    def keys(self, name: str):
+    def keys(self, name: str) -> list[ImageKey]:
         return self._keys[name]
 
-    def load_images(self, keys):
+    def load_images(self, keys: Iterable[ImageKey]) -> dict[ImageKey, bytes]:
         return {k: self._bytes[k] for k in keys}
 
 
@@ -210,9 +219,11 @@ def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
         with Vault.open(site.vault) as vault:
             people = None
             if shards > 1:
-                key = shard_key(vault_key(site.vault))
-                people = sorted(r.person_id for r in vault.people() if shard_of(key, r.pseudonym, shards) == shard)
+                vkey = shard_key(vault_key(site.vault))
+                people = sorted(r.person_id for r in vault.people() if shard_of(vkey, r.pseudonym, shards) == shard)
             return faces_from_vault(vault, people, threads=site.threads)
+    if site.sim_partition is None or site.sim_lfw is None:
+        raise SiteConfigError(f"site {site.name} has neither a vault nor a simulation partition")
     pid, n = site.sim_partition
     key = (site.sim_lfw, n, site.sim_people, site.sim_max_images)
     cached = _LFW_CACHE.get(key)
@@ -228,10 +239,10 @@ def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
     parts, images = cached
     names = parts[pid]
     if shards > 1:
-        key = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
+        skey = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
         from facefed.client.training.faces import lfw_pseudonym
 
-        names = [n for n in names if shard_of(key, lfw_pseudonym(n), shards) == shard]
+        names = [n for n in names if shard_of(skey, lfw_pseudonym(n), shards) == shard]
     return faces_from_lfw(images, names, max_per_person=site.sim_max_images or None, threads=site.threads)
 
 
@@ -246,14 +257,11 @@ def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
             return fresh, f"fresh (missing {path.name})"
         return MarginHead.load(path), path.name
     # Unknown to the server (no authentication): our latest head of this run before this round.
-    runs_dir = site.state / "heads" / order.run_id
-    best = None
-    for p in runs_dir.glob("r*-a*.pt") if runs_dir.is_dir() else []:
-        m = HEAD_RE.match(p.name)
-        if m and int(m.group(1)) < order.round:
-            key = (int(m.group(1)), int(m.group(2)))
-            best = max(best, (key, p)) if best else (key, p)
-    return (MarginHead.load(best[1]), best[1].name) if best else (fresh, "fresh")
+    earlier = [((rnd, att), p) for rnd, att, p in site.files.round_heads(order.run_id) if rnd < order.round]
+    if not earlier:
+        return fresh, "fresh"
+    best = max(earlier)[1]
+    return MarginHead.load(best), best.name
 
 
 @dataclass(frozen=True)
@@ -328,7 +336,7 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
         "train-s": time.perf_counter() - t_train,
         "round-s": time.perf_counter() - t0,
     }
-    info = {
+    info: dict[str, str | int] = {
         "name": site.name,
         "unit": report.unit,
         "accountant": report.accountant,

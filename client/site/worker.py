@@ -7,7 +7,7 @@ serves one round (or one forget `query`) at a time over a Unix socket in the sit
 The ClientApp stays thin (Flower plus numpy) and forwards the server's order and arrays here.
 
 Nothing is kept between rounds: every round re-reads the vault, the head and the accountant from disk
-exactly as the in-process path does (`client.site_round.run_round`). The socket is 0600 and the
+exactly as the in-process path does (`client/site/round.py` `run_round`). The socket is 0600 and the
 connection is authenticated with a random key written 0600 at start (multiprocessing's HMAC
 challenge), so only processes of the site's own user that can read the state directory can use it.
 If the worker is not there, the ClientApp trains in its own process instead.
@@ -20,18 +20,18 @@ import secrets
 import subprocess
 import sys
 import time
-from multiprocessing.connection import AuthenticationError, Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
+from facefed.client.state import SiteState
 from facefed.common.certs import write_private
 
-SOCKET_NAME = "worker.sock"
-KEY_NAME = "worker.key"
 STARTUP_TIMEOUT_S = 120.0
 
 
 def socket_path(state: Path) -> Path:
-    return Path(state) / SOCKET_NAME
+    return SiteState(Path(state)).worker_socket
 
 
 def serve(node_config: Path) -> None:
@@ -39,12 +39,15 @@ def serve(node_config: Path) -> None:
     import tomllib
 
     from facefed.client.forget.sync import answer_query
-    from facefed.client.site.round import order_of, run_round, site_of  # the expensive imports, once
+    from facefed.client.site.round import SiteConfigError, order_of, run_round, site_of  # the expensive imports
     from facefed.common.protocol.forget import QueryOrder
 
     nc = tomllib.loads(Path(node_config).read_text())
     site = site_of(nc, {})
-    key = (site.state / KEY_NAME).read_bytes()
+    vault = site.vault
+    if vault is None:
+        raise SiteConfigError("the warm worker serves a node with a vault (`facefed-client start`)")
+    key = site.files.worker_key.read_bytes()
     sock = socket_path(site.state)
     sock.unlink(missing_ok=True)
     old = os.umask(0o177)  # the socket file is created 0600
@@ -62,10 +65,10 @@ def serve(node_config: Path) -> None:
             with conn:
                 try:
                     req = conn.recv()
-                    if "query" in req:  # forget requests both ways (client/forget_sync.py)
+                    if "query" in req:  # forget requests both ways (client/forget/sync.py)
                         reply = answer_query(
                             site=site.name,
-                            vault_dir=site.vault,
+                            vault_dir=vault,
                             state_dir=site.state,
                             order=QueryOrder.model_validate_json(req["query"]),
                         )
@@ -89,7 +92,7 @@ def start(
 
     Without waiting, rounds that arrive before it is ready are trained in the ClientApp's process."""
     state = Path(state)
-    write_private(state / KEY_NAME, secrets.token_bytes(32))
+    write_private(SiteState(state).worker_key, secrets.token_bytes(32))
     socket_path(state).unlink(missing_ok=True)
     out = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
@@ -114,7 +117,8 @@ def start(
 
 def call(state: Path, request: dict) -> dict | None:
     """Send one round to the worker and wait for its answer; None if there is no worker to ask."""
-    sock, key_path = socket_path(state), Path(state) / KEY_NAME
+    files = SiteState(Path(state))
+    sock, key_path = files.worker_socket, files.worker_key
     if not sock.exists() or not key_path.exists():
         return None
     try:

@@ -15,7 +15,7 @@ mean over its views):
 Adding or removing one unit changes the sum by at most C, so S is the Gaussian mechanism with
 noise multiplier sigma: RDP alpha / (2 sigma^2), which the site's accountant records as one step at
 sample rate 1 (Opacus' RDP analysis reduces to exactly that). U, the size of the enrolment roster,
-is treated as public, as for the head (client/trainer.py). The bias update is post-processing, and
+is treated as public, as for the head (client/training/trainer.py; docs/privacy.md). The bias update is post-processing, and
 the weights it starts from are public (pretrained) or earlier DP outputs, as every DP step needs.
 The noise comes from the trainer's DP generator (fresh OS entropy unless a caller fixes a seed).
 """
@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch
 
 from facefed.client.training.faces import SiteFaces
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import MobileFaceNet
 from facefed.common.preprocess import to_input
 
 
-class CenteringError(ValueError):
+class CenteringError(FacefedError, ValueError):
     """Centring asked of a model or site where it cannot run; the message says why."""
 
 

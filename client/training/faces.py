@@ -8,11 +8,13 @@ tests that do not need a vault.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from facefed.common.lfw import LFW
+from facefed.common.lfw import ImageKey
 from facefed.common.preprocess import decode_faces
 
 
@@ -121,7 +123,17 @@ def lfw_pseudonym(name: str) -> str:
     return "lfw-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-def faces_from_lfw(lfw: LFW, names: list[str], *, max_per_person: int | None = None, threads: int = 2) -> SiteFaces:
+class LFWImages(Protocol):
+    """Where LFW images come from: the archive (common/lfw.py LFW) or a simulation's in-memory copy."""
+
+    def keys(self, name: str) -> list[ImageKey]: ...
+
+    def load_images(self, keys: Iterable[ImageKey]) -> dict[ImageKey, bytes]: ...
+
+
+def faces_from_lfw(
+    lfw: LFWImages, names: list[str], *, max_per_person: int | None = None, threads: int = 2
+) -> SiteFaces:
     """Faces of the given LFW people straight from the archive (benchmarks and tests)."""
     keys = {n: lfw.keys(n)[:max_per_person] if max_per_person else lfw.keys(n) for n in names}
     data = lfw.load_images([k for ks in keys.values() for k in ks])

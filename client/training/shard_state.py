@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from pathlib import Path
 
-ACCOUNTANT = "accountant.json"
-SHARD_FILE_RE = re.compile(r"^accountant-s(\d+)of(\d+)\.json$")
+from facefed.client.state import SiteState
+from facefed.common.errors import FacefedError
 
 
-class ShardStateError(ValueError):
+class ShardStateError(FacefedError, ValueError):
     """The site's accountant state belongs to another shard count; the message says what to do."""
 
 
@@ -30,10 +29,9 @@ def accountant_path(state: Path, shard: int, shards: int) -> Path:
     """The accountant file for this shard, refusing a shard count the site did not train with so far."""
     if not 0 <= shard < shards:
         raise ShardStateError(f"shard {shard} is not in 0..{shards - 1}")
-    others = sorted(
-        {int(m.group(2)) for p in state.glob("accountant-s*of*.json") if (m := SHARD_FILE_RE.match(p.name))} - {shards}
-    )
-    plain = (state / ACCOUNTANT).exists()
+    site = SiteState(Path(state))
+    others = sorted({n for _, n, _ in site.shard_accountants()} - {shards})
+    plain = site.accountant.exists()
     if (shards == 1 and others) or (shards > 1 and (plain or others)):
         had = f"{others[0]} shards" if others else "no shards"
         raise ShardStateError(
@@ -41,7 +39,7 @@ def accountant_path(state: Path, shard: int, shards: int) -> Path:
             f"trains with one shard count (the per-person guarantee composes in parallel over "
             f"disjoint shards only), so it cannot join a run with shards = {shards}"
         )
-    return state / (ACCOUNTANT if shards == 1 else f"accountant-s{shard}of{shards}.json")
+    return site.shard_accountant(shard, shards)
 
 
 def shard_key(vault_key: bytes) -> bytes:

@@ -1,59 +1,9 @@
 """Local training at a site: DP-SGD (Opacus) with per-person Poisson sampling.
 
-Why the guarantee is per person, and what it relies on
-------------------------------------------------------
-Neighbouring datasets differ in all the images of one person (add/remove one person). The site's
-enrolment roster, i.e. the set of head rows (random pseudonyms, one per enrolled person) and hence the
-number of people, is treated as public/fixed: a row exists for every enrolled person whether or not
-their images are used, it is initialised at random from (seed, pseudonym) only, and removing a
-person's images from training does not change any other row's initial value. Epsilon bounds what the
-*released* backbone (the trainable tail sent to the federation) and every later model derived from it
-reveal about one person's images. The head itself is never released, but the backbone's updates depend
-on it (every head row enters every person's softmax), so the head must itself be an output of DP steps.
-
-Each step (`_dp_step`):
-1. `PersonSampler` puts each person in the batch with probability q, with one of their images (and a
-   random flip): a person enters a step through at most one per-sample gradient.
-2. Opacus computes per-sample gradients of the CosFace loss w.r.t. ALL trainable parameters jointly
-   (backbone tail + head), clips each to L2 norm C, sums, and adds N(0, sigma^2 C^2) to the sum.
-   That is the subsampled Gaussian mechanism with sensitivity C per person.
-3. Per-sample separability: a sampled person's gradient depends only on their own image and on the
-   current parameters (the network has no BatchNorm; folded or GroupNorm layers are per-sample), and
-   the current parameters are outputs of earlier DP steps or data-independent (pretrained CASIA
-   weights, random head rows). Tested in tests/test_trainer_grads.py and tests/test_trainer.py.
-   The DP randomness (sampling, flips, noise) is drawn from OS entropy for every call, so no one can
-   regenerate the noise, and an unlearning replay is an independent release (see `train_local`).
-4. Everything after the noisy sum (momentum, head row renormalisation, the proximal pull `prox` of
-   the tail toward the weights the call started from) is post-processing: it uses no data.
-The RDP accountant (common/accountant.py) composes all steps the site ever took, persisted on disk,
-and training that would pass `max_epsilon` is refused before it starts.
-
-What would break it (and is therefore not done): initialising a head row from the person's images
-(e.g. their mean embedding) — that row enters every other person's loss, so a person would influence
-many per-sample gradients; BatchNorm in training mode; sampling several images of a person per step
-under the person unit; "free" non-private warm-up steps on the site's data.
-
-The recipe (bench/train.py, chosen on held-out peopleDevTrain people by bench/tune.py): with a fresh
-head, the embedding is first centred on the site's people by one Gaussian release of their mean
-(`center_noise`, client/centering.py), then the head learns privately on frozen features
-(`probe_steps`, DP linear probing), then tail and head train together (`steps`). Every release is
-counted in the accountant. Only the tail runs per step: the frozen prefix runs once per image and its
-mirror (`prefix_features`), since the only augmentation is the flip.
-What limits per-person DP here is the head, and it is fundamental: a head row is, in effect, a
-DP release of one person's class centre, and at epsilon 8 the Gaussian noise on a 128-d row is several
-times the row itself. Backbone updates that chase those noisy centres fit noise (all 65k-300k tail
-weights drift; measured: -1 to -5 points). So the DP rows tune only the tail's biases (`tune = "bias"`,
-DP-BiTFiT, Bu et al. 2022): 128 numbers cannot fit per-person noise, but can learn what all people
-share. The largest such shared thing is the embedding's offset, which the centring release gets
-directly, with no head in the way (on held-out people: centring alone +0.5 to +1.0 points, DP-BiTFiT
-alone about 0, both together about the same as centring). What non-private fine-tuning gains beyond
-that is a full-rank change of the 512->128 map (its singular values are flat), out of reach of a
-low-dimensional DP update at this number of people.
-Per-sample clipping uses Opacus ghost clipping (`clipping = "ghost"`): per-sample gradient norms from
-one backward pass (our norm samplers in client/per_sample_grads.py), then the clipped sum from the
-same pass's activations and backprops scaled per sample ("book-keeping"), instead of a second
-backward pass; `clipping = "hooks"` materialises per-sample gradients (Opacus' classic mode). Both
-give the exact clipped sum (tests/test_trainer_grads.py).
+`train_local` trains the embedder's tail and the site's private margin head on the site's faces,
+refusing before any step a call that would pass the site's privacy budget, and records every release
+in the accountant. Why the guarantee is per person, what it relies on, what would break it, and why
+the recipe is centring + DP linear probing + DP-BiTFiT: docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -62,8 +12,9 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
@@ -225,7 +176,7 @@ class _Loop:
         sigma: float,
         expected_batch: float,
         seed: int,
-        anchored: list[nn.Parameter] = (),
+        anchored: Sequence[nn.Parameter] = (),
     ):
         self.head, self.cfg, self.private = head, cfg, cfg.privacy_unit != "none"
         # Proximal pull toward the weights this call started from (pretrained or the round's global
@@ -236,6 +187,7 @@ class _Loop:
         module.train()  # Opacus validates and captures activations only in training mode (no layer here
         #                 behaves differently in it: no dropout, no BatchNorm)
         self.ghost = self.private and cfg.clipping == "ghost"
+        self.module: Any  # an Opacus GradSampleModule (an untyped library) or, non-private, the module itself
         if self.private:
             errors = ModuleValidator.validate(module, strict=False)
             if errors:
@@ -335,6 +287,12 @@ def _check(
         raise ValueError(f"head has scale {head.scale}, margin {head.margin}; config says {cfg.scale}, {cfg.margin}")
 
 
+def _given(value: float | None) -> float:
+    """A config value that TrainConfig's validation guarantees for this branch (private training)."""
+    assert value is not None
+    return value
+
+
 def train_local(
     model: MobileFaceNet,
     head: MarginHead,
@@ -362,7 +320,9 @@ def train_local(
     unit = cfg.privacy_unit
     gen = torch.Generator().manual_seed(seed)
     if unit == "image":
-        sampler = ImageSampler(faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen)
+        sampler: ImageSampler | PersonSampler = ImageSampler(
+            faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen
+        )
     else:  # person, and the non-private baseline on exactly the same kind of batches
         sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, generator=gen)
     fresh = not head.probed  # a fresh head gets the centring release and the probe steps
@@ -374,15 +334,17 @@ def train_local(
     # Privacy plan first: refuse before touching anything.
     sigma = 0.0
     if unit != "none":
+        assert accountant is not None  # _check refused a private call without one
         sigma = (
             cfg.noise_multiplier
             if cfg.noise_multiplier is not None
-            else accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total, extra=extra)
+            else accountant.noise_for(_given(cfg.target_epsilon), cfg.sample_rate, total, extra=extra)
         )
         accountant.plan(sigma, cfg.sample_rate, total, extra=extra)
 
     inputs = _Inputs(model, faces)
-    done, n_images, losses, used = 0, 0, [], torch.zeros(faces.n_people, dtype=torch.bool)
+    done, n_images, used = 0, 0, torch.zeros(faces.n_people, dtype=torch.bool)
+    losses: list[float] = []
     shift = None
     eps_cache = (0, accountant.epsilon() if accountant else 0.0)
     t_loop = time.perf_counter()
@@ -395,7 +357,7 @@ def train_local(
             eps_cache = (
                 done,
                 math.inf
-                if unit == "none"
+                if unit == "none" or accountant is None
                 else accountant.projected(sigma, cfg.sample_rate, done, extra=extra if shift is not None else ()),
             )
         recent = losses[-20:]
@@ -426,14 +388,14 @@ def train_local(
 
     try:
         if center:
-            # DP mean centring (client/centering.py): one Gaussian release, recorded below.
+            # DP mean centring (client/training/centering.py): one Gaussian release, recorded below.
             shift = dp_center(
                 model,
                 faces,
                 inputs.feats,
                 unit="image" if unit == "image" else "person",
                 clip=cfg.center_clip,
-                noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
+                noise_multiplier=_given(cfg.center_noise) if unit != "none" else 0.0,
                 generator=torch.Generator().manual_seed(seed ^ 0xCE17E4),
             )
         if probe:
@@ -461,7 +423,10 @@ def train_local(
                 tuned = {id(p) for n, p in net.tail.named_parameters() if n.endswith(".bias")}
                 frozen_now = [p for p in tail if id(p) not in tuned]
                 tail = [p for p in tail if id(p) in tuned]
-            groups = [{"params": tail, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+            groups: list[dict[str, Any]] = [
+                {"params": tail, "lr": cfg.lr},
+                {"params": list(head.parameters()), "lr": cfg.head_lr},
+            ]
             for p in frozen_now:
                 p.requires_grad_(False)
             try:
@@ -481,13 +446,13 @@ def train_local(
             accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
         model.eval()
     wall = time.perf_counter() - t0
-    tail = losses[-max(1, len(losses) // 10) :]
+    last = losses[-max(1, len(losses) // 10) :]
     return TrainReport(
         steps=done,
         probe_steps=probe,
         images=n_images,
-        loss=sum(tail) / max(1, len(tail)),
-        epsilon=math.inf if unit == "none" else accountant.epsilon(),
+        loss=sum(last) / max(1, len(last)),
+        epsilon=math.inf if unit == "none" or accountant is None else accountant.epsilon(),
         delta=cfg.delta,
         unit=unit,
         accountant="none" if unit == "none" else "rdp",

@@ -15,7 +15,7 @@ the network): unknown keys, out-of-range values and oversized lists are refused.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,7 +40,7 @@ class Delivery(_Strict):
     round: Annotated[int, Field(ge=0)]
     checkpoint_id: Annotated[str, Field(min_length=1, max_length=128)]
     checkpoint_sha256: Hex64
-    receipt: dict  # the signed document, stored as received (the server's signature covers it)
+    receipt: dict[str, Any]  # the signed document, stored as received (the server's signature covers it)
 
 
 class DropHeads(_Strict):
