@@ -447,9 +447,103 @@ def test_killed_writers_leave_no_lock_files_or_shares(tmp_path, faces):
 
 def test_a_failed_add_against_a_down_store_does_not_speak_of_deletions(tmp_path, faces, caplog):
     stores = make_stores(tmp_path, 3)
-    with Vault.create(tmp_path / "vault", stores, 2) as v, offline(stores[1]):
-        with caplog.at_level(logging.WARNING, logger="facefed.vault"), pytest.raises(StoreError):
-            v.put("Ahmed_Chalabi", faces["Ahmed_Chalabi"][0][1])
+    with (
+        Vault.create(tmp_path / "vault", stores, 2) as v,
+        offline(stores[1]),
+        caplog.at_level(logging.WARNING, logger="facefed.vault"),
+        pytest.raises(StoreError),
+    ):
+        v.put("Ahmed_Chalabi", faces["Ahmed_Chalabi"][0][1])
     assert "deletion left pending" not in caplog.text
     with Vault.open(tmp_path / "vault") as v:
         assert v.verify().ok and all(share_files(s) == [] for s in stores)
+
+
+# -- the CLIs: one line, documented exit codes --------------------------------------------------------
+def client_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "facefed.client.cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
+def test_import_reports_bad_files_by_full_path_and_goes_on(tmp_path, faces):
+    tree = tmp_path / "lfw"
+    people = [(p, im) for p, im in faces.items() if len(im) >= 3][:2]
+    for person, imgs in people:
+        (tree / person).mkdir(parents=True)
+        for name, data in imgs[:3]:
+            (tree / person / name).write_bytes(data)
+    bad = tree / people[0][0] / people[0][1][1][0]
+    bad.write_bytes(_eoi_inside_scan(bad.read_bytes()))
+    dup = tree / people[1][0] / f"{people[1][0]}_0004.jpg"
+    dup.write_bytes(people[1][1][0][1])  # the same image twice under two names
+    stores = make_stores(tmp_path, 3)
+    Vault.create(tmp_path / "vault", stores, 2).close()
+    proc = client_cli("vault", "import", "--vault", str(tmp_path / "vault"), "--lfw", str(tree), "--people", "all")
+    assert proc.returncode == 1, proc.stderr
+    assert str(bad) in proc.stdout + proc.stderr and "end-of-image marker inside the scan" in proc.stdout
+    assert "duplicate images skipped: 1" in proc.stdout and "1 file(s) were not imported" in proc.stdout
+    with Vault.open(tmp_path / "vault") as v:
+        assert sum(p.n_images for p in v.people()) == 5 and v.verify().ok
+
+
+def test_cli_repair_fails_on_a_broken_audit_chain_and_verify_names_a_swapped_store(tmp_path, faces):
+    stores = make_stores(tmp_path, 3)
+    with Vault.create(tmp_path / "vault", stores, 2) as v:
+        v.put_many([(p, d, n) for p, im in list(faces.items())[:2] for n, d in im])
+    log = tmp_path / "vault" / "audit.log"
+    log.write_bytes(log.read_bytes().replace(b'"k":2', b'"k":1'))
+    proc = client_cli("vault", "repair", "--vault", str(tmp_path / "vault"))
+    assert proc.returncode == 1 and "vault repaired" not in proc.stdout and "audit log" in proc.stdout
+    a, b = Path(stores[0]), Path(stores[2])
+    a.rename(tmp_path / "tmp"), b.rename(a), (tmp_path / "tmp").rename(b)
+    proc = client_cli("vault", "verify", "--vault", str(tmp_path / "vault"))
+    assert proc.returncode == 1 and f"{a} (x=1 in vault.toml) holds the shares of x=3" in proc.stdout
+    proc = client_cli("vault", "remap", "--vault", str(tmp_path / "vault"), "--yes")
+    assert proc.returncode == 0, proc.stderr
+    with Vault.open(tmp_path / "vault") as v:
+        assert not v.verify().misplaced_stores
+
+
+def test_holder_with_a_corrupt_index_is_one_line(tmp_path):
+    from facefed.client.holder.disk import ShareDir
+
+    d = ShareDir(tmp_path / "h" if (tmp_path / "h").mkdir() is None else tmp_path)
+    for i in range(200):
+        d.put(f"{i:032x}", os.urandom(64))
+    d.close()
+    index = tmp_path / "h" / "index.sqlite"
+    raw = bytearray(index.read_bytes())
+    raw[4096 : 2 * 4096] = os.urandom(4096)
+    index.write_bytes(bytes(raw))
+    certs = client_cli("store", "certs", "--out", str(tmp_path / "tls"), "--hosts", "127.0.0.1")
+    assert certs.returncode == 0, certs.stderr
+    proc = client_cli(
+        "store", "serve", "--dir", str(tmp_path / "h"), "--listen", "127.0.0.1:0", "--tls-dir", str(tmp_path / "tls")
+    )
+    assert "holder index" in one_line_error(proc) and "damaged" in proc.stderr
+
+
+def test_store_certs_out_an_existing_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in one_line_error(client_cli("store", "certs", "--out", str(tmp_path / "file"), "--hosts", "h1"))
+    one_line_error(client_cli("store", "certs", "--out", str(tmp_path / "file" / "sub"), "--hosts", "h1"))
+
+
+def test_start_refuses_a_directory_that_is_not_a_vault_with_exit_2(tmp_path):
+    (tmp_path / "notavault").mkdir()
+    proc = client_cli(
+        "start", "--site", "site-a", "--vault", str(tmp_path / "notavault"), "--server", "127.0.0.1:1", "--insecure"
+    )
+    assert "is not a vault" in one_line_error(proc, 2)
+    proc = client_cli("start", "--site", "site-a", "--vault", str(tmp_path / "notavault"), "--server", "nope")
+    one_line_error(proc, 2)
+    assert not (tmp_path / "notavault" / "site").exists()

@@ -176,9 +176,9 @@ class Manifest:
                 raise _unreadable(path, f"lacks table(s) {', '.join(sorted(missing))}")
             problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
             if problems != ["ok"]:
-                raise _unreadable(path, f"is damaged ({problems[0]})")
+                raise _unreadable(path, f"is damaged ({' '.join(str(problems[0]).split())})")
         except sqlite3.DatabaseError as e:
-            raise _unreadable(path, f"is damaged ({e})") from None
+            raise _unreadable(path, f"is damaged ({' '.join(str(e).split())})") from None
 
     def _migrate_1_to_2(self) -> None:
         """Schema 1 -> 2: keyed image hashes (NULL for images stored before; they are not deduplicated)."""
