@@ -161,6 +161,13 @@ def scrub_heads(state_dir: Path, pseudonym: str) -> tuple[int, list[str], list[s
     return removed, changed, problems
 
 
+def _number(value: object) -> float:
+    """A number from an audit entry (JSON); anything else means the entry is not ours."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"the vault's audit log has a malformed erase entry ({value!r} is not a number)")
+    return float(value)
+
+
 def _erased_per_audit(vault: Vault, reqlog: RequestLog, req: ForgetRequest, vault_dir: Path) -> ForgetRequest:
     """A crash after the vault began erasing but before the log said so: the vault has the facts. Its
     audit log records the erase (or, when the process died while destroying shares, the `erase_resumed`
@@ -179,11 +186,11 @@ def _erased_per_audit(vault: Vault, reqlog: RequestLog, req: ForgetRequest, vaul
             f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
             f"and check the audit log"
         )
-    images = max((int(e.get("images", 0)) for e in entries), default=0)
+    images = max((int(_number(e.get("images", 0))) for e in entries), default=0)
     return reqlog.mark_erased(
         req.request_id,
-        erased_at=float(entries[0]["time"]) if entries else time.time(),
-        shares_destroyed=sum(int(e.get("shares_destroyed", 0)) for e in entries),
+        erased_at=_number(entries[0]["time"]) if entries else time.time(),
+        shares_destroyed=sum(int(_number(e.get("shares_destroyed", 0))) for e in entries),
         shares_pending=pending,
         images=images,
     )
