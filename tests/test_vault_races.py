@@ -547,3 +547,26 @@ def test_start_refuses_a_directory_that_is_not_a_vault_with_exit_2(tmp_path):
     proc = client_cli("start", "--site", "site-a", "--vault", str(tmp_path / "notavault"), "--server", "nope")
     one_line_error(proc, 2)
     assert not (tmp_path / "notavault" / "site").exists()
+
+
+def server_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "facefed.server.cli.main", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("command", [["status"], ["requests"], ["sites", "ls"]])
+def test_server_read_commands_refuse_a_directory_that_is_not_a_server_state(tmp_path, command):
+    (tmp_path / "typo").mkdir()
+    proc = server_cli(*command, "--state", str(tmp_path / "typo"))
+    assert "not a facefed server state directory" in one_line_error(proc)
+    assert list((tmp_path / "typo").iterdir()) == []  # no ledger created in it
+
+
+def test_server_start_with_a_bad_tls_dir_creates_nothing_and_certs_out_a_file_is_one_line(tmp_path):
+    (tmp_path / "bad").mkdir()
+    proc = server_cli("start", "--state", str(tmp_path / "st"), "--tls-dir", str(tmp_path / "bad"))
+    assert "lacks" in one_line_error(proc) and not (tmp_path / "st").exists()
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in one_line_error(server_cli("certs", "--out", str(tmp_path / "file")))
+    one_line_error(server_cli("certs", "--out", str(tmp_path / "file" / "sub")))
