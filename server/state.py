@@ -46,7 +46,9 @@ class StatePaths:
     root: Path
 
     @classmethod
-    def at(cls, root: str | Path, *, create: bool = False) -> StatePaths:
+    def at(cls, root: str | Path, *, create: bool = False, started: bool = False) -> StatePaths:
+        """The layout at `root`; `create` makes it, `started` requires one that `start` made (its
+        ledger): a typo'd --state then fails instead of reading as an empty server."""
         root = Path(root).expanduser().resolve()
         if create:
             root.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,12 @@ class StatePaths:
         elif not root.is_dir():
             raise StateDirError(
                 f"state directory {root} does not exist; create it with `facefed-server start --state {root}`"
+            )
+        elif started and not (root / "ledger.sqlite").is_file():
+            # a typo'd --state must not read as "no requests" (nor get a fresh ledger created in it)
+            raise StateDirError(
+                f"{root} is not a facefed server state directory (no ledger.sqlite); give the --state "
+                f"directory of `facefed-server start`"
             )
         return cls(root)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from typer.testing import CliRunner
-from vault_support import header_fields, load_faces, make_stores
+from vault_support import header_fields, load_faces, make_stores, share_files
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.client.forget.erase import ForgetError, default_state_dir, forget, run_forget, settle
@@ -136,7 +136,7 @@ def test_forget_leaves_no_share_head_row_contribution_or_clear_id(site):
     # Stores: no share of theirs (by owner tag), and the others' shares all remain.
     assert site.shares_of(VICTIM) == []
     total = sum(len(imgs) for imgs in site.faces.values())
-    assert sum(1 for s in site.stores for f in Path(s).iterdir()) == 3 * (total - n_victim)
+    assert sum(len(share_files(s)) for s in site.stores) == 3 * (total - n_victim)
     # Heads: every checkpoint lost exactly that row; the other rows are bit-identical.
     for rel in HEAD_FILES:
         head = MarginHead.load(site.state / rel)

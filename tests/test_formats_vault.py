@@ -41,6 +41,13 @@ SHARE_FILE = bytes.fromhex(
 )
 KEYS = ShareKeys(bytes(range(32)))
 
+# A store's identity record (client/vault/identity.py) for x=2 of 3, vault key bytes(range(32)).
+STORE_VAULT_ID = "524cef9b70c445e4bdd057bacc74ae28"
+STORE_IDENTITY = (
+    b'{"facefed_store": 1, "n": 3, "tag": "6872341f78b8881b107b935de196da38d07405c82ca2367cc8c4409a32f20103", '
+    b'"vault": "524cef9b70c445e4bdd057bacc74ae28", "x": 2}\n'
+)
+
 
 def test_share_file_bytes_are_fixed():
     header = ShareHeader(2, 2, 3, "11" * 16, "22" * 16, KEYS.owner("33" * 16), 8)
@@ -70,7 +77,7 @@ def test_padding_buckets_and_holder_limit():
 MANIFEST_TABLES = {
     "meta": ["key", "value"],
     "people": ["person_id", "pseudonym", "created"],
-    "images": ["image_id", "pseudonym", "size", "padded", "source_name", "created"],
+    "images": ["image_id", "pseudonym", "size", "padded", "source_name", "created", "content_hash"],
     "shares": ["image_id", "x", "share_id"],
     "pending_writes": ["x", "share_id", "writer"],
     "pending_deletions": ["x", "share_id", "image_id", "request_id", "pseudonym", "created"],
@@ -83,19 +90,58 @@ def _tables(db: sqlite3.Connection) -> dict[str, list[str]]:
 
 
 def test_manifest_schema(tmp_path):
-    m = Manifest(tmp_path / "manifest.sqlite")
+    m = Manifest.create(tmp_path / "manifest.sqlite")
     m.close()
     db = sqlite3.connect(tmp_path / "manifest.sqlite")
     assert _tables(db) == MANIFEST_TABLES
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
-    assert indexes == {"images_by_person"}
-    assert db.execute("SELECT key, value FROM meta").fetchall() == [("schema", "1")]
+    assert indexes == {"images_by_person", "images_by_content"}
+    assert db.execute("SELECT key, value FROM meta").fetchall() == [("schema", "2")]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     assert db.execute("PRAGMA user_version").fetchone()[0] == 0
 
 
+# Schema 1 as shipped before keyed image hashes: opened and migrated in place.
+MANIFEST_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE people (person_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+CREATE TABLE images (image_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL REFERENCES people(pseudonym),
+    size INTEGER NOT NULL, padded INTEGER NOT NULL, source_name TEXT, created REAL NOT NULL);
+CREATE INDEX images_by_person ON images(pseudonym);
+CREATE TABLE shares (image_id TEXT NOT NULL REFERENCES images(image_id), x INTEGER NOT NULL,
+    share_id TEXT NOT NULL, PRIMARY KEY (image_id, x), UNIQUE (x, share_id));
+CREATE TABLE pending_writes (x INTEGER NOT NULL, share_id TEXT NOT NULL, writer TEXT NOT NULL,
+    PRIMARY KEY (x, share_id));
+CREATE TABLE pending_deletions (x INTEGER NOT NULL, share_id TEXT NOT NULL, image_id TEXT NOT NULL,
+    request_id TEXT NOT NULL, pseudonym TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (x, share_id));
+INSERT INTO meta VALUES ('schema', '1');
+INSERT INTO people VALUES ('Ann', 'p1', 0);
+INSERT INTO images VALUES ('i1', 'p1', 10, 4096, 'a.jpg', 0);
+"""
+
+
+def test_manifest_schema_1_is_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / "manifest.sqlite")
+    db.executescript(MANIFEST_SCHEMA_1)
+    db.close()
+    Manifest(tmp_path / "manifest.sqlite").close()
+    db = sqlite3.connect(tmp_path / "manifest.sqlite")
+    assert _tables(db) == MANIFEST_TABLES
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    assert db.execute("SELECT image_id, content_hash FROM images").fetchall() == [("i1", None)]
+
+
+def test_store_identity_record_is_fixed():
+    from facefed.client.vault.identity import make_record, parse_record, vault_id
+
+    vid = vault_id(bytes(range(32)))
+    assert vid == STORE_VAULT_ID
+    assert make_record(KEYS, vid, 2, 3) == STORE_IDENTITY
+    assert parse_record(KEYS, vid, STORE_IDENTITY).x == 2
+
+
 def test_manifest_connection_settings(tmp_path):
-    m = Manifest(tmp_path / "manifest.sqlite")
+    m = Manifest.create(tmp_path / "manifest.sqlite")
     try:
         with m.read() as db:
             settings = [

@@ -153,6 +153,12 @@ def status(
             return
         with RequestLog(vault) as log:
             reqs = [log.get(request_id)] if request_id is not None else log.all()
+            if any(r.shares_pending for r in reqs):  # deletions finished since? ask the vault
+                from facefed.client.forget.erase import refresh_pending
+                from facefed.client.vault import Vault
+
+                with Vault.open(vault) as v:
+                    reqs = [refresh_pending(v, log, r) for r in reqs]
     except _errors() as e:
         fail(str(e))
     receipts = {r.request_id: _read_receipt(r.receipt_path) for r in reqs if r.receipt_path}

@@ -93,6 +93,10 @@ def start(
         activation_wait_s=activation_wait,
     )
     try:
+        settings.validate()  # bad input: exit 2 (documented), before anything is started or written
+    except (NodeError, NodeKeyError, ValueError) as e:
+        fail(str(e))
+    try:
         code = run_node(settings)
     except (NodeError, NodeKeyError, ValueError) as e:
         fail(str(e), 3)

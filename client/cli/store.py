@@ -75,6 +75,8 @@ def certs(
         folders = make_store_certs(out, hosts.split(","))
     except (StoreError, ValueError) as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}")
     typer.echo(f"vault side:  --tls-dir {out}  (ca.pem, client.pem, client.key)")
     for f in folders:
         typer.echo(f"holder {f.name}:  copy {f} to that host and run `facefed-client store serve --tls-dir <copy> ...`")

@@ -148,29 +148,53 @@ def import_(
         from facefed.common.faces import CANONICAL_MARGIN, encode_canonical
         from facefed.common.faces.lfw import AlignReport, align_public
 
-        started, batch, stored, aligned, skipped = time.perf_counter(), [], 0, AlignReport(), []
+        started = time.perf_counter()
+        batch: list[tuple[str, bytes, str]] = []
+        paths: list[str] = []
+        stored, duplicates, refused, skipped, aligned = 0, [], [], [], AlignReport()
+
+        def where(relpath: str) -> str:
+            return f"{dataset.path}/{relpath}" if dataset.path.is_dir() else f"{dataset.path}:{relpath}"
+
+        def flush() -> None:  # one batch; bad files are reported (full path) and the import goes on
+            nonlocal stored
+            for path, o in zip(paths, v.add_images(batch, allow_reenrol=allow_reenrol)):
+                if o.status == "stored":
+                    stored += 1
+                elif o.status == "duplicate":
+                    duplicates.append(f"{path}: already stored (same image), skipped")
+                else:
+                    refused.append(f"{path}: {o.detail}")
+                    err.print(f"[yellow]skipped {escape(path)}: {escape(o.detail)}[/yellow]")
+            progress.advance(task, len(batch))
+            batch.clear()
+            paths.clear()
+
         columns = (TextColumn("aligning + importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("import", total=len(keys))
             faces = align_public(dataset.iter_images(keys), margin=CANONICAL_MARGIN, report=aligned)
             for key, _, crop in faces:
                 if crop is None:  # no detectable face: skipped, reported below
-                    skipped.append(str(dataset.path / key.relpath))
+                    skipped.append(where(key.relpath))
                     progress.advance(task)
                     continue
                 batch.append((key.name, encode_canonical(crop), Path(key.relpath).name))
+                paths.append(where(key.relpath))
                 if len(batch) == IMPORT_BATCH:
-                    stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
-                    progress.advance(task, len(batch))
-                    batch = []
+                    flush()
             if batch:
-                stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
-                progress.advance(task, len(batch))
+                flush()
         elapsed = time.perf_counter() - started
         rate = f" ({stored / elapsed:.0f} images/s)" if stored and elapsed > 0 else ""
         out.print(f"imported {stored} images of {len(mine)} people in {elapsed:.1f} s{rate}", markup=False)
         out.print(f"aligned: {aligned.detected} detected, {aligned.cached} from the landmarks cache", markup=False)
         _print_some("LFW images skipped, no face detected", skipped)
+        _print_some("duplicate images skipped", duplicates)
+        _print_some("files refused", refused)
+        if refused:
+            out.print(f"[red]{len(refused)} file(s) were not imported[/red]: fix or remove them, then run it again")
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -192,11 +216,17 @@ def add(
 ) -> None:
     """Add photos of one person (JPEG/PNG, any size). Each must show exactly one face, which is detected,
     aligned and stored as its canonical 224x224 crop. All files are checked first; if any is bad, nothing
-    is stored."""
+    is stored. A photo already stored is skipped (same person) or refused (another person): exit 1."""
     items = [(person, enrol_file(path), path.name[:255]) for path in images]
     with _open(vault) as v:
-        ids = v.put_many(items, allow_reenrol=allow_reenrol)
-        out.print(f"stored {len(ids)} image(s) of {person} ({v.person(person).n_images} in the vault)", markup=False)
+        outcomes = v.add_images(items, allow_reenrol=allow_reenrol)
+        stored = sum(o.status == "stored" for o in outcomes)
+        problems = [f"{p}: {o.detail}" for p, o in zip(images, outcomes) if o.status != "stored"]
+        n_now = v.person(person).n_images if stored or any(o.status == "duplicate" for o in outcomes) else 0
+        out.print(f"stored {stored} image(s) of {person} ({n_now} in the vault)", markup=False)
+        _print_some("not stored", problems)
+        if any(o.status == "refused" for o in outcomes):
+            raise typer.Exit(1)
 
 
 def enrol_file(path: Path) -> bytes:
@@ -292,10 +322,14 @@ def verify(vault: VaultOpt) -> None:
         "orphan shares",
         [f"x={o.x} {o.store}: {o.share_id} ({'this vault' if o.ours else 'not this vault'})" for o in r.orphans],
     )
+    _print_some("misplaced stores (nothing in them is used or deleted)", r.misplaced_stores)
     if r.pending_deletions:
         out.print(f"[yellow]{r.pending_deletions} share deletion(s) of erased people still pending[/yellow]")
     if r.ok:
         out.print("[green]vault OK[/green]")
+    elif r.misplaced_stores:
+        out.print("[red]problems found[/red]: fix the stores first (`facefed-client vault remap` for swapped ones)")
+        raise typer.Exit(1)
     else:
         out.print("[red]problems found[/red]: run `facefed-client vault repair`")
         raise typer.Exit(1)
@@ -318,12 +352,43 @@ def repair(vault: VaultOpt) -> None:
         "files in stores that are not this vault's (left alone)",
         [f"x={o.x} {o.store}: {o.share_id}" for o in r.foreign_orphans],
     )
+    _print_some(
+        "shares of this vault no record names (kept: a restored manifest may lack them)",
+        [f"x={o.x} {o.store}: {o.share_id}" for o in r.orphans_kept],
+    )
+    _print_some("misplaced stores (nothing in them is used or deleted)", r.misplaced_stores)
+    for x in r.stores_adopted:
+        out.print(f"store x={x} was empty: it is this vault's x={x} again and was refilled", markup=False)
+    if r.audit_error:
+        out.print(f"[red]audit log: {escape(r.audit_error)}[/red] (not repairable: restore audit.log from a backup)")
     if r.pending_deletions_left:
         out.print(f"[yellow]{r.pending_deletions_left} deletion(s) still pending (store unreachable)[/yellow]")
     if r.ok:
         out.print("[green]vault repaired[/green]")
     else:
+        out.print("[red]problems remain[/red] (listed above)")
         raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def remap(
+    vault: VaultOpt,
+    yes: Annotated[bool, typer.Option("--yes", help="Rewrite vault.toml without asking.")] = False,
+) -> None:
+    """Put swapped or reordered stores back in order: each store's identity says which x it holds."""
+    with _open(vault) as v:
+        order = v.remap()
+        if [u for _, u in order] == list(v.config.stores):
+            out.print("every store is in its place; nothing to change")
+            return
+        for x, url in order:
+            was = v.config.stores.index(url) + 1
+            out.print(f"  x={x}: {url}" + (f"  (listed as x={was} now)" if was != x else ""), markup=False)
+        if not yes and not typer.confirm("rewrite vault.toml in this order?"):
+            fail("nothing changed")
+        v.remap(apply=True)
+    out.print("vault.toml rewritten; run `facefed-client vault verify`")
 
 
 @app.command()

@@ -169,20 +169,45 @@ def _number(value: object) -> float:
 
 
 def _erased_per_audit(vault: Vault, reqlog: RequestLog, req: ForgetRequest, vault_dir: Path) -> ForgetRequest:
-    """A crash after the vault erased but before the log said so: the vault's audit log has the facts."""
-    for entry in reversed(vault.audit_entries()):
-        if entry.get("event") == "erase" and entry.get("pseudonym") == req.pseudonym:
-            return reqlog.mark_erased(
-                req.request_id,
-                erased_at=_number(entry["time"]),
-                shares_destroyed=int(_number(entry.get("shares_destroyed", 0))),
-                shares_pending=int(_number(entry.get("shares_pending", 0))),
-                images=int(_number(entry.get("images", 0))),
-            )
-    raise RequestError(
-        f"request {req.request_id}: the person is gone from the vault but its audit log has no "
-        f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
-        f"and check the audit log"
+    """A crash after the vault began erasing but before the log said so: the vault has the facts. Its
+    audit log records the erase (or, when the process died while destroying shares, the `erase_resumed`
+    of the open that finished the job), and its manifest any deletion still pending for the request."""
+    entries = [
+        e
+        for e in vault.audit_entries()
+        if e.get("event") in ("erase", "erase_resumed")
+        and e.get("pseudonym") == req.pseudonym
+        and e.get("request_id", req.request_id) == req.request_id
+    ]
+    pending = vault.pending_deletions(req.request_id)
+    if not entries and not pending:
+        raise RequestError(
+            f"request {req.request_id}: the person is gone from the vault but its audit log has no "
+            f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
+            f"and check the audit log"
+        )
+    images = max((int(_number(e.get("images", 0))) for e in entries), default=0)
+    return reqlog.mark_erased(
+        req.request_id,
+        erased_at=_number(entries[0]["time"]) if entries else time.time(),
+        shares_destroyed=sum(int(_number(e.get("shares_destroyed", 0))) for e in entries),
+        shares_pending=pending,
+        images=images,
+    )
+
+
+def refresh_pending(vault: Vault, reqlog: RequestLog, req: ForgetRequest) -> ForgetRequest:
+    """A request that left deletions pending: count again what the vault still has pending (an open,
+    verify or repair finishes them when the store is back), so status and receipts stop saying so."""
+    if req.erased_at is None or not req.shares_pending:
+        return req
+    now = vault.pending_deletions(req.request_id)
+    if now >= req.shares_pending:
+        return req
+    return reqlog.set_pending(
+        req.request_id,
+        shares_destroyed=(req.shares_destroyed or 0) + req.shares_pending - now,
+        shares_pending=now,
     )
 
 
@@ -252,7 +277,7 @@ def _run(
         )
     else:
         assert previous is not None
-        req = previous
+        req = refresh_pending(vault, reqlog, previous)
     repeated = req.erased_at is not None
 
     if req.erased_at is None:
@@ -316,6 +341,10 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
         by_hash = {reqlog.hash_of(p): p for p in set(current) | set(contribution_people(state_dir))}
         latest: dict[str, ForgetRequest] = {}
         for req in reqlog.all():  # oldest first: the last one per person wins
+            refreshed = refresh_pending(vault, reqlog, req)
+            if refreshed != req:
+                done.append(ForgetOutcome(request=refreshed, repeated=True, erased_now=False))
+            req = refreshed
             h = reqlog.id_hash_of(req.request_id)
             if h in latest:  # an earlier request of someone forgotten twice: only its head rows can remain
                 old, rows, files, problems = _scrub_heads_of(reqlog, latest[h], state_dir)

@@ -243,6 +243,15 @@ class RequestLog:
             )
         return self.get(request_id)
 
+    def set_pending(self, request_id: str, *, shares_destroyed: int, shares_pending: int) -> ForgetRequest:
+        """Deletions that were pending in an unreachable store have finished (or some of them)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE requests SET shares_destroyed=?, shares_pending=? WHERE request_id=?",
+                (shares_destroyed, shares_pending, request_id),
+            )
+        return self.get(request_id)
+
     def mark_heads(self, request_id: str, *, rows_removed: int, files: list[str]) -> ForgetRequest:
         with self._write() as db:
             db.execute(

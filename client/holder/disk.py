@@ -15,6 +15,7 @@ The holder never learns whose face a share belongs to: it stores opaque ids and 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,15 +65,36 @@ class ShareDir:
         except OSError as e:
             raise StoreError(f"holder directory {self.root} is not writable: {e.strerror}") from e
         self._lock = threading.Lock()
-        # WAL, synchronous=FULL: an acknowledged put must survive power loss, index row included.
-        self._db = sqlite.connect(self.root / INDEX_NAME, journal="WAL", threads=True)
-        self._db.executescript(_SCHEMA)
-        fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-        if fmt is None:
-            self._db.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
-        elif fmt[0] != _FORMAT:
-            raise StoreError(f"holder directory {self.root} has index format {fmt[0]!r}, expected {_FORMAT!r}")
-        self.recovered = self._recover()
+        index = self.root / INDEX_NAME
+        try:
+            # WAL, synchronous=FULL: an acknowledged put must survive power loss, index row included.
+            self._db = sqlite.connect(index, journal="WAL", threads=True)
+        except sqlite3.DatabaseError as e:
+            raise self._damaged(index, e) from None
+        try:
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(problems[0])
+            self._db.executescript(_SCHEMA)
+            fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            if fmt is None:
+                self._db.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
+            elif fmt[0] != _FORMAT:
+                raise StoreError(f"holder directory {self.root} has index format {fmt[0]!r}, expected {_FORMAT!r}")
+            self.recovered = self._recover()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise self._damaged(index, e) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    @staticmethod
+    def _damaged(index: Path, e: Exception) -> StoreError:
+        return StoreError(
+            f"holder index {index} is damaged ({' '.join(str(e).split())}); the share files under {index.parent / 'shares'} are "
+            f"untouched: restore the index from a backup, then start the holder again"
+        )
 
     # -- crash recovery: only temp files and pending rows, never a scan of shares/ ------------------
     def _recover(self) -> int:

@@ -84,6 +84,8 @@ def make_store_certs(out: str | Path, hosts: list[str], *, ca_name: str = "facef
         raise ValueError("no holder hosts given: pass --hosts h1,h2,h3 (names or IP addresses the vault dials)")
     if len(set(hosts)) != len(hosts):
         raise ValueError(f"holder hosts repeat: {','.join(hosts)}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the TLS certificates (new, or one to extend)")
     out.mkdir(parents=True, exist_ok=True)
     ca = _load_ca(out)
     if ca is None:

@@ -65,6 +65,11 @@ class NodeSettings:
             raise NodeError(f"--server {self.server!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
         if not self.vault.is_dir():
             raise NodeError(f"vault {self.vault} does not exist; create it with `facefed-client vault init`")
+        if not (self.vault / "vault.toml").is_file() or not (self.vault / "key").is_file():
+            raise NodeError(
+                f"{self.vault} is not a vault (no vault.toml or key); give the site's vault directory "
+                f"(`facefed-client vault init` makes one)"
+            )
         if self.insecure and (self.root_cert or self.key):
             raise NodeError(
                 "--insecure turns TLS off, so it cannot be combined with --root-cert or --key "

@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 
 from facefed.client.vault import audit
-from facefed.client.vault.core import VaultCore
+from facefed.client.vault.config import write_config
+from facefed.client.vault.core import MisplacedStore, VaultCore
 from facefed.client.vault.errors import CorruptShare, UnknownPerson, VaultError
+from facefed.client.vault.identity import parse_record
 from facefed.client.vault.manifest import ImageInfo
 from facefed.client.vault.reading import combine_shares, load_share
-from facefed.client.vault.recovery import find_orphans, remove_orphans, retry_pending_deletions
+from facefed.client.vault.recovery import find_orphans, remove_orphans, retry_pending_deletions, sweep_dead_writers
 from facefed.client.vault.reports import (
     EraseReport,
     ImageProblem,
@@ -19,7 +21,7 @@ from facefed.client.vault.reports import (
     VerifyReport,
 )
 from facefed.client.vault.sharefile import ShareFormatError, ShareHeader, seal
-from facefed.client.vault.stores import ShareNotFound, StoreError, StoreUnavailable
+from facefed.client.vault.stores import ShareNotFound, Store, StoreError, StoreUnavailable
 from facefed.client.vault.validate import check_person_id, check_request_id
 from facefed.common.shamir import Share, combine, regenerate
 
@@ -27,10 +29,21 @@ Todo = dict[str, tuple[ImageInfo, list[int], list[ShareProblem]]]  # image id ->
 
 
 def erase(core: VaultCore, person_id: str, request_id: str | None) -> EraseReport:
-    check_person_id(person_id)
+    with core.writing("erase"):  # no put of this person can be between its check and its commit now
+        return _erase(core, person_id, request_id)
+
+
+def _erase(core: VaultCore, person_id: str, request_id: str | None) -> EraseReport:
+    typed = person_id
+    person_id = check_person_id(person_id)
     request_id = check_request_id(request_id) if request_id is not None else uuid.uuid4().hex
     try:
-        pseudonym, pending = core.manifest.begin_erase(person_id, request_id)
+        try:
+            pseudonym, pending = core.manifest.begin_erase(person_id, request_id)
+        except KeyError:
+            if typed == person_id:
+                raise
+            pseudonym, pending = core.manifest.begin_erase(typed, request_id)  # stored before NFC
     except KeyError:
         raise UnknownPerson(
             f"unknown person {person_id!r}; `facefed-client vault ls` lists this vault's people"
@@ -121,9 +134,12 @@ def scan(core: VaultCore) -> tuple[VerifyReport, Todo]:
 
 
 def verify(core: VaultCore) -> VerifyReport:
-    _, left = retry_pending_deletions(core)
+    with core.writing("verify", wait=False) as held:
+        if held:  # finishing pending deletions is a mutation; skipped while a writer is busy
+            retry_pending_deletions(core)
     report, _ = scan(core)
-    report.pending_deletions = left
+    report.pending_deletions = len(core.manifest.pending_deletions())
+    report.misplaced_stores = [s.reason for s in core.stores if isinstance(s, MisplacedStore)]
     try:
         status = audit.verify_audit_chain(core.audit_path, core.manifest.get_meta("audit_head"))
         report.audit_entries = status.entries
@@ -133,12 +149,36 @@ def verify(core: VaultCore) -> VerifyReport:
 
 
 def repair(core: VaultCore) -> RepairReport:
+    with core.writing("repair"):
+        return _repair(core)
+
+
+def _repair(core: VaultCore) -> RepairReport:
     rep = RepairReport()
+    for x in range(1, core.n + 1):  # an empty replacement disk becomes x again (and is refilled below)
+        problem, adoptable = core.store_identity_problem(x)
+        if adoptable:
+            try:
+                core.write_identity(x)
+                if problem is not None:
+                    rep.stores_adopted.append(x)
+            except StoreError as e:
+                rep.misplaced_stores.append(f"store {core.raw_stores[x - 1].url}: could not write its identity: {e}")
+    rep.misplaced_stores += [s.reason for s in core.stores if isinstance(s, MisplacedStore)]
+    sweep_dead_writers(core)
     rep.pending_deletions_finished, rep.pending_deletions_left = retry_pending_deletions(core)
     found, todo = scan(core)
     rep.unrecoverable, rep.inconsistent = found.unrecoverable, found.inconsistent
     rep.orphans_removed = remove_orphans(core, found.orphans)
+    gone = {(o.x, o.share_id) for o in found.orphans} - {
+        (x, sid) for x, store in enumerate(core.stores, start=1) for sid in _listing(store)
+    }
+    rep.orphans_kept = [o for o in found.orphans if o.ours and (o.x, o.share_id) not in gone]
     rep.foreign_orphans = [o for o in found.orphans if not o.ours]
+    try:
+        audit.verify_audit_chain(core.audit_path, core.manifest.get_meta("audit_head"))
+    except VaultError as e:
+        rep.audit_error = str(e)
     for info, xs, problems in todo.values():
         sources = [Share(x, bytes(load_share(core, info, x))) for x in xs[: core.k]]
         owner = core.keys.owner(info.pseudonym)
@@ -159,9 +199,43 @@ def repair(core: VaultCore) -> RepairReport:
                 rep.not_repaired.append(
                     ShareProblem(p.image_id, p.person_id, p.x, p.store, p.share_id, p.problem, f"write failed: {e}")
                 )
-    if rep.regenerated or rep.orphans_removed:
+    if rep.regenerated or rep.orphans_removed or rep.stores_adopted:
         core.audit("repair", shares_regenerated=len(rep.regenerated), orphans_removed=rep.orphans_removed)
     return rep
+
+
+def _listing(store: Store) -> set[str]:
+    try:
+        return set(store.list())
+    except StoreError:
+        return set()
+
+
+def remap(core: VaultCore, apply: bool) -> list[tuple[int, str]]:
+    """The stores' identities say which x each holds: [(x, url)] in x order. With `apply`, vault.toml
+    is rewritten in that order (the vault must be reopened). Refuses unless every store is this
+    vault's and each x appears exactly once."""
+    with core.writing("remap"):
+        found: dict[int, str] = {}
+        for store in core.raw_stores:
+            try:
+                record = store.read_identity()
+            except StoreError as e:
+                raise VaultError(f"cannot remap: {e}") from None
+            ident = parse_record(core.keys, core.vault_id, record) if record is not None else None
+            if ident is None or not ident.ours or ident.x is None or not 1 <= ident.x <= core.n:
+                raise VaultError(
+                    f"cannot remap: store {store.url} carries no identity of this vault; check the mounts and "
+                    f"vault.toml by hand"
+                )
+            if ident.x in found:
+                raise VaultError(f"cannot remap: stores {found[ident.x]} and {store.url} both say they are x={ident.x}")
+            found[ident.x] = core.config.stores[core.raw_stores.index(store)]
+        order = [(x, found[x]) for x in sorted(found)]
+        if apply and [u for _, u in order] != list(core.config.stores):
+            write_config(core.path, core.config.model_copy(update={"stores": [u for _, u in order]}))
+            core.audit("remap", stores=len(order))
+        return order
 
 
 def store_health(core: VaultCore) -> list[StoreHealth]:

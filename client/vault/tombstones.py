@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
+import unicodedata
 from pathlib import Path
 
 from facefed.client.vault.errors import InvalidConfig
@@ -42,7 +43,12 @@ def vault_key(vault_dir: Path) -> bytes:
 
 
 def id_hash(key: bytes, person_id: str) -> str:
-    """Keyed hash of a person id: matches the same id again, reveals nothing without the vault key."""
+    """Keyed hash of a person id: matches the same id again, reveals nothing without the vault key.
+    The id is taken in Unicode NFC, so every spelling of "José" (composed or not) is one person."""
+    return _raw_hash(key, unicodedata.normalize("NFC", person_id))
+
+
+def _raw_hash(key: bytes, person_id: str) -> str:
     return hmac.new(key, _ID_HASH_LABEL + person_id.encode("utf-8"), "sha256").hexdigest()
 
 
@@ -67,7 +73,8 @@ def tombstoned(vault_dir: str | Path, person_ids: list[str]) -> list[str]:
         return []
     try:
         key = vault_key(Path(vault_dir))
-        hashes = {id_hash(key, p): p for p in dict.fromkeys(person_ids)}
+        # the NFC hash, and the id as typed (tombstones laid before ids were normalised)
+        hashes = {h: p for p in dict.fromkeys(person_ids) for h in (id_hash(key, p), _raw_hash(key, p))}
         found = {
             r[0]
             for r in db.execute(
@@ -76,7 +83,7 @@ def tombstoned(vault_dir: str | Path, person_ids: list[str]) -> list[str]:
         }
     finally:
         db.close()
-    return [p for h, p in hashes.items() if h in found]
+    return list(dict.fromkeys(p for h, p in hashes.items() if h in found))
 
 
 def lift_tombstones(vault_dir: str | Path, person_ids: list[str]) -> int:
@@ -88,7 +95,9 @@ def lift_tombstones(vault_dir: str | Path, person_ids: list[str]) -> int:
         key = vault_key(Path(vault_dir))
         with immediate(db):
             return sum(
-                db.execute("DELETE FROM tombstones WHERE id_hash=?", (id_hash(key, p),)).rowcount
+                db.execute(
+                    "DELETE FROM tombstones WHERE id_hash IN (?, ?)", (id_hash(key, p), _raw_hash(key, p))
+                ).rowcount
                 for p in dict.fromkeys(person_ids)
             )
     finally:

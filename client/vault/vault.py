@@ -17,6 +17,7 @@ from facefed.client.vault import audit, maintenance, reading, recovery, writing
 from facefed.client.vault.config import CONFIG_NAME, FORMAT_VERSION, VaultConfig, load_config, write_config
 from facefed.client.vault.core import KEY_BYTES, KEY_NAME, MANIFEST_NAME, VaultCore
 from facefed.client.vault.errors import InvalidConfig, UnknownPerson, VaultError
+from facefed.client.vault.manifest import Manifest
 from facefed.client.vault.reports import EraseReport, PersonRecord, RepairReport, StoreHealth, VerifyReport
 from facefed.client.vault.stores import Store, open_store
 from facefed.common.shamir import MAX_SHARES
@@ -27,14 +28,23 @@ log = logging.getLogger("facefed.vault")
 class Vault:
     """Open with `Vault.open(path)` or make with `Vault.create(...)`; use as a context manager."""
 
-    def __init__(self, path: Path, config: VaultConfig, key: bytes, *, workers: int | None = None):
-        self._core = VaultCore(path, config, key, workers=workers)
+    def __init__(
+        self,
+        path: Path,
+        config: VaultConfig,
+        key: bytes,
+        *,
+        workers: int | None = None,
+        manifest: Manifest | None = None,
+    ):
+        self._core = VaultCore(path, config, key, workers=workers, manifest=manifest)
         self.path = path
         self.config = config
         self.k = self._core.k
         self.n = self._core.n
         self.tls_dir = self._core.tls_dir
         self.stores: list[Store] = self._core.stores
+        self.store_problems: list[str] = []  # misplaced stores found at open (fenced off, see identity.py)
         self._closed = False
 
     # -- creating and opening ---------------------------------------------------------------------
@@ -82,11 +92,16 @@ class Vault:
                 tls_dir=str(tls) if tls is not None else None,
             )
             write_config(path, config)
+            manifest = Manifest.create(path / MANIFEST_NAME)
         finally:
             for s in opened:
                 s.close()
-        vault = cls(path, config, key, workers=workers)
-        vault._core.audit("init", k=threshold, n=len(stores))
+        vault = cls(path, config, key, workers=workers, manifest=manifest)
+        vault._core.lock.create()
+        with vault._core.writing("init"):
+            for x in range(1, vault.n + 1):  # each store learns whose and which it is
+                vault._core.write_identity(x)
+            vault._core.audit("init", k=threshold, n=len(stores))
         return vault
 
     @staticmethod
@@ -103,6 +118,11 @@ class Vault:
             local = store.local_path
             if local is not None and (local == path or path in local.parents):
                 raise InvalidConfig(f"store {url} is inside the vault directory {path}; put stores elsewhere")
+            if store.read_identity() is not None:
+                raise InvalidConfig(
+                    f"store {store.url} already belongs to a vault (it carries a store identity); give an empty "
+                    f"directory, or a holder of its own, to each vault"
+                )
             if next(iter(store.list()), None) is not None:
                 raise InvalidConfig(
                     f"store {store.url} already holds share files (of another vault?); give an empty directory"
@@ -133,6 +153,7 @@ class Vault:
             log.warning("vault key %s is readable by other users; run: chmod 600 %s", key_path, key_path)
         vault = cls(path, config, key, workers=workers)
         try:
+            vault.store_problems = vault._core.check_identities()
             recovery.recover(vault._core)
         except BaseException:
             vault.close()
@@ -164,11 +185,21 @@ class Vault:
     def put_many(self, items: Sequence[tuple[str, bytes, str | None]], *, allow_reenrol: bool = False) -> list[str]:
         """Store several images at once (one fsync per store directory and one commit for the lot).
 
-        All items are validated before anything is written; on any failure nothing is kept.
-        A person forgotten here (`facefed-client forget`) is refused unless `allow_reenrol`.
+        All items are validated (fully decoded) before anything is written; on any failure nothing
+        is kept. A person forgotten here (`facefed-client forget`) is refused unless `allow_reenrol`.
+        Bytes already stored for the same person are not stored again: their id is the stored
+        image's; bytes already stored for another person are refused (DuplicateImage names both).
         """
         self._check_open()
         return writing.put_many(self._core, items, allow_reenrol=allow_reenrol)
+
+    def add_images(
+        self, items: Sequence[tuple[str, bytes, str | None]], *, allow_reenrol: bool = False
+    ) -> list[writing.PutOutcome]:
+        """Like `put_many`, item by item: one `PutOutcome` per item (stored, duplicate, or refused
+        with the reason); the good items of a batch are stored even when others are refused."""
+        self._check_open()
+        return writing.add_images(self._core, items, allow_reenrol=allow_reenrol)
 
     # -- reading ----------------------------------------------------------------------------------
     def get(self, image_id: str) -> bytes:
@@ -202,6 +233,18 @@ class Vault:
         remove this vault's orphan shares and finish pending deletions."""
         self._check_open()
         return maintenance.repair(self._core)
+
+    def remap(self, *, apply: bool = False) -> list[tuple[int, str]]:
+        """Which store holds which x, from their identity records: [(x, url)]. With `apply`, rewrite
+        vault.toml in that order (after stores were swapped or reordered); reopen the vault after."""
+        self._check_open()
+        return maintenance.remap(self._core, apply)
+
+    def pending_deletions(self, request_id: str | None = None) -> int:
+        """Shares of erased people still waiting for a store (of one erase request, or all)."""
+        return sum(
+            1 for p in self._core.manifest.pending_deletions() if request_id is None or p.request_id == request_id
+        )
 
     # -- misc -------------------------------------------------------------------------------------
     def store_health(self) -> list[StoreHealth]:

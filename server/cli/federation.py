@@ -45,7 +45,7 @@ RECEIPT_KEY, RECEIPT_PUB = "receipts.key", "receipts.pub"
 
 def _paths(state: Path, *, create: bool = False) -> StatePaths:
     try:
-        return StatePaths.at(state, create=create)
+        return StatePaths.at(state, create=create, started=not create)
     except StateDirError as e:
         fail(str(e))
         raise  # unreachable
@@ -73,9 +73,14 @@ def start(
         )
     if tls_dir is not None and insecure:
         fail("--insecure and --tls-dir contradict each other; pick one")
+    try:  # bad TLS input is refused before the state directory is created
+        tls = TlsFiles.from_dir(tls_dir) if tls_dir else None
+    except SuperLinkError as e:
+        fail(str(e))
+    if state.expanduser().exists() and not state.expanduser().is_dir():
+        fail(f"--state {state} is a file; give a directory for the server state")
     paths = _paths(state, create=True)
     try:
-        tls = TlsFiles.from_dir(tls_dir) if tls_dir else None
         Ledger(paths.ledger).close()  # create it now so `status` works before the first run
         code = serve(paths, host=host, port=port, tls=tls, node_auth=tls is not None)
     except SuperLinkError as e:
@@ -93,6 +98,8 @@ def certs(
 ) -> None:
     """Make the federation's CA, the server TLS certificate and the receipt-signing key."""
     out = out.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory for the certificates and keys")
     targets = [out / n for n in (TLS_CA, "ca.key", TLS_CERT, TLS_KEY, RECEIPT_KEY, RECEIPT_PUB)]
     existing = [p.name for p in targets if p.exists()]
     if existing and not force:
@@ -102,11 +109,14 @@ def certs(
     hosts = ["127.0.0.1", "localhost", *(host or [])]
     ca = certmod.make_ca("facefed federation CA")
     leaf = certmod.issue(ca, "facefed-server", hosts=list(dict.fromkeys(hosts)), server=True)
-    certmod.write_public(out / TLS_CA, certmod.pem_cert(ca.cert))
-    certmod.write_private(out / "ca.key", certmod.pem_private(ca.key))
-    certmod.write_public(out / TLS_CERT, certmod.pem_cert(leaf.cert))
-    certmod.write_private(out / TLS_KEY, certmod.pem_private(leaf.key))
-    certmod.make_ed25519(out / RECEIPT_KEY, out / RECEIPT_PUB)
+    try:
+        certmod.write_public(out / TLS_CA, certmod.pem_cert(ca.cert))
+        certmod.write_private(out / "ca.key", certmod.pem_private(ca.key))
+        certmod.write_public(out / TLS_CERT, certmod.pem_cert(leaf.cert))
+        certmod.write_private(out / TLS_KEY, certmod.pem_private(leaf.key))
+        certmod.make_ed25519(out / RECEIPT_KEY, out / RECEIPT_PUB)
+    except OSError as e:
+        fail(f"--out {out}: {e.strerror or e} ({e.filename or out})")
     typer.echo(f"CA certificate:      {out / TLS_CA}  (give this to every site: --root-cert)")
     typer.echo(f"CA key:              {out / 'ca.key'}  (keep offline; only needed to issue new certificates)")
     typer.echo(f"server certificate:  {out / TLS_CERT}  for {', '.join(dict.fromkeys(hosts))}")

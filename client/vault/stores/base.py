@@ -23,14 +23,28 @@ from facefed.client.holder.proto.shares import (
 )
 
 __all__ = [
+    "IDENTITY_ID",
     "SHARE_ID_RE",
     "ShareNotFound",
     "Store",
     "StoreError",
+    "StoreMisplaced",
     "StoreStat",
     "StoreUnavailable",
     "check_share_id",
 ]
+
+
+# The reserved id under which a store without a place of its own for it keeps its identity record
+# (vault id, x-coordinate; client/vault/identity.py). Share ids are 32 hex digits: never this.
+IDENTITY_ID = "0" * 64
+
+
+class StoreMisplaced(StoreUnavailable):
+    """The store answers but holds another x-coordinate's or another vault's shares (stores swapped,
+    vault.toml reordered, a foreign disk mounted): the vault uses nothing in it and deletes nothing."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,16 @@ class Store(ABC):
             except ShareNotFound:
                 pass
         return found
+
+    def read_identity(self) -> bytes | None:
+        """The store's identity record, None if it has none (raises StoreError if unreachable)."""
+        try:
+            return self.get(IDENTITY_ID)
+        except ShareNotFound:
+            return None
+
+    def write_identity(self, record: bytes) -> None:
+        self.put(IDENTITY_ID, record)
 
     def sweep_temp(self) -> int:
         """Remove leftovers of writers that died long ago; returns how many (none by default)."""

@@ -18,10 +18,11 @@ from facefed.client.vault.stores.base import (
     StoreUnavailable,
     check_share_id,
 )
-from facefed.common.durable import fsync_dir
+from facefed.common.durable import atomic_write_bytes, fsync_dir
 
 _TMP_PREFIX = "."
 _TMP_SUFFIX = ".tmp"
+_IDENTITY_NAME = ".facefed-store"  # a dot file: never listed as a share
 _STALE_TMP_S = 3600.0  # a temp file this old belongs to a writer that died (a put takes milliseconds)
 
 
@@ -183,6 +184,24 @@ class LocalDirStore(Store):
             raise StoreError(f"store {self.url} is read-only; fix its permissions or mount it read-write")
 
     # -- helpers and optional operations ---------------------------------------------------------
+    def read_identity(self) -> bytes | None:
+        try:
+            return (self.path / _IDENTITY_NAME).read_bytes()
+        except FileNotFoundError as e:
+            if not self.path.is_dir():
+                raise self._error(e, "read") from e
+            return None
+        except OSError as e:
+            raise self._error(e, "read") from e
+
+    def write_identity(self, record: bytes) -> None:
+        if not self.path.is_dir():  # never create an unmounted disk's mount point contents
+            raise self._error(FileNotFoundError(errno.ENOENT, "missing"), "write")
+        try:
+            atomic_write_bytes(self.path / _IDENTITY_NAME, record)
+        except OSError as e:
+            raise self._error(e, "write") from e
+
     def _writable(self) -> bool:
         # os.access lies for root and ignores read-only mounts and immutable flags: really try.
         probe = self.path / f"{_TMP_PREFIX}probe-{secrets.token_hex(8)}{_TMP_SUFFIX}"
