@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ from facefed.client.vault.validate import check_image
 from facefed.common import cli as common_cli
 from facefed.common.cli import fail
 from facefed.common.errors import FacefedError
-from facefed.common.lfw import LFW, PROTOCOL_FILES, partition_people
+from facefed.common.lfw import LFW, PROTOCOL_FILES, ImageKey, partition_people
 from facefed.common.paths import lfw_path
 
 app = typer.Typer(help="Secret-shared face vault: init, import, add, ls, verify, repair, erase.", no_args_is_help=True)
@@ -173,7 +174,20 @@ def import_(
         columns = (TextColumn("aligning + importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("import", total=len(keys))
-            faces = align_public(dataset.iter_images(keys), margin=CANONICAL_MARGIN, report=aligned)
+
+            def sound(items: Iterable[tuple[ImageKey, bytes]]) -> Iterator[tuple[ImageKey, bytes]]:
+                """The source files that decode fully; a damaged one is reported by path and skipped."""
+                for key, data in items:
+                    try:
+                        check_image(data, where(key.relpath), aligned=False)
+                    except FacefedError as e:
+                        refused.append(str(e))
+                        err.print(f"[yellow]skipped {escape(str(e))}[/yellow]")
+                        progress.advance(task)
+                        continue
+                    yield key, data
+
+            faces = align_public(sound(dataset.iter_images(keys)), margin=CANONICAL_MARGIN, report=aligned)
             for key, _, crop in faces:
                 if crop is None:  # no detectable face: skipped, reported below
                     skipped.append(where(key.relpath))
