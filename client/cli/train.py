@@ -33,9 +33,10 @@ def train(
     state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{TRAIN_STATE_SUBDIR})"),
     seed: int = typer.Option(
         None,
-        "--seed",
-        help="fix the DP randomness, for reproducible experiments only "
-        "(default: fresh OS entropy; noise that can be regenerated protects nothing)",
+        "--insecure-seed",
+        hidden=True,
+        help="INSECURE, tests and experiments only: fix the DP randomness (default: AES-256-CTR under a "
+        "fresh OS key; noise that can be regenerated protects nothing)",
     ),
 ) -> None:
     """Train the embedder on this site's faces (DP-SGD per person by default) and save a checkpoint."""
@@ -113,7 +114,7 @@ def train(
             )
 
         try:
-            report = train_local(model, head, faces, cfg, accountant, seed=seed, progress=progress)
+            report = train_local(model, head, faces, cfg, accountant, insecure_seed=seed, progress=progress)
         except (BudgetExceeded, ValueError) as e:
             bar.stop()
             fail(str(e))
