@@ -290,7 +290,7 @@ def test_site_paths_known_answer(tmp_path):
         "node_config": "vault/site/node-config.toml",
         "heads": "vault/site/heads",
         "head": "vault/site/head.pt",
-        "accountant": "vault/site/accountant.json",
+        "accountant": "vault/accountant.json",  # one accountant per vault (issue 11), not per state dir
         "contributions": "vault/site/contributions.sqlite",
         "worker_socket": "vault/site/worker.sock",
         "worker_key": "vault/site/worker.key",
@@ -298,6 +298,7 @@ def test_site_paths_known_answer(tmp_path):
         "flwr": "vault/site/flwr",
         "requests": "vault/requests.sqlite",
         "receipts": "vault/receipts",
+        "policy": "vault/policy.json",
     }
     assert site.head_path("run-1", 3, 2) == tmp_path / "vault/site/heads/run-1/r0003-a2.pt"
     assert head_name(12, 1) == "r0012-a1.pt"

@@ -1,8 +1,10 @@
 """`facefed-client train`: local (non-federated) training from a vault, for baselines.
 
-The site's training state lives in `VAULT/train-state/` (or `--state DIR`; client/state.py): the privacy accountant
-(epsilon accumulates over every run on this vault) and the private margin head. Faces are read from
-the vault into memory only.
+The site's training state lives in `VAULT/train-state/` (or `--state DIR`; client/state.py): the private
+margin head. The privacy accountant is the vault's own (`VAULT/accountant.json`, shared with the
+federation node: epsilon accumulates over every release ever made from the vault's people), and the
+config is checked against the site's policy (`facefed-client policy`) before anything runs. Faces are
+read from the vault into memory only.
 """
 
 from __future__ import annotations
@@ -41,17 +43,24 @@ def train(
 ) -> None:
     """Train the embedder on this site's faces (DP-SGD per person by default) and save a checkpoint."""
     from facefed.client.training.faces import faces_from_vault
+    from facefed.client.training.privacy import check_order, open_accountant, plan, policy_of
     from facefed.client.training.trainer import train_local
     from facefed.client.vault.errors import VaultError
     from facefed.client.vault.vault import Vault
-    from facefed.common.accountant import AccountantMismatch, BudgetExceeded, SiteAccountant
+    from facefed.common.accountant import BudgetExceeded
     from facefed.common.model.heads import HeadError, MarginHead
     from facefed.common.model.mobilefacenet import CheckpointMismatch, build_embedder, load_checkpoint, save_checkpoint
+    from facefed.common.protocol.train import SiteRefused
 
     try:
         cfg = load_config(config, TrainConfig)
     except ConfigError as e:
         fail(str(e))
+    try:  # the site's policy first: nothing is read or recorded for a config it refuses
+        policy = policy_of(vault)
+        check_order(policy, cfg, cfg.steps)
+    except SiteRefused as e:
+        fail(f"refused ({e.kind}): {e.reason}")
     out = out.expanduser()
     if out.exists() and out.is_dir():
         fail(f"--out {out} is a directory; give a file name, e.g. {out / 'model.ckpt'}")
@@ -70,6 +79,20 @@ def train(
             model, parent = build_embedder(None, train_from="conv1"), {"source": "scratch"}
     except (DataNotFound, FileNotFoundError, CheckpointMismatch) as e:
         fail(str(e))
+    head_file = files.head
+    try:
+        head = (
+            MarginHead.load(head_file)
+            if head_file.exists()
+            else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed or 0)
+        )
+        accountant = open_accountant(files, policy)
+        cfg, _ = plan(policy, cfg, accountant, cfg.steps, fresh_head=not head.probed)
+    except HeadError as e:
+        fail(str(e))
+    except SiteRefused as e:
+        fail(f"refused ({e.kind}): {e.reason}")
+
     try:
         v = Vault.open(vault)
     except (VaultError, OSError) as e:
@@ -79,21 +102,6 @@ def train(
             faces = faces_from_vault(v)
     finally:
         v.close()
-
-    head_file = files.head
-    try:
-        head = (
-            MarginHead.load(head_file)
-            if head_file.exists()
-            else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed or 0)
-        )
-        accountant = (
-            None
-            if cfg.privacy_unit == "none"
-            else SiteAccountant(files.accountant, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-        )
-    except (HeadError, AccountantMismatch) as e:
-        fail(str(e))
 
     columns = [
         TextColumn("{task.description}"),

@@ -20,10 +20,10 @@ from pathlib import Path
 from facefed.client.forget.erase import settle
 from facefed.client.forget.requests import RequestError, RequestLog
 from facefed.client.state import SiteState, requests_path
-from facefed.client.training.shard_state import ShardStateError, accountant_path
-from facefed.common.accountant import AccountantMismatch, SiteAccountant
+from facefed.client.training.privacy import check_order, open_accountant, policy_of
 from facefed.common.config import ConfigError, TrainConfig, validate_config
 from facefed.common.protocol.forget import BudgetAnswer, BudgetAsk, DropHeads, PendingRequest, QueryOrder, QueryReply
+from facefed.common.protocol.train import SiteRefused
 
 
 def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrder) -> QueryReply:
@@ -32,7 +32,7 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
         problems += outcome.problems
     stored = _keep_receipts(vault_dir, order, problems)
     dropped = sum(_drop_heads(state_dir, d) for d in order.drop_heads)
-    budget = _budget(state_dir, order.budget) if order.budget else None
+    budget = _budget(vault_dir, state_dir, order.budget) if order.budget else None
     pending = []
     if requests_path(vault_dir).is_file():
         with RequestLog(vault_dir) as log:
@@ -102,7 +102,7 @@ def _drop_heads(state_dir: Path, drop: DropHeads) -> int:
     return n
 
 
-def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
+def _budget(vault_dir: Path, state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
     try:
         cfg = validate_config(json.loads(ask.train_config), TrainConfig, where="server query")
     except (json.JSONDecodeError, ConfigError) as e:
@@ -125,11 +125,12 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             max_epsilon=-1.0,
             detail="non-private training: no epsilon is claimed",
         )
-    try:
-        acc = SiteAccountant(
-            accountant_path(state_dir, ask.shard, ask.shards), cfg.delta, cfg.max_epsilon, cfg.privacy_unit
-        )
-    except (AccountantMismatch, ShardStateError) as e:
+    try:  # the vault's own accountant and policy (client/training/privacy.py), as a round would use them
+        policy = policy_of(vault_dir)
+        check_order(policy, cfg, ask.steps)
+        acc = open_accountant(SiteState(state_dir, vault_dir), policy, ask.shard, ask.shards)
+        cfg = cfg.model_copy(update={"max_epsilon": min(cfg.max_epsilon, policy.max_epsilon), "delta": policy.delta})
+    except SiteRefused as e:
         return BudgetAnswer(
             fits=False,
             unit=cfg.privacy_unit,
@@ -137,7 +138,7 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             epsilon_now=-1.0,
             epsilon_planned=-1.0,
             max_epsilon=cfg.max_epsilon,
-            detail=str(e),
+            detail=f"refused ({e.kind}): {e.reason}",
         )
     steps = ask.rounds * ask.steps + cfg.probe_steps
     if cfg.noise_multiplier is None:

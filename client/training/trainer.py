@@ -187,7 +187,7 @@ class _SecureDPOptimizer(DPOptimizer):
         self.dp_rng = rng
 
     def add_noise(self) -> None:
-        _add_noise(self, self.dp_rng, self.noise_multiplier)
+        _add_noise(self, self.dp_rng, float(self.noise_multiplier))
 
 
 class _SecureDPOptimizerGhost(DPOptimizerFastGradientClipping):
@@ -198,7 +198,8 @@ class _SecureDPOptimizerGhost(DPOptimizerFastGradientClipping):
         self.dp_rng = rng
 
     def add_noise(self) -> None:
-        _add_noise(self, self.dp_rng, getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier))
+        sigma: Any = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        _add_noise(self, self.dp_rng, float(sigma))
 
 
 # -- one optimisation loop, private or not -----------------------------------------------------
@@ -223,6 +224,7 @@ class _Loop:
         module.train()  # Opacus validates and captures activations only in training mode (no layer here
         #                 behaves differently in it: no dropout, no BatchNorm)
         self.ghost = self.private and cfg.clipping == "ghost"
+        self.opt: Any  # an Opacus DP optimizer (untyped library) or, non-private, torch's SGD
         self.module: Any  # an Opacus GradSampleModule (an untyped library) or, non-private, the module itself
         if self.private:
             errors = ModuleValidator.validate(module, strict=False)
@@ -230,7 +232,7 @@ class _Loop:
                 raise ValueError(f"model is not valid for DP-SGD: {errors[0]}")
             # Loss is a sum; the optimizer divides (clipped sum + noise) by the EXPECTED batch size,
             # which (unlike the realised size) does not depend on who was sampled.
-            dp = dict(
+            dp: dict[str, Any] = dict(
                 noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm,
                 expected_batch_size=max(1, round(expected_batch)),
