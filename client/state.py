@@ -1,6 +1,8 @@
 """Every path a site keeps, in one place: the vault directory's site files and the state directory.
 
     VAULT/requests.sqlite              forget requests and tombstones (client/forget/requests.py)
+    VAULT/states                       every other state directory that trained on this vault (one per line),
+                                       so `forget` finds its heads and contribution log too
     VAULT/policy.json                  the site's privacy policy (client/training/privacy.py), 0600
     VAULT/accountant.json              THE privacy accountant of the vault's people (`accountant-s<k>of<S>.json`
                                        per shard): local `train` and the federation node alike
@@ -27,7 +29,8 @@ from pathlib import Path
 
 # -- in the vault directory ----------------------------------------------------------------------
 REQUESTS_NAME = "requests.sqlite"
-POLICY_NAME = "policy.json"  # also client/vault/tombstones.py (the vault's put consults it)
+POLICY_NAME = "policy.json"
+STATES_NAME = "states"  # also client/vault/tombstones.py (the vault's put consults it)
 RECEIPTS_DIR = "receipts"
 NODE_STATE_SUBDIR = "site"  # `forget --vault DIR` finds heads and logs from the vault
 TRAIN_STATE_SUBDIR = "train-state"
@@ -196,6 +199,26 @@ def requests_path(vault_dir: str | Path) -> Path:
 
 def receipts_dir(vault_dir: str | Path) -> Path:
     return Path(vault_dir) / RECEIPTS_DIR
+
+
+def register_state(vault_dir: str | Path, state_dir: str | Path) -> None:
+    """Remember a state directory that trains on this vault (idempotent), so forget reaches it."""
+    vault_dir, state_dir = Path(vault_dir).absolute(), Path(state_dir).absolute()
+    if state_dir in (default_node_state(vault_dir), default_train_state(vault_dir)):
+        return
+    path = vault_dir / STATES_NAME
+    known = path.read_text().splitlines() if path.exists() else []
+    if str(state_dir) not in known:
+        with open(path, "a") as f:
+            f.write(f"{state_dir}\n")
+
+
+def site_states(vault_dir: str | Path) -> list[Path]:
+    """Every state directory of this vault: the node's, `train`'s, and every registered one."""
+    vault_dir = Path(vault_dir).absolute()
+    path = vault_dir / STATES_NAME
+    extra = [Path(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [default_node_state(vault_dir), default_train_state(vault_dir), *extra]
 
 
 def policy_path(vault_dir: str | Path) -> Path:

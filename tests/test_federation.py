@@ -18,6 +18,7 @@ import torch
 from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
 
 from demo.federation import CLIENT, SERVER, Federation, build_vault, free_port, pick_people, write_config  # noqa: E402
+from facefed.client.training.privacy import Policy, write_policy  # noqa: E402
 from facefed.common.accountant import SiteAccountant
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file, shared_state
@@ -36,7 +37,9 @@ def fed(tmp_path_factory, lfw, pretrained_file):
     f = Federation(root, SITES)
     f.people = people
     for site in SITES:
-        build_vault(lfw, people[site], f.site_dir(site), max_images=IMAGES)
+        vault = build_vault(lfw, people[site], f.site_dir(site), max_images=IMAGES)
+        # The sites' own policy (issue 11): these small sites allow delta 1e-3 and a budget of 50.
+        write_policy(vault, Policy(delta=1e-3, max_epsilon=50.0))
     try:
         f.setup()
         f.wait_online(len(SITES), timeout=180)

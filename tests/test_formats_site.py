@@ -174,11 +174,11 @@ CONTRIBUTIONS_SCHEMA = [
         "table",
         "contributions",
         "contributions",
-        "CREATE TABLE contributions (\n    person_id         TEXT NOT NULL,\n    run_id            TEXT NOT NULL,\n"
+        "CREATE TABLE contributions (\n    pseudonym         TEXT NOT NULL,\n    run_id            TEXT NOT NULL,\n"
         "    round             INTEGER NOT NULL,\n    attempt           INTEGER NOT NULL,\n"
         "    images            INTEGER NOT NULL,\n    sampled           INTEGER NOT NULL,\n"
         "    parent_checkpoint TEXT NOT NULL,\n    head_file         TEXT,\n    recorded_at       REAL NOT NULL,\n"
-        "    PRIMARY KEY (person_id, run_id, round, attempt)\n)",
+        "    PRIMARY KEY (pseudonym, run_id, round, attempt)\n)",  # issue 11: keyed by pseudonym
     ),
     (
         "index",

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from facefed.client.state import TRAIN_STATE_SUBDIR, SiteState, default_train_state
+from facefed.client.state import TRAIN_STATE_SUBDIR, SiteState, default_train_state, register_state
 from facefed.common.cli import fail
 from facefed.common.config import ConfigError, TrainConfig, load_config
 from facefed.common.paths import DataNotFound, pretrained_path
@@ -65,6 +65,7 @@ def train(
     if out.exists() and out.is_dir():
         fail(f"--out {out} is a directory; give a file name, e.g. {out / 'model.ckpt'}")
     files = SiteState((state or default_train_state(vault)).expanduser(), vault)
+    register_state(vault, files.state_dir)  # forget must find this head too
     console = Console()
     try:
         if init is not None:

@@ -36,7 +36,7 @@ import torch
 from pydantic import ValidationError
 
 from facefed.client.forget.contributions import ContributionLog
-from facefed.client.state import SiteState
+from facefed.client.state import SiteState, register_state
 from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
 from facefed.client.training.privacy import check_order, open_accountant, plan, policy_of
 from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
@@ -278,6 +278,7 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
         )
     if site.vault is not None:  # before anything else: the order against the site's own policy
         check_order(policy_of(site.vault), order.train, order.steps)
+        register_state(site.vault, site.state)  # forget must find this state directory
     torch.set_num_threads(site.threads)
 
     model = build_embedder(site.pretrained, train_from=order.train.train_from)
