@@ -70,3 +70,45 @@ def test_train_command(lfw, pretrained_file, tmp_path):
     config.write_text(CONFIG + "learning_rate = 1\n")
     r = _train(vault, config, tmp_path / "third.ckpt", env)
     assert r.returncode == 2 and "key `learning_rate`: unknown key" in r.stderr
+
+
+def test_forget_after_local_train_leaves_no_trace_at_the_site(lfw, pretrained_file, tmp_path):
+    """Issue 11: `train` keeps VAULT/train-state/head.pt with every pseudonym, and a node state elsewhere;
+    forget scrubs all of them. A byte scan of every file under the vault, its state directories and its
+    stores finds neither the person id nor the pseudonym, except the request's own record."""
+    from demo.federation import files_mentioning
+    from facefed.client.vault import Vault
+
+    vault, names = make_vault(tmp_path, lfw, 10, max_per_person=3)
+    write_policy(vault, Policy(delta=1e-3, max_epsilon=30.0))
+    env = {**os.environ, "FACEFED_PRETRAINED": str(pretrained_file), "COLUMNS": "200"}
+    config = tmp_path / "train.toml"
+    config.write_text(CONFIG)
+    elsewhere = tmp_path / "other-state"  # a second `train` state directory, away from the vault
+    for extra in ([], ["--state", str(elsewhere)]):
+        r = subprocess.run(
+            [sys.executable, "-m", "facefed.client.cli.main", "train", "--vault", str(vault), "--config", str(config)]
+            + ["--out", str(tmp_path / f"m{len(extra)}.ckpt"), *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr
+    person = names[3]
+    with Vault.open(vault) as v:
+        pseudonym = v.person(person).pseudonym
+    assert "train-state/head.pt" in files_mentioning(vault, pseudonym)  # the attack of issue 11: it was there
+    assert files_mentioning(elsewhere, pseudonym) == ["head.pt"]
+    r = subprocess.run(
+        [sys.executable, "-m", "facefed.client.cli.main", "forget", "--vault", str(vault), "--person", person],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert files_mentioning(tmp_path, person) == []
+    # Left: the request's own record (the request log the server is told from, and the vault's hash-chained
+    # audit log of the erasure). Both name the random pseudonym only, which nothing else links to the person.
+    assert set(files_mentioning(tmp_path, pseudonym)) <= {"vault/requests.sqlite", "vault/audit.log"}

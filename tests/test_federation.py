@@ -279,6 +279,13 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
     assert sum(shares_of(vault, stores, pseudonym).values()) == 0
     assert head_rows_of(state, pseudonym, person) == []
     assert files_mentioning(fed.site_dir("north"), person) == []
+    # The pseudonym is kept only by the request's own record (the request log that reports it to the
+    # server, and the signed receipt that names it): no head, contribution log, accountant or log has it.
+    assert set(files_mentioning(fed.site_dir("north"), pseudonym)) <= {
+        "vault/requests.sqlite",
+        "vault/audit.log",
+        f"vault/receipts/{rid}.json",
+    }
     for site in ("north", "south"):
         old = fed.vault(site) / "site" / "heads" / run.run_id
         assert not list(old.glob("*.pt")) if old.exists() else True
