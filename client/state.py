@@ -1,6 +1,7 @@
 """Every path a site keeps, in one place: the vault directory's site files and the state directory.
 
     VAULT/requests.sqlite              forget requests and tombstones (client/forget/requests.py)
+    VAULT/server-receipts.pub          the server's receipt key, pinned at start (client/forget/receipts.py)
     VAULT/states                       every other state directory that trained on this vault (one per line),
                                        so `forget` finds its heads and contribution log too
     VAULT/policy.json                  the site's privacy policy (client/training/privacy.py), 0600
@@ -30,7 +31,8 @@ from pathlib import Path
 # -- in the vault directory ----------------------------------------------------------------------
 REQUESTS_NAME = "requests.sqlite"
 POLICY_NAME = "policy.json"
-STATES_NAME = "states"  # also client/vault/tombstones.py (the vault's put consults it)
+STATES_NAME = "states"
+SERVER_KEY_NAME = "server-receipts.pub"  # also client/vault/tombstones.py (the vault's put consults it)
 RECEIPTS_DIR = "receipts"
 NODE_STATE_SUBDIR = "site"  # `forget --vault DIR` finds heads and logs from the vault
 TRAIN_STATE_SUBDIR = "train-state"
@@ -219,6 +221,10 @@ def site_states(vault_dir: str | Path) -> list[Path]:
     path = vault_dir / STATES_NAME
     extra = [Path(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return [default_node_state(vault_dir), default_train_state(vault_dir), *extra]
+
+
+def server_key_path(vault_dir: str | Path) -> Path:
+    return Path(vault_dir) / SERVER_KEY_NAME
 
 
 def policy_path(vault_dir: str | Path) -> Path:

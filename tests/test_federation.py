@@ -273,6 +273,11 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
     (tmp_path / "tampered.json").write_text(json.dumps(doc))
     bad = fed.run(SERVER, "receipts", "verify", str(tmp_path / "tampered.json"), "--state", str(fed.state), check=False)
     assert bad.returncode == 1 and "signature" in bad.stdout
+    # At the site, with only the receipt and the server key pinned at `start` (issue 11).
+    here = fed.run(CLIENT, "receipts", "verify", str(receipt), "--vault", str(vault), check=False)
+    assert here.returncode == 0 and "signature valid" in here.stdout, here.stdout + here.stderr
+    there = fed.run(CLIENT, "receipts", "verify", str(tmp_path / "tampered.json"), "--vault", str(vault), check=False)
+    assert there.returncode == 1 and "INVALID" in there.stderr
 
     # Nothing of them is left at the site: shares, head rows, raw bytes; the replaced run's heads are gone.
     stores = sorted((fed.site_dir("north") / "stores").iterdir())

@@ -431,12 +431,33 @@ def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site,
             receipt=doc,
         )
 
-    wrong = answer_query(
-        site="north",
-        vault_dir=site.vault,
-        state_dir=site.state,
-        order=QueryOrder(deliver=[delivery(receipt("f" * 32))]),
+    def deliver(doc: dict):
+        return answer_query(
+            site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(deliver=[delivery(doc)])
+        )
+
+    # Issue 11: no pinned server key, nothing is stored; a receipt signed by another key is not stored.
+    from cryptography.hazmat.primitives import serialization
+
+    from facefed.client.forget.receipts import pin_server_key
+
+    good = receipt(site.pseudonyms[VICTIM])
+    unpinned = deliver(good)
+    assert unpinned.stored == [] and "no server receipt key is pinned" in unpinned.problems[0]
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pin_server_key(site.vault, pem)
+    forged_key = ed25519.Ed25519PrivateKey.generate()
+    forged = {
+        **good,
+        "signature": sign_receipt(Receipt.model_validate(good["receipt"]), key)["signature"][:-8] + "A" * 8,
+    }
+    bad = deliver(forged)
+    assert bad.stored == [] and "not stored" in bad.problems[0]
+    other = Receipt.model_validate(
+        {**good["receipt"], "server_key_fingerprint": key_fingerprint(forged_key.public_key())}
     )
+    assert deliver(sign_receipt(other, forged_key)).stored == []  # signed, but not by the pinned key
+    wrong = deliver(receipt("f" * 32))
     assert wrong.stored == [] and "names another request or person" in wrong.problems[0]
     ok = answer_query(
         site="north",

@@ -4,8 +4,9 @@ In order:
  1. `settle` every request first (client/forget/erase.py): a site that crashed between erasing and
     reporting, or a head written by a round in flight during an erasure, is put right before
     anything is reported;
- 2. keep the receipts the server delivers (each moves its request to `model_unlearned`, then
-    `receipt_issued`; a receipt that names another request or pseudonym is refused, not stored);
+ 2. keep the receipts the server delivers, once their signature verifies against the server key
+    pinned at this site (each moves its request to `model_unlearned`, then `receipt_issued`; an
+    unsigned or wrongly signed one, or one naming another request or pseudonym, is not stored);
  3. delete the head files the server says carry a forgotten person's influence (rounds a replay
     replaced: their other rows were trained beside the person);
  4. answer the budget question of an upcoming replay from the site's own accountant;
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 
 from facefed.client.forget.erase import settle
+from facefed.client.forget.receipts import KeyPinError, ReceiptError, verify_at_site
 from facefed.client.forget.requests import RequestError, RequestLog
 from facefed.client.state import SiteState, requests_path
 from facefed.client.training.privacy import check_order, open_accountant, policy_of
@@ -69,6 +71,11 @@ def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> l
                 problems.append(f"receipt for unknown request {d.request_id}: not stored")
                 continue
             body = d.receipt.get("receipt") if isinstance(d.receipt, dict) else None
+            try:  # the signature, against the server key pinned at this site (client/forget/receipts.py)
+                verify_at_site(d.receipt, vault_dir)
+            except (ReceiptError, KeyPinError) as e:
+                problems.append(f"receipt for {d.request_id} not stored: {e}")
+                continue
             if (
                 not isinstance(body, dict)
                 or body.get("request_id") != req.request_id
