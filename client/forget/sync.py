@@ -120,7 +120,7 @@ def _budget(vault_dir: Path, state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             epsilon_now=-1.0,
             epsilon_planned=-1.0,
             max_epsilon=-1.0,
-            detail=f"the replay's training config is unusable here: {e}",
+            detail=f"the replay's training config is unusable here: {e}"[:2000],
         )
     if cfg.privacy_unit == "none":
         return BudgetAnswer(
@@ -145,7 +145,7 @@ def _budget(vault_dir: Path, state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             epsilon_now=-1.0,
             epsilon_planned=-1.0,
             max_epsilon=cfg.max_epsilon,
-            detail=f"refused ({e.kind}): {e.reason}",
+            detail=f"refused ({e.kind}): {e.reason}"[:2000],
         )
     steps = ask.rounds * ask.steps + cfg.probe_steps
     if cfg.noise_multiplier is None:

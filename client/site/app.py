@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from facefed.client.site import worker
 from facefed.common.errors import FacefedError
-from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
+from facefed.common.protocol.forget import MAX_MESSAGE, ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from facefed.common.protocol.tail import TAIL, unpack
 from facefed.common.protocol.train import ARRAYS, CONFIG, METRICS, SITE, SiteRefused, TrainOrder, problems
 from facefed.common.protocol.worker import QueryCall, QueryDone, Refused, TrainCall, TrainDone, WorkerCall
@@ -75,7 +75,10 @@ def query(msg: Message, context: Context) -> Message:
     """Forget requests: settle them, keep delivered receipts, drop tainted heads, report the pending."""
     nc = dict(context.node_config)
     try:
-        order = QueryOrder.model_validate_json(str(msg.content[CONFIG][ORDER_KEY]))
+        raw = str(msg.content[CONFIG][ORDER_KEY])
+        if len(raw) > MAX_MESSAGE:
+            raise SiteRoundError(f"query from the server over {MAX_MESSAGE} characters: refused unread")
+        order = QueryOrder.model_validate_json(raw)
     except (KeyError, ValidationError) as e:
         raise SiteRoundError(f"malformed query from the server: {str(e)[:500]}") from None
     if "vault" not in nc:  # a simulated site has no vault, hence no requests
