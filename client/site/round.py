@@ -5,16 +5,19 @@ Everything that must outlive the round is on disk, under the site's state direct
 config written by `facefed-client start`):
 
     STATE/heads/<run>/r<round>-a<attempt>.pt   the site's private margin head after each round
-    STATE/accountant.json                      the site's privacy accountant (epsilon accumulates)
-    STATE/contributions.sqlite                 who was trained on in which run and round
+    VAULT/accountant.json                      the vault's privacy accountant (epsilon accumulates)
+    STATE/contributions.sqlite                 who (by pseudonym) was trained on in which run and round
+    STATE/logs/rounds.jsonl                    loss, counts, timings: the site's own log, never sent
 (every path is named in client/state.py).
 
-Per round: check the order (run id, round, training config) and that the frozen part of our model is
+Per round: check the order against the site's privacy policy first (client/training/privacy.py:
+refused with SiteRefused before any image is read or the accountant changes), then (run id, round,
+training config) and that the frozen part of our model is
 the server's (same prefix fingerprint); open the vault and decode the faces in memory (no plain image
 is ever written); load the head the server says this site's last committed round produced; train
 with the trainer (per-person DP-SGD; refused before any step if it would pass the site's budget);
-save the new head, log the contributions; reply with the shared tail only, plus metrics and the
-epsilon spent. The head never leaves this process except to the site's own disk.
+save the new head, log the contributions; reply with the shared tail only, plus the DP outputs and
+public facts (common/protocol/train.py TrainMetrics). The head never leaves this process except to the site's own disk.
 
 Simulation (`facefed-server simulate`): a node without a vault but with Flower's `partition-id` is a
 virtual site whose people are a partition of LFW peopleDevTrain; paths come from the run config.
