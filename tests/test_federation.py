@@ -139,12 +139,16 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
             head = MarginHead.load(state / "heads" / run.run_id / f"r{rnd:04d}-a1.pt")
             assert len(head) == PEOPLE and not set(head.ids) & set(fed.people[site])  # pseudonyms, not names
         from facefed.client.forget.contributions import ContributionLog
+        from facefed.client.vault import Vault
 
-        with ContributionLog(state / "contributions.sqlite") as log:
-            assert log.people_in(run.run_id, 1) == sorted(fed.people[site])
-            assert log.people_in(run.run_id, 2) == ([] if site == "east" else sorted(fed.people[site]))
-        if site in eps:
-            acc = SiteAccountant(state / "accountant.json", 1e-3, 50.0, "person")
+        with Vault.open(fed.vault(site)) as v:
+            pseudonyms = sorted(r.pseudonym for r in v.people())
+        with ContributionLog(state / "contributions.sqlite") as log:  # keyed by pseudonym (issue 11)
+            assert log.people_in(run.run_id, 1) == pseudonyms
+            assert log.people_in(run.run_id, 2) == ([] if site == "east" else pseudonyms)
+        if site in eps:  # the vault's one accountant (issue 11), not the node state's
+            assert not (state / "accountant.json").exists()
+            acc = SiteAccountant(fed.vault(site) / "accountant.json", 1e-3, 50.0, "person")
             assert acc.epsilon() == pytest.approx(eps[site], rel=1e-6)
 
     # No plain image was written anywhere by the server or a site's training.
