@@ -19,7 +19,7 @@ models. For S = 1 and S = 4, with and without DP, three models:
             round that person was in (round 0, the pretrained model, since everyone trains from round
             1) and the rounds replayed without them; the other shards kept as they are;
   oracle    retrained from scratch without them, same config.
-The benchmark fixes the DP randomness (`train_local(seed=...)`) and gives the replay and the oracle
+The benchmark fixes the DP randomness (`train_local(insecure_seed=...)`) and gives the replay and the oracle
 the same draws, so `unlearned == oracle` can be checked bit for bit (tails and every site's head):
 that shows the replay computes exactly "training without them". A deployment instead draws fresh
 randomness for every release (client/training/trainer.py): a replay then equals the oracle in distribution,
@@ -143,7 +143,7 @@ def train_shard(
             if heads[i] is None:
                 continue
             load_shared_state(model, tail)
-            train_local(model, heads[i], faces, cfg, accountants[i], seed=round_seed(shard, rnd, i))
+            train_local(model, heads[i], faces, cfg, accountants[i], insecure_seed=round_seed(shard, rnd, i))
             tails.append(shared_state(model))
             weights.append(faces.n_people)
         tail = fedavg(tails, weights)

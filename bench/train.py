@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from train_data import load_eval, load_faces, train_people  # noqa: E402
 
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.sampling import PersonSampler  # noqa: E402
 from facefed.client.training.trainer import _Loop, _Net, train_local  # noqa: E402
 from facefed.common.accountant import SiteAccountant  # noqa: E402
@@ -61,7 +62,7 @@ class Tee:
 def throughput(model, faces, log, *, batch: int, rounds: int, steps: int) -> None:
     """Same model, same batches, same images: DP and non-private steps interleaved."""
     q = batch / faces.n_people
-    sampler = PersonSampler(faces.counts, q, generator=torch.Generator().manual_seed(0))
+    sampler = PersonSampler(faces.counts, q, rng=DPRandom.insecure_for_tests(0))
     batches = [sampler.sample() for _ in range(steps)]
     feats = faces.cache[("prefix", prefix_fingerprint(model))]
     xs = [feats[b.rows, b.flips.long()] for b in batches]
@@ -83,7 +84,7 @@ def throughput(model, faces, log, *, batch: int, rounds: int, steps: int) -> Non
                 {"params": [p for p in net.tail.parameters() if p.requires_grad], "lr": cfg.lr},
                 {"params": list(head.parameters()), "lr": cfg.head_lr},
             ]
-            loop = _Loop(net, groups, head, cfg, 1.0, q * faces.n_people, seed=r)
+            loop = _Loop(net, groups, head, cfg, 1.0, q * faces.n_people, DPRandom.insecure_for_tests(r))
             t = time.perf_counter()
             for x, y in zip(xs, labels):
                 loop.step(x, y)
@@ -107,7 +108,7 @@ def run_row(name, model, faces, cfg: TrainConfig, evalc, log, seed: int = 0):
         path = OUT / "state" / f"accountant-{name.replace(' ', '_')}.json"
         path.unlink(missing_ok=True)
         acc = SiteAccountant(path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-    report = train_local(model, head, faces, cfg, acc, seed=seed)
+    report = train_local(model, head, faces, cfg, acc, insecure_seed=seed)
     t = time.perf_counter()
     result = evalc.evaluate(model) if evalc is not None else None
     return report, result, time.perf_counter() - t

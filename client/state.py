@@ -1,13 +1,19 @@
 """Every path a site keeps, in one place: the vault directory's site files and the state directory.
 
     VAULT/requests.sqlite              forget requests and tombstones (client/forget/requests.py)
+    VAULT/server-receipts.pub          the server's receipt key, pinned at start (client/forget/receipts.py)
+    VAULT/states                       every other state directory that trained on this vault (one per line),
+                                       so `forget` finds its heads and contribution log too
+    VAULT/policy.json                  the site's privacy policy (client/training/privacy.py), 0600
+    VAULT/accountant.json              THE privacy accountant of the vault's people (`accountant-s<k>of<S>.json`
+                                       per shard): local `train` and the federation node alike
     VAULT/receipts/<request>.json      the server's signed forget receipts
     VAULT/site/                        the node's state directory unless `--state` says otherwise
     VAULT/train-state/                 `facefed-client train`'s state directory (local baselines)
     STATE/node-config.toml             what the ClientApp learns about this site (client/site/node.py)
     STATE/heads/<run>/r<round>-a<attempt>.pt   the private margin head after each round
     STATE/head.pt                      `facefed-client train`'s head
-    STATE/accountant.json              the privacy accountant (`accountant-s<k>of<S>.json` per shard)
+    STATE/accountant.json              a simulated site's accountant only (a vault keeps its own, above)
     STATE/contributions.sqlite         who was trained on in which run and round
     STATE/worker.sock, worker.key      the warm worker's socket and its authentication key
     STATE/logs/, STATE/flwr/           process logs; Flower's home for the SuperNode
@@ -23,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # -- in the vault directory ----------------------------------------------------------------------
-REQUESTS_NAME = "requests.sqlite"  # also client/vault/tombstones.py (the vault's put consults it)
+REQUESTS_NAME = "requests.sqlite"
+POLICY_NAME = "policy.json"
+STATES_NAME = "states"
+SERVER_KEY_NAME = "server-receipts.pub"  # also client/vault/tombstones.py (the vault's put consults it)
 RECEIPTS_DIR = "receipts"
 NODE_STATE_SUBDIR = "site"  # `forget --vault DIR` finds heads and logs from the vault
 TRAIN_STATE_SUBDIR = "train-state"
@@ -111,15 +120,21 @@ class SiteState:
         return self.state_dir / HEAD_NAME
 
     @property
+    def accountant_dir(self) -> Path:
+        """Where the accountants live: the vault (one per vault, whichever state dir trains on it), or
+        a simulated site's state directory."""
+        return self.vault_dir if self.vault_dir is not None else self.state_dir
+
+    @property
     def accountant(self) -> Path:
-        return self.state_dir / ACCOUNTANT_NAME
+        return self.accountant_dir / ACCOUNTANT_NAME
 
     def shard_accountant(self, shard: int, shards: int) -> Path:
-        return self.state_dir / shard_accountant_name(shard, shards)
+        return self.accountant_dir / shard_accountant_name(shard, shards)
 
     def shard_accountants(self) -> Iterator[tuple[int, int, Path]]:
         """(shard, shards, path) of every per-shard accountant file present."""
-        for path in self.state_dir.glob(SHARD_ACCOUNTANT_GLOB):
+        for path in self.accountant_dir.glob(SHARD_ACCOUNTANT_GLOB):
             m = SHARD_ACCOUNTANT_RE.match(path.name)
             if m:
                 yield int(m.group(1)), int(m.group(2)), path
@@ -158,6 +173,10 @@ class SiteState:
     def receipts_dir(self) -> Path:
         return receipts_dir(self._vault())
 
+    @property
+    def policy(self) -> Path:
+        return policy_path(self._vault())
+
     def all_paths(self) -> dict[str, Path]:
         """Every fixed path named here (what forget and the operator docs enumerate)."""
         paths = {
@@ -172,7 +191,7 @@ class SiteState:
             "flwr": self.flower_dir,
         }
         if self.vault_dir is not None:
-            paths |= {"requests": self.requests, "receipts": self.receipts_dir}
+            paths |= {"requests": self.requests, "receipts": self.receipts_dir, "policy": self.policy}
         return paths
 
 
@@ -182,3 +201,31 @@ def requests_path(vault_dir: str | Path) -> Path:
 
 def receipts_dir(vault_dir: str | Path) -> Path:
     return Path(vault_dir) / RECEIPTS_DIR
+
+
+def register_state(vault_dir: str | Path, state_dir: str | Path) -> None:
+    """Remember a state directory that trains on this vault (idempotent), so forget reaches it."""
+    vault_dir, state_dir = Path(vault_dir).absolute(), Path(state_dir).absolute()
+    if state_dir in (default_node_state(vault_dir), default_train_state(vault_dir)):
+        return
+    path = vault_dir / STATES_NAME
+    known = path.read_text().splitlines() if path.exists() else []
+    if str(state_dir) not in known:
+        with open(path, "a") as f:
+            f.write(f"{state_dir}\n")
+
+
+def site_states(vault_dir: str | Path) -> list[Path]:
+    """Every state directory of this vault: the node's, `train`'s, and every registered one."""
+    vault_dir = Path(vault_dir).absolute()
+    path = vault_dir / STATES_NAME
+    extra = [Path(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [default_node_state(vault_dir), default_train_state(vault_dir), *extra]
+
+
+def server_key_path(vault_dir: str | Path) -> Path:
+    return Path(vault_dir) / SERVER_KEY_NAME
+
+
+def policy_path(vault_dir: str | Path) -> Path:
+    return Path(vault_dir) / POLICY_NAME

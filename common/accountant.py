@@ -97,7 +97,15 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
 
 
 class SiteAccountant:
-    def __init__(self, path: str | os.PathLike[str], delta: float, max_epsilon: float, unit: Unit = "person"):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        delta: float,
+        max_epsilon: float,
+        unit: Unit = "person",
+        *,
+        required: bool = False,
+    ):
         if unit not in ("person", "image", "none"):
             raise ValueError(f"accountant unit must be person, image or none, got {unit!r}")
         if not (0 < delta < 1):
@@ -105,6 +113,7 @@ class SiteAccountant:
         if not max_epsilon > 0:
             raise ValueError(f"max_epsilon must be > 0, got {max_epsilon}")
         self.path = Path(path)
+        self.required = required  # a missing file is an error, never an empty history (epsilon 0)
         self.delta, self.max_epsilon, self.unit = float(delta), float(max_epsilon), unit
         self.accountant = ACCOUNTANT
         self._events = self._read()
@@ -122,6 +131,11 @@ class SiteAccountant:
 
     def _read(self) -> list[Event]:
         if not self.path.exists():
+            if self.required:
+                raise AccountantMismatch(
+                    f"{self.path}: the privacy accountant is missing; the epsilon already spent is unknown "
+                    "and is never read as 0: restore it from a backup"
+                )
             return []
         try:
             data = json.loads(self.path.read_text())
@@ -152,6 +166,13 @@ class SiteAccountant:
             "events": [e.__dict__ for e in self._events],
         }
         atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
+
+    def create(self) -> None:
+        """Write an empty history if there is no file yet (a vault's first policy)."""
+        with self._lock():
+            if not self.path.exists():
+                self._events = []
+                self._write()
 
     # -- queries ---------------------------------------------------------------------------------
     def history(self) -> list[tuple[float, float, int]]:

@@ -53,7 +53,9 @@ class FederationConfig(BaseModel):
     round_timeout_s: float = Field(900.0, gt=0, description="wait this long for the sites' replies")
     wait_for_sites_s: float = Field(300.0, ge=0, description="wait this long for min_sites sites to be online")
     max_round_attempts: int = Field(2, ge=1, description="a round that fails is retried this many times in all")
-    weighting: Literal["people", "images"] = Field("people", description="FedAvg weight of a site's update")
+    weighting: Literal["people"] = Field(
+        "people", description="FedAvg weight of a site's update: the people count it publishes (no image counts)"
+    )
     local_epochs: float | None = Field(
         None,
         gt=0,

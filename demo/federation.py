@@ -228,6 +228,8 @@ class Federation:
             str(self.runtime_ports[site]),
             "--threads",
             str(self.threads),
+            "--receipt-key",  # the site pins the server's receipt key (issue 11)
+            str(self.tls / "receipts.pub"),
             *extra,
         )
 

@@ -60,20 +60,10 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float) -> Exchanged:
     return Exchanged(replies, pushed_at)
 
 
-def timing(acc: Accepted, took: float, pushed_at: float) -> str:
-    """Where a site's reply time went: waiting for Flower to start the ClientApp, its start-up
-    (imports), training, and the way back (clocks of one machine, or NTP-synchronised ones)."""
-    m = acc.reply.metrics
-    nan = float("nan")
-    start = nan if m.process_start is None else m.process_start
-    handler = nan if m.handler_start is None else m.handler_start
-    compute = nan if m.compute_s is None else m.compute_s
-    dispatch, startup = start - pushed_at, handler - start
-    back = pushed_at + took - (handler + compute)
-    return (
-        f"reply after {took:.1f} s: dispatch {dispatch:.1f} s, start-up {startup:.1f} s, "
-        f"compute {compute:.1f} s, return {back:.1f} s"
-    )
+def timing(took: float) -> str:
+    """The reply time as the server measured it. A site's own timings stay in its log (issue 11):
+    a reply carries DP outputs and public facts only."""
+    return f"reply after {took:.1f} s"
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -271,18 +261,18 @@ class RoundRunner:
                     node_id=str(acc.node_id),
                     weight=acc.weight,
                     people=m.num_people,
-                    images=_or(m.num_images, 0),
+                    images=None,  # kept column, no longer filled: a site's image count stays at the site (issue 11)
                     steps=_or(m.steps, 0),
-                    loss=_or(m.loss, nan),
+                    loss=None,  # idem: the loss is computed from the site's data without noise
                     epsilon=_or(m.epsilon, nan),
                     delta=_or(m.delta, nan),
                     unit=_or(info.unit, ""),
                     accountant=_or(info.accountant, ""),
-                    compute_s=_or(m.compute_s, nan),
+                    compute_s=None,  # idem: timings stay in the site's log
                     bytes_down=bytes_down,
                     bytes_up=acc.wire_bytes,
                     received_keys=sorted(acc.tensors),
-                    detail=timing(acc, took, got.pushed_at),
+                    detail=timing(took),
                 )
             )
         seen = {s.site for s in sites}
@@ -337,7 +327,7 @@ class RoundRunner:
             meta={"participants": participants, "weighting": cfg.weighting},
         )
         commit_s = time.monotonic() - t_agg
-        slowest = max(_or(a.reply.metrics.compute_s, 0.0) for _, a, _ in accepted)
+        slowest = max(took for _, _, took in accepted)
         metrics: dict[str, float] = {
             "exchange_s": exchange_s,
             "slowest_site_s": slowest,

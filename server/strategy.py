@@ -2,7 +2,7 @@
 
 The server sends each site the shared tail of the embedder (`common.model.shared_state`), packed as
 one flat vector with its layout (common/protocol/tail.py), and averages what comes back, weighted by
-the people or images each site trained on. It accepts from a site exactly the tensors it sent: same
+the number of people each site publishes (its enrolment count, or 1 if its policy keeps it). It accepts from a site exactly the tensors it sent: same
 names, same shapes, same order, finite float32 values, with a well-formed `TrainReply`. Anything else
 (a head row block, a num-people-sized tensor, a renamed key) rejects that site's reply for the round,
 so a site's private margin head cannot reach the aggregate even by mistake.
@@ -25,7 +25,7 @@ from facefed.common.errors import FacefedError
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, LayoutError, compare, layout, pack, unpack
 from facefed.common.protocol.train import ARRAYS, METRICS, SITE, TrainReply, problems
 
-WEIGHT_KEYS = {"people": "num-people", "images": "num-images"}
+WEIGHT_KEYS = {"people": "num-people"}  # a site's image count is not sent (issue 11)
 
 
 class ReplyRejected(FacefedError, ValueError):
@@ -106,7 +106,7 @@ class BackboneAverage:
             reply = TrainReply.from_records(content.metric_records[METRICS], site)
         except ValidationError as e:
             raise ReplyRejected(f"malformed reply record: {problems(e)}") from None
-        weight = reply.metrics.num_people if self.weighting == "people" else reply.metrics.num_images
+        weight = reply.metrics.num_people
         if weight is None or not weight > 0:
             raise ReplyRejected(
                 f"weight `{self.weight_key}` is {weight!r}; a site that trained on no one cannot contribute"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from federation_support import ROOT, LocalGrid, shifted_site
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.common.config import ConfigError, load_config, validate_config
@@ -99,12 +99,48 @@ def test_two_rounds_average_by_people_and_fill_the_ledger(state, pretrained_file
         assert torch.allclose(r2[k], base[k], atol=1e-5)  # +0.3 x1 and -0.1 x3 cancel exactly
 
 
-def test_images_weighting_moves_the_model(state, pretrained_file):
-    grid = LocalGrid({1: ("", shifted_site("alpha", 0.4, people=1)), 2: ("", shifted_site("beta", 0.0, people=1))})
-    coordinator(state, grid, make_config(rounds=1, weighting="images"), pretrained_file).run()
-    base, r1 = tails(state, "t-run-r0000"), tails(state, "t-run-r0001")
-    for k in base:
-        assert torch.allclose(r1[k], base[k] + 0.2, atol=1e-5)  # equal images: plain mean of +0.4 and 0
+def test_ledger_holds_no_loss_image_counts_or_timings_from_sites(state, pretrained_file):
+    """Issue 11: a reply carries DP outputs and public facts; a site that sends more is rejected."""
+
+    def leaky(content):
+        out = shifted_site("beta", 0.0, people=1)(content)
+        metrics = dict(out["metrics"])
+        out["metrics"] = MetricRecord({**metrics, "loss": 0.7, "num-images": 40})  # what sites used to send
+        return out
+
+    grid = LocalGrid(
+        {
+            1: ("", shifted_site("alpha", 0.4, people=1)),
+            2: ("", shifted_site("gamma", 0.0, people=1)),
+            3: ("", leaky),
+        }
+    )
+    coordinator(state, grid, make_config(rounds=1, min_sites=2), pretrained_file).run()
+    with Ledger(state.ledger) as ledger:
+        (r,) = ledger.rounds("t-run")
+        ok = [s for s in r.sites if s.status == "ok"]
+        assert len(ok) == 2 and [s.status for s in r.sites if s.site == "node-3"] == ["rejected"]
+        assert all(s.images is None and s.loss is None and s.compute_s is None for s in ok)
+        assert all(s.epsilon is not None and s.delta == 1e-5 for s in ok)  # the DP outputs are kept
+    db = sqlite3.connect(state.ledger)
+    assert db.execute("SELECT COUNT(*) FROM site_rounds WHERE loss IS NOT NULL OR images IS NOT NULL").fetchone() == (
+        0,
+    )
+    db.close()
+
+
+def test_a_reply_with_loss_or_image_counts_is_rejected(state, pretrained_file):
+    def leaky(content):
+        out = shifted_site("beta", 0.0, people=1)(content)
+        out["metrics"] = MetricRecord({**dict(out["metrics"]), "loss": 0.7})
+        return out
+
+    grid = LocalGrid({1: ("", shifted_site("alpha", 0.4, people=1)), 2: ("", leaky)})
+    coordinator(state, grid, make_config(rounds=1, min_sites=1), pretrained_file).run()
+    with Ledger(state.ledger) as ledger:
+        (r,) = ledger.rounds("t-run")
+        bad = [s for s in r.sites if s.status == "rejected"]
+        assert len(bad) == 1 and "loss" in (bad[0].detail or "") and bad[0].loss is None
 
 
 def test_silent_site_is_missing_and_round_goes_on(state, pretrained_file):

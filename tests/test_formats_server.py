@@ -208,11 +208,11 @@ ORDER_JSON = (
     '"shard":0,"shards":1,"head-run":"t-run","head-round":1,"head-attempt":1,'
     '"layout-names":["w","b"],"layout-shapes":["2,3","3"]}'
 )
+# Issue 11: a reply carries DP outputs and public facts only (no loss, image or sampled counts, timings, pid).
 REPLY_JSON = (
-    '{"metrics":{"num-people":4,"num-images":12,"steps":5,"probe-steps":1,"sampled-images":10,'
-    '"people-sampled":3,"loss":1.5,"epsilon":0.25,"delta":0.00001,"noise-multiplier":1.1,"sample-rate":0.5,'
-    '"train-s":2.0,"round-s":3.0,"compute-s":3.5,"handler-start":1700000000.0,"process-start":1699999999.0},'
-    '"site":{"name":"alpha","unit":"person","accountant":"rdp","head-from":"fresh","pid":1234,"worker":"warm",'
+    '{"metrics":{"num-people":4,"steps":5,"probe-steps":1,'
+    '"epsilon":0.25,"delta":0.00001,"noise-multiplier":1.1,"sample-rate":0.5},'
+    '"site":{"name":"alpha","unit":"person","accountant":"rdp","head-from":"fresh","worker":"warm",'
     '"layout-names":["w","b"],"layout-shapes":["2,3","3"]}}'
 )
 
@@ -283,7 +283,10 @@ def test_train_reply_json_and_records():
     assert reply.model_dump_json(by_alias=True) == REPLY_JSON
     # Only the weight and the layout are required (what the server cannot do without) ...
     minimal = TrainReply.from_records({"num-people": 2}, {"name": "x", NAMES: [], SHAPES: []})
-    assert minimal.metrics.loss is None
+    assert minimal.metrics.epsilon is None
+    for leak in ("loss", "num-images", "sampled-images", "people-sampled", "train-s", "compute-s", "handler-start"):
+        with pytest.raises(ValidationError):  # what a reply used to carry is refused at the server
+            TrainReply.from_records({**dict(metrics), leak: 1.0}, site)
     # ... and an unknown metric or a mistyped one is refused.
     with pytest.raises(ValidationError):
         TrainReply.from_records({**dict(metrics), "head-rows": 1.0}, site)

@@ -174,11 +174,11 @@ CONTRIBUTIONS_SCHEMA = [
         "table",
         "contributions",
         "contributions",
-        "CREATE TABLE contributions (\n    person_id         TEXT NOT NULL,\n    run_id            TEXT NOT NULL,\n"
+        "CREATE TABLE contributions (\n    pseudonym         TEXT NOT NULL,\n    run_id            TEXT NOT NULL,\n"
         "    round             INTEGER NOT NULL,\n    attempt           INTEGER NOT NULL,\n"
         "    images            INTEGER NOT NULL,\n    sampled           INTEGER NOT NULL,\n"
         "    parent_checkpoint TEXT NOT NULL,\n    head_file         TEXT,\n    recorded_at       REAL NOT NULL,\n"
-        "    PRIMARY KEY (person_id, run_id, round, attempt)\n)",
+        "    PRIMARY KEY (pseudonym, run_id, round, attempt)\n)",  # issue 11: keyed by pseudonym
     ),
     (
         "index",
@@ -290,7 +290,7 @@ def test_site_paths_known_answer(tmp_path):
         "node_config": "vault/site/node-config.toml",
         "heads": "vault/site/heads",
         "head": "vault/site/head.pt",
-        "accountant": "vault/site/accountant.json",
+        "accountant": "vault/accountant.json",  # one accountant per vault (issue 11), not per state dir
         "contributions": "vault/site/contributions.sqlite",
         "worker_socket": "vault/site/worker.sock",
         "worker_key": "vault/site/worker.key",
@@ -298,6 +298,7 @@ def test_site_paths_known_answer(tmp_path):
         "flwr": "vault/site/flwr",
         "requests": "vault/requests.sqlite",
         "receipts": "vault/receipts",
+        "policy": "vault/policy.json",
     }
     assert site.head_path("run-1", 3, 2) == tmp_path / "vault/site/heads/run-1/r0003-a2.pt"
     assert head_name(12, 1) == "r0012-a1.pt"

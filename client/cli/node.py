@@ -73,8 +73,23 @@ def start(
             "--max-retries", help="Give up after this many failed connection attempts (default: keep retrying)."
         ),
     ] = None,
+    receipt_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--receipt-key",
+            help="The server's receipt public key (receipts.pub), pinned in the vault: receipts signed by any "
+            "other key are not stored (needed once; a different key later is refused).",
+        ),
+    ] = None,
 ) -> None:
     """Run this site's node: it joins the federation and trains on the vault when the server asks."""
+    if receipt_key is not None:  # pin the server's receipt key where the node is started (issue 11)
+        from facefed.client.forget.receipts import KeyPinError, ReceiptError, pin_server_key
+
+        try:
+            pin_server_key(vault.expanduser(), receipt_key.read_bytes())
+        except (OSError, KeyPinError, ReceiptError) as e:
+            fail(f"--receipt-key {receipt_key}: {e}")
     if pretrained is None and os.environ.get(PRETRAINED_ENV):
         pretrained = Path(os.environ[PRETRAINED_ENV])
     settings = NodeSettings(

@@ -62,10 +62,15 @@ def init(
             "holders), one per share, ideally on different disks. Order = x 1..n.",
         ),
     ],
-    threshold: Annotated[int, typer.Option("--threshold", "-k", help="Shares needed to rebuild an image (1..n).")] = 2,
+    threshold: Annotated[int, typer.Option("--threshold", "-k", help="Shares needed to rebuild an image (2..n).")] = 2,
     tls_dir: Annotated[Path | None, typer.Option("--tls-dir", help="Client certificates for grpcs:// stores.")] = None,
 ) -> None:
     """Create an empty vault over n existing, empty store directories; any k of them rebuild an image."""
+    if threshold == 1:  # Shamir with k = 1: every share is the image itself (the polynomial is constant)
+        fail(
+            "--threshold 1: with k = 1 every share is the image in plain form; "
+            "give --threshold 2 or more (and at least that many stores)"
+        )
     urls = [s.strip() for s in stores.split(",") if s.strip()]
     if not urls:
         fail("--stores is empty; give n comma-separated store directories, e.g. --stores /mnt/a/s,/mnt/b/s,/mnt/c/s")

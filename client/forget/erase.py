@@ -7,10 +7,11 @@
     destroyed, so a crash later never loses the request;
  3. erases their shares from every store (`Vault.erase`: manifest rows first, then the files; what a
     store could not delete stays pending in the vault and is retried at every open);
- 4. deletes their row from every head file in the state directory (each rewritten atomically): the
-    site's head checkpoints `STATE/heads/<run>/r<round>-a<attempt>.pt` and any head directly in STATE;
- 5. deletes their contribution-log rows (`STATE/contributions.sqlite`), once the summary in step 2
-    is safely recorded (and merged again here, in case a round that was running added rows).
+ 4. deletes their row from every head file in EVERY state directory of the vault (the node's
+    `VAULT/site`, `facefed-client train`'s `VAULT/train-state` with its `head.pt`, any other one a
+    node or `train` registered in `VAULT/states`; client/state.py), each rewritten atomically;
+ 5. deletes their contribution-log rows (`STATE/contributions.sqlite`, keyed by pseudonym) in each,
+    once the summary in step 2 is safely recorded (and merged again, in case a round added rows).
 Repeating it is harmless: an open request for the same person is resumed or returned, never doubled.
 `settle(vault_dir, state_dir)` does the same for every request without the id being typed again: for
 the node at start-up and around rounds (a crash before erasing, a round in flight during the erasure).
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facefed.client.forget.requests import ForgetRequest, RequestError, RequestLog, RunSpan
-from facefed.client.state import SiteState, default_node_state, requests_path
+from facefed.client.state import SiteState, default_node_state, requests_path, site_states
 from facefed.client.vault import UnknownPerson, Vault
 from facefed.client.vault.validate import check_person_id
 from facefed.common import sqlite
@@ -81,7 +82,7 @@ def _contrib_db(path: Path) -> sqlite3.Connection:
     return sqlite.connect(path, journal="WAL", secure_delete=True)
 
 
-def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
+def contribution_spans(state_dir: Path, pseudonym: str) -> list[RunSpan]:
     """Per run: the earliest and latest round the person was present in (attempts included)."""
     path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
@@ -92,7 +93,7 @@ def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
         if not has:
             return []
         rows = db.execute(
-            "SELECT DISTINCT run_id, round FROM contributions WHERE person_id=? ORDER BY run_id, round", (person_id,)
+            "SELECT DISTINCT run_id, round FROM contributions WHERE pseudonym=? ORDER BY run_id, round", (pseudonym,)
         ).fetchall()
     finally:
         db.close()
@@ -102,7 +103,7 @@ def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
     return [RunSpan(run_id, rs[0], rs[-1], tuple(rs)) for run_id, rs in by_run.items()]
 
 
-def drop_contributions(state_dir: Path, person_id: str) -> int:
+def drop_contributions(state_dir: Path, pseudonym: str) -> int:
     """Delete the person's rows and push the WAL into the database, so no copy of them stays behind."""
     path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
@@ -111,7 +112,7 @@ def drop_contributions(state_dir: Path, person_id: str) -> int:
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='contributions'").fetchone():
             return 0
-        n = db.execute("DELETE FROM contributions WHERE person_id=?", (person_id,)).rowcount
+        n = db.execute("DELETE FROM contributions WHERE pseudonym=?", (pseudonym,)).rowcount
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a no-op unless the log runs in WAL mode
     finally:
         db.close()
@@ -126,7 +127,7 @@ def contribution_people(state_dir: Path) -> list[str]:
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='contributions'").fetchone():
             return []
-        return [r[0] for r in db.execute("SELECT DISTINCT person_id FROM contributions")]
+        return [r[0] for r in db.execute("SELECT DISTINCT pseudonym FROM contributions")]
     finally:
         db.close()
 
@@ -211,6 +212,12 @@ def refresh_pending(vault: Vault, reqlog: RequestLog, req: ForgetRequest) -> For
     )
 
 
+def _states(vault_dir: Path, state_dir: Path) -> list[Path]:
+    """Every state directory of this vault: the one given, the node's, `train`'s, and any registered."""
+    out = [state_dir, *site_states(vault_dir)]
+    return [d for i, d in enumerate(out) if d not in out[:i]]
+
+
 def _scrub_heads_of(
     reqlog: RequestLog, req: ForgetRequest, state_dir: Path
 ) -> tuple[ForgetRequest, int, list[str], list[str]]:
@@ -272,9 +279,10 @@ def _run(
     erased_now, destroyed_now = False, 0
     if pseudonym is not None and (previous is None or previous.erased_at is not None):
         # A new request (first time, or a person enrolled again after an earlier one was finished).
-        req = reqlog.receive(
-            person_id, pseudonym, contribution_spans(state_dir, person_id), reason, received_at=received
-        )
+        spans: list[RunSpan] = []
+        for d in _states(vault_dir, state_dir):
+            spans = merge_spans(spans, contribution_spans(d, pseudonym))
+        req = reqlog.receive(person_id, pseudonym, spans, reason, received_at=received)
     else:
         assert previous is not None
         req = refresh_pending(vault, reqlog, previous)
@@ -296,15 +304,21 @@ def _run(
             req = _erased_per_audit(vault, reqlog, req, vault_dir)
     log.info("request %s: data erased (%s shares)", req.request_id, req.shares_destroyed)
 
-    # Heads and contributions: run every time (idempotent), so a head written by a round that was
-    # in flight during the first call is scrubbed by the repeat (or by `settle`).
-    req, rows, files, problems = _scrub_heads_of(reqlog, req, state_dir)
-    spans = contribution_spans(state_dir, person_id)
-    if spans:
-        merged = merge_spans(req.contributions, spans)
-        if merged != req.contributions:
-            req = reqlog.set_contributions(req.request_id, merged)
-    dropped = drop_contributions(state_dir, person_id)
+    # Heads and contributions: run every time (idempotent), in EVERY state directory the site has
+    # (the node's, `facefed-client train`'s, any other registered with the vault; client/state.py),
+    # so a head written by a round that was in flight during the first call is scrubbed by the repeat.
+    rows, dropped = 0, 0
+    files: list[str] = []
+    problems: list[str] = []
+    for d in _states(vault_dir, state_dir):
+        req, r, f, p = _scrub_heads_of(reqlog, req, d)
+        rows, files, problems = rows + r, files + f, problems + p
+        spans = contribution_spans(d, req.pseudonym)
+        if spans:
+            merged = merge_spans(req.contributions, spans)
+            if merged != req.contributions:
+                req = reqlog.set_contributions(req.request_id, merged)
+        dropped += drop_contributions(d, req.pseudonym)
     if dropped or req.contribution_rows is None:
         req = reqlog.mark_contributions_dropped(req.request_id, (req.contribution_rows or 0) + dropped)
 
@@ -338,7 +352,7 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
     with Vault.open(vault_dir) as vault, RequestLog(vault_dir) as reqlog:
         current = {r.person_id: r.pseudonym for r in vault.people()}
         by_pseudonym = {ps: pid for pid, ps in current.items()}
-        by_hash = {reqlog.hash_of(p): p for p in set(current) | set(contribution_people(state_dir))}
+        by_hash = {reqlog.hash_of(p): p for p in current}
         latest: dict[str, ForgetRequest] = {}
         for req in reqlog.all():  # oldest first: the last one per person wins
             refreshed = refresh_pending(vault, reqlog, req)
@@ -347,7 +361,11 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
             req = refreshed
             h = reqlog.id_hash_of(req.request_id)
             if h in latest:  # an earlier request of someone forgotten twice: only its head rows can remain
-                old, rows, files, problems = _scrub_heads_of(reqlog, latest[h], state_dir)
+                old, rows = latest[h], 0
+                files, problems = list[str](), list[str]()
+                for d in _states(vault_dir, state_dir):
+                    old, r, f, p = _scrub_heads_of(reqlog, old, d)
+                    rows, files, problems = rows + r, files + f, problems + p
                 if rows or problems:
                     done.append(
                         ForgetOutcome(
@@ -368,13 +386,24 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
             else:  # nothing here names them any more, or they were enrolled again under a new pseudonym
                 if req.erased_at is None and req.pseudonym not in by_pseudonym:
                     req = _erased_per_audit(vault, reqlog, req, vault_dir)
-                req, rows, files, problems = _scrub_heads_of(reqlog, req, state_dir)
+                rows, dropped = 0, 0
+                files, problems = list[str](), list[str]()
+                for d in _states(vault_dir, state_dir):
+                    req, r, f, p = _scrub_heads_of(reqlog, req, d)
+                    rows, files, problems = rows + r, files + f, problems + p
+                    spans = contribution_spans(d, req.pseudonym)
+                    if spans and merge_spans(req.contributions, spans) != req.contributions:
+                        req = reqlog.set_contributions(req.request_id, merge_spans(req.contributions, spans))
+                    dropped += drop_contributions(d, req.pseudonym)
+                if dropped:
+                    req = reqlog.mark_contributions_dropped(req.request_id, (req.contribution_rows or 0) + dropped)
                 o = ForgetOutcome(
                     request=req,
                     repeated=True,
                     erased_now=False,
                     head_rows_removed_now=rows,
                     head_files_now=files,
+                    contribution_rows_now=dropped,
                     problems=problems,
                 )
             if (o.request.erased_at, o.request.head_rows_removed, o.request.contribution_rows) != was or o.problems:

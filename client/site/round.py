@@ -5,16 +5,19 @@ Everything that must outlive the round is on disk, under the site's state direct
 config written by `facefed-client start`):
 
     STATE/heads/<run>/r<round>-a<attempt>.pt   the site's private margin head after each round
-    STATE/accountant.json                      the site's privacy accountant (epsilon accumulates)
-    STATE/contributions.sqlite                 who was trained on in which run and round
+    VAULT/accountant.json                      the vault's privacy accountant (epsilon accumulates)
+    STATE/contributions.sqlite                 who (by pseudonym) was trained on in which run and round
+    STATE/logs/rounds.jsonl                    loss, counts, timings: the site's own log, never sent
 (every path is named in client/state.py).
 
-Per round: check the order (run id, round, training config) and that the frozen part of our model is
+Per round: check the order against the site's privacy policy first (client/training/privacy.py:
+refused with SiteRefused before any image is read or the accountant changes), then (run id, round,
+training config) and that the frozen part of our model is
 the server's (same prefix fingerprint); open the vault and decode the faces in memory (no plain image
 is ever written); load the head the server says this site's last committed round produced; train
 with the trainer (per-person DP-SGD; refused before any step if it would pass the site's budget);
-save the new head, log the contributions; reply with the shared tail only, plus metrics and the
-epsilon spent. The head never leaves this process except to the site's own disk.
+save the new head, log the contributions; reply with the shared tail only, plus the DP outputs and
+public facts (common/protocol/train.py TrainMetrics). The head never leaves this process except to the site's own disk.
 
 Simulation (`facefed-server simulate`): a node without a vault but with Flower's `partition-id` is a
 virtual site whose people are a partition of LFW peopleDevTrain; paths come from the run config.
@@ -25,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -37,27 +39,31 @@ import torch
 from pydantic import ValidationError
 
 from facefed.client.forget.contributions import ContributionLog
-from facefed.client.state import SiteState
+from facefed.client.state import SiteState, register_state
 from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
+from facefed.client.training.privacy import check_order, open_accountant, plan, policy_of
 from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.training.trainer import train_local
-from facefed.common.accountant import SiteAccountant
+from facefed.common.accountant import BudgetExceeded, SiteAccountant
 from facefed.common.config import TrainConfig, validate_config
-from facefed.common.errors import FacefedError
 from facefed.common.lfw import ImageKey
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.nodekeys import check_site_name
 from facefed.common.paths import pretrained_path
-from facefed.common.protocol.train import TrainOrder, problems
+from facefed.common.protocol.train import SiteRefused, TrainOrder, problems
 from facefed.common.shards import shard_of
 
 # simulation: ray reuses worker processes (see _SimulatedLFW); (archive, sites, people, images) -> data
 _LFW_CACHE: dict[tuple[str, int, int, int], tuple[list[list[str]], _SimulatedLFW]] = {}
 
 
-class SiteConfigError(FacefedError, ValueError):
-    """The node or the order from the server is unusable; the message names the key and the remedy."""
+class SiteConfigError(SiteRefused, ValueError):
+    """The node or the order from the server is unusable; the message names the key and the remedy
+    (a refusal of kind "config", common/protocol/train.py)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("config", reason)
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,14 @@ class RoundResult:
     info: dict[str, str | int]
 
 
+def _log_round(site: Site, entry: dict[str, Any]) -> None:
+    """Append one line to the site's own round log (STATE/logs/rounds.jsonl): never sent anywhere."""
+    path = site.files.logs_dir / "rounds.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"at": time.time(), **entry}) + "\n")
+
+
 def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> RoundResult:
     """Train this site's faces for one round from the received shared tail; persist head and logs."""
     t0 = time.perf_counter()
@@ -265,6 +279,9 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
             f"the server knows this node as site {order.expected_site!r} but it was started "
             f"with --site {site.name}; restart it with --site {order.expected_site}"
         )
+    if site.vault is not None:  # before anything else: the order against the site's own policy
+        check_order(policy_of(site.vault), order.train, order.steps)
+        register_state(site.vault, site.state)  # forget must find this state directory
     torch.set_num_threads(site.threads)
 
     model = build_embedder(site.pretrained, train_from=order.train.train_from)
@@ -275,58 +292,88 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
         )
     load_shared_state(model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in received.items()})
 
-    try:
-        acc_path = accountant_path(site.state, order.shard, order.shards)
-    except ShardStateError as e:
-        raise SiteConfigError(str(e)) from None
+    # The site's policy first (client/training/privacy.py): an order asking for less privacy than it
+    # allows, or over budget, is refused here, before any image is read or the accountant changes.
+    head, head_from = load_head(site, order)  # the head file only (random rows + earlier DP outputs)
+    fresh = not head.probed
+    accountant: SiteAccountant | None
+    publish_people = True
+    if site.vault is not None:
+        policy = policy_of(site.vault)
+        accountant = open_accountant(site.files, policy, order.shard, order.shards)
+        cfg, _ = plan(policy, order.train, accountant, order.steps, fresh_head=fresh)
+        publish_people = policy.publish_people
+    else:  # a simulated site: no operator, the server's own experiment takes the order's settings
+        cfg = order.train.model_copy(update={"steps": order.steps})
+        try:
+            acc_path = accountant_path(site.files, order.shard, order.shards)
+        except ShardStateError as e:
+            raise SiteRefused("config", str(e)) from None
+        accountant = (
+            None
+            if cfg.privacy_unit == "none"
+            else SiteAccountant(acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+        )
     faces = load_faces(site, order.shard, order.shards)
     if faces.n_people == 0:
-        raise SiteConfigError(f"this site has no people in shard {order.shard} of {order.shards}")
-    head, head_from = load_head(site, order)
-    cfg = order.train.model_copy(update={"steps": order.steps})
-    accountant = (
-        None if cfg.privacy_unit == "none" else SiteAccountant(acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-    )
+        raise SiteRefused("data", f"this site has no people in shard {order.shard} of {order.shards}")
     t_train = time.perf_counter()
-    # No seed: the DP randomness is fresh OS entropy, never derivable from the server's order (the
-    # server could otherwise regenerate the noise and strip it from the update).
-    report = train_local(model, head, faces, cfg, accountant)
+    # No seed: the DP randomness is AES-256-CTR under a fresh OS key (client/training/dprandom.py),
+    # never derivable from the server's order (the server could otherwise strip the noise).
+    try:
+        report = train_local(model, head, faces, cfg, accountant)
+    except BudgetExceeded as e:
+        raise SiteRefused("budget", str(e)) from None
 
     head_path = site.head_path(order.run_id, order.round, order.attempt)
     head_path.parent.mkdir(parents=True, exist_ok=True)
     head.save(head_path)
-    with ContributionLog(site.contributions_path) as log:
+    pseudonym_of = dict(zip(faces.person_ids, faces.pseudonyms, strict=True))
+    with ContributionLog(site.contributions_path) as log:  # keyed by pseudonym, never the operator's id
         log.record(
             run_id=order.run_id,
             rnd=order.round,
             attempt=order.attempt,
             parent_checkpoint=order.parent_checkpoint,
-            images={pid: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
-            sampled=report.people_used,
+            images={pseudonym_of[pid]: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
+            sampled={pseudonym_of[pid] for pid in report.people_used},
             head_file=str(head_path.relative_to(site.state)),
         )
 
     eps = report.epsilon if math.isfinite(report.epsilon) else -1.0
+    # The site's own log keeps what the server must not see (loss, image and sampled counts, timings).
+    _log_round(
+        site,
+        {
+            "run": order.run_id,
+            "round": order.round,
+            "attempt": order.attempt,
+            "people": faces.n_people,
+            "images": faces.n_images,
+            "sampled_images": report.images,
+            "people_sampled": len(report.people_used),
+            "loss": float(report.loss),
+            "epsilon": float(eps),
+            "train_s": time.perf_counter() - t_train,
+            "round_s": time.perf_counter() - t0,
+        },
+    )
+    # The reply: DP outputs and public facts only (common/protocol/train.py TrainMetrics). The steps are
+    # the order's (and the probe steps of a fresh head, which the server knows it asked for); epsilon
+    # and delta are functions of public parameters (sigma, q, steps) and of the policy.
     metrics = {
-        "num-people": faces.n_people,
-        "num-images": faces.n_images,
+        "num-people": faces.n_people if publish_people else 1,
         "steps": report.steps,
         "probe-steps": report.probe_steps,
-        "sampled-images": report.images,
-        "people-sampled": len(report.people_used),
-        "loss": float(report.loss),
         "epsilon": float(eps),
         "delta": float(report.delta),
         "noise-multiplier": float(report.noise_multiplier),
         "sample-rate": float(report.sample_rate),
-        "train-s": time.perf_counter() - t_train,
-        "round-s": time.perf_counter() - t0,
     }
     info: dict[str, str | int] = {
         "name": site.name,
         "unit": report.unit,
         "accountant": report.accountant,
         "head-from": head_from,
-        "pid": os.getpid(),
     }
     return RoundResult({k: v.detach().cpu().numpy() for k, v in shared_state(model).items()}, metrics, info)

@@ -17,13 +17,15 @@ noise multiplier sigma: RDP alpha / (2 sigma^2), which the site's accountant rec
 sample rate 1 (Opacus' RDP analysis reduces to exactly that). U, the size of the enrolment roster,
 is treated as public, as for the head (client/training/trainer.py; docs/privacy.md). The bias update is post-processing, and
 the weights it starts from are public (pretrained) or earlier DP outputs, as every DP step needs.
-The noise comes from the trainer's DP generator (fresh OS entropy unless a caller fixes a seed).
+The noise comes from the release's DPRandom (client/training/dprandom.py: AES-256-CTR under a fresh
+OS-random key), drawn and added in float64 and rounded once to the bias's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.faces import SiteFaces
 from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import MobileFaceNet
@@ -65,7 +67,7 @@ def dp_center(
     unit: str,
     clip: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    rng: DPRandom,
 ) -> float:
     """Subtract the DP mean of the units' embeddings from the embedding layer's bias; returns the norm
     of the shift applied."""
@@ -81,7 +83,7 @@ def dp_center(
     scale = (clip / means.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
     total = (means * scale).sum(0)
     if noise_multiplier > 0:
-        total += noise_multiplier * clip * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+        total = (total.double() + rng.gaussian_like(total, noise_multiplier * clip)).to(total.dtype)
     shift = total / len(means)
     bias.sub_(shift.view_as(bias))
     return float(shift.norm())

@@ -9,7 +9,6 @@ the recipe is centring + DP linear probing + DP-BiTFiT: docs/privacy.md.
 from __future__ import annotations
 
 import math
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,10 +19,12 @@ import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from facefed.client.training.centering import dp_center
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.faces import SiteFaces
 from facefed.client.training.per_sample_grads import batch_grad  # (importing it registers fast PReLU / conv samplers)
 from facefed.client.training.sampling import Batch, ImageSampler, PersonSampler
@@ -166,6 +167,41 @@ class _BookkeepingGSM(GradSampleModuleFastGradientClipping):
         self._kept.clear()
 
 
+# -- the Gaussian noise, from the release's CSPRNG ----------------------------------------------------
+def _add_noise(opt: Any, rng: DPRandom, noise_multiplier: float) -> None:
+    """p.grad = clipped sum + N(0, (sigma C)^2): the noise drawn by `rng` in float64, added in float64,
+    and the sum rounded once to the parameter's dtype (client/training/dprandom.py: Mironov 2012)."""
+    std = noise_multiplier * opt.max_grad_norm
+    for p in opt.params:
+        _check_processed_flag(p.summed_grad)
+        total = p.summed_grad.double() + rng.gaussian_like(p.summed_grad, std) if std > 0 else p.summed_grad
+        p.grad = total.to(p.summed_grad.dtype).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+class _SecureDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (clipping, accounting hooks, scaling) with its torch-generator noise replaced."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: DPRandom, **kw: Any):
+        super().__init__(optimizer, **kw)
+        self.dp_rng = rng
+
+    def add_noise(self) -> None:
+        _add_noise(self, self.dp_rng, float(self.noise_multiplier))
+
+
+class _SecureDPOptimizerGhost(DPOptimizerFastGradientClipping):
+    """The same for ghost clipping's optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: DPRandom, **kw: Any):
+        super().__init__(optimizer, **kw)
+        self.dp_rng = rng
+
+    def add_noise(self) -> None:
+        sigma: Any = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        _add_noise(self, self.dp_rng, float(sigma))
+
+
 # -- one optimisation loop, private or not -----------------------------------------------------
 class _Loop:
     def __init__(
@@ -176,7 +212,7 @@ class _Loop:
         cfg: TrainConfig,
         sigma: float,
         expected_batch: float,
-        seed: int,
+        rng: DPRandom,
         anchored: Sequence[nn.Parameter] = (),
     ):
         self.head, self.cfg, self.private = head, cfg, cfg.privacy_unit != "none"
@@ -188,6 +224,7 @@ class _Loop:
         module.train()  # Opacus validates and captures activations only in training mode (no layer here
         #                 behaves differently in it: no dropout, no BatchNorm)
         self.ghost = self.private and cfg.clipping == "ghost"
+        self.opt: Any  # an Opacus DP optimizer (untyped library) or, non-private, torch's SGD
         self.module: Any  # an Opacus GradSampleModule (an untyped library) or, non-private, the module itself
         if self.private:
             errors = ModuleValidator.validate(module, strict=False)
@@ -195,12 +232,12 @@ class _Loop:
                 raise ValueError(f"model is not valid for DP-SGD: {errors[0]}")
             # Loss is a sum; the optimizer divides (clipped sum + noise) by the EXPECTED batch size,
             # which (unlike the realised size) does not depend on who was sampled.
-            dp = dict(
+            dp: dict[str, Any] = dict(
                 noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm,
                 expected_batch_size=max(1, round(expected_batch)),
                 loss_reduction="mean",
-                generator=torch.Generator().manual_seed(seed ^ 0x5EED),
+                rng=rng,  # the noise: AES-256-CTR under a fresh OS key, never torch's generator
             )
             if self.ghost:
                 # Ghost clipping: per-sample gradient NORMS (the head's from |dL/dlogits| |x|, never
@@ -212,10 +249,10 @@ class _Loop:
                     max_grad_norm=cfg.max_grad_norm,
                     use_ghost_clipping=True,
                 )
-                self.opt = DPOptimizerFastGradientClipping(opt, **dp)
+                self.opt = _SecureDPOptimizerGhost(opt, **dp)
             else:
                 self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-                self.opt = DPOptimizer(opt, **dp)
+                self.opt = _SecureDPOptimizer(opt, **dp)
             self.params = [p for g in groups for p in g["params"]]
         else:
             self.module, self.opt = module, opt
@@ -301,31 +338,28 @@ def train_local(
     cfg: TrainConfig,
     accountant: SiteAccountant | None,
     *,
-    seed: int | None = None,
+    insecure_seed: int | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainReport:
     """Train `model`'s tail and `head` in place on `faces`; record the privacy spent; report.
 
-    The DP randomness (Poisson sampling, flips, Gaussian noise) comes from fresh OS entropy unless
-    `seed` fixes it. Only benchmarks and tests fix it: noise that an adversary can regenerate is no
-    noise, and a replay that reused a release's noise would hand out the difference of the two, i.e.
-    exactly the forgotten person's clipped gradients."""
+    The DP randomness (Poisson sampling, image choice, flips, Gaussian noise) comes from one
+    `DPRandom` for this call: AES-256-CTR under a fresh 256-bit `os.urandom` key
+    (client/training/dprandom.py). `insecure_seed` fixes it, for benchmarks and tests ONLY: noise
+    that an adversary can regenerate is no noise, and a replay that reused a release's noise would
+    hand out the difference of the two, i.e. exactly the forgotten person's clipped gradients."""
     t0 = time.perf_counter()
-    if seed is None:
-        seed = secrets.randbits(62)
+    rng = DPRandom() if insecure_seed is None else DPRandom.insecure_for_tests(insecure_seed)
     _check(model, head, faces, cfg, accountant)
     head.add_people(faces.pseudonyms)  # random, data-independent rows for newly enrolled people
     labels_of = head.indices(faces.pseudonyms)[faces.labels]  # image row -> head row
     person_of_row = faces.labels
 
     unit = cfg.privacy_unit
-    gen = torch.Generator().manual_seed(seed)
     if unit == "image":
-        sampler: ImageSampler | PersonSampler = ImageSampler(
-            faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen
-        )
+        sampler: ImageSampler | PersonSampler = ImageSampler(faces.labels, cfg.sample_rate, flip=cfg.flip, rng=rng)
     else:  # person, and the non-private baseline on exactly the same kind of batches
-        sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, generator=gen)
+        sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, rng=rng)
     fresh = not head.probed  # a fresh head gets the centring release and the probe steps
     probe = cfg.probe_steps if fresh else 0
     total = probe + cfg.steps
@@ -397,7 +431,7 @@ def train_local(
                 unit="image" if unit == "image" else "person",
                 clip=cfg.center_clip,
                 noise_multiplier=_given(cfg.center_noise) if unit != "none" else 0.0,
-                generator=torch.Generator().manual_seed(seed ^ 0xCE17E4),
+                rng=rng,
             )
         if probe:
             # DP linear probing: the head learns on frozen embeddings (tail not trained here).
@@ -411,7 +445,7 @@ def train_local(
                 cfg,
                 sigma,
                 sampler.expected_batch_size,
-                seed,
+                rng,
             )
             run(loop, probe, "probe", lambda b: emb[b.rows, b.flips.long()])
         if center or probe:
@@ -432,7 +466,7 @@ def train_local(
                 p.requires_grad_(False)
             try:
                 loop = _Loop(
-                    net, groups, head, cfg, sigma, sampler.expected_batch_size, seed + 1, anchored=groups[0]["params"]
+                    net, groups, head, cfg, sigma, sampler.expected_batch_size, rng, anchored=groups[0]["params"]
                 )
                 run(loop, cfg.steps, "finetune", inputs)
             finally:

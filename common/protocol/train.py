@@ -77,25 +77,22 @@ class TrainOrder(_Wire):
 
 
 class TrainMetrics(_Wire):
-    """The site's numbers for the round (MetricRecord `METRICS`). The weight (`num-people` or
-    `num-images`) is checked by the server's averager; the rest is recorded in the ledger."""
+    """The site's numbers for the round (MetricRecord `METRICS`): DP outputs and public facts only.
+
+    Nothing here is computed from the site's data beyond what the DP release covers: the steps are
+    the order's (probe steps: those of a fresh head, which the server ordered), epsilon and delta are
+    functions of public parameters (sigma, q, steps: the site's whole history of them) and of the
+    site's policy, and `num_people` (the averaging weight) is the enrolment count that the DP analysis
+    treats as public, sent only if the site's policy says so (`publish_people`; else 1). Loss, image
+    counts, who or how many were sampled, and timings stay in the site's own log (issue 11)."""
 
     num_people: int = Field(ge=0)
-    num_images: int | None = Field(default=None, ge=0)
     steps: int | None = Field(default=None, ge=0)
     probe_steps: int | None = Field(default=None, ge=0)
-    sampled_images: int | None = Field(default=None, ge=0)
-    people_sampled: int | None = Field(default=None, ge=0)
-    loss: float | None = None
     epsilon: float | None = None  # -1 when infinite
     delta: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None
-    train_s: float | None = None
-    round_s: float | None = None
-    compute_s: float | None = None
-    handler_start: float | None = None
-    process_start: float | None = None
 
 
 class SiteInfo(_Wire):
@@ -105,7 +102,6 @@ class SiteInfo(_Wire):
     unit: Str | None = None
     accountant: Str | None = None
     head_from: Str | None = None
-    pid: int | None = None
     worker: Str | None = None
     layout_names: list[Name] = Field(max_length=MAX_TENSORS)  # wire key NAMES
     layout_shapes: list[Shape] = Field(max_length=MAX_TENSORS)  # wire key SHAPES
