@@ -49,7 +49,7 @@ CONFIGS = ROOT / "configs" / "bench"
 class Tee:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w")
+        self.f = open(path, "w")  # noqa: SIM115 - a log kept open for the whole benchmark
 
     def __call__(self, *args) -> None:
         line = " ".join(str(a) for a in args)

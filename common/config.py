@@ -87,7 +87,7 @@ class TrainConfig(BaseModel):
     center_noise: float | None = Field(
         None,
         ge=0,
-        description="DP mean centring of the embedding (client/centering.py), "
+        description="DP mean centring of the embedding (client/training/centering.py), "
         "once per fresh head: noise multiplier of its Gaussian mechanism; unset = off",
     )
     center_clip: float = Field(

@@ -2,7 +2,7 @@
 
 The server signs a receipt with its Ed25519 key (`facefed-server certs`); the site stores it and shows
 it in `facefed-client forget status`. This module is the pure document + signature part; checking the
-lineage against the server's ledger lives in server/receipts.py.
+lineage against the server's ledger lives in server/forget/receipts.py.
 
 A signed receipt on disk is `{"algorithm": "ed25519", "receipt": {...}, "signature": "<base64>"}`.
 The signature covers the canonical JSON of `receipt` (sorted keys, no whitespace, UTF-8). Verification

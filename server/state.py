@@ -9,7 +9,7 @@ Everything the operator must keep (and back up) lives under one directory:
     DIR/flwr/config.toml    the `facefed` SuperLink connection (`flwr run`, `flwr supernode ...`)
     DIR/server.json         how this server was started (address, TLS): read by train/sites/status
     DIR/submissions/        frozen, validated run configurations handed to the ServerApp
-    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/flwr_app.py)
+    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/ops/flwr_app.py)
     DIR/logs/               SuperLink log
 """
 
@@ -19,10 +19,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facefed.common.errors import FacefedError
+
 CONNECTION = "facefed"  # name of the SuperLink connection in DIR/flwr/config.toml
 
 
-class StateDirError(FileNotFoundError):
+class StateDirError(FacefedError, FileNotFoundError):
     """The state directory is missing a part a command needs; the message says which command makes it."""
 
 

@@ -1,7 +1,7 @@
 """Helpers for the federation tests.
 
 `LocalGrid` is a Flower `Grid` that delivers messages to in-process sites instead of SuperNodes: it
-stands in for Flower's transport only, so the round logic (`server.app.Coordinator`), the strategy,
+stands in for Flower's transport only, so the round logic (`server.rounds.RoundRunner`), the averager,
 the ledger and the checkpoints run for real, with real tensors, SQLite and files, and the timing cases
 (a site that never answers, one that answers late, a crash between checkpoint and ledger) are quick
 and deterministic. The end-to-end tests run the same code through real SuperLink/SuperNode processes.

@@ -1,4 +1,4 @@
-"""DP mean centring (client/centering.py): the mechanism's sensitivity and noise scale, its accounting
+"""DP mean centring (client/training/centering.py): the mechanism's sensitivity and noise scale, its accounting
 as one Gaussian release per fresh head, the refusal where it would be mostly noise; and the trainer's
 DP randomness, fresh unless a seed fixes it."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from facefed.server.ledger.checkpoints import CheckpointCorrupt, CheckpointStore
 from facefed.server.ledger.db import Ledger, LedgerError
 from facefed.server.ops.submission import Submission, read_submission, write_submission
 from facefed.server.state import StatePaths
-from facefed.server.strategy import BackboneFedAvg, ReplyRejected
+from facefed.server.strategy import BackboneAverage, ReplyRejected
 
 TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
@@ -229,7 +230,7 @@ def test_strategy_checks_replies():
 
     TaskIdentity.run_id, TaskIdentity.node_id = 1, 0
     sent = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
-    strat = BackboneFedAvg(weighting="people", expected=sent, min_sites=1)
+    strat = BackboneAverage(weighting="people", expected=sent)
     msg = Message(RecordDict({}), dst_node_id=9, message_type="train")
     msg.metadata.__dict__["_message_id"] = msg.object_id
 
@@ -296,9 +297,9 @@ def test_checkpoint_tampering_is_refused(tmp_path, pretrained_file):
     row = store.save(build_embedder(pretrained_file), run_id="r1", rnd=0, parent=None)
     model, meta = store.load(row)
     assert meta["checkpoint_id"] == "r1-r0000"
-    data = bytearray(open(row.path, "rb").read())
+    data = bytearray(Path(row.path).read_bytes())
     data[-100] ^= 0xFF
-    open(row.path, "wb").write(bytes(data))
+    Path(row.path).write_bytes(bytes(data))
     with pytest.raises(CheckpointCorrupt, match="refusing to use a changed file"):
         store.load(row)
     with pytest.raises(ValueError, match="invalid run id"):
@@ -372,7 +373,7 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     import threading
     import time
 
-    from facefed.server.app import run_lock
+    from facefed.server.runs import run_lock
 
     released = threading.Event()
     said: list[str] = []
@@ -396,9 +397,11 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     holder.start()
     time.sleep(0.3)
     try:
-        with pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"):
-            with run_lock(state, "r", wait_s=1.0, log=said.append):
-                pass
+        with (
+            pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"),
+            run_lock(state, "r", wait_s=1.0, log=said.append),
+        ):
+            pass
     finally:
         released.set()
         holder.join()

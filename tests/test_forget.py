@@ -360,7 +360,7 @@ def test_settle_removes_what_a_round_in_flight_wrote_after_the_erasure(site):
 
 
 def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site, tmp_path):
-    """client/forget_sync.py on a real vault: what the server's `query` gets back and what it changes."""
+    """client/forget/sync.py on a real vault: what the server's `query` gets back and what it changes."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from facefed.client.forget.sync import answer_query

@@ -161,16 +161,23 @@ def scrub_heads(state_dir: Path, pseudonym: str) -> tuple[int, list[str], list[s
     return removed, changed, problems
 
 
+def _number(value: object) -> float:
+    """A number from an audit entry (JSON); anything else means the entry is not ours."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"the vault's audit log has a malformed erase entry ({value!r} is not a number)")
+    return float(value)
+
+
 def _erased_per_audit(vault: Vault, reqlog: RequestLog, req: ForgetRequest, vault_dir: Path) -> ForgetRequest:
     """A crash after the vault erased but before the log said so: the vault's audit log has the facts."""
     for entry in reversed(vault.audit_entries()):
         if entry.get("event") == "erase" and entry.get("pseudonym") == req.pseudonym:
             return reqlog.mark_erased(
                 req.request_id,
-                erased_at=float(entry["time"]),
-                shares_destroyed=int(entry.get("shares_destroyed", 0)),
-                shares_pending=int(entry.get("shares_pending", 0)),
-                images=int(entry.get("images", 0)),
+                erased_at=_number(entry["time"]),
+                shares_destroyed=int(_number(entry.get("shares_destroyed", 0))),
+                shares_pending=int(_number(entry.get("shares_pending", 0))),
+                images=int(_number(entry.get("images", 0))),
             )
     raise RequestError(
         f"request {req.request_id}: the person is gone from the vault but its audit log has no "

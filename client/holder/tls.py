@@ -73,7 +73,7 @@ def _load_ca(out: Path) -> certs.Issued | None:
             f"{ca_pem} exists but {ca_key} does not: restore the CA key to add hosts, or use a new --out "
             "folder (then every holder and the vault need the new certificates)"
         )
-    return certs.Issued(certs.load_private(ca_key), certs.load_cert(ca_pem))
+    return certs.Issued(certs.load_ec_private(ca_key), certs.load_cert(ca_pem))
 
 
 def make_store_certs(out: str | Path, hosts: list[str], *, ca_name: str = "facefed share-holder CA") -> list[Path]:

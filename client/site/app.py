@@ -2,11 +2,11 @@
 
 Flower runs it in a fresh process per message. It stays thin on purpose (Flower and numpy only):
 the round itself, i.e. opening the vault, decoding faces in memory, DP training with the site's
-private head, saving the head and the contribution log, is `client.site_round.run_round`, executed
-by the site's warm worker (`client/worker.py`, started by `facefed-client start`) or, when there is
-none (simulation, or the worker is down), in this process.
+private head, saving the head and the contribution log, is `client/site/round.py`'s `run_round`,
+executed by the site's warm worker (`client/site/worker.py`, started by `facefed-client start`) or,
+when there is none (simulation, or the worker is down), in this process.
 
-`query` messages carry right-to-be-forgotten state both ways (client/forget_sync.py): the site
+`query` messages carry right-to-be-forgotten state both ways (client/forget/sync.py): the site
 reports its erased-but-not-yet-unlearned requests and keeps the receipts the server delivers.
 
 Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (people, images, steps, loss,
@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from facefed.client.site import worker
 from facefed.common.errors import FacefedError
 from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
-
-ARRAYS, CONFIG, METRICS, SITE = "backbone", "config", "metrics", "site"  # same keys as server/strategy.py
+from facefed.common.protocol.train import ARRAYS, CONFIG, METRICS, SITE, SiteInfo, TrainMetrics, TrainReply
 
 app = ClientApp()
 
@@ -55,9 +54,12 @@ def process_started_at() -> float:
 def train(msg: Message, context: Context) -> Message:
     t0, started_at = time.perf_counter(), time.time()
     config = dict(msg.content[CONFIG])
-    # The tail arrives as one flat vector with its layout (common/wire.py).
+    # The tail arrives as one flat vector with its layout (common/protocol/tail.py).
+    names, shapes = config[NAMES], config[SHAPES]
+    if not isinstance(names, list) or not isinstance(shapes, list):
+        raise SiteRoundError("malformed train order: the tail's names and shapes must be lists")
     received = unpack(
-        msg.content[ARRAYS][TAIL].numpy(), [str(n) for n in config[NAMES]], [str(x) for x in config[SHAPES]]
+        msg.content.array_records[ARRAYS][TAIL].numpy(), [str(n) for n in names], [str(x) for x in shapes]
     )
     nc, rc = dict(context.node_config), dict(context.run_config)
 
@@ -72,16 +74,19 @@ def train(msg: Message, context: Context) -> Message:
     if not res.get("ok"):
         raise SiteRoundError(res.get("error", "the site's training worker failed"))
 
-    metrics = MetricRecord(
-        {
-            **res["metrics"],
-            "compute-s": time.perf_counter() - t0,
-            "handler-start": started_at,
-            "process-start": process_started_at(),
-        }
-    )
     flat, names, shapes = pack(res["arrays"])  # the shared tail only: the head stays at the site
-    info = ConfigRecord({**res["info"], NAMES: names, SHAPES: shapes})
+    reply = TrainReply(
+        metrics=TrainMetrics.model_validate(
+            {
+                **res["metrics"],
+                "compute-s": time.perf_counter() - t0,
+                "handler-start": started_at,
+                "process-start": process_started_at(),
+            }
+        ),
+        site=SiteInfo.model_validate({**res["info"], NAMES: names, SHAPES: shapes}),
+    )
+    metrics, info = reply.to_records()
     arrays = ArrayRecord({TAIL: Array(np.ascontiguousarray(flat))})
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: info}), reply_to=msg)
 

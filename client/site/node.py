@@ -1,7 +1,7 @@
 """Run this site's Flower SuperNode (`facefed-client start`).
 
 The SuperNode is Flower's long-lived site process: it connects out to the server (TLS, signed with
-the site's node key), and for each message launches a fresh ClientApp process (`client/app.py`).
+the site's node key), and for each message launches a fresh ClientApp process (`client/site/app.py`).
 The ClientApp learns where this site's vault and training state live from the node config, which we
 write as a TOML file beside the state (paths are then never re-quoted on a command line).
 

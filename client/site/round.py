@@ -26,14 +26,15 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.client.state import SiteState
@@ -48,9 +49,9 @@ from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.nodekeys import check_site_name
 from facefed.common.paths import pretrained_path
+from facefed.common.protocol.train import TrainOrder, problems
 from facefed.common.shards import shard_of
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 # simulation: ray reuses worker processes (see _SimulatedLFW); (archive, sites, people, images) -> data
 _LFW_CACHE: dict[tuple[str, int, int, int], tuple[list[list[str]], _SimulatedLFW]] = {}
 
@@ -74,10 +75,6 @@ class Site:
     @property
     def files(self) -> SiteState:
         return SiteState(self.state, self.vault)
-
-    @property
-    def accountant_path(self) -> Path:
-        return self.files.accountant
 
     @property
     def contributions_path(self) -> Path:
@@ -144,46 +141,35 @@ def site_of(nc: dict, rc: dict) -> Site:
     raise SiteConfigError("node config has no `vault`: start this node with `facefed-client start --vault DIR`")
 
 
-def order_of(config: dict) -> Order:
-    def get(key: str, kind: type):
-        if key not in config:
-            raise SiteConfigError(f"the server's order lacks `{key}` (server and site facefed versions differ?)")
-        value = config[key]
-        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-            raise SiteConfigError(f"the server's order has `{key}` = {value!r}, expected {kind.__name__}")
-        return value
-
-    run_id = get("run-id", str)
-    if not RUN_ID_RE.match(run_id):
-        raise SiteConfigError(f"the server's run id {run_id!r} is not a valid run id")
-    rnd, attempt, steps = get("round", int), get("attempt", int), get("steps", int)
-    if rnd < 1 or attempt < 1 or steps < 0:
-        raise SiteConfigError(f"the server's order has round {rnd}, attempt {attempt}, steps {steps}")
+def order_of(config: Mapping[str, Any]) -> Order:
+    """The server's `train` order (common/protocol/train.py), checked: it comes over the network."""
     try:
-        train = validate_config(json.loads(get("train-config", str)), TrainConfig, where="server order")
+        wire = TrainOrder.from_config(config)
+    except ValidationError as e:
+        raise SiteConfigError(
+            f"the server's order is malformed ({problems(e)}); server and site facefed versions differ?"
+        ) from None
+    try:
+        train = validate_config(json.loads(wire.train_config), TrainConfig, where="server order")
     except json.JSONDecodeError as e:
         raise SiteConfigError(f"the server's training config is not JSON ({e})") from None
-    shard, shards = config.get("shard", 0), config.get("shards", 1)
-    if not (isinstance(shard, int) and isinstance(shards, int) and 0 <= shard < shards <= 256):
-        raise SiteConfigError(f"the server's order has shard {shard!r} of {shards!r}")
-    head_run = str(config.get("head-run", "")) or run_id
-    if not RUN_ID_RE.match(head_run):
-        raise SiteConfigError(f"the server's head run {head_run!r} is not a valid run id")
+    if wire.shard >= wire.shards:
+        raise SiteConfigError(f"the server's order has shard {wire.shard!r} of {wire.shards!r}")
     return Order(
-        run_id=run_id,
-        round=rnd,
-        attempt=attempt,
-        parent_checkpoint=get("parent-checkpoint", str),
-        prefix=get("prefix-fingerprint", str),
+        run_id=wire.run_id,
+        round=wire.round,
+        attempt=wire.attempt,
+        parent_checkpoint=wire.parent_checkpoint,
+        prefix=wire.prefix_fingerprint,
         train=train,
-        steps=steps,
-        seed=get("seed", int),
-        head_round=get("head-round", int),
-        head_attempt=get("head-attempt", int),
-        expected_site=str(config.get("expected-site", "")),
-        head_run=head_run,
-        shard=shard,
-        shards=shards,
+        steps=wire.steps,
+        seed=wire.seed,
+        head_round=wire.head_round,
+        head_attempt=wire.head_attempt,
+        expected_site=wire.expected_site,
+        head_run=wire.head_run or wire.run_id,
+        shard=wire.shard,
+        shards=wire.shards,
     )
 
 

@@ -30,7 +30,8 @@ from facefed.client.training.sampling import Batch, ImageSampler, PersonSampler
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig
 from facefed.common.model.heads import MarginHead
-from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, Tail, prefix_fingerprint
+from facefed.common.model.mobilefacenet import MobileFaceNet, Tail, prefix_fingerprint
+from facefed.common.model.stages import STAGES
 from facefed.common.preprocess import to_input
 
 

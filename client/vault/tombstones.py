@@ -1,7 +1,7 @@
 """Tombstones: people forgotten at this vault, whom `put` refuses until the operator re-enrols them.
 
 A tombstone is `HMAC(vault key, person id)`, never the id, kept in `VAULT/requests.sqlite` beside the
-forget requests (client/requests.py lays it in the same transaction that opens the request, so a
+forget requests (client/forget/requests.py lays it in the same transaction that opens the request, so a
 crash cannot leave a request without its tombstone). It lives in the vault package because the
 vault's own `put` consults it: the guard must hold for every way in, not only the CLI.
 """

@@ -7,7 +7,7 @@ per-sample gradients natively, and renormalising is post-processing of a DP outp
 
 Rows are keyed by the person's pseudonym (never a name). New rows are drawn at random, independently
 of any data: initialising a row from the person's own images would not be private, because that row
-enters every other person's softmax and so every backbone gradient (see client/trainer.py).
+enters every other person's softmax and so every backbone gradient (see client/training/trainer.py).
 The head is never sent anywhere; deleting a person deletes their row (`remove_people`).
 """
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from facefed.common.cli import fail
+
 PAIR_FILES = ("pairsDevTest.txt", "pairs.txt")  # the protocol's test files (pairsDevTrain: training people)
-
-
-def _fail(msg: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
-    raise typer.Exit(2)
 
 
 def evaluate(
@@ -48,23 +46,24 @@ def evaluate(
     from facefed.common.paths import DataNotFound
 
     if preprocess not in ("aligned", "fixed-crop"):
-        _fail(f"--preprocess must be aligned or fixed-crop, got {preprocess!r}")
+        fail(f"--preprocess must be aligned or fixed-crop, got {preprocess!r}")
     if pairs not in PAIR_FILES:
-        _fail(
+        fail(
             f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} (pairsDevTrain's people are training people)"
         )
-    nets, meta = [], {}
+    nets: list[Any] = []
+    meta: dict[str, Any] = {}
     for path in model:
         try:
             net, meta = load_checkpoint(path)
         except (FileNotFoundError, CheckpointMismatch) as e:
-            _fail(str(e))
+            fail(str(e))
         nets.append(net)
     try:
         data = LFW(lfw)
         cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs, preprocess=preprocess)
     except (DataNotFound, LFWFormatError, FacefedError) as e:
-        _fail(str(e))
+        fail(str(e))
     result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
     name = model[0].name if len(model) == 1 else f"{len(model)}-shard ensemble ({', '.join(m.name for m in model)})"
     if as_json:

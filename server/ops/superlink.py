@@ -59,14 +59,16 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from facefed.common.childproc import flower_env, run_foreground
+from facefed.common.errors import Unavailable
 from facefed.server.state import CONNECTION, ServerInfo, StatePaths
 
 TLS_CA, TLS_CERT, TLS_KEY = "ca.crt", "server.crt", "server.key"
 
 
-class SuperLinkError(RuntimeError):
+class SuperLinkError(Unavailable, RuntimeError):
     """The SuperLink could not be started or reached; the message says why and what to do."""
 
 
@@ -195,7 +197,7 @@ def _serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, nod
 
 
 # -- the `flwr` CLI against our connection --------------------------------------------------
-def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> dict:
+def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> dict[str, Any]:
     """Run `flwr ARGS facefed --format json` and return its JSON; errors name the command and Flower's reason."""
     env = flower_env(paths.flwr_home)
     if not paths.flwr_config.is_file():
@@ -212,7 +214,7 @@ def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> d
             f"is the server at {_address(paths)} running?"
         ) from None
     out = proc.stdout.strip()
-    payload: dict = {}
+    payload: dict[str, Any] = {}
     start = out.find("{")
     if start >= 0:
         try:
