@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from facefed.client.cli import embed as cli_embed
 from facefed.client.cli import forget as cli_forget
 from facefed.client.cli import node as cli_node
 from facefed.client.cli import store as cli_store
@@ -22,6 +23,7 @@ app.add_typer(cli_store.app, name="store")
 cli_train.register(app)
 cli_node.register(app)
 cli_forget.register(app)
+cli_embed.register(app)
 
 
 def main() -> None:
