@@ -156,7 +156,7 @@ class Embedder:
 
     def embed(self, images: ImageLike | Iterable[ImageLike]) -> Vector:
         """(N, dim) unit float32 embeddings of images (one image: N = 1)."""
-        items = [images] if _is_single(images) else list(images)  # type: ignore[arg-type]
+        items: list[ImageLike] = [images] if _is_single(images) else list(images)  # type: ignore[list-item,arg-type]
         return self.embed_faces(self.faces(items))
 
     # -- decisions ---------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class Embedder:
         out = np.empty((len(items), self.dim), np.float32)
         images = [(i, x) for i, x in enumerate(items) if not isinstance(x, np.ndarray)]
         if images:
-            faces = [face_of(x, what=_what(x, i), backend=self.backend) for i, x in images]  # type: ignore[arg-type]
+            faces = [face_of(x, what=_what(x, i), backend=self.backend) for i, x in images]
             out[[i for i, _ in images]] = self.embed_faces(faces)
         for i, x in enumerate(items):
             if isinstance(x, np.ndarray):

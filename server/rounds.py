@@ -351,7 +351,7 @@ class RoundRunner:
             sites={
                 s.site: {"epsilon": s.epsilon, "delta": s.delta, "unit": s.unit}
                 for s in sites
-                if s.status == "ok" and math.isfinite(s.epsilon)
+                if s.status == "ok" and s.epsilon is not None and math.isfinite(s.epsilon)
             },
         )
         commit_s = aggregate_s + time.monotonic() - t_save

@@ -208,3 +208,17 @@ def test_cli_embed_and_compare(checkpoint, photos, pretrained_file, tmp_path):
     assert r.returncode == 2 and f"{blank}: no face" in r.stderr
     r = _cli("embed", tmp_path / "missing.jpg", "--model", checkpoint.path)
     assert r.returncode == 2 and "no such image file" in r.stderr
+
+
+def test_device_auto_cpu_cuda(pretrained_file):
+    import torch
+
+    from facefed.common.device import DeviceUnavailable, resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(DeviceUnavailable, match="auto, cpu or cuda"):
+        facefed.load(pretrained_file, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match="use --device cpu"):
+            resolve_device("cuda")
