@@ -27,7 +27,8 @@ class Evaluator:
 
     `calibrate` picks the checkpoint's decision threshold at FAR 1e-3 on pairsDevTrain (people
     disjoint from the test pairs; common/calibration.py), flip-averaged as `facefed.load` embeds;
-    `max_pairs` (smoke runs) limits those pairs too, and the stored threshold says how many it used.
+    It uses VALIDATION_MAX_PAIRS of them (500 impostor pairs), or `max_pairs` (smoke runs) if fewer;
+    the stored threshold says how many it rests on.
     Its images are aligned once per process (and their landmarks cached across processes)."""
 
     def __init__(self, lfw_path: str | None, pairs: str, flip: bool, max_pairs: int | None = None):
@@ -36,12 +37,13 @@ class Evaluator:
         self._validation: Any = None
 
     def calibrate(self, model: MobileFaceNet) -> Threshold:
-        from facefed.common.calibration import VALIDATION_PAIRS, calibrate
+        from facefed.common.calibration import VALIDATION_MAX_PAIRS, VALIDATION_PAIRS, calibrate
         from facefed.common.evaluate import EvalCache
         from facefed.common.lfw import LFW
 
         if self._validation is None:
-            self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=True, max_pairs=self.max_pairs)
+            n = min(VALIDATION_MAX_PAIRS, self.max_pairs or VALIDATION_MAX_PAIRS)
+            self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=True, max_pairs=n)
         return calibrate(model, self._validation)
 
     def __call__(self, model: MobileFaceNet) -> dict[str, float]:
