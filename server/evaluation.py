@@ -91,8 +91,8 @@ class Evaluators:
 
     def due(self, cfg: FederationConfig, rnd: int) -> bool:
         """Whether round `rnd` is evaluated (every N rounds, always the last; round 0 = the base model)."""
-        every = cfg.evaluate.every if self.injected is None else max(1, cfg.evaluate.every)
-        return bool(every) and (rnd % every == 0 or rnd == cfg.rounds)
+        every = cfg.evaluate.every
+        return every > 0 and (rnd % every == 0 or rnd == cfg.rounds)
 
 
 def evaluate_ensemble(
