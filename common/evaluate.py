@@ -187,9 +187,14 @@ class EvalCache:
         threads: int = 2,
         max_pairs: int | None = None,
         preprocess: str = "aligned",
+        device: str | torch.device = "cpu",
     ):
         """`max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
-        look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop"."""
+        look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop".
+        `device` runs the model there (auto: cuda when available); images and features stay on the CPU."""
+        from facefed.common.device import resolve_device
+
+        self.device = resolve_device(device)
         if pairs_file not in PAIR_FILES:
             raise ValueError(f"pairs file must be one of {', '.join(PAIR_FILES)}, got {pairs_file!r}")
         if preprocess not in PREPROCESS:
@@ -240,10 +245,11 @@ class EvalCache:
             self._feats = None
             views = 2 if self.flip else 1
             out: torch.Tensor | None = None
+            model.to(self.device)
             for i in range(0, len(self.images), batch_size):
-                x = to_input(self.images[i : i + batch_size])
+                x = to_input(self.images[i : i + batch_size]).to(self.device)
                 both = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
-                f = torch.stack(both, 1)
+                f = torch.stack(both, 1).cpu()
                 if out is None:
                     out = torch.empty((len(self.images), views, *f.shape[2:]))
                 out[i : i + len(f)] = f
@@ -256,17 +262,17 @@ class EvalCache:
     def embeddings(self, model: MobileFaceNet, batch_size: int = 128) -> torch.Tensor:
         """(N, 128) unit embeddings of the evaluation images (flip-averaged if `flip`)."""
         was_training = model.training
-        model.eval()
+        model.eval().to(self.device)
         feats = self._features(model)
         out = []
         for i in range(0, len(self.images), batch_size):
             if feats is not None:
-                f = feats[i : i + batch_size]
+                f = feats[i : i + batch_size].to(self.device)
                 e = model.forward_tail(f.flatten(0, 1)).view(len(f), f.shape[1], -1).sum(1)
             else:
-                x = to_input(self.images[i : i + batch_size])
+                x = to_input(self.images[i : i + batch_size]).to(self.device)
                 e = model(x) + (model(x.flip(3)) if self.flip else 0)
-            out.append(F.normalize(e, dim=1))
+            out.append(F.normalize(e, dim=1).cpu())
         model.train(was_training)
         return torch.cat(out)
 

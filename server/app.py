@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Context
@@ -156,12 +157,12 @@ class Coordinator:
             self.log(f"[facefed] resuming run {ctx.run_id} after round {done}")
             return ctx
         model = build_embedder(self.sub.pretrained, train_from=cfg.train.train_from)
+        meta: dict[str, Any] = {"source": "pretrained", "pretrained_sha256": self.runner.base_sha256}
+        calibrator = self.evaluators.calibrator_for(cfg)
+        if calibrator is not None:  # the base model gets its decision threshold too
+            meta["threshold"] = calibrator(model).to_dict()
         base = self.store.save(
-            model,
-            run_id=ctx.run_id,
-            rnd=0,
-            parent=None,
-            meta={"source": "pretrained", "pretrained_sha256": self.runner.base_sha256},
+            model, run_id=ctx.run_id, rnd=0, parent=None, meta=meta, base_sha256=self.runner.base_sha256
         )
         self.ledger.create_run(
             ctx.run_id,

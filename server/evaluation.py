@@ -7,23 +7,44 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet
 from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import Ledger
 
+if TYPE_CHECKING:
+    from facefed.common.calibration import Threshold
+
 EvalFn = Callable[[MobileFaceNet], dict[str, float]]
+CalibrateFn = Callable[[MobileFaceNet], "Threshold"]
 
 
 class Evaluator:
     """LFW verification of the global model. The archive is read and the evaluation images decoded once
-    per ServerApp process (`EvalCache`); each round then runs only the trainable tail."""
+    per ServerApp process (`EvalCache`); each round then runs only the trainable tail.
+
+    `calibrate` picks the checkpoint's decision threshold at FAR 1e-3 on pairsDevTrain (people
+    disjoint from the test pairs; common/calibration.py), flip-averaged as `facefed.load` embeds;
+    It uses VALIDATION_MAX_PAIRS of them (500 impostor pairs), or `max_pairs` (smoke runs) if fewer;
+    the stored threshold says how many it rests on.
+    Its images are aligned once per process (and their landmarks cached across processes)."""
 
     def __init__(self, lfw_path: str | None, pairs: str, flip: bool, max_pairs: int | None = None):
         self.lfw_path, self.pairs, self.flip, self.max_pairs = lfw_path, pairs, flip, max_pairs
         self._cache: Any = None
+        self._validation: Any = None
+
+    def calibrate(self, model: MobileFaceNet) -> Threshold:
+        from facefed.common.calibration import VALIDATION_MAX_PAIRS, VALIDATION_PAIRS, calibrate
+        from facefed.common.evaluate import EvalCache
+        from facefed.common.lfw import LFW
+
+        if self._validation is None:
+            n = min(VALIDATION_MAX_PAIRS, self.max_pairs or VALIDATION_MAX_PAIRS)
+            self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=True, max_pairs=n)
+        return calibrate(model, self._validation)
 
     def __call__(self, model: MobileFaceNet) -> dict[str, float]:
         from facefed.common.evaluate import EvalCache  # heavy imports only when evaluating
@@ -60,6 +81,18 @@ class Evaluators:
         if key not in self._made:
             self._made[key] = Evaluator(self.lfw, ev.pairs, ev.flip, ev.max_pairs)
         return self._made[key]
+
+    def calibrator_for(self, cfg: FederationConfig) -> CalibrateFn | None:
+        """The decision-threshold calibration that goes with the run's evaluation (None: no evaluation,
+        or an injected evaluator that cannot calibrate)."""
+        evaluator = self.for_config(cfg)
+        calibrate = getattr(evaluator, "calibrate", None)
+        return calibrate if callable(calibrate) else None
+
+    def due(self, cfg: FederationConfig, rnd: int) -> bool:
+        """Whether round `rnd` is evaluated (every N rounds, always the last; round 0 = the base model)."""
+        every = cfg.evaluate.every
+        return every > 0 and (rnd % every == 0 or rnd == cfg.rounds)
 
 
 def evaluate_ensemble(

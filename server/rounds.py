@@ -9,6 +9,7 @@ round to the ledger, in that order. Too few valid replies: the attempt is record
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -319,15 +320,32 @@ class RoundRunner:
         new_model = copy.deepcopy(model)
         agg = average.aggregate([a for _, a, _ in accepted])
         load_shared_state(new_model, {k: torch.from_numpy(v) for k, v in agg.items()})
+        aggregate_s = time.monotonic() - t_agg
+        # Evaluate before writing the checkpoint: it carries the decision threshold picked on the
+        # validation pairs (common/calibration.py). The ledger commit still comes last.
+        due = self.evaluators.due(cfg, rnd)
+        evaluator = self.evaluators.for_config(cfg)
+        calibrator = self.evaluators.calibrator_for(cfg)
+        eval_metrics = evaluator(new_model) if evaluator is not None and due else {}
+        meta: dict[str, Any] = {"participants": participants, "weighting": cfg.weighting}
+        if calibrator is not None and due:
+            meta["threshold"] = calibrator(new_model).to_dict()
+        t_save = time.monotonic()
         ckpt = self.store.save(
             new_model,
             run_id=ctx.run_id,
             rnd=rnd,
             parent=parent,
-            meta={"participants": participants, "weighting": cfg.weighting},
+            meta=meta,
+            base_sha256=self.base_sha256,
+            sites={
+                s.site: {"epsilon": s.epsilon, "delta": s.delta, "unit": s.unit}
+                for s in sites
+                if s.status == "ok" and s.epsilon is not None and math.isfinite(s.epsilon)
+            },
         )
-        commit_s = time.monotonic() - t_agg
-        slowest = max(took for _, _, took in accepted)
+        commit_s = aggregate_s + time.monotonic() - t_save  # evaluation is timed on its own
+        slowest = max(took for _, _, took in accepted)  # sites send no timings: the exchange's own clock
         metrics: dict[str, float] = {
             "exchange_s": exchange_s,
             "slowest_site_s": slowest,
@@ -335,10 +353,10 @@ class RoundRunner:
             "round_s": exchange_s + commit_s,
             "overhead": (exchange_s + commit_s - slowest) / max(exchange_s + commit_s, 1e-9),
             "bytes_down_per_site": float(bytes_down),
+            **eval_metrics,
         }
-        evaluator = self.evaluators.for_config(cfg)
-        if evaluator is not None and (rnd % cfg.evaluate.every == 0 or rnd == cfg.rounds):
-            metrics.update(evaluator(new_model))
+        if "threshold" in meta:
+            metrics["threshold"] = float(meta["threshold"]["threshold"])
         self.ledger.commit_round(
             RoundRow(
                 status="committed",

@@ -104,12 +104,22 @@ def test_ledger_refuses_a_newer_schema_and_the_literal_catches_a_change(tmp_path
 def test_checkpoint_file_format(tmp_path):
     store = CheckpointStore(tmp_path / "checkpoints")
     base = store.save(MobileFaceNet(), run_id="t-run", rnd=0, parent=None, meta={"source": "pretrained"})
-    row = store.save(MobileFaceNet(), run_id="t-run", rnd=1, parent=base, meta={"participants": ["a"]})
+    threshold = {"threshold": 0.31, "far": 0.001, "n_impostor": 1100, "validation": "lfw/pairsDevTrain.txt"}
+    row = store.save(
+        MobileFaceNet(),
+        run_id="t-run",
+        rnd=1,
+        parent=base,
+        meta={"participants": ["a"], "threshold": threshold},
+        base_sha256="b" * 64,
+        sites={"a": {"epsilon": 0.5, "delta": 1e-05, "unit": "person"}},
+    )
     assert row.checkpoint_id == "t-run-r0001" and row.path == str(tmp_path / "checkpoints" / "t-run" / "r0001.pt")
     payload = torch.load(row.path, map_location="cpu", weights_only=True)
-    assert CHECKPOINT_FORMAT == "facefed-embedder/1"
+    # /2 (issue 13): meta carries preprocessing, provenance and the decision threshold.
+    assert CHECKPOINT_FORMAT == "facefed-embedder/2"
     assert sorted(payload) == ["format", "meta", "norm", "state_dict", "train_from"]
-    assert (payload["format"], payload["norm"], payload["train_from"]) == ("facefed-embedder/1", "folded", "conv1")
+    assert (payload["format"], payload["norm"], payload["train_from"]) == ("facefed-embedder/2", "folded", "conv1")
     assert payload["meta"] == {
         "checkpoint_id": "t-run-r0001",
         "run_id": "t-run",
@@ -117,8 +127,34 @@ def test_checkpoint_file_format(tmp_path):
         "parent_id": "t-run-r0000",
         "parent_sha256": base.sha256,
         "participants": ["a"],
+        "threshold": threshold,
+        "preprocessing": {
+            "layout": "aligned-112 from canonical-224",
+            "aligner": "dlib-hog1-sp5-v1",
+            "input": "RGB 112x112",
+            "normalisation": "RGB x/127.5 - 1 (== (x/255 - 0.5) / 0.5)",
+            "flip_average": True,
+        },
+        "provenance": {
+            "run_id": "t-run",
+            "round": 1,
+            "parent_sha256": base.sha256,
+            "base_sha256": "b" * 64,
+            "sites": {"a": {"epsilon": 0.5, "delta": 1e-05, "unit": "person"}},
+            "facefed_version": "0.1.0",
+        },
     }
-    assert list(payload["meta"]) == ["checkpoint_id", "run_id", "round", "parent_id", "parent_sha256", "participants"]
+    assert list(payload["meta"]) == [
+        "checkpoint_id",
+        "run_id",
+        "round",
+        "parent_id",
+        "parent_sha256",
+        "participants",
+        "threshold",
+        "preprocessing",
+        "provenance",
+    ]
 
 
 # -- receipts -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from facefed.client.cli import embed as cli_embed
 from facefed.client.cli import forget as cli_forget
 from facefed.client.cli import node as cli_node
 from facefed.client.cli import policy as cli_policy
@@ -26,6 +27,7 @@ cli_node.register(app)
 cli_forget.register(app)
 cli_policy.register(app)
 cli_receipts.register(app)
+cli_embed.register(app)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ def train(
         "or scratch if the config says train_from = conv1 and no pretrained)",
     ),
     state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{TRAIN_STATE_SUBDIR})"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda"),
     seed: int = typer.Option(
         None,
         "--insecure-seed",
@@ -123,7 +124,9 @@ def train(
             )
 
         try:
-            report = train_local(model, head, faces, cfg, accountant, insecure_seed=seed, progress=progress)
+            report = train_local(
+                model, head, faces, cfg, accountant, insecure_seed=seed, progress=progress, device=device
+            )
         except (BudgetExceeded, ValueError) as e:
             bar.stop()
             fail(str(e))

@@ -42,14 +42,15 @@ def unit_means(
 ) -> torch.Tensor:
     """(U, d) mean pre-normalisation embedding per unit (person, or image for unit "image")."""
     z = []
+    dev = next(model.parameters()).device
     for i in range(0, faces.n_images, batch_size):
         if feats is not None:
-            f = feats[i : i + batch_size]
+            f = feats[i : i + batch_size].to(dev)
             z.append(model.forward_tail(f.flatten(0, 1), normalize=False).view(len(f), f.shape[1], -1).mean(1))
         else:
-            x = to_input(faces.images[i : i + batch_size])
+            x = to_input(faces.images[i : i + batch_size]).to(dev)
             z.append((model.forward_tail(x, normalize=False) + model.forward_tail(x.flip(3), normalize=False)) / 2)
-    per_image = torch.cat(z)
+    per_image = torch.cat(z).cpu()
     if unit == "image":
         return per_image
     sums = torch.zeros((faces.n_people, per_image.shape[1]), dtype=per_image.dtype).index_add_(
@@ -85,5 +86,5 @@ def dp_center(
     if noise_multiplier > 0:
         total = (total.double() + rng.gaussian_like(total, noise_multiplier * clip)).to(total.dtype)
     shift = total / len(means)
-    bias.sub_(shift.view_as(bias))
+    bias.sub_(shift.view_as(bias).to(bias.device))
     return float(shift.norm())

@@ -110,5 +110,5 @@ class DPRandom:
         return torch.from_numpy(z).view(*shape)
 
     def gaussian_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
-        """N(0, std^2) noise of `reference`'s shape, drawn and scaled in float64 (cast by the caller)."""
-        return self.normal(reference.shape) * float(std)
+        """N(0, std^2) noise of `reference`'s shape and device, drawn and scaled in float64 (cast by the caller)."""
+        return (self.normal(reference.shape) * float(std)).to(reference.device)

@@ -30,6 +30,7 @@ from facefed.client.training.per_sample_grads import batch_grad  # (importing it
 from facefed.client.training.sampling import Batch, ImageSampler, PersonSampler
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig
+from facefed.common.device import resolve_device
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import MobileFaceNet, Tail, prefix_fingerprint
 from facefed.common.model.stages import STAGES
@@ -89,9 +90,10 @@ def prefix_features(model: MobileFaceNet, images: torch.Tensor, *, batch_size: i
     if model.train_from == STAGES[0]:
         return None
     out = None
+    dev = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
-        x = to_input(images[i : i + batch_size])
-        f = torch.stack([model.forward_prefix(x), model.forward_prefix(x.flip(3))], 1)
+        x = to_input(images[i : i + batch_size]).to(dev)
+        f = torch.stack([model.forward_prefix(x), model.forward_prefix(x.flip(3))], 1).cpu()
         if out is None:
             out = torch.empty((len(images), *f.shape[1:]))
         out[i : i + len(f)] = f
@@ -111,11 +113,12 @@ class _Inputs:
 
     def __init__(self, model: MobileFaceNet, faces: SiteFaces):
         self.faces, self.feats = faces, cached_prefix(model, faces)
+        self.device = next(model.parameters()).device
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if self.feats is None:
-            return to_input(self.faces.images[batch.rows], batch.flips)
-        return self.feats[batch.rows, batch.flips.long()]
+            return to_input(self.faces.images[batch.rows], batch.flips).to(self.device)
+        return self.feats[batch.rows, batch.flips.long()].to(self.device)
 
 
 class _Net(nn.Module):
@@ -220,6 +223,7 @@ class _Loop:
         # model: public or earlier DP outputs), so it is data-independent and costs no privacy.
         self.anchors = [(p, p.detach().clone()) for p in anchored] if cfg.prox > 0 else []
         self.expected = max(expected_batch, 1e-9)
+        self.device = next(module.parameters()).device
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         module.train()  # Opacus validates and captures activations only in training mode (no layer here
         #                 behaves differently in it: no dropout, no BatchNorm)
@@ -278,7 +282,7 @@ class _Loop:
                     if self.ghost:
                         p.grad = torch.zeros_like(p)
                     else:
-                        p.grad_sample = torch.zeros((0, *p.shape))
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
             self.opt.step()
         elif len(labels):
             self.opt.step()
@@ -340,6 +344,7 @@ def train_local(
     *,
     insecure_seed: int | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainReport:
     """Train `model`'s tail and `head` in place on `faces`; record the privacy spent; report.
 
@@ -347,8 +352,12 @@ def train_local(
     `DPRandom` for this call: AES-256-CTR under a fresh 256-bit `os.urandom` key
     (client/training/dprandom.py). `insecure_seed` fixes it, for benchmarks and tests ONLY: noise
     that an adversary can regenerate is no noise, and a replay that reused a release's noise would
-    hand out the difference of the two, i.e. exactly the forgotten person's clipped gradients."""
+    hand out the difference of the two, i.e. exactly the forgotten person's clipped gradients.
+
+    `device` (cpu, cuda, or auto: cuda when available) runs the model and head there; the faces stay
+    in CPU memory and both come back to the CPU at the end."""
     t0 = time.perf_counter()
+    dev = resolve_device(device)
     rng = DPRandom() if insecure_seed is None else DPRandom.insecure_for_tests(insecure_seed)
     _check(model, head, faces, cfg, accountant)
     head.add_people(faces.pseudonyms)  # random, data-independent rows for newly enrolled people
@@ -377,6 +386,8 @@ def train_local(
         )
         accountant.plan(sigma, cfg.sample_rate, total, extra=extra)
 
+    model.to(dev)
+    head.to(dev)
     inputs = _Inputs(model, faces)
     done, n_images, used = 0, 0, torch.zeros(faces.n_people, dtype=torch.bool)
     losses: list[float] = []
@@ -412,7 +423,7 @@ def train_local(
         try:
             for _ in range(steps):
                 batch = sampler.sample()
-                loss = loop.step(x_of(batch), labels_of[batch.rows])
+                loss = loop.step(x_of(batch), labels_of[batch.rows].to(dev))
                 done += 1
                 n_images += len(batch)
                 used[person_of_row[batch.rows]] = True
@@ -479,7 +490,8 @@ def train_local(
                 accountant.record(*event, label="train_local: mean centring")
         if accountant is not None and done:
             accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
-        model.eval()
+        model.eval().cpu()
+        head.cpu()
     wall = time.perf_counter() - t0
     last = losses[-max(1, len(losses) // 10) :]
     return TrainReport(
@@ -506,11 +518,12 @@ def _embed_all(
 ) -> torch.Tensor:
     """(N, 2, 128) embeddings of every image and its mirror with the current (frozen) model."""
     out = []
+    dev = next(model.parameters()).device
     for i in range(0, faces.n_images, batch_size):
         if feats is None:
-            x = to_input(faces.images[i : i + batch_size])
+            x = to_input(faces.images[i : i + batch_size]).to(dev)
             out.append(torch.stack([model(x), model(x.flip(3))], 1))
         else:
-            f = feats[i : i + batch_size]
+            f = feats[i : i + batch_size].to(dev)
             out.append(model.forward_tail(f.flatten(0, 1)).view(len(f), 2, -1))
     return torch.cat(out) if out else torch.empty((0, 2, 128))

@@ -36,7 +36,10 @@ from facefed.common.model.stages import EMBEDDING_DIM, STAGES
 
 Norm = Literal["folded", "group", "batch"]
 INPUT_SIZE = 112
-CHECKPOINT_FORMAT = "facefed-embedder/1"
+# /2: meta also carries `preprocessing`, `provenance` and (once evaluated) `threshold`
+# (common/calibration.py); /1 files (no such keys) still load.
+CHECKPOINT_FORMAT = "facefed-embedder/2"
+READABLE_FORMATS = ("facefed-embedder/1", CHECKPOINT_FORMAT)
 PRETRAINED_PREFIX = "arcface."
 BN_EPS = 1e-5  # torch's BatchNorm default, which the CASIA checkpoint was trained with
 
@@ -369,7 +372,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[MobileFaceNet, dict[s
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointMismatch(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(payload, dict) and payload.get("format") in READABLE_FORMATS:
         model = MobileFaceNet(payload["norm"], payload["train_from"])
         check_state(model, payload["state_dict"], what=str(path))
         model.load_state_dict(payload["state_dict"])

@@ -31,6 +31,7 @@ def evaluate(
     max_pairs: int = typer.Option(
         None, "--max-pairs", min=20, help="quick look on a balanced subset of the pairs (not the protocol)"
     ),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda"),
     preprocess: str = typer.Option(
         "aligned",
         "--preprocess",
@@ -61,7 +62,7 @@ def evaluate(
         nets.append(net)
     try:
         data = LFW(lfw)
-        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs, preprocess=preprocess)
+        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs, preprocess=preprocess, device=device)
     except (DataNotFound, LFWFormatError, FacefedError) as e:
         fail(str(e))
     result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)

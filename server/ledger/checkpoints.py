@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from facefed.common.calibration import preprocessing, provenance
 from facefed.common.durable import fsync_dir
 from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import MobileFaceNet, load_checkpoint, save_checkpoint, sha256_file
@@ -51,7 +52,11 @@ class CheckpointStore:
         rnd: int,
         parent: CheckpointRow | None,
         meta: dict[str, Any] | None = None,
+        base_sha256: str | None = None,
+        sites: dict[str, dict[str, Any]] | None = None,
     ) -> CheckpointRow:
+        """Write the checkpoint with its preprocessing and provenance (common/calibration.py); `meta`
+        may carry its decision threshold (`meta["threshold"]`); `sites`: name -> epsilon, delta, unit."""
         path = self.path_for(run_id, rnd)
         cid = checkpoint_id(run_id, rnd)
         full_meta = {
@@ -61,6 +66,14 @@ class CheckpointStore:
             "parent_id": parent.checkpoint_id if parent else None,
             "parent_sha256": parent.sha256 if parent else None,
             **(meta or {}),
+            "preprocessing": preprocessing(),
+            "provenance": provenance(
+                run_id=run_id,
+                round=rnd,
+                parent_sha256=parent.sha256 if parent else None,
+                base_sha256=base_sha256,
+                sites=sites,
+            ),
         }
         sha = save_checkpoint(path, model, full_meta)  # atomic: temp + fsync + rename
         fsync_dir(path.parent)
