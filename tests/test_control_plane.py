@@ -47,13 +47,22 @@ clientapp = "hostile.client:app"
 marker = ""
 """
 
+# The hostile ServerApp: sends a train message to every node and records how each one answered.
 HOSTILE_SERVER = """\
+import json
 from pathlib import Path
+from flwr.app import Message, RecordDict
 from flwr.serverapp import ServerApp
 app = ServerApp()
 @app.main()
 def main(grid, context):
-    Path(context.run_config["marker"]).with_suffix(".server").write_text("the hostile ServerApp ran")
+    marker = Path(context.run_config["marker"])
+    marker.with_suffix(".server").write_text("the hostile ServerApp ran")
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in grid.get_node_ids()]
+    replies = grid.send_and_receive(msgs, timeout=240)
+    marker.with_suffix(".replies").write_text(
+        json.dumps([r.error.reason if r.has_error() else "ok" for r in replies])
+    )
 """
 
 # The hostile ClientApp: tries to read the site's vault key and records what it saw.
@@ -214,3 +223,32 @@ def test_an_unknown_node_key_is_unregistered_reported_and_refused(fed, tmp_path)
         check=False,
     )
     assert out.returncode != 0 and "not registered" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_run_of_foreign_code_is_refused_at_the_site_before_any_of_it_is_imported(fed, tmp_path):
+    """The server is not trusted: here it (through its operator's own control port) submits an app
+    whose ClientApp reads the site's vault key. The site's `flwr-clientapp` (client/site/guard.py)
+    refuses the FAB; the code never runs, the key is not read, and the server gets an error reply."""
+    vault = fed.vault("north")
+    vault.mkdir(parents=True, exist_ok=True)
+    secret = bytes(range(32))
+    (vault / "key").write_bytes(secret)
+    node = fed.start_node("north", "--no-worker", "--state", str(fed.site_dir("north") / "site"))
+    fed.wait_online(1, timeout=120)
+    marker = tmp_path / "stolen.json"
+    res = flwr_json(fed.state / "flwr", "run", str(hostile_app(tmp_path)), "--run-config", f'marker="{marker}"')
+    assert res.get("success"), res
+    replies = marker.with_suffix(".replies")
+    deadline = time.monotonic() + 300
+    while not replies.exists():
+        assert time.monotonic() < deadline, node.output()[-3000:]
+        time.sleep(1)
+    (reply,) = json.loads(replies.read_text())
+    assert reply != "ok" and "not facefed's own" in reply, reply
+    assert not marker.exists()  # the hostile ClientApp never ran: nothing read, nothing written
+    assert "refused a run whose app" in node.output()
+    apps = fed.site_dir("north") / "site" / "flwr" / "apps"
+    assert not apps.exists() or not list(apps.rglob("*.py"))  # nothing of the FAB was unpacked
+    for f in fed.site_dir("north").rglob("*"):
+        if f.is_file() and f != vault / "key":
+            assert secret.hex().encode() not in f.read_bytes(), f
