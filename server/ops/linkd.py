@@ -20,6 +20,10 @@ unchanged) and serves it on two listeners:
 - PUBLIC, `--public-host H --public-port P`: the Fleet API and `/health`, nothing else. Any other
   path is answered 403 before Flower sees it and logged with the peer address.
 
+Every 30 s (and at start) it runs Flower's own `cleanup_run` for finished runs and purges the
+database file (`purge_database`: VACUUM + TRUNCATE checkpoint), so deleted site updates and models do
+not stay readable in free pages or in superlink.db-wal.
+
 It also reconciles the SuperLink's node keys with facefed's ledger (`Reconciler`): at start and every
 `--reconcile-s` seconds, a node whose key is not an active registered site is unregistered and
 reported (a log line and one JSON line in STATE/logs/control-plane.jsonl).
@@ -202,12 +206,57 @@ class Reconciler:
             )
         return removed
 
-    def loop(self, every: float, stop: threading.Event) -> None:
+    def purge(self) -> None:
+        db = self.state / "superlink.db"
+        cleanup_finished_runs(self.factory)
+        purge_database(db)
+
+    def loop(self, every: float, stop: threading.Event, purge_every: float = 30.0) -> None:
+        last_purge = time.monotonic()
         while not stop.wait(every):
-            try:
-                self.once()
-            except Exception as e:  # noqa: BLE001 - keep reconciling; say what failed
-                log(f"reconcile failed: {type(e).__name__}: {e}")
+            steps = [self.once]
+            if time.monotonic() - last_purge >= purge_every:
+                steps.append(self.purge)
+                last_purge = time.monotonic()
+            for step in steps:
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001 - keep reconciling; say what failed
+                    log(f"{step.__name__} failed: {type(e).__name__}: {e}")
+
+
+def purge_database(db: Path) -> None:
+    """Leave no bytes of deleted rows in the SuperLink's SQLite file or its WAL.
+
+    Flower deletes a finished run's messages and objects (`LinkState.cleanup_run`, called lazily
+    when a node or `flwr ls` next touches the run) but its connections use WAL without
+    secure_delete, so the deleted site updates stay readable in free pages and in superlink.db-wal.
+    VACUUM rewrites every page of the database, and a TRUNCATE checkpoint copies them over the
+    main file, cuts it to its new size and empties the WAL."""
+    import sqlite3
+
+    if not db.is_file():
+        return
+    con = sqlite3.connect(db, timeout=30, isolation_level=None)
+    try:
+        con.execute("PRAGMA secure_delete = ON")
+        con.execute("VACUUM")
+        busy, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise RuntimeError("the WAL checkpoint was blocked by a reader; retried at the next pass")
+    finally:
+        con.close()
+
+
+def cleanup_finished_runs(linkstate_factory: Any) -> int:
+    """Flower's own cleanup (messages, objects, sessions) for every finished run, now."""
+    from flwr.common.constant import Status
+
+    link = linkstate_factory.state()
+    done = [run.run_id for run in link.get_run_info(statuses=[Status.FINISHED])]
+    for run_id in done:
+        link.cleanup_run(run_id)
+    return len(done)
 
 
 def _build(flower_args: list[str]) -> tuple[Any, Any]:
@@ -245,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     state = args.state.resolve()
     reconciler = Reconciler(app.state.linkstate_factory, state)
     reconciler.once()  # before any node can connect
+    reconciler.purge()
     stop = threading.Event()
     threading.Thread(target=reconciler.loop, args=(args.reconcile_s, stop), daemon=True).start()
 
