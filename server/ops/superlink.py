@@ -1,13 +1,15 @@
 """Run Flower's SuperLink for `facefed-server start`, and talk to it with the `flwr` CLI.
 
-What Flower 1.41 actually does (read from the installed source, flwr/superlink, flwr/supernode,
+What Flower 1.42 actually does (read from the installed source, flwr/superlink, flwr/supernode,
 flwr/cli; worth knowing before touching this module):
 
 - ONE port. `flower-superlink --host H --port P` (default 127.0.0.1:8000) serves the Fleet API
   (SuperNodes), the Control API (`flwr run/ls/supernode ...`) and the Runtime API (its ServerApp
   process) over HTTP(S) with uvicorn. `--fleet-api-address`, `--control-api-address`,
-  `--serverappio-api-address` are deprecated or rejected. Health gRPC only with
-  `--health-server-address`.
+  `--serverappio-api-address` are deprecated or rejected; Control API account auth is Enterprise-only.
+  So facefed does not run `flower-superlink` itself but server/ops/linkd.py: Flower's same app with
+  only the Fleet API on the public port and Control + Runtime on 127.0.0.1:CONTROL_PORT (see
+  docs/control-plane.md). Health gRPC only with `--health-server-address`.
 - TLS: `--ssl-ca-certfile CA --ssl-certfile CRT --ssl-keyfile KEY` (all three or none) covers all
   APIs; without them it exits unless `--insecure`. The server cert needs SANs for the address clients
   dial (127.0.0.1 here). The SuperLink's own SuperExec/ServerApp reach the Runtime API with the CA.
@@ -38,8 +40,9 @@ flwr/cli; worth knowing before touching this module):
   submits it; CONN is a `[superlink.CONN]` table in $FLWR_HOME/config.toml with `address` and
   `root-certificates` (or `insecure = true`). Run-config overrides must name keys declared in
   [tool.flwr.app.config]. The FAB is installed under FLWR_HOME/apps/ and imported with that dir first
-  on sys.path; our FAB holds only pyproject.toml, so the code that runs is the facefed installed at
-  each side (a server cannot push code to a site).
+  on sys.path. Our FAB holds only pyproject.toml, and a facefed site's `flwr-clientapp`
+  (client/site/guard.py) refuses any FAB whose hash differs and never imports from one: a server cannot
+  push code to a site.
 - ServerApp (Message API): `flwr.serverapp.ServerApp`, `@app.main() def main(grid, context)`;
   `context.run_config` holds the fused run config; `grid.get_nodes()` returns online NodeInfo with
   `node_id`, `name` (the registered name) and `public_key` (PEM). `grid.send_and_receive(msgs,
