@@ -214,7 +214,7 @@ class Reconciler:
     def loop(self, every: float, stop: threading.Event, purge_every: float = 30.0) -> None:
         last_purge = time.monotonic()
         while not stop.wait(every):
-            steps = [self.once]
+            steps: list[Callable[[], object]] = [self.once]
             if time.monotonic() - last_purge >= purge_every:
                 steps.append(self.purge)
                 last_purge = time.monotonic()
