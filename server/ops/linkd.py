@@ -294,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     state = args.state.resolve()
     reconciler = Reconciler(app.state.linkstate_factory, state)
     reconciler.once()  # before any node can connect
-    reconciler.purge()
+    try:
+        reconciler.purge()
+    except Exception as e:  # noqa: BLE001 - a busy database is purged at the next pass
+        log(f"purge failed: {type(e).__name__}: {e}")
     stop = threading.Event()
     threading.Thread(target=reconciler.loop, args=(args.reconcile_s, stop), daemon=True).start()
 
