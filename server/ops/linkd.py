@@ -171,10 +171,21 @@ class Reconciler:
         self.factory, self.state = linkstate_factory, state
 
     def allowed(self) -> dict[str, str]:
-        from facefed.server.ledger.db import Ledger
+        """fingerprint -> site for active sites, read-only: this process never writes the ledger (and
+        never sets its journal mode), so it cannot disturb the CLI's own connections."""
+        import sqlite3
 
-        with Ledger(self.state / "ledger.sqlite") as ledger:
-            return {s.fingerprint: s.name for s in ledger.sites() if s.active}
+        path = self.state / "ledger.sqlite"
+        if not path.is_file():
+            return {}
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            rows = con.execute("SELECT fingerprint, name FROM sites WHERE revoked_at IS NULL").fetchall()
+        except sqlite3.OperationalError:
+            return {}  # no sites table yet: nobody is registered
+        finally:
+            con.close()
+        return {str(fp): str(name) for fp, name in rows}
 
     def once(self) -> list[int]:
         from facefed.common.nodekeys import fingerprint_pem
