@@ -56,6 +56,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 PUBLIC_PATHS = ("/v1/fleet/",)
 PUBLIC_EXACT = ("/health",)
 REPORT_NAME = "control-plane.jsonl"
+# `facefed-server sites register` registers the key with the SuperLink, then records it in the ledger.
+REGISTER_GRACE_S = 20.0
+
+
+def _age_s(iso: str) -> float:
+    import datetime as dt
+
+    try:
+        t = dt.datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        return float("inf")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return time.time() - t.timestamp()
 
 
 def log(msg: str) -> None:
@@ -200,8 +214,8 @@ class Reconciler:
                 fp = fingerprint_pem(node.public_key)
             except Exception:  # noqa: BLE001 - a key we cannot read is not one of ours
                 fp = "(unreadable key)"
-            if fp in allowed:
-                continue
+            if fp in allowed or _age_s(node.registered_at) < REGISTER_GRACE_S:
+                continue  # ours, or just registered by `sites register`, which writes the ledger next
             try:
                 link.delete_node(owner_aid=node.owner_aid, node_id=node.node_id)
             except ValueError:
