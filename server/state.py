@@ -32,13 +32,14 @@ class StateDirError(FacefedError, FileNotFoundError):
 class ServerInfo:
     """What `start` recorded about the running server (no secrets: paths and an address only)."""
 
-    address: str  # host:port clients of the Control API use (always a connectable host)
+    address: str  # host:port of the Control API (loopback only; server/ops/linkd.py)
     bind_host: str
-    port: int
+    port: int  # the public port: the Fleet API only
     tls: bool
     ca_cert: str | None
     node_auth: bool
     pid: int
+    public_address: str = ""  # host:port sites dial
 
 
 @dataclass(frozen=True)

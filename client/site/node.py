@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
-from facefed.client.site import worker
+from facefed.client.site import guard, worker
 from facefed.client.state import SiteState
 from facefed.common.childproc import die_with_parent, flower_env, run_foreground
 from facefed.common.errors import FacefedError
@@ -217,6 +217,11 @@ def run_node(s: NodeSettings) -> int:
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
         },
     )
+    # The SuperExec starts `flwr-clientapp` by name: ours refuses any FAB but facefed's own and never
+    # imports code from one (client/site/guard.py).
+    shim_dir = s.files.flower_dir / "bin"
+    guard.write_shim(shim_dir)
+    env["PATH"] = str(shim_dir) + os.pathsep + env["PATH"]
     s.files.logs_dir.mkdir(parents=True, exist_ok=True)
     warm = (
         worker.start(

@@ -54,8 +54,15 @@ def _paths(state: Path, *, create: bool = False) -> StatePaths:
 # -- start / certs --------------------------------------------------------------------------------
 def start(
     state: StateOpt,
-    port: Annotated[int, typer.Option("--port", help="The one port for sites, `flwr` and the ServerApp.")] = 8000,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="The port sites dial: the Fleet API only.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address the sites' port listens on.")] = "127.0.0.1",
+    control_port: Annotated[
+        int,
+        typer.Option(
+            "--control-port",
+            help="Loopback port of the Control and Runtime APIs (this host's operator only); 0 picks a free one.",
+        ),
+    ] = 0,
     tls_dir: Annotated[
         Path | None, typer.Option("--tls-dir", help="ca.crt, server.crt, server.key (from `facefed-server certs`).")
     ] = None,
@@ -66,6 +73,8 @@ def start(
     """Run the server (Flower SuperLink) in the foreground; Ctrl-C stops it cleanly."""
     if not 0 < port < 65536:
         fail(f"--port {port} is not a TCP port")
+    if not 0 <= control_port < 65536:
+        fail(f"--control-port {control_port} is not a TCP port")
     if tls_dir is None and not insecure:
         fail(
             "the server runs with TLS and node authentication by default: pass --tls-dir DIR "
@@ -82,7 +91,7 @@ def start(
     paths = _paths(state, create=True)
     try:
         Ledger(paths.ledger).close()  # create it now so `status` works before the first run
-        code = serve(paths, host=host, port=port, tls=tls, node_auth=tls is not None)
+        code = serve(paths, host=host, port=port, control_port=control_port, tls=tls, node_auth=tls is not None)
     except SuperLinkError as e:
         fail(str(e), 3)
     raise typer.Exit(0 if code in (0, -2, 130, -15, 143) else code)
