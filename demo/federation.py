@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
     fed = Federation(args.workdir, sites, threads=args.threads)
     print(
         f"[demo] building 3 site vaults ({args.people} disjoint peopleDevTrain people each, "
-        f"<= {args.max_images} images, Shamir 2-of-3)",
+        f"<= {args.max_images} images, detected + aligned into canonical crops, Shamir 2-of-3)",
         flush=True,
     )
     for site, names in zip(sites, pick_people(lfw, len(sites), args.people)):
