@@ -201,3 +201,19 @@ def test_lfw_import_aligns_and_stores_canonical_crops(lfw_file, tmp_path):
     assert sizes == {(CANONICAL_SIZE, CANONICAL_SIZE)}
     again = runner.invoke(app, args)  # resumable: everything is already stored, nothing is detected again
     assert again.exit_code == 0 and "0 detected" in again.stdout, again.output
+
+
+def test_training_from_lfw_is_aligned_like_the_vault_and_skips_images_with_no_face(lfw):
+    """faces_from_lfw (benchmarks, simulated sites): the canonical crop's centre, never the fixed crop;
+    an image with no detection is left out and listed."""
+    from facefed.client.training.faces import faces_from_lfw
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FixedCropFallback)
+        faces = faces_from_lfw(lfw, ["Aaron_Peirsol", "Arlen_Specter"], max_per_person=3)
+    assert faces.skipped == ["Arlen_Specter/Arlen_Specter_0003.jpg"]  # a frontal-detector miss
+    assert faces.counts.tolist() == [3, 2] and faces.n_images == 5
+    img = Image.open(io.BytesIO(lfw.load_images([A[0]])[A[0]])).convert("RGB")
+    crop = canonical_crop(img, pick_central(detect(img), img.size).landmarks)
+    expected = torch.from_numpy(np.asarray(crop.crop(CANONICAL_CENTRE)).copy()).permute(2, 0, 1)
+    assert (faces.images[0].float() - expected.float()).abs().mean() < 2.0  # the same crop, after JPEG q95

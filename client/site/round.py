@@ -20,7 +20,8 @@ save the new head, log the contributions; reply with the shared tail only, plus 
 public facts (common/protocol/train.py TrainMetrics). The head never leaves this process except to the site's own disk.
 
 Simulation (`facefed-server simulate`): a node without a vault but with Flower's `partition-id` is a
-virtual site whose people are a partition of LFW peopleDevTrain; paths come from the run config.
+virtual site whose people are a partition of LFW peopleDevTrain, detected and aligned as a vault import
+stores them (`faces_from_lfw`: images with no face are skipped); paths come from the run config.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ class _SimulatedLFW:
     A gzip'd tar has no random access: reading one site's images scans the whole archive. Ray reuses
     a few worker processes for many virtual sites, so the first site a process serves reads the
     images of all of them (at most `max_images` per person) into memory and the rest are served
-    from there. Simulation only; a real site reads its vault.
+    from there. The bytes are the archive's; `faces_from_lfw` aligns them (landmarks cached on disk,
+    so only the first round of the first simulation detects). Simulation only; a real site reads its vault.
     """
 
     def __init__(self, path: str, partitions: list[list[str]], max_images: int | None):

@@ -3,7 +3,9 @@
 LFW images are aligned like any photo: detect, take the face nearest the image centre (the LFW
 convention: the named person is the centred face; other people in the background are ignored),
 warp onto the template. An image without a detection gets no face (`None`): evaluation then uses
-FIXED_CROP_FALLBACK for it and reports it, import skips and reports it.
+FIXED_CROP_FALLBACK for it and reports it; import and training skip it and report it.
+`canonical_public` gives each image as the vault stores it (the canonical 224x224 crop, JPEG), so
+training straight from LFW sees exactly the pixels a site importing the same images would.
 
 The cache keeps only landmarks (five points of the central face, or "no face"), never image bytes,
 so repeated imports and evaluations skip detection. It is meant for public datasets only: enrolment
@@ -29,7 +31,14 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from facefed.common.faces.align import ALIGNED_SIZE, Landmarks, align, pick_central
+from facefed.common.faces.align import (
+    ALIGNED_SIZE,
+    CANONICAL_MARGIN,
+    Landmarks,
+    align,
+    encode_canonical,
+    pick_central,
+)
 from facefed.common.faces.detect import get_detector
 
 CACHE_ENV = "FACEFED_CACHE"
@@ -137,3 +146,18 @@ def align_public(
     finally:
         if cache is not None:
             cache.save()
+
+
+def canonical_public(
+    items: Iterable[tuple[K, bytes]],
+    *,
+    backend: str | None = None,
+    use_cache: bool = True,
+    report: AlignReport | None = None,
+) -> Iterator[tuple[K, bytes | None]]:
+    """(key, the canonical enrolment crop as `vault import --lfw` stores it (224x224 JPEG), or None
+    when no face was detected) for each (key, JPEG/PNG bytes)."""
+    for key, _, crop in align_public(
+        items, margin=CANONICAL_MARGIN, backend=backend, use_cache=use_cache, report=report
+    ):
+        yield key, None if crop is None else encode_canonical(crop)
