@@ -120,7 +120,9 @@ def main() -> None:
                     updates = []
                     for k, site in enumerate(sites):
                         load_shared_state(model, start)
-                        report = train_local(model, heads[k], site, cfg, accs[k], seed=1000 * seed + 10 * rnd + k)
+                        report = train_local(
+                            model, heads[k], site, cfg, accs[k], insecure_seed=1000 * seed + 10 * rnd + k
+                        )
                         updates.append(shared_state(model))
                         eps = max(eps, report.epsilon)
                     avg = {n: sum(w * u[n].double() for w, u in zip(weights, updates)).float() for n in start}

@@ -137,7 +137,7 @@ def main() -> None:
                     path = Path(tmp) / f"{row}-{seed}.json"
                     path.unlink(missing_ok=True)
                     accountant = SiteAccountant(path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-                report = train_local(model, head, train, cfg, accountant, seed=seed)
+                report = train_local(model, head, train, cfg, accountant, insecure_seed=seed)
                 a, u = validate(model)
                 accs.append(100 * a)
                 aucs.append(u)
