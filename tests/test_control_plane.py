@@ -194,9 +194,8 @@ def test_an_unknown_node_key_is_unregistered_reported_and_refused(fed, tmp_path)
     (rec,) = [r for r in reports(fed) if r.get("node_id") == rogue_id]
     assert rec["name"] == "x" and rec["fingerprint"].startswith("SHA256:")
 
-    # Its SuperNode is refused.
-    vault = tmp_path / "vault"
-    vault.mkdir()
+    # Its SuperNode is refused (at the server: its own vault is a real one).
+    vault = empty_vault(tmp_path / "rogue-site")
     out = fed.run(
         CLIENT,
         "start",
@@ -225,14 +224,23 @@ def test_an_unknown_node_key_is_unregistered_reported_and_refused(fed, tmp_path)
     assert out.returncode != 0 and "not registered" in out.stderr, out.stderr[-2000:]
 
 
+def empty_vault(root: Path) -> Path:
+    """A real (empty) 2-of-3 vault under `root`: `facefed-client start` refuses anything else."""
+    from facefed.client.vault import Vault
+
+    stores = [root / f"store{i}" for i in range(3)]
+    for store in stores:
+        store.mkdir(parents=True)
+    Vault.create(root / "vault", [str(s) for s in stores], 2).close()
+    return root / "vault"
+
+
 def test_a_run_of_foreign_code_is_refused_at_the_site_before_any_of_it_is_imported(fed, tmp_path):
     """The server is not trusted: here it (through its operator's own control port) submits an app
     whose ClientApp reads the site's vault key. The site's `flwr-clientapp` (client/site/guard.py)
     refuses the FAB; the code never runs, the key is not read, and the server gets an error reply."""
-    vault = fed.vault("north")
-    vault.mkdir(parents=True, exist_ok=True)
-    secret = bytes(range(32))
-    (vault / "key").write_bytes(secret)
+    vault = empty_vault(fed.site_dir("north"))
+    secret = (vault / "key").read_bytes()
     node = fed.start_node("north", "--no-worker", "--state", str(fed.site_dir("north") / "site"))
     fed.wait_online(1, timeout=120)
     marker = tmp_path / "stolen.json"
