@@ -36,8 +36,6 @@ settings, as the simulation is the server's own experiment.
 from __future__ import annotations
 
 import fcntl
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +47,7 @@ from facefed.client.state import SiteState, policy_path
 from facefed.client.training.shard_state import ShardStateError, accountant_path
 from facefed.common.accountant import AccountantMismatch, BudgetExceeded, SiteAccountant, epsilon_of
 from facefed.common.config import TrainConfig
-from facefed.common.durable import fsync_dir
+from facefed.common.durable import atomic_write_bytes
 from facefed.common.protocol.train import SiteRefused
 
 FORMAT = "facefed-policy/1"
@@ -94,20 +92,6 @@ def _lock(vault: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_private_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def read_policy(vault: Path) -> Policy | None:
     """The vault's policy, None if it has none yet; SiteRefused("data") if unreadable."""
     path = policy_path(vault)
@@ -126,7 +110,8 @@ def write_policy(vault: Path, policy: Policy) -> Path:
     vault = Path(vault)
     with _lock(vault):
         _ensure_accountant(vault, policy, read_policy(vault))
-        _write_private_atomic(policy_path(vault), (policy.model_dump_json(indent=1) + "\n").encode())
+        # atomic_write_bytes' temp file is created 0600 (mkstemp) and keeps that mode when renamed
+        atomic_write_bytes(policy_path(vault), (policy.model_dump_json(indent=1) + "\n").encode())
     return policy_path(vault)
 
 
@@ -143,7 +128,8 @@ def policy_of(vault: Path) -> Policy:
         if found is None:
             found = Policy()
             _ensure_accountant(vault, found, None)
-            _write_private_atomic(policy_path(vault), (found.model_dump_json(indent=1) + "\n").encode())
+            # atomic_write_bytes' temp file is created 0600 (mkstemp) and keeps that mode when renamed
+        atomic_write_bytes(policy_path(vault), (found.model_dump_json(indent=1) + "\n").encode())
     return found
 
 
