@@ -23,7 +23,7 @@ from pathlib import Path
 
 from facefed.client.holder.proto.shares import MAX_SHARE_BYTES, ShareNotFound, StoreError, check_share_id
 from facefed.common import sqlite
-from facefed.common.durable import fsync_dir, immediate
+from facefed.common.durable import fsync_dir, immediate, write_synced
 
 # The largest share the vault can make (its largest image, padded to its bucket): bounds a request's memory.
 DEFAULT_MAX_SHARE_BYTES = MAX_SHARE_BYTES
@@ -141,14 +141,7 @@ class ShareDir:
             for share_id, path, data in planned:
                 tmp = self.tmp_dir / f"{share_id}.{threading.get_ident()}"
                 try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                    try:
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    write_synced(tmp, data)
                     path.parent.mkdir(mode=0o700, exist_ok=True)
                     os.replace(tmp, path)
                 except OSError:

@@ -18,7 +18,7 @@ from facefed.client.vault.stores.base import (
     StoreUnavailable,
     check_share_id,
 )
-from facefed.common.durable import atomic_write_bytes, fsync_dir
+from facefed.common.durable import atomic_write_bytes, fsync_dir, write_synced
 
 _TMP_PREFIX = "."
 _TMP_SUFFIX = ".tmp"
@@ -75,14 +75,7 @@ class LocalDirStore(Store):
 
     def _write_tmp(self, share_id: str, data: bytes) -> Path:
         tmp = self._tmp(check_share_id(share_id))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data)
         return tmp
 
     # -- Store operations -----------------------------------------------------------------------
