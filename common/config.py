@@ -122,6 +122,12 @@ class TrainConfig(BaseModel):
         if self.train_from not in STAGES:
             raise ValueError(f"train_from must be one of {', '.join(STAGES)}; got {self.train_from!r}")
         if self.privacy_unit != "none":
+            if self.delta >= 1.0 / self.min_people:
+                raise ValueError(
+                    f"delta {self.delta:g} must be below 1/min_people = 1/{self.min_people} (every site has at "
+                    f"least min_people {self.privacy_unit}s, and delta must be below one over their number); "
+                    "use a delta well below 1/people, e.g. 1e-5"
+                )
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
                 raise ValueError("give exactly one of noise_multiplier and target_epsilon for DP training")
             if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:

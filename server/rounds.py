@@ -4,6 +4,11 @@ A round attempt: choose the online sites, send each a `TrainOrder` with the curr
 collect replies until all are in or `round_timeout_s` passes, accept the replies that are exactly a
 backbone (server/strategy.py), average them, then write the checkpoint, evaluate it and commit the
 round to the ledger, in that order. Too few valid replies: the attempt is recorded as failed.
+
+A site that does not train answers with a `TrainRefusal` (kind and one-line reason); it is recorded
+per site (status `error`, detail `refused (KIND): REASON`) and printed as `site NAME refused (KIND):
+REASON`. When the sites that refused leave fewer than `min_sites` that could still answer, retrying
+cannot help: the run fails at once with those lines.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from pydantic import ValidationError
 
 from facefed.common.model.mobilefacenet import MobileFaceNet, load_shared_state, prefix_fingerprint, shared_state
-from facefed.common.protocol.train import ARRAYS, CONFIG, TrainOrder
+from facefed.common.protocol.train import ARRAYS, CONFIG, REFUSAL, TrainOrder, TrainRefusal, problems
 from facefed.server.evaluation import Evaluators
 from facefed.server.ledger.checkpoints import CheckpointStore
-from facefed.server.ledger.db import CheckpointRow, Ledger, RoundRow, SiteRound
+from facefed.server.ledger.db import CheckpointRow, Ledger, RoundRow, SiteRound, refusal_line
 from facefed.server.runs import RunContext, RunFailed
 from facefed.server.sites import Sites, SiteSlot
 from facefed.server.strategy import Accepted, BackboneAverage, ReplyRejected, declared_names, payload_bytes, to_record
@@ -74,6 +80,16 @@ def timing(acc: Accepted, took: float, pushed_at: float) -> str:
         f"reply after {took:.1f} s: dispatch {dispatch:.1f} s, start-up {startup:.1f} s, "
         f"compute {compute:.1f} s, return {back:.1f} s"
     )
+
+
+def refusal_of(reply: Message) -> TrainRefusal | None:
+    """The site's refusal, if the reply is one (a malformed one is reported as a crash of the site)."""
+    if reply.has_error() or REFUSAL not in reply.content.config_records:
+        return None
+    try:
+        return TrainRefusal.model_validate(dict(reply.content.config_records[REFUSAL]))
+    except ValidationError as e:
+        return TrainRefusal(site="?", kind="crash", reason=f"malformed refusal record: {problems(e)}"[:1000])
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -211,6 +227,7 @@ class RoundRunner:
         bytes_down = payload_bytes(sent)
         sites: list[SiteRound] = []
         accepted: list[tuple[str, Accepted, float]] = []
+        refusals: list[str] = []
         for slot in slots:
             if not enough:
                 sites.append(
@@ -234,6 +251,24 @@ class RoundRunner:
                 )
                 continue
             reply, took = got.replies[slot.node_id]
+            no = refusal_of(reply)
+            if no is not None:
+                who = slot.site or self.sites.name_of(slot) or no.site
+                if slot.site is None and cfg.sites is not None and who not in cfg.sites:
+                    continue
+                detail = f"refused ({no.kind}): {no.reason}"
+                sites.append(
+                    SiteRound(
+                        site=who,
+                        status="error",
+                        node_id=str(slot.node_id),
+                        bytes_down=bytes_down,
+                        detail=detail,
+                    )
+                )
+                refusals.append(f"site {who} {detail}")
+                self.log(f"[facefed] round {rnd} attempt {attempt}: site {who} {detail}")
+                continue
             claimed = None
             try:
                 acc = average.check_reply(reply)
@@ -323,6 +358,13 @@ class RoundRunner:
                 )
             )
             self.log(f"[facefed] round {rnd} attempt {attempt} FAILED: {why}; missing {missing}")
+            refusing = {s.site for s in sites if refusal_line(s.site, s.detail)}
+            could = ({self.sites.name_of(s) or f"node-{s.node_id}" for s in slots} | set(expected)) - refusing
+            if refusals and len(could) < cfg.min_sites:
+                raise RunFailed(
+                    f"round {rnd} cannot succeed: {'; '.join(refusals)} "
+                    f"(min_sites={cfg.min_sites}, {len(could)} other site(s))"
+                )
             return None
 
         t_agg = time.monotonic()

@@ -11,7 +11,10 @@ reports its erased-but-not-yet-unlearned requests and keeps the receipts the ser
 
 Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (people, images, steps, loss,
 epsilon, delta, timings) and a small record with the site's name, privacy unit and accountant.
-The head never leaves the site.
+The head never leaves the site. A round that does not happen (the site's policy refuses the order, its
+configuration or data is unusable, the budget would be exceeded, or anything crashed) is answered with
+a `TrainRefusal` record (`refusal`) naming the kind and the reason in one line, so the server's
+operator reads why in `facefed-server train`/`status` and the ledger (client/site/refusal.py).
 """
 
 from __future__ import annotations
@@ -25,10 +28,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from facefed.client.site import worker
+from facefed.client.site.refusal import kind_of, one_line, reason_of
 from facefed.common.errors import FacefedError
 from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
-from facefed.common.protocol.train import ARRAYS, CONFIG, METRICS, SITE, SiteInfo, TrainMetrics, TrainReply
+from facefed.common.protocol.train import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    REFUSAL,
+    SITE,
+    SiteInfo,
+    SiteRefused,
+    TrainMetrics,
+    TrainRefusal,
+    TrainReply,
+)
 
 app = ClientApp()
 
@@ -50,14 +65,35 @@ def process_started_at() -> float:
         return float("nan")
 
 
+def site_name(nc: dict) -> str:
+    """Who this node is, for a refusal (a simulated node has a partition instead of a name)."""
+    if str(nc.get("site", "")):
+        return str(nc["site"])[:256]
+    return f"sim-{int(nc.get('partition-id', 0)):03d}" if "partition-id" in nc else "unknown"
+
+
+def refused(msg: Message, site: str, e: BaseException) -> Message:
+    """The one-line answer instead of a tail: kind and reason, no traceback."""
+    record = TrainRefusal(site=site, kind=kind_of(e), reason=reason_of(e)[:1000])
+    return Message(RecordDict({REFUSAL: ConfigRecord(record.wire())}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    nc = dict(context.node_config)
+    try:
+        return _train(msg, context)
+    except Exception as e:  # noqa: BLE001 - every failure goes back to the server as one line
+        return refused(msg, site_name(nc), e)
+
+
+def _train(msg: Message, context: Context) -> Message:
     t0, started_at = time.perf_counter(), time.time()
     config = dict(msg.content[CONFIG])
     # The tail arrives as one flat vector with its layout (common/protocol/tail.py).
-    names, shapes = config[NAMES], config[SHAPES]
+    names, shapes = config.get(NAMES), config.get(SHAPES)
     if not isinstance(names, list) or not isinstance(shapes, list):
-        raise SiteRoundError("malformed train order: the tail's names and shapes must be lists")
+        raise SiteRefused("config", "malformed train order: the tail's names and shapes must be lists")
     received = unpack(
         msg.content.array_records[ARRAYS][TAIL].numpy(), [str(n) for n in names], [str(x) for x in shapes]
     )
@@ -72,7 +108,11 @@ def train(msg: Message, context: Context) -> Message:
     elif res.get("ok"):
         res["info"] = {**res["info"], "worker": "warm"}
     if not res.get("ok"):
-        raise SiteRoundError(res.get("error", "the site's training worker failed"))
+        kind = res.get("kind", "crash")
+        raise SiteRefused(
+            kind if kind in ("policy", "config", "budget", "data", "crash") else "crash",
+            one_line(res.get("error", "the site's training worker failed")),
+        )
 
     flat, names, shapes = pack(res["arrays"])  # the shared tail only: the head stays at the site
     reply = TrainReply(

@@ -39,6 +39,7 @@ def serve(node_config: Path) -> None:
     import tomllib
 
     from facefed.client.forget.sync import answer_query
+    from facefed.client.site.refusal import refusal
     from facefed.client.site.round import SiteConfigError, order_of, run_round, site_of  # the expensive imports
     from facefed.common.protocol.forget import QueryOrder
 
@@ -78,9 +79,11 @@ def serve(node_config: Path) -> None:
                     conn.send({"ok": True, "arrays": res.arrays, "metrics": res.metrics, "info": res.info})
                 except (EOFError, OSError):
                     continue
-                except Exception as e:  # noqa: BLE001 - reported to the ClientApp, which fails the round
+                except Exception as e:  # noqa: BLE001 - reported to the ClientApp, which answers a refusal
+                    why = refusal(e)
+                    print(f"facefed-client: round refused ({why['kind']}): {why['reason']}", flush=True)
                     try:
-                        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+                        conn.send({"ok": False, "error": why["reason"], "kind": why["kind"]})
                     except (EOFError, OSError):
                         pass
 

@@ -14,7 +14,7 @@ from typing import Any
 import tomli_w
 import typer
 
-from facefed.server.ledger.db import Ledger, LedgerError, RoundRow
+from facefed.server.ledger.db import Ledger, LedgerError, RoundRow, refusal_line
 from facefed.server.ops.flwr_app import write_app_dir
 from facefed.server.ops.superlink import SuperLinkError, flwr_cli
 from facefed.server.state import StatePaths
@@ -28,7 +28,16 @@ def submit(paths: StatePaths, submission: str, extra: dict[str, Any] | None = No
     return str(res.get("run-id", "?"))
 
 
+def print_refusals(r: RoundRow) -> None:
+    """One line per site that refused this round: `site NAME refused (KIND): REASON`."""
+    for s in r.sites:
+        line = refusal_line(s.site, s.detail)
+        if line:
+            typer.secho(line, fg=typer.colors.RED)
+
+
 def print_round(r: RoundRow, planned: int) -> None:
+    print_refusals(r)
     if r.status == "failed":
         typer.secho(
             f"round {r.round}/{planned} attempt {r.attempt}: FAILED ({r.detail}); "
