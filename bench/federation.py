@@ -135,7 +135,7 @@ def run_sim(workdir: Path, sites: int, cpus: int) -> None:
             "min_sites": sites,
             "round_timeout_s": 3600,
             "wait_for_sites_s": 600,
-            "evaluate": {"every": 1, "flip": False},
+            "evaluate": {"every": 1},
             "train": {
                 "delta": 1e-3,
                 "max_epsilon": 50.0,
@@ -166,7 +166,7 @@ def run_sim(workdir: Path, sites: int, cpus: int) -> None:
     print(f"== simulation: {sites} virtual sites, one round, {cpus} CPUs for Ray")
     print(
         f"sites that replied: {len(ok)}/{sites}; people per site {min(s.people for s in ok)}.."
-        f"{max(s.people for s in ok)}; LFW pairsDevTest accuracy {r.metrics['lfw_accuracy']:.4f} (no flip)"
+        f"{max(s.people for s in ok)}; LFW pairsDevTest accuracy {r.metrics['lfw_accuracy']:.4f}"
     )
     print(
         f"round time {r.metrics['round_s']:.1f} s; per-site compute mean {statistics.mean(compute):.2f} s, "

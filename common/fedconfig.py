@@ -22,14 +22,15 @@ PAIRS_FILES = ("pairsDevTest.txt", "pairsDevTrain.txt", "pairs.txt")
 
 
 class EvalConfig(BaseModel):
-    """Evaluation of the global model at the server after each round (LFW verification protocol)."""
+    """Evaluation of the global model at the server after each round: the LFW verification protocol of
+    `facefed-server evaluate` (10-fold CV thresholds, flip averaging), so a model has one number wherever
+    it is shown."""
 
     model_config = ConfigDict(extra="forbid")
 
     pairs: Literal["pairsDevTest.txt", "pairsDevTrain.txt", "pairs.txt"] = Field(
         "pairsDevTest.txt", description="pairsDevTest's people are disjoint from peopleDevTrain (the sites)"
     )
-    flip: bool = Field(True, description="average the embeddings of the image and its mirror (2x the cost)")
     every: int = Field(1, ge=0, description="evaluate every N rounds (and always after the last); 0 = never")
     max_pairs: int | None = Field(
         None,

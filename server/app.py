@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet, build_embedder, sha256_file
-from facefed.server.evaluation import Evaluator, Evaluators, evaluate_ensemble
+from facefed.server.evaluation import Evaluator, Evaluators, evaluate_ensemble, save_roc
 from facefed.server.forget.replay import Unlearning
 from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import Ledger
@@ -176,6 +176,7 @@ class Coordinator:
         evaluator = self.evaluators.for_config(cfg)
         if evaluator is not None:
             metrics = evaluator(model)
+            save_roc(evaluator, base.path)
             self.ledger.set_base_metrics(ctx.run_id, metrics)
             self.log(f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}")
         return ctx

@@ -5,8 +5,10 @@ each evaluation then runs only the trainable tail.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from facefed.common.fedconfig import FederationConfig
@@ -15,24 +17,40 @@ from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import Ledger
 
 EvalFn = Callable[[MobileFaceNet], dict[str, float]]
+PROTOCOL_FLIP = True  # the protocol of `facefed-server evaluate`: one number per model, wherever shown
 
 
 class Evaluator:
     """LFW verification of the global model. The archive is read and the evaluation images decoded once
     per ServerApp process (`EvalCache`); each round then runs only the trainable tail."""
 
-    def __init__(self, lfw_path: str | None, pairs: str, flip: bool, max_pairs: int | None = None):
-        self.lfw_path, self.pairs, self.flip, self.max_pairs = lfw_path, pairs, flip, max_pairs
+    def __init__(self, lfw_path: str | None, pairs: str, max_pairs: int | None = None):
+        self.lfw_path, self.pairs, self.max_pairs = lfw_path, pairs, max_pairs
         self._cache: Any = None
+        self.last_roc: dict[str, Any] | None = None  # the last evaluation's ROC (saved beside the checkpoint)
 
     def __call__(self, model: MobileFaceNet) -> dict[str, float]:
-        from facefed.common.evaluate import EvalCache  # heavy imports only when evaluating
+        from facefed.common.evaluate import (
+            EvalCache,  # heavy imports only when evaluating
+            metrics_from_scores,
+            roc_curve,
+        )
         from facefed.common.lfw import LFW
 
         t = time.monotonic()
         if self._cache is None:
-            self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=self.flip, max_pairs=self.max_pairs)
-        res = self._cache.evaluate(model)
+            self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=PROTOCOL_FLIP, max_pairs=self.max_pairs)
+        c = self._cache
+        scores = c.scores(c.embeddings(model))
+        res = metrics_from_scores(scores, c.same, c.folds, pairs_file=c.pairs_file, flip=c.flip)
+        self.last_roc = {
+            "pairs": c.pairs_file,
+            "n_pairs": res.n_pairs,
+            "flip": c.flip,
+            "accuracy": res.accuracy_mean,
+            "auc": res.auc,
+            "roc": roc_curve(scores, c.same),
+        }
         return {
             "lfw_accuracy": float(res.accuracy_mean),
             "lfw_accuracy_std": float(res.accuracy_std),
@@ -48,7 +66,7 @@ class Evaluators:
 
     def __init__(self, lfw: str | None, injected: EvalFn | None = None):
         self.lfw, self.injected = lfw, injected
-        self._made: dict[tuple[str, bool, int | None], Evaluator] = {}
+        self._made: dict[tuple[str, int | None], Evaluator] = {}
 
     def for_config(self, cfg: FederationConfig) -> EvalFn | None:
         if self.injected is not None:
@@ -56,10 +74,25 @@ class Evaluators:
         ev = cfg.evaluate
         if not ev.every:
             return None
-        key = (ev.pairs, ev.flip, ev.max_pairs)
+        key = (ev.pairs, ev.max_pairs)
         if key not in self._made:
-            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.flip, ev.max_pairs)
+            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.max_pairs)
         return self._made[key]
+
+
+def save_roc(evaluator: object, checkpoint_path: str) -> None:
+    """The ROC of the evaluation just made, beside its checkpoint (`r0003.roc.json`), for `report`."""
+    roc = getattr(evaluator, "last_roc", None)
+    if roc is None:
+        return
+    path = Path(checkpoint_path).with_suffix(".roc.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(roc))
+    tmp.replace(path)
+
+
+def roc_path(checkpoint_path: str) -> Path:
+    return Path(checkpoint_path).with_suffix(".roc.json")
 
 
 def evaluate_ensemble(
@@ -83,7 +116,7 @@ def evaluate_ensemble(
 
     heads = [ledger.head(r.run_id)[1] for r in live]
     ev = cfg.evaluate
-    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=ev.flip, max_pairs=ev.max_pairs)
+    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=PROTOCOL_FLIP, max_pairs=ev.max_pairs)
     res = cache.evaluate_ensemble([store.load(h)[0] for h in heads])
     metrics = {
         "lfw_accuracy": float(res.accuracy_mean),

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from facefed.common.model.mobilefacenet import MobileFaceNet, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.protocol.train import ARRAYS, CONFIG, REFUSAL, TrainOrder, TrainRefusal, problems
-from facefed.server.evaluation import Evaluators
+from facefed.server.evaluation import Evaluators, save_roc
 from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import CheckpointRow, Ledger, RoundRow, SiteRound, refusal_line
 from facefed.server.runs import RunContext, RunFailed
@@ -391,6 +391,7 @@ class RoundRunner:
         evaluator = self.evaluators.for_config(cfg)
         if evaluator is not None and (rnd % cfg.evaluate.every == 0 or rnd == cfg.rounds):
             metrics.update(evaluator(new_model))
+            save_roc(evaluator, ckpt.path)
         self.ledger.commit_round(
             RoundRow(
                 status="committed",

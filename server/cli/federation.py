@@ -265,7 +265,7 @@ def sites_revoke(name: Annotated[str, typer.Argument(help="Site name.")], state:
 def _resolve_data(cfg: FederationConfig) -> tuple[str | None, str]:
     try:
         pre = str(pretrained_path(cfg.pretrained or cfg.train.pretrained).resolve())
-        lfw = str(lfw_path(cfg.lfw).resolve()) if cfg.evaluate.every else None
+        lfw = str(lfw_path(cfg.lfw, how="set `lfw = PATH` in the config").resolve()) if cfg.evaluate.every else None
     except DataNotFound as e:
         fail(str(e))
         raise
@@ -338,6 +338,7 @@ def train(
         flwr_run = submit(paths, sub)
     except SuperLinkError as e:
         fail(str(e), 3)
+    paths.record_data(run_id, lfw=lfw, pretrained=pre)  # `unlearn`, `evaluate`, `report` read it back
     typer.echo(
         f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})"
         + (f" as {cfg.shards} shard runs {run_id}-s0..s{cfg.shards - 1}" if cfg.shards > 1 else "")
