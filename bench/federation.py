@@ -192,11 +192,21 @@ def main() -> None:
     ap.add_argument("--skip-sim", action="store_true")
     args = ap.parse_args()
     load_config(args.config, FederationConfig)  # fail early on a bad config
+    import importlib.util
+
+    sim_skipped = not args.skip_sim and importlib.util.find_spec("ray") is None
+    if sim_skipped:  # said up front and again at the end, once, instead of a traceback after part 1
+        args.skip_sim = True
     if not args.skip_deploy:
         state = args.from_state or run_deployment(args.workdir / "deploy", args.config, args.people, args.max_images)
         report_deployment(state)
     if not args.skip_sim:
         run_sim(args.workdir, args.sim_sites, args.cpus)
+    if sim_skipped:
+        print(
+            "== simulation skipped: it needs the `simulation` extra (ray): "
+            ".venv/bin/pip install -e '.[dev,simulation]', then rerun `make bench`"
+        )
 
 
 if __name__ == "__main__":

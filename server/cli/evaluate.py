@@ -184,7 +184,25 @@ def export(
         sys.stdout.flush()
 
 
+def report(
+    state: Annotated[Path, typer.Option("--state", envvar="FACEFED_SERVER_STATE", help="Server state directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for report.html and the CSV files.")] = Path("report"),
+) -> None:
+    """Write a self-contained HTML report (accuracy and epsilon per round, ROC, forget requests,
+    participation; plots embedded) and CSV files of the same data."""
+    from facefed.server.report import ReportError, write_report
+    from facefed.server.state import StateDirError, StatePaths
+
+    try:
+        rep = write_report(StatePaths.at(state), out)
+    except (StateDirError, ReportError) as e:
+        fail(str(e))
+    typer.echo(f"report: {rep.html.resolve()}")
+    typer.echo(f"csv: {', '.join(str(p) for p in rep.csvs)}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `evaluate` and `export` commands to the main CLI."""
     app.command("evaluate")(evaluate)
     app.command("export")(export)
+    app.command("report")(report)
