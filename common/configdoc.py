@@ -86,7 +86,8 @@ def _table(model: type[BaseModel], prefix: str) -> list[str]:
         if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             continue  # a sub-table: its own section
         desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{prefix}{name}` | `{_type(info.annotation)}` | {_default(info)} | {_range(info)} | {desc} |")
+        typ = _type(info.annotation).replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | `{typ}` | {_default(info)} | {_range(info)} | {desc} |")
     return rows
 
 

@@ -47,8 +47,14 @@ def _default_eval() -> EvalConfig:
 class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("facefed", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    rounds: int = Field(3, ge=1, le=10_000)
+    name: str = Field(
+        "facefed",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="prefix of the run ids",
+    )
+    rounds: int = Field(3, ge=1, le=10_000, description="federated rounds of a run")
     min_sites: int = Field(2, ge=1, description="a round needs this many valid replies, else it fails")
     sites: list[str] | None = Field(None, description="train with these registered sites only (default: all)")
     round_timeout_s: float = Field(900.0, gt=0, description="wait this long for the sites' replies")
@@ -75,7 +81,9 @@ class FederationConfig(BaseModel):
         "hash puts in it at every site; the embedding is the normalised concatenation of the shard "
         "embeddings, and forgetting a person replays only their shard",
     )
-    lfw: str | None = Field(None, description="LFW archive for evaluation (default $FACEFED_LFW)")
+    lfw: str | None = Field(
+        None, description="LFW archive for evaluation (default $FACEFED_LFW); recorded in the state by `train`"
+    )
     pretrained: str | None = Field(None, description="base model (default train.pretrained, then $FACEFED_PRETRAINED)")
     evaluate: EvalConfig = Field(default_factory=_default_eval)
     train: TrainConfig
