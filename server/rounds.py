@@ -46,8 +46,10 @@ class Exchanged:
     pushed_at: float
 
 
-def exchange(grid: Grid, msgs: list[Message], timeout: float) -> Exchanged:
-    """Push, then pull until every node replied or `timeout` passed."""
+def exchange(
+    grid: Grid, msgs: list[Message], timeout: float, phase: Callable[[str], None] = lambda _t: None
+) -> Exchanged:
+    """Push, then pull until every node replied or `timeout` passed (`phase`: k of n replies in)."""
     t0 = time.monotonic()
     pushed_at = time.time()
     node_of = {}
@@ -62,6 +64,7 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float) -> Exchanged:
             if node is not None:
                 replies[node] = (reply, time.monotonic() - t0)
         if node_of:
+            phase(f"{len(replies)} of {len(replies) + len(node_of)} replies in after {time.monotonic() - t0:.0f} s")
             time.sleep(POLL_S)
     return Exchanged(replies, pushed_at)
 
@@ -109,8 +112,10 @@ class RoundRunner:
         *,
         base_sha256: str,
         log: Callable[[str], None] = print,
+        phase: Callable[[str], None] = lambda _text: None,
     ):
         self.grid, self.ledger, self.store, self.sites, self.evaluators = grid, ledger, store, sites, evaluators
+        self.phase = phase
         self.base_sha256 = base_sha256
         self.flwr_run_id = str(grid.run.run_id)
         self.log = log
@@ -213,11 +218,14 @@ class RoundRunner:
         # Too few sites online: do not ask anyone to train (it would spend their privacy budget on a
         # round that cannot be committed); record the round as failed instead.
         enough = len(slots) >= cfg.min_sites
+        where = f"round {rnd}/{cfg.rounds} attempt {attempt} of run {ctx.run_id}"
+        self.phase(f"{where}: training at {len(slots)} site(s)")
         got = (
             exchange(
                 self.grid,
                 self.orders(ctx, slots, rnd, attempt, sent, wire_layout, parent, prefix),
                 cfg.round_timeout_s,
+                lambda text: self.phase(f"{where}: training at the sites, {text}"),
             )
             if enough
             else Exchanged({}, time.time())
@@ -367,6 +375,7 @@ class RoundRunner:
                 )
             return None
 
+        self.phase(f"{where}: averaging {len(accepted)} replies, writing the checkpoint")
         t_agg = time.monotonic()
         new_model = copy.deepcopy(model)
         agg = average.aggregate([a for _, a, _ in accepted])
@@ -390,6 +399,7 @@ class RoundRunner:
         }
         evaluator = self.evaluators.for_config(cfg)
         if evaluator is not None and (rnd % cfg.evaluate.every == 0 or rnd == cfg.rounds):
+            self.phase(f"{where}: evaluating the new model on LFW {cfg.evaluate.pairs}")
             metrics.update(evaluator(new_model))
             save_roc(evaluator, ckpt.path)
         self.ledger.commit_round(

@@ -14,6 +14,8 @@ Everything the operator must keep (and back up) lives under one directory:
     DIR/data.json           the data the runs use (LFW, pretrained weights), recorded by `train`, so that
                             `unlearn`, `evaluate` and resumed runs need no environment variables
     DIR/runs/RUN.data.json  the same, per run
+    DIR/phase.json          what the ServerApp is doing now (waiting for sites, a round's replies,
+                            evaluating, ...), for `train`/`unlearn` to show during long waits
 """
 
 from __future__ import annotations
@@ -112,6 +114,23 @@ class StatePaths:
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(path)
+
+    def write_phase(self, text: str, run_id: str | None = None) -> None:
+        """The ServerApp's current phase (one line); best effort, never fails the run."""
+        import time
+
+        try:
+            tmp = self.root / "phase.tmp"
+            tmp.write_text(json.dumps({"phase": text, "run_id": run_id, "since": time.time()}))
+            tmp.replace(self.root / "phase.json")
+        except OSError:
+            pass
+
+    def read_phase(self) -> dict[str, object] | None:
+        try:
+            return dict(json.loads((self.root / "phase.json").read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return None
 
     def recorded_data(self) -> dict[str, str | None]:
         """{"lfw", "pretrained"} as the latest `train` recorded them ({} before any)."""
