@@ -304,9 +304,9 @@ def train(
     with Ledger(paths.ledger) as ledger:
         from facefed.server.preflight import problems
 
-        found = problems(cfg, ledger)
-        if found:
-            fail(f"config {config}: " + f"\nconfig {config}: ".join(found))
+        broken = problems(cfg, ledger)
+        if broken:
+            fail(f"config {config}: " + f"\nconfig {config}: ".join(broken))
         if run is not None:
             try:
                 existing = ledger.run(run)
