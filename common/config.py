@@ -131,7 +131,7 @@ class TrainConfig(BaseModel):
             if self.delta >= 1.0 / self.min_people:
                 raise ValueError(
                     f"delta {self.delta:g} must be below 1/min_people = 1/{self.min_people} (every site has at "
-                    f"least min_people {self.privacy_unit}s, and delta must be below one over their number); "
+                    "least min_people people, and delta must be below one over their number); "
                     "use a delta well below 1/people, e.g. 1e-5"
                 )
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
