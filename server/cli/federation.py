@@ -358,8 +358,8 @@ def _ts(t: float | None) -> str:
 
 
 def _acc_text(base: float | None, acc: float | None) -> str:
-    if acc is not None and base is not None:
-        return f"{base:.4f} -> {acc:.4f}"
+    if base is not None:
+        return f"{base:.4f} -> {acc:.4f}" if acc is not None else f"{base:.4f} -> -"
     return f"{acc:.4f}" if acc is not None else "-"
 
 
@@ -432,7 +432,7 @@ def status_doc(paths: StatePaths, run: str | None) -> dict[str, Any]:
             rounds = rounds_rows(ledger, target) if target else []
         except LedgerError as e:
             fail(str(e))
-        return {"runs": runs, "run": target, "rounds": rounds, "sites": sites_rows(ledger, {})}
+        return {"runs": runs, "run": target, "rounds": rounds, "sites": sites_rows(ledger, _online(paths))}
 
 
 def print_status(doc: dict[str, Any]) -> None:
