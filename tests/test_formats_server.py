@@ -32,7 +32,7 @@ from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import SCHEMA_VERSION, ForgetRow, Ledger
 
 # -- the ledger ---------------------------------------------------------------------------------
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2 (issue 13): runs.best_checkpoint
 LEDGER_SCHEMA = {
     "attempts": ["run_id", "flwr_run_id", "started_at", "ended_at", "outcome"],
     "checkpoints": [
@@ -53,6 +53,7 @@ LEDGER_SCHEMA = {
     "runs": [
         "run_id", "kind", "parent_run_id", "created_at", "ended_at", "status", "rounds_planned", "config_sha256",
         "config_json", "base_checkpoint", "base_metrics", "detail", "start_round", "family", "shard",
+        "best_checkpoint",
     ],
     "site_rounds": [
         "run_id", "round", "attempt", "site", "node_id", "status", "weight", "people", "images", "steps", "loss",
@@ -98,6 +99,33 @@ def test_ledger_refuses_a_newer_schema_and_the_literal_catches_a_change(tmp_path
     with pytest.raises(LedgerError, match="newer than") as e:
         Ledger(path)
     assert isinstance(e.value, FacefedError)
+
+
+def test_a_schema_1_ledger_is_migrated_and_marks_each_runs_best(tmp_path):
+    """A ledger written before validation scores (schema 1, no runs.best_checkpoint) opens as schema 2
+    with the same columns as a new one; its runs, unscored, serve their latest checkpoint as before."""
+    from facefed.server.ledger.db import CheckpointRow, RoundRow
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        base = CheckpointRow("old-r0000", "old", 0, "/x/r0000.pt", "a" * 64, None, 1.0)
+        ledger.create_run("old", config_json="{}", config_sha256="c" * 64, rounds=1, base=base)
+        r1 = CheckpointRow("old-r0001", "old", 1, "/x/r0001.pt", "b" * 64, "old-r0000", 2.0)
+        ledger.commit_round(
+            RoundRow(
+                "old", 1, 1, "committed", "7", 1.0, 2.0, "old-r0000", "a" * 64, "old-r0001", "b" * 64,
+                ["a"], [], "people", 1.0, {"lfw_accuracy": 0.99}, None,
+            ),
+            r1,
+        )  # fmt: skip
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE runs DROP COLUMN best_checkpoint")  # what a schema-1 facefed wrote
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        assert ledger.run("old").best_checkpoint == "old-r0001"
+    assert ledger_schema(path) == (LEDGER_VERSION, LEDGER_SCHEMA)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
