@@ -190,6 +190,18 @@ KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed 
 KEY_FP = "SHA256:a050837d85070582ccf7394b0988847cc312cb88259b894899f6f239cf1791a5"
 RECEIPT_BYTES = (
     b'{"checkpoints_deleted":["t-run-r0002","t-run-r0003"],"erased_at":"2024-01-02T03:05:00.000000Z",'
+    b'"format":"facefed-receipt/2","issued_at":"2024-01-02T04:00:00.000000Z","model_id":"t-run-u1-r0003",'
+    b'"model_sha256":"abababababababababababababababababababababababababababababababab",'
+    b'"person_pseudonym":"0123456789abcdef0123456789abcdef","received_at":"2024-01-02T03:04:05.000000Z",'
+    b'"replayed_rounds":[2,3],"request_id":"fr-00000000000000aa","rollback_round":1,"run_id":"t-run-u1",'
+    b'"server_key_fingerprint":"SHA256:a050837d85070582ccf7394b0988847cc312cb88259b894899f6f239cf1791a5",'
+    b'"shares_destroyed":3,"site":"alpha","superlink_purged_at":"2024-01-02T03:59:00.000000Z",'
+    b'"superlink_runs_purged":[11,12]}'
+)
+SIGNATURE = "bLpolDRlbEMuzrf5NJp/PMYw/OgmIY51pJFBvGcYxjqH+LBMeK9iYn7qxp1siaQ5eg6TYqeEMPwGnuiSGRzkCw=="
+# A receipt of the first format (no purge fields), as sites stored them: it must keep verifying.
+RECEIPT_V1_BYTES = (
+    b'{"checkpoints_deleted":["t-run-r0002","t-run-r0003"],"erased_at":"2024-01-02T03:05:00.000000Z",'
     b'"format":"facefed-receipt/1","issued_at":"2024-01-02T04:00:00.000000Z","model_id":"t-run-u1-r0003",'
     b'"model_sha256":"abababababababababababababababababababababababababababababababab",'
     b'"person_pseudonym":"0123456789abcdef0123456789abcdef","received_at":"2024-01-02T03:04:05.000000Z",'
@@ -197,7 +209,7 @@ RECEIPT_BYTES = (
     b'"server_key_fingerprint":"SHA256:a050837d85070582ccf7394b0988847cc312cb88259b894899f6f239cf1791a5",'
     b'"shares_destroyed":3,"site":"alpha"}'
 )
-SIGNATURE = "FNqpcphmiWlUFz8Q0DXZ2zMRkZTgn/L7si6hXgfTzUUBHYUmMK1SHodTbfBAeYZ+e1UAKmMo6YOneaamvYb+AQ=="
+SIGNATURE_V1 = "FNqpcphmiWlUFz8Q0DXZ2zMRkZTgn/L7si6hXgfTzUUBHYUmMK1SHodTbfBAeYZ+e1UAKmMo6YOneaamvYb+AQ=="
 
 
 def known_receipt() -> Receipt:
@@ -214,6 +226,8 @@ def known_receipt() -> Receipt:
         model_id="t-run-u1-r0003",
         model_sha256="ab" * 32,
         checkpoints_deleted=["t-run-r0002", "t-run-r0003"],
+        superlink_purged_at="2024-01-02T03:59:00.000000Z",
+        superlink_runs_purged=[11, 12],
         issued_at="2024-01-02T04:00:00.000000Z",
         server_key_fingerprint=KEY_FP,
     )
@@ -233,6 +247,12 @@ def test_receipt_canonical_bytes_and_signature():
     changed = {**pasted, "receipt": {**pasted["receipt"], "rollback_round": 0}}
     with pytest.raises(ReceiptError, match="signature does not match"):
         verify_receipt_signature(changed, KEY.public_key())
+    # A first-format receipt still verifies, and a purge claim cannot be added to it.
+    v1 = {"algorithm": "ed25519", "receipt": json.loads(RECEIPT_V1_BYTES), "signature": SIGNATURE_V1}
+    assert verify_receipt_signature(v1, KEY.public_key()).superlink_runs_purged == []
+    claimed = {**v1, "receipt": {**v1["receipt"], "superlink_runs_purged": [7]}}
+    with pytest.raises(ReceiptError, match="signature does not match"):
+        verify_receipt_signature(claimed, KEY.public_key())
 
 
 def test_server_issues_receipts_of_the_known_shape(tmp_path):
@@ -249,7 +269,16 @@ def test_server_issues_receipts_of_the_known_shape(tmp_path):
     )
     rollback = CheckpointRow("t-run-r0001", "t-run", 1, "p1", "cd" * 32, "t-run-r0000", 0.0)
     model = CheckpointRow("t-run-u1-r0003", "t-run-u1", 3, "p3", "ab" * 32, "t-run-u1-r0002", 0.0)
-    doc = issue(req, replay_run="t-run-u1", rollback=rollback, model=model, deleted=["t-run-r0002"], key=KEY)
+    doc = issue(
+        req,
+        replay_run="t-run-u1",
+        rollback=rollback,
+        model=model,
+        deleted=["t-run-r0002"],
+        key=KEY,
+        purged_at=1704167940.0,
+        runs_purged=[12, 11],
+    )
     body = doc["receipt"]
     assert sorted(body) == sorted(json.loads(RECEIPT_BYTES))
     assert {k: body[k] for k in ("received_at", "erased_at", "replayed_rounds", "rollback_round", "model_id")} == {
@@ -259,6 +288,7 @@ def test_server_issues_receipts_of_the_known_shape(tmp_path):
         "rollback_round": 1,
         "model_id": "t-run-u1-r0003",
     }
+    assert body["superlink_purged_at"] == "2024-01-02T03:59:00.000000Z" and body["superlink_runs_purged"] == [11, 12]
     verify_receipt_signature(doc, KEY.public_key())
 
 

@@ -12,6 +12,11 @@ exactly as the in-process path does (`client/site/round.py` `run_round`). The so
 connection is authenticated with a random key written 0600 at start (multiprocessing's HMAC
 challenge), so only processes of the site's own user that can read the state directory can use it.
 If the worker is not there, the ClientApp trains in its own process instead.
+
+With privilege separation (`start --node-user`, client/site/privsep.py) the worker is the only
+process that can open the vault: it runs as the vault's owner, its socket and key live in
+NODE_DIR/link (0660 / 0640, group of the node user, whose ClientApps connect), and a ClientApp that
+finds no worker refuses the round instead of training itself.
 """
 
 from __future__ import annotations
