@@ -322,3 +322,32 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
         old = fed.vault(site) / "site" / "heads" / run.run_id
         assert not list(old.glob("*.pt")) if old.exists() else True
         assert list((fed.vault(site) / "site" / "heads" / replay.run_id).glob("r0002-a*.pt"))
+
+
+def test_a_hostile_order_is_refused_by_every_site_and_the_server_prints_why(fed, tmp_path):
+    """A server config asking for less privacy than the sites' policies allow (noise 0.05): each site
+    refuses before any training, its accountant is byte-identical, and the server's operator reads
+    one line per site naming it and the reason; the run fails at once."""
+    accountants = {s: (fed.vault(s) / "accountant.json").read_bytes() for s in ("north", "south")}
+    cfg = write_config(
+        tmp_path / "greedy.toml",
+        rounds=1,
+        min_sites=2,
+        steps=3,
+        probe_steps=2,
+        sample_rate=0.5,
+        noise=0.05,
+        delta=1e-3,
+        max_epsilon=50.0,
+        max_pairs=100,
+        wait_for_sites=60,
+        max_attempts=1,
+    )
+    res = fed.train(cfg, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    for site in ("north", "south"):
+        line = next((x for x in out.splitlines() if f"site {site} refused (policy)" in x), None)
+        assert line is not None and "noise_multiplier: order asks 0.05" in line, out[-3000:]
+        assert (fed.vault(site) / "accountant.json").read_bytes() == accountants[site]
+    assert "Traceback" not in out
