@@ -23,14 +23,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from facefed.common.durable import atomic_write_bytes
 from facefed.common.errors import FacefedError
+
+
+def _opacus_rdp() -> Any:
+    """Opacus' RDP analysis, imported on first use: it pulls in torch, which commands that only read or
+    write a policy (`facefed-client policy show|set`) should not pay for."""
+    from opacus.accountants.analysis import rdp
+
+    return rdp
+
 
 Unit = Literal["person", "image", "none"]
 ACCOUNTANT = "rdp"
@@ -70,7 +78,7 @@ def _rdp_per_step(q: float, sigma: float) -> npt.NDArray[np.float64]:
     """RDP of one subsampled Gaussian step at every order. Opacus computes it in 1-2 s (fractional
     orders); RDP composes additively, so n steps are n times this, and a site's history repeats a few
     (q, sigma) pairs: computing each once makes an epsilon query cheap. Callers must not mutate it."""
-    out = np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=ORDERS), dtype=float)
+    out = np.asarray(_opacus_rdp().compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=ORDERS), dtype=float)
     out.setflags(write=False)
     return out
 
@@ -87,7 +95,7 @@ def _eps(rdp: npt.NDArray[np.float64] | float | None, delta: float) -> float:
         return math.inf
     if isinstance(rdp, float) and rdp == 0.0:
         return 0.0
-    eps, _ = rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
+    eps, _ = _opacus_rdp().get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
     return float(eps)
 
 
@@ -217,7 +225,7 @@ class SiteAccountant:
 
         def eps_at(sigma: float) -> float:
             return _eps(
-                base + rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=ORDERS),
+                base + _opacus_rdp().compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=ORDERS),
                 self.delta,
             )
 

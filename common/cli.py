@@ -7,10 +7,13 @@ Exit codes: 2 bad input or refused, 3 a service or peer unavailable (FacefedErro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import typer
@@ -61,3 +64,23 @@ def clean_errors(*also: type[BaseException]) -> Callable[[Callable[P, R]], Calla
         return wrapper
 
     return wrap
+
+
+@contextlib.contextmanager
+def ticking(what: str, every: float = 10.0) -> Iterator[None]:
+    """While the block runs, say on stderr every `every` seconds that `what` is still going (no silent
+    minute on a long evaluation)."""
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            print(f"[{time.strftime('%H:%M:%S')}]   ... {what} (for {time.monotonic() - t0:.0f} s)", file=sys.stderr)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

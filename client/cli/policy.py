@@ -115,7 +115,9 @@ def set_(
 @app.command("preview")
 def preview(
     vault: VaultOpt,
-    config: Path = typer.Option(..., "--config", help="a training config (TOML) or a federation config with [train]"),
+    config: Path = typer.Option(
+        ..., "--config", help="a training config (TOML) or a federation config with a train table"
+    ),
     rounds: int = typer.Option(None, "--rounds", help="rounds (default: the federation config's, else 1)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -160,11 +160,23 @@ def _ensure_accountant(vault: Path, new: Policy, old: Policy | None) -> None:
 
 
 # -- the check of an order -------------------------------------------------------------------------
+# The order's field -> the policy field that bounds it (for the remedy each side can apply).
+BOUNDED_BY = {
+    "privacy_unit": "unit",
+    "noise_multiplier": "min_noise_multiplier",
+    "center_noise": "min_noise_multiplier",
+    "sample_rate": "max_sample_rate",
+}
+
+
 def _refuse(field: str, asked: object, allows: str) -> SiteRefused:
-    flag = FLAGS.get(field, f"--{field.replace('_', '-')}")
+    bound = BOUNDED_BY.get(field, field)
+    flag = FLAGS.get(bound, f"--{bound.replace('_', '-')}")
+    fix = f"train.{field} in the server's config" if field != "max_steps" else "train.steps in the server's config"
     return SiteRefused(
         "policy",
-        f"{field}: order asks {asked}, policy allows {allows}; change it with `facefed-client policy set {flag} ...`",
+        f"{field}: order asks {asked}, policy allows {allows}; the server can change {fix}, or the site's "
+        f"operator relax its policy: `facefed-client policy set {flag} ...`",
     )
 
 

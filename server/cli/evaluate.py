@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from facefed.common.cli import fail, out_console, print_json
+from facefed.common.cli import fail, out_console, print_json, ticking
 
 PAIR_FILES = ("pairsDevTest.txt", "pairs.txt")  # the protocol's test files (pairsDevTrain: training people)
 
@@ -133,7 +133,8 @@ def evaluate(
     n_img = len(cache.keys) * (2 if PROTOCOL_FLIP else 1) * len(nets)
     _say(f"decoded {len(cache.keys)} images in {time.monotonic() - t0:.1f} s; embedding {n_img} views ...")
     t1 = time.monotonic()
-    result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
+    with ticking(f"embedding {n_img} views"):
+        result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
     dt = time.monotonic() - t1
     _say(f"embedded in {dt:.1f} s ({n_img / max(dt, 1e-9):.0f} images/s)")
     name = ids[0] if len(ids) == 1 else f"{len(ids)}-shard ensemble ({', '.join(ids)})"

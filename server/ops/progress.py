@@ -234,6 +234,9 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                 refused = [r.request_id for r in ledger.requests("refused")]
                 pending = [r.request_id for r in ledger.requests("pending")]
                 undelivered = [r.request_id for r in ledger.requests("unlearned") if r.delivered_at is None]
+                for fr in ledger.requests("unlearned"):
+                    if fr.delivered_at is not None and fr.delivered_at >= started:
+                        typer.echo(f"receipt for {fr.request_id} delivered to site {fr.site}")
                 if undelivered:
                     typer.echo(f"receipts waiting for their site to come online: {', '.join(undelivered)}")
                 if pending:
