@@ -1,0 +1,129 @@
+"""docker/: the compose file's trust boundaries (read statically, no engine needed), the healthcheck,
+and `make docker-test` end to end (slow, opt-in: FACEFED_DOCKER_TEST=1, and an engine that runs or
+can be started; CI runs `make docker-test` as its own step in .ci/run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+SITES = ("north", "south", "east")
+HOLDERS = 3
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load((DOCKER / "compose.yml").read_text())
+
+
+def _mounts(service: dict) -> list[tuple[str, str, bool]]:
+    """(source, destination, read-only) per volume entry; `${VAR:-default}` reads as `$VAR`."""
+    out = []
+    for v in service.get("volumes", []):
+        parts = re.sub(r"\$\{([A-Z_]+)(:-[^}]*)?\}", r"$\1", v).split(":")
+        out.append((parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
+    return out
+
+
+def test_services_and_volumes(compose):
+    services = compose["services"]
+    expected = {"server"} | {s for site in SITES for s in (site, f"{site}-init")}
+    expected |= {f"{site}-holder{i}" for site in SITES for i in range(1, HOLDERS + 1)}
+    assert set(services) == expected
+    # n shares of a face lie in n volumes, each mounted by exactly one holder
+    for site in SITES:
+        share_volumes = [f"{site}-shares{i}" for i in range(1, HOLDERS + 1)]
+        for vol in share_volumes:
+            users = [name for name, s in services.items() if any(src == vol for src, _, _ in _mounts(s))]
+            assert users == [f"{site}-holder{share_volumes.index(vol) + 1}"], (vol, users)
+        vault_users = {name for name, s in services.items() if any(src == f"{site}-vault" for src, _, _ in _mounts(s))}
+        assert vault_users == {site, f"{site}-init"}
+
+
+def test_every_service_is_hardened(compose):
+    for name, s in compose["services"].items():
+        assert s.get("read_only") is True, name
+        assert s.get("cap_drop") == ["ALL"], name
+        assert "/tmp" in s.get("tmpfs", []), name
+        assert "user" not in s, f"{name} overrides the image's non-root user"
+
+
+def test_secrets_go_only_where_needed(compose):
+    for name, s in compose["services"].items():
+        for src, dest, ro in _mounts(s):
+            assert "offline" not in src and "ca.key" not in src, f"{name} mounts {src}"
+            if "FACEFED_SECRETS" in src:
+                assert ro, f"{name}: {dest} is not read-only"
+                folder = src.split("$FACEFED_SECRETS/", 1)[1]
+                owner = folder.split("/")[0]
+                # a service mounts only its own folder (a site's init shares the site's store bundle)
+                assert owner == name.removesuffix("-init"), f"{name} mounts {folder}"
+        if "holder" in name:
+            assert len(_mounts(s)) == 2 and "networks" in s and len(s["networks"]) == 1, name
+
+
+def test_holders_are_reachable_only_from_their_site(compose):
+    services, networks = compose["services"], compose["networks"]
+    for site in SITES:
+        net = f"{site}-stores"
+        assert networks[net].get("internal") is True
+        on_net = {n for n, s in services.items() if net in s.get("networks", [])}
+        assert on_net == {site, f"{site}-init"} | {f"{site}-holder{i}" for i in range(1, HOLDERS + 1)}
+    assert "federation" not in str(
+        [s.get("networks") for n, s in services.items() if "holder" in n or n.endswith("-init")]
+    )
+
+
+def test_site_init_script_parses():
+    shell = shutil.which("sh")
+    assert shell
+    for script in ("site-init.sh", "secrets.sh"):
+        subprocess.run([shell, "-n", str(DOCKER / script)], check=True)
+
+
+def test_healthcheck_sees_a_listening_port():
+    spec = importlib.util.spec_from_file_location("facefed_healthcheck", DOCKER / "healthcheck.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp (not Linux)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert mod.main([str(port)]) == 1  # bound, not listening
+        s.listen()
+        assert mod.main([str(port)]) == 0
+    assert mod.main([]) == 2
+
+
+def _engine_reason() -> str | None:
+    """Why `make docker-test` cannot run here, or None."""
+    if not os.environ.get("FACEFED_DOCKER_TEST"):
+        return "set FACEFED_DOCKER_TEST=1 to run `make docker-test` (about 15 min; CI runs it in .ci/run)"
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return None
+    tool = Path(os.environ.get("SHARED", REPO.parent / "shared")) / "tools" / "docker-engine"
+    if tool.exists() and os.geteuid() == 0:
+        return None
+    return f"no Docker engine: `docker info` fails and {tool} cannot start one (missing, or not root)"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_make_docker_test():
+    reason = _engine_reason()
+    if reason:
+        pytest.skip(reason)
+    proc = subprocess.run(["make", "-C", str(REPO), "docker-test"], capture_output=True, text=True, timeout=2300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "docker-test: PASSED" in proc.stdout
