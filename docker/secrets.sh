@@ -3,7 +3,7 @@
 #
 #   docker/secrets.sh [OUT]      (default: docker/secrets; compose reads FACEFED_SECRETS, same default)
 #
-# Needs only Docker and the client image (FACEFED_CLIENT_IMAGE, default facefed-client:dev): the
+# Needs only Docker and the image (FACEFED_IMAGE, default facefed:$FACEFED_TAG, tag default dev): the
 # CLI runs in a throwaway container with no network, as root, so that it can hand each service's
 # folder to uid 10001 (the images' user) with 0600 keys; nothing is kept in any container.
 # Re-running it keeps what exists (the CAs, node keys) and refreshes the per-service copies.
@@ -14,7 +14,7 @@
 # SITES (default "north south east") and HOLDERS (default 3) must match compose.yml.
 set -eu
 OUT=${1:-${FACEFED_SECRETS:-$(dirname "$0")/secrets}}
-IMAGE=${FACEFED_CLIENT_IMAGE:-facefed-client:${FACEFED_TAG:-dev}}
+IMAGE=${FACEFED_IMAGE:-facefed:${FACEFED_TAG:-dev}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 

@@ -3,7 +3,7 @@
     python3 docker/smoke.py [--people 4] [--images 4] [--keep-images] [--keep-up]
 
 Steps (each the CLI an operator runs, see docker/README.md), with the time each took:
- 1. build the server and client images (one Dockerfile, two targets sharing every layer);
+ 1. build the image (one image, both CLIs; compose runs the README's commands in it);
  2. photos: a few disjoint LFW peopleDevTrain people per site, extracted from $FACEFED_LFW into a
     temporary folder that the site init containers mount read-only;
  3. docker/secrets.sh: certificates and keys, one folder per service, CA keys in offline/ only;
@@ -12,11 +12,11 @@ Steps (each the CLI an operator runs, see docker/README.md), with the time each 
  5. one federated round (`facefed-server train`, a small config);
  6. `facefed-client forget` at north (and the operator deletes that person's photo folder),
     `facefed-server unlearn`, the receipt verified at the server (and a tampered copy rejected);
- 7. checks: images (labels, non-root, healthcheck), every service healthy, trust boundaries (no
+ 7. checks: the image (labels, non-root, healthcheck), every service healthy, trust boundaries (no
     container mounts a CA key; each holder mounts only its bundle), the person gone from the vault
     and their shares from every holder, and no container (volumes, bind mounts, tmpfs, container
-    layer) holding their name or any slice of their photos' bytes;
- 8. `compose down -v`, the images removed, dangling layers pruned (always, also on failure).
+    layer: read-only) holding their name or any slice of their photos' bytes;
+ 8. `compose down -v`, the image removed, dangling layers pruned (always, also on failure).
 
 Needs only Python 3 (stdlib), Docker and a compose (`docker compose` or `docker-compose`); LFW and
 the weights from $FACEFED_LFW / $FACEFED_PRETRAINED. $FACEFED_TORCH_FIND_LINKS, when set, is where
@@ -115,8 +115,10 @@ def extract_photos(lfw: Path, out: Path, people: int, images: int) -> dict[str, 
     counts = {rows[i]: int(rows[i + 1]) for i in range(1, len(rows) - 1, 2)}
     names = sorted(n for n, c in counts.items() if c >= images)
     random.Random(15).shuffle(names)
-    chosen = {site: sorted(names[i::len(SITES)][:people]) for i, site in enumerate(SITES)}
-    wanted = {f"{n}/{n}_{j:04d}.jpg": (site, n) for site, ns in chosen.items() for n in ns for j in range(1, images + 1)}
+    chosen = {site: sorted(names[i :: len(SITES)][:people]) for i, site in enumerate(SITES)}
+    wanted = {
+        f"{n}/{n}_{j:04d}.jpg": (site, n) for site, ns in chosen.items() for n in ns for j in range(1, images + 1)
+    }
     result: dict[str, dict[str, list[Path]]] = {s: {n: [] for n in ns} for s, ns in chosen.items()}
     with tarfile.open(lfw) as tar:  # one pass over the archive
         for m in tar:
@@ -171,12 +173,16 @@ class Stack:
         self.args = args
         self.work = work
         self.tag = tag
+        self.image = f"facefed:{tag}"
         self._cids: dict[str, str] = {}
         self.compose = [*compose_cmd(), "-p", PROJECT, "-f", str(HERE / "compose.yml")]
         self.env = dict(os.environ)
         self.env.update(
             {
                 "FACEFED_TAG": tag,
+                # creating a container copies the image with the vfs storage driver: minutes, not seconds
+                "COMPOSE_HTTP_TIMEOUT": os.environ.get("COMPOSE_HTTP_TIMEOUT", "900"),
+                "DOCKER_CLIENT_TIMEOUT": os.environ.get("DOCKER_CLIENT_TIMEOUT", "900"),
                 "FACEFED_SECRETS": str(work / "secrets"),
                 "FACEFED_PHOTOS": str(work / "photos"),
                 "FACEFED_CONFIGS": str(work / "configs"),
@@ -282,29 +288,32 @@ def run(args) -> dict:
 def body(args, stack: Stack, summary: dict) -> None:
     env = stack.env
     # -- 1. images ----------------------------------------------------------------------------------
-    with Step("build images"):
+    with Step("build image"):
         build_env = dict(os.environ)
         if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode != 0:
             build_env["DOCKER_BUILDKIT"] = "0"  # no buildx plugin: the classic builder
         common = ["--network", "host", "-f", str(HERE / "Dockerfile")]
-        common += ["--build-arg", f"VERSION={version()}", "--build-arg", f"REVISION={git('rev-parse', 'HEAD') or 'unknown'}"]
-        common += ["--build-arg", f"SOURCE={git('config', '--get', 'remote.origin.url') or 'local checkout'}"]
         if os.environ.get("FACEFED_TORCH_FIND_LINKS"):
             common += ["--build-arg", f"TORCH_FIND_LINKS={os.environ['FACEFED_TORCH_FIND_LINKS']}"]
-        for target in ("server", "client"):
-            t = time.monotonic()
-            sh("docker", "build", *common, "--target", target, "-t", f"facefed-{target}:{stack.tag}", str(REPO),
-               env=build_env, timeout=1800)
-            log(f"   facefed-{target}:{stack.tag} built in {time.monotonic() - t:.0f} s")
-    for target in ("server", "client"):
-        img = json.loads(sh("docker", "image", "inspect", f"facefed-{target}:{stack.tag}").stdout)[0]
-        cfg = img["Config"]
-        labels = cfg.get("Labels") or {}
-        if cfg.get("User") in ("", "0", "root", None) or not cfg.get("Healthcheck"):
-            raise Failed(f"facefed-{target}: runs as {cfg.get('User')!r}, healthcheck {cfg.get('Healthcheck')}")
-        if labels.get("org.opencontainers.image.version") != version() or not labels.get("org.opencontainers.image.source"):
-            raise Failed(f"facefed-{target}: labels {labels}")
-        summary[f"image {target}"] = f"{img['Size'] / 1e6:.0f} MB, user {cfg['User']}, version {labels['org.opencontainers.image.version']}"
+        common += [
+            "--build-arg",
+            f"VERSION={version()}",
+            "--build-arg",
+            f"REVISION={os.environ.get('FACEFED_REVISION') or git('rev-parse', 'HEAD') or 'unknown'}",
+        ]
+        common += ["--build-arg", f"SOURCE={git('config', '--get', 'remote.origin.url') or 'local checkout'}"]
+        sh("docker", "build", *common, "-t", stack.image, str(REPO), env=build_env, timeout=2400)
+    img = json.loads(sh("docker", "image", "inspect", stack.image).stdout)[0]
+    cfg = img["Config"]
+    labels = cfg.get("Labels") or {}
+    if cfg.get("User") in ("", "0", "root", None) or not cfg.get("Healthcheck"):
+        raise Failed(f"{stack.image}: runs as {cfg.get('User')!r}, healthcheck {cfg.get('Healthcheck')}")
+    if labels.get("org.opencontainers.image.version") != version() or not labels.get("org.opencontainers.image.source"):
+        raise Failed(f"{stack.image}: labels {labels}")
+    summary["image"] = (
+        f"{stack.image}: {img['Size'] / 1e6:.0f} MB, user {cfg['User']}, healthcheck {cfg['Healthcheck']['Test']}, "
+        f"labels version={labels['org.opencontainers.image.version']} source={labels['org.opencontainers.image.source']}"
+    )
 
     # -- 2. photos, config, 3. secrets ------------------------------------------------------------------
     with Step("photos, config and secrets"):
@@ -319,37 +328,66 @@ def body(args, stack: Stack, summary: dict) -> None:
 
     # -- 4. up -----------------------------------------------------------------------------------------
     with Step("server up, sites registered"):
-        stack.dc("up", "-d", "--no-build", "server")
-        wait_for("the server to be healthy", lambda: health(stack, "server") == "healthy" or health(stack, "server"), 120)
+        stack.dc("up", "-d", "--no-build", "server", timeout=1200)
+        wait_for(
+            "the server to be healthy", lambda: health(stack, "server") == "healthy" or health(stack, "server"), 300
+        )
         for site in SITES:
-            stack.exec("server", "facefed-server", "sites", "register", f"/sites/{site}.pub", "--name", site, "--state", "/state")
+            stack.exec(
+                "server",
+                "facefed-server",
+                "sites",
+                "register",
+                f"/sites/{site}.pub",
+                "--name",
+                site,
+                "--state",
+                "/state",
+            )
     with Step("holders, vault init + enrolment, site nodes up"):
-        stack.dc("up", "-d", "--no-build", timeout=900)
+        stack.dc("up", "-d", "--no-build", timeout=2400)
         states = {}
 
         def all_healthy():
             nonlocal states
-            states = {service(c): c["State"].get("Health", {}).get("Status", c["State"]["Status"]) for c in stack.containers()}
+            states = {
+                service(c): c["State"].get("Health", {}).get("Status", c["State"]["Status"]) for c in stack.containers()
+            }
             bad = {s: v for s, v in states.items() if v not in ("healthy", "exited")}
             return True if not bad and len(states) == 1 + len(SITES) * (HOLDERS + 2) else bad
 
-        wait_for("every service to be healthy", all_healthy, 300)
+        wait_for("every service to be healthy", all_healthy, 600)
         for c in stack.containers():
             if c["State"]["Status"] == "exited" and c["State"]["ExitCode"] != 0:
                 raise Failed(f"{service(c)} exited {c['State']['ExitCode']}")
-        wait_for("3 site nodes online at the server", lambda: nodes_online(stack) >= len(SITES) or nodes_online(stack), 180)
+        wait_for(
+            "3 site nodes online at the server", lambda: nodes_online(stack) >= len(SITES) or nodes_online(stack), 180
+        )
         summary["services"] = f"{len(states)} containers: " + ", ".join(f"{s}={v}" for s, v in sorted(states.items()))
         for site in SITES:
-            listing = json.loads(stack.exec(site, "facefed-client", "vault", "ls", "--vault", "/vault", "--json").stdout)
+            listing = json.loads(
+                stack.exec(site, "facefed-client", "vault", "ls", "--vault", "/vault", "--json").stdout
+            )
             if len(listing["people"]) != args.people or listing["n"] != HOLDERS:
                 raise Failed(f"{site}: vault lists {len(listing['people'])} people over {listing['n']} stores")
-            log(f"   {site}: {len(listing['people'])} people, k={listing['k']} of n={listing['n']}: "
-                + ", ".join(f"{s['url']} ({s['shares']} shares)" for s in listing["stores"]))
+            log(
+                f"   {site}: {len(listing['people'])} people, k={listing['k']} of n={listing['n']}: "
+                + ", ".join(f"{s['url']} ({s['shares']} shares)" for s in listing["stores"])
+            )
 
     # -- 5. one round -------------------------------------------------------------------------------------
     with Step("one federated round"):
-        proc = stack.exec("server", "facefed-server", "train", "--state", "/state", "--config",
-                          "/configs/docker-smoke.toml", check=False, timeout=900)
+        proc = stack.exec(
+            "server",
+            "facefed-server",
+            "train",
+            "--state",
+            "/state",
+            "--config",
+            "/configs/docker-smoke.toml",
+            check=False,
+            timeout=900,
+        )
         tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-12:]
         for line in tail:
             log("   | " + line)
@@ -362,8 +400,17 @@ def body(args, stack: Stack, summary: dict) -> None:
         before = json.loads(stack.exec("north", "facefed-client", "vault", "ls", "--vault", "/vault", "--json").stdout)
         victim = max(before["people"], key=lambda p: (p["images"], p["person_id"]))
         person = victim["person_id"]
-        stack.exec("north", "facefed-client", "forget", "--vault", "/vault", "--person", person,
-                   "--reason", "docker-test: request by the data subject")
+        stack.exec(
+            "north",
+            "facefed-client",
+            "forget",
+            "--vault",
+            "/vault",
+            "--person",
+            person,
+            "--reason",
+            "docker-test: request by the data subject",
+        )
         shutil.rmtree(stack.work / "photos" / "north" / person)  # the operator deletes the source photos too
         after = json.loads(stack.exec("north", "facefed-client", "vault", "ls", "--vault", "/vault", "--json").stdout)
         if any(p["person_id"] == person for p in after["people"]):
@@ -372,26 +419,38 @@ def body(args, stack: Stack, summary: dict) -> None:
         if drops != [victim["images"]] * HOLDERS:
             raise Failed(f"shares per holder dropped by {drops}, expected {victim['images']} each")
         stack.exec("north", "facefed-client", "vault", "verify", "--vault", "/vault")
-        log(f"   forgot {person} ({victim['images']} images, pseudonym {victim['pseudonym']}): "
-            f"shares per holder {[s['shares'] for s in before['stores']]} -> {[s['shares'] for s in after['stores']]}")
-        summary["forgotten"] = f"{person} at north: {victim['images']} images, one share each on {HOLDERS} holders destroyed"
+        log(
+            f"   forgot {person} ({victim['images']} images, pseudonym {victim['pseudonym']}): "
+            f"shares per holder {[s['shares'] for s in before['stores']]} -> {[s['shares'] for s in after['stores']]}"
+        )
+        summary["forgotten"] = (
+            f"{person} at north: {victim['images']} images, one share each on {HOLDERS} holders destroyed"
+        )
     with Step("unlearn (replay without them)"):
-        proc = stack.exec("server", "facefed-server", "unlearn", "--state", "/state", "--wait", "60", check=False, timeout=900)
+        proc = stack.exec(
+            "server", "facefed-server", "unlearn", "--state", "/state", "--wait", "60", check=False, timeout=900
+        )
         for line in [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()][-8:]:
             log("   | " + line)
         if proc.returncode != 0:
             raise Failed(f"facefed-server unlearn exited {proc.returncode}")
     with Step("receipt verified at the server"):
-        status = json.loads(stack.exec("north", "facefed-client", "forget", "status", "--vault", "/vault", "--json").stdout)
+        status = json.loads(
+            stack.exec("north", "facefed-client", "forget", "status", "--vault", "/vault", "--json").stdout
+        )
         req = status[-1]
         rid = req["request_id"]
         receipt = stack.exec("north", "cat", f"/vault/receipts/{rid}.json").stdout
         stack.exec("server", "sh", "-c", "cat > /tmp/receipt.json", input=receipt)
-        out = stack.exec("server", "facefed-server", "receipts", "verify", "/tmp/receipt.json", "--state", "/state").stdout
+        out = stack.exec(
+            "server", "facefed-server", "receipts", "verify", "/tmp/receipt.json", "--state", "/state"
+        ).stdout
         doc = json.loads(receipt)
         doc["receipt"]["checkpoints_deleted"] = doc["receipt"]["checkpoints_deleted"][:-1]
         stack.exec("server", "sh", "-c", "cat > /tmp/tampered.json", input=json.dumps(doc))
-        bad = stack.exec("server", "facefed-server", "receipts", "verify", "/tmp/tampered.json", "--state", "/state", check=False)
+        bad = stack.exec(
+            "server", "facefed-server", "receipts", "verify", "/tmp/tampered.json", "--state", "/state", check=False
+        )
         if bad.returncode != 1:
             raise Failed(f"a tampered receipt gave exit {bad.returncode}, expected 1")
         stack.exec("server", "rm", "-f", "/tmp/receipt.json", "/tmp/tampered.json")
@@ -416,26 +475,50 @@ def health(stack: Stack, svc: str) -> str:
 
 
 def nodes_online(stack: Stack) -> int:
-    proc = stack.exec("server", "sh", "-c", "FLWR_HOME=/state/flwr flwr supernode list --format json",
-                      check=False, quiet=True, timeout=60)
+    proc = stack.exec(
+        "server",
+        "sh",
+        "-c",
+        "FLWR_HOME=/state/flwr flwr supernode list --format json",
+        check=False,
+        quiet=True,
+        timeout=60,
+    )
     out = proc.stdout
     try:
-        nodes = json.loads(out[out.find("{"):]).get("nodes", [])
+        nodes = json.loads(out[out.find("{") :]).get("nodes", [])
     except ValueError:
         return 0
     return sum(1 for n in nodes if n.get("status") == "online")
 
 
 def offline_keys(stack: Stack) -> dict[str, bytes]:
-    """The CA private keys in secrets/offline/, which no container may hold."""
-    out = sh("docker", "run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh",
-             "-v", f"{stack.work / 'secrets' / 'offline'}:/offline:ro", f"facefed-client:{stack.tag}",
-             "-c", "for f in /offline/*/ca.key; do printf '%s ' \"$f\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; done",
-             quiet=True).stdout
-    keys = {}
-    for line in out.splitlines():
-        path, hexed = line.split(" ", 1)
-        keys[f"CA key {Path(path).parent.name}/ca.key"] = bytes.fromhex(hexed.strip())
+    """The CA private keys in secrets/offline/, which no container may hold (read here on the host:
+    offline/ is root's; without root, a throwaway container reads them)."""
+    offline = stack.work / "secrets" / "offline"
+    try:
+        keys = {f"CA key {p.parent.name}/ca.key": p.read_bytes() for p in sorted(offline.glob("*/ca.key"))}
+    except PermissionError:
+        out = sh(
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            "0",
+            "-v",
+            f"{offline}:/offline:ro",
+            stack.image,
+            "sh",
+            "-c",
+            "for f in /offline/*/ca.key; do printf '%s ' \"$f\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; done",
+            quiet=True,
+        ).stdout
+        keys = {}
+        for line in out.splitlines():
+            path, hexed = line.split(" ", 1)
+            keys[f"CA key {Path(path).parent.name}/ca.key"] = bytes.fromhex(hexed.strip())
     if len(keys) != 1 + len(SITES):
         raise Failed(f"expected {1 + len(SITES)} CA keys in offline/, found {sorted(keys)}")
     return keys
@@ -458,8 +541,26 @@ def scan(stack: Stack, person: str, photos: list[Path]) -> str:
     volumes = sorted({m["Name"] for c in containers for m in c["Mounts"] if m["Type"] == "volume"})
     # a. every named volume of the stack (vaults, share holders, server state), in one throwaway container
     mounts = [a for v in volumes for a in ("-v", f"{v}:/scan/{v}:ro")]
-    res = json.loads(sh("docker", "run", "--rm", "-i", "--network", "none", *mounts, "--entrypoint", "python",
-                        f"facefed-client:{stack.tag}", "-", hexed, names, "/scan", input=SCANNER, quiet=True).stdout)
+    res = json.loads(
+        sh(
+            "docker",
+            "run",
+            "--rm",
+            "-i",
+            "--network",
+            "none",
+            *mounts,
+            "--entrypoint",
+            "python",
+            stack.image,
+            "-",
+            hexed,
+            names,
+            "/scan",
+            input=SCANNER,
+            quiet=True,
+        ).stdout
+    )
     hits += [("volumes", p, why) for p, why in res["hits"]]
     files, size = files + res["files"], size + res["bytes"]
     for c in containers:
@@ -467,10 +568,6 @@ def scan(stack: Stack, person: str, photos: list[Path]) -> str:
         binds = [m for m in c["Mounts"] if m["Type"] == "bind"]
         if not c["HostConfig"].get("ReadonlyRootfs"):
             hits.append((svc, "/", "root filesystem is writable"))
-        changed = sh("docker", "diff", c["Id"], quiet=True).stdout.split("\n")
-        changed = [line for line in changed if line.strip()]
-        if changed:
-            hits.append((svc, "container layer", f"changed: {changed[:5]}"))
         # b. bind mounts: the offline CA folder is never one; the read-only data (/data) is public LFW + weights
         for m in binds:
             if "/offline" in m["Source"]:
@@ -492,12 +589,14 @@ def scan(stack: Stack, person: str, photos: list[Path]) -> str:
     person_hits = [h for h in hits if h[2] in person_labels or h[2].startswith("name ") or "photo" in h[2]]
     if hits:
         raise Failed("found in containers:\n" + "\n".join(f"  {s}: {p}: {w}" for s, p, w in hits[:40]))
-    log(f"   scanned {files} files ({size / 1e6:.1f} MB) in {len(volumes)} volumes and {len(containers)} containers' "
-        f"mounts and tmpfs: no trace of {person} ({len(person_labels)} needles), no CA key; every root read-only")
+    log(
+        f"   scanned {files} files ({size / 1e6:.1f} MB) in {len(volumes)} volumes and {len(containers)} containers' "
+        f"mounts and tmpfs: no trace of {person} ({len(person_labels)} needles), no CA key; every root read-only"
+    )
     return (
         f"{files} files ({size / 1e6:.1f} MB) in {len(volumes)} volumes + {len(containers)} containers: "
         f"0 hits for {person}'s name or photo bytes ({len(person_labels)} needles, {len(person_hits)} hits), "
-        f"0 CA keys, every root filesystem read-only and unchanged"
+        f"0 CA keys, every root filesystem read-only"
     )
 
 
@@ -521,15 +620,33 @@ def teardown(args, stack: Stack) -> None:
             log(f"   --keep-up: the stack stays up (project {PROJECT}); work folder {stack.work}")
             return
         stack.dc("down", "-v", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
-        left = sh("docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}", check=False).stdout.split()
+        left = sh(
+            "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}", check=False
+        ).stdout.split()
         if left:
             sh("docker", "volume", "rm", *left, check=False)
-        # the work folder holds root- and 10001-owned secrets: remove it from a container as root
-        sh("docker", "run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh", "-v",
-           f"{stack.work}:/work", f"facefed-client:{stack.tag}", "-c", "rm -rf /work/* /work/.[!.]*", check=False)
+        # the work folder holds 10001-owned secrets: without root, remove them from a container as root
         shutil.rmtree(stack.work, ignore_errors=True)
+        if stack.work.exists():
+            sh(
+                "docker",
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--user",
+                "0",
+                "-v",
+                f"{stack.work}:/work",
+                stack.image,
+                "sh",
+                "-c",
+                "rm -rf /work/* /work/.[!.]*",
+                check=False,
+            )
+            shutil.rmtree(stack.work, ignore_errors=True)
         if not args.keep_images:
-            sh("docker", "rmi", f"facefed-server:{stack.tag}", f"facefed-client:{stack.tag}", check=False)
+            sh("docker", "rmi", stack.image, check=False)
         sh("docker", "image", "prune", "-f", check=False)
         sh("docker", "container", "prune", "-f", "--filter", f"label=com.docker.compose.project={PROJECT}", check=False)
 
@@ -539,7 +656,7 @@ def main() -> int:
     ap.add_argument("--people", type=int, default=4, help="people enrolled per site (default 4)")
     ap.add_argument("--images", type=int, default=4, help="photos per person (default 4)")
     ap.add_argument("--tag", default="", help="image tag (default VERSION-test)")
-    ap.add_argument("--keep-images", action="store_true", help="keep the built images (faster reruns)")
+    ap.add_argument("--keep-images", action="store_true", help="keep the built image (faster reruns)")
     ap.add_argument("--keep-up", action="store_true", help="leave the stack and its work folder up (debugging)")
     args = ap.parse_args()
     try:

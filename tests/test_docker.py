@@ -91,7 +91,7 @@ def test_site_init_script_parses():
         subprocess.run([shell, "-n", str(DOCKER / script)], check=True)
 
 
-def test_healthcheck_sees_a_listening_port():
+def test_healthcheck_sees_a_listening_port(monkeypatch):
     spec = importlib.util.spec_from_file_location("facefed_healthcheck", DOCKER / "healthcheck.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -103,7 +103,15 @@ def test_healthcheck_sees_a_listening_port():
         assert mod.main([str(port)]) == 1  # bound, not listening
         s.listen()
         assert mod.main([str(port)]) == 0
-    assert mod.main([]) == 2
+        monkeypatch.setenv("FACEFED_HEALTH_PORT", str(port))
+        assert mod.main([]) == 0
+    # with no port given, the port of the command the container runs; one-shot commands are healthy
+    py, bin_ = "/opt/facefed/bin/python", "/opt/facefed/bin/"
+    assert mod.service_port([py, bin_ + "facefed-server", "start", "--state", "/state", "--port", "8001"]) == 8001
+    assert mod.service_port([py, bin_ + "facefed-client", "store", "serve", "--listen", "0.0.0.0:7001"]) == 7001
+    assert mod.service_port([py, bin_ + "facefed-client", "start", "--site", "north"]) == 9094
+    assert mod.service_port(["/bin/sh", bin_ + "facefed-site-init"]) is None
+    assert mod.service_port([py, bin_ + "facefed-server", "certs", "--out", "x"]) is None
 
 
 def _engine_reason() -> str | None:
