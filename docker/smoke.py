@@ -645,9 +645,9 @@ def teardown(args, stack: Stack) -> None:
                 check=False,
             )
             shutil.rmtree(stack.work, ignore_errors=True)
-        if not args.keep_images:
+        if not args.keep_images:  # the image, and the build stage's layers (dangling: the build cache)
             sh("docker", "rmi", stack.image, check=False)
-        sh("docker", "image", "prune", "-f", check=False)
+            sh("docker", "image", "prune", "-f", check=False)
         sh("docker", "container", "prune", "-f", "--filter", f"label=com.docker.compose.project={PROJECT}", check=False)
 
 
