@@ -15,7 +15,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
 STAMP := $(VENV)/.facefed-installed
 
-.PHONY: install test test-fast demo bench check-data clean docker-test
+.PHONY: install test test-fast lint demo bench check-data clean docker-test
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ test: check-data install
 
 test-fast: check-data install
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+# ruff (lint + format check) and mypy (strict on common/, normal elsewhere); settings in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 demo: check-data install
 	$(BIN)/python demo/run.py

@@ -19,10 +19,10 @@ models. For S = 1 and S = 4, with and without DP, three models:
             round that person was in (round 0, the pretrained model, since everyone trains from round
             1) and the rounds replayed without them; the other shards kept as they are;
   oracle    retrained from scratch without them, same config.
-The benchmark fixes the DP randomness (`train_local(seed=...)`) and gives the replay and the oracle
+The benchmark fixes the DP randomness (`train_local(insecure_seed=...)`) and gives the replay and the oracle
 the same draws, so `unlearned == oracle` can be checked bit for bit (tails and every site's head):
 that shows the replay computes exactly "training without them". A deployment instead draws fresh
-randomness for every release (client/trainer.py): a replay then equals the oracle in distribution,
+randomness for every release (client/training/trainer.py): a replay then equals the oracle in distribution,
 and never reuses the noise of the release it replaces (which would expose the difference).
 
 Measured: membership inference per person (how tightly the person's images cluster under the
@@ -103,7 +103,7 @@ class Federation:
 
 
 def round_seed(shard: int, rnd: int, site: int) -> int:
-    """Per shard, round and site, like client/site_round._seed: reproducible, different everywhere."""
+    """Per shard, round and site, like client/site/round.py's seeding: reproducible, different everywhere."""
     return int.from_bytes(hashlib.sha256(f"{SEED}/{shard}/{rnd}/{site}".encode()).digest()[:4], "big")
 
 
@@ -143,7 +143,7 @@ def train_shard(
             if heads[i] is None:
                 continue
             load_shared_state(model, tail)
-            train_local(model, heads[i], faces, cfg, accountants[i], seed=round_seed(shard, rnd, i))
+            train_local(model, heads[i], faces, cfg, accountants[i], insecure_seed=round_seed(shard, rnd, i))
             tails.append(shared_state(model))
             weights.append(faces.n_people)
         tail = fedavg(tails, weights)
@@ -468,7 +468,15 @@ def main() -> None:
                 states = {m: state_root / f"{vkey}-S{S}-{m}" for m in ("original", "oracle")}
                 private = cfg.privacy_unit != "none"
 
-                def train_all(people_by_shard, which: str, only: list[int] | None = None) -> dict[int, ShardModel]:
+                def train_all(
+                    people_by_shard,
+                    which: str,
+                    only: list[int] | None = None,
+                    *,
+                    states=states,
+                    private=private,
+                    cfg=cfg,
+                ) -> dict[int, ShardModel]:
                     out = {}
                     for s, site_faces in enumerate(faces_of(people_by_shard)):
                         if only is not None and s not in only:

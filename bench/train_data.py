@@ -2,7 +2,10 @@
 
 The frozen prefix of the pretrained model runs once per image and its mirror; its outputs are kept
 in bench-out/cache (git-ignored, public LFW data only) keyed by the prefix weights and the image list,
-so repeated benchmark runs and hyper-parameter searches skip the expensive part.
+so repeated benchmark runs and hyper-parameter searches skip the expensive part. Training images are
+detected and aligned into the vault's canonical crop (`faces_from_lfw`; images with no detected face
+are skipped and counted), and evaluation is aligned (common/evaluate.py), so the cache keys name the
+preprocessing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from facefed.common.lfw import LFW
 from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, build_embedder, prefix_fingerprint
 
 CACHE = Path(__file__).resolve().parent.parent / "bench-out" / "cache"
+PREPROCESS = "aligned:dlib-canonical"  # part of the cache keys: fixed-crop features must never be reused
 
 
 def train_people(lfw: LFW, min_images: int = 2) -> list[str]:
@@ -59,9 +63,13 @@ def load_faces(lfw: LFW, names: list[str], pretrained, stages=("conv_5", "featur
     computed once and cached on disk, the later ones derived from it in memory)."""
     t = time.perf_counter()
     faces = faces_from_lfw(lfw, names)
-    log(f"  decoded {faces.n_images} images of {faces.n_people} people in {time.perf_counter() - t:.0f} s")
+    log(
+        f"  aligned {faces.n_images} images of {faces.n_people} people in {time.perf_counter() - t:.0f} s; "
+        f"{len(faces.skipped)} image(s) with no detected face skipped"
+    )
     model = build_embedder(pretrained, train_from=stages[0])
-    key = hashlib.sha256((prefix_fingerprint(model) + "\n".join(faces.image_ids)).encode()).hexdigest()[:24]
+    key = "\n".join([PREPROCESS, prefix_fingerprint(model), *faces.image_ids])
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
     feats = _cached(f"train-{key}", lambda: prefix_features(model, faces.images), "training prefix features", log)
     for stage in stages:
         faces.cache[("prefix", prefix_fingerprint(build_embedder(pretrained, train_from=stage)))] = (
@@ -86,8 +94,10 @@ def load_eval(
     cache = MultiEvalCache(lfw, pairs_file, flip=True)
     cache.by_prefix = {}
     model = build_embedder(pretrained, train_from=stages[0])
-    key = hashlib.sha256((prefix_fingerprint(model) + pairs_file).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\n".join([PREPROCESS, prefix_fingerprint(model), pairs_file]).encode()).hexdigest()[:24]
     feats = _cached(f"eval-{key}", lambda: cache._features(model), f"{pairs_file} prefix features", log)
+    if cache.fallbacks:
+        log(f"  {pairs_file}: {len(cache.fallbacks)} image(s) with no detected face scored through the fixed crop")
     cache.by_prefix = {
         prefix_fingerprint(build_embedder(pretrained, train_from=s)): feats
         if s == stages[0]

@@ -125,11 +125,11 @@ def shamir_rows(secrets: list[bytes], rounds: int) -> list[Row]:
     for k, n in ((2, 3), (3, 5)):
         shared = [split(s, n, k)[n - k :] for s in secrets]  # combine from the last k (weights not all 1)
 
-        def split_slice(sl: slice) -> None:
+        def split_slice(sl: slice, n: int = n, k: int = k) -> None:
             for s in secrets[sl]:
                 split(s, n, k)  # results dropped, as the vault drops them once sealed
 
-        def combine_slice(sl: slice) -> None:
+        def combine_slice(sl: slice, shared: list = shared) -> None:
             for sh in shared[sl]:
                 combine(sh)
 

@@ -18,7 +18,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from facefed.common.durable import atomic_write_bytes
+from facefed.common.errors import FacefedError
 
 Unit = Literal["person", "image", "none"]
 ACCOUNTANT = "rdp"
@@ -36,7 +38,7 @@ FORMAT = "facefed-accountant/1"
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 128, 256]
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FacefedError, RuntimeError):
     """Training would take the site past its epsilon budget; nothing was run or recorded."""
 
     def __init__(self, planned: float, spent: float, max_epsilon: float, delta: float, unit: str):
@@ -50,7 +52,7 @@ class BudgetExceeded(RuntimeError):
         )
 
 
-class AccountantMismatch(ValueError):
+class AccountantMismatch(FacefedError, ValueError):
     """The state file was written for another unit or delta, or is not an accountant file."""
 
 
@@ -64,7 +66,7 @@ class Event:
 
 
 @functools.lru_cache(maxsize=1024)
-def _rdp_per_step(q: float, sigma: float) -> np.ndarray:
+def _rdp_per_step(q: float, sigma: float) -> npt.NDArray[np.float64]:
     """RDP of one subsampled Gaussian step at every order. Opacus computes it in 1-2 s (fractional
     orders); RDP composes additively, so n steps are n times this, and a site's history repeats a few
     (q, sigma) pairs: computing each once makes an epsilon query cheap. Callers must not mutate it."""
@@ -73,14 +75,14 @@ def _rdp_per_step(q: float, sigma: float) -> np.ndarray:
     return out
 
 
-def _rdp(history: list[tuple[float, float, int]]):
+def _rdp(history: list[tuple[float, float, int]]) -> npt.NDArray[np.float64] | float | None:
     history = [(s, q, n) for s, q, n in history if n > 0 and q > 0]
     if any(s <= 0 for s, _, _ in history):
         return None  # a noiseless step gives no guarantee at all
     return sum((n * _rdp_per_step(float(q), float(s)) for s, q, n in history), 0.0)
 
 
-def _eps(rdp, delta: float) -> float:
+def _eps(rdp: npt.NDArray[np.float64] | float | None, delta: float) -> float:
     if rdp is None:
         return math.inf
     if isinstance(rdp, float) and rdp == 0.0:
@@ -95,7 +97,15 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
 
 
 class SiteAccountant:
-    def __init__(self, path: str | os.PathLike, delta: float, max_epsilon: float, unit: Unit = "person"):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        delta: float,
+        max_epsilon: float,
+        unit: Unit = "person",
+        *,
+        required: bool = False,
+    ):
         if unit not in ("person", "image", "none"):
             raise ValueError(f"accountant unit must be person, image or none, got {unit!r}")
         if not (0 < delta < 1):
@@ -103,13 +113,14 @@ class SiteAccountant:
         if not max_epsilon > 0:
             raise ValueError(f"max_epsilon must be > 0, got {max_epsilon}")
         self.path = Path(path)
+        self.required = required  # a missing file is an error, never an empty history (epsilon 0)
         self.delta, self.max_epsilon, self.unit = float(delta), float(max_epsilon), unit
         self.accountant = ACCOUNTANT
         self._events = self._read()
 
     # -- file --------------------------------------------------------------------------------------
     @contextmanager
-    def _lock(self):
+    def _lock(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -120,6 +131,11 @@ class SiteAccountant:
 
     def _read(self) -> list[Event]:
         if not self.path.exists():
+            if self.required:
+                raise AccountantMismatch(
+                    f"{self.path}: the privacy accountant is missing; the epsilon already spent is unknown "
+                    "and is never read as 0: restore it from a backup"
+                )
             return []
         try:
             data = json.loads(self.path.read_text())
@@ -150,6 +166,13 @@ class SiteAccountant:
             "events": [e.__dict__ for e in self._events],
         }
         atomic_write_bytes(self.path, json.dumps(data, indent=1).encode())
+
+    def create(self) -> None:
+        """Write an empty history if there is no file yet (a vault's first policy)."""
+        with self._lock():
+            if not self.path.exists():
+                self._events = []
+                self._write()
 
     # -- queries ---------------------------------------------------------------------------------
     def history(self) -> list[tuple[float, float, int]]:

@@ -16,7 +16,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from facefed.common.errors import FacefedError
 
 VALID_DAYS = 825  # the longest lifetime browsers and most TLS stacks accept for a leaf
 
@@ -39,7 +42,7 @@ def write_public(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def pem_private(key) -> bytes:
+def pem_private(key: PrivateKeyTypes) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -47,6 +50,10 @@ def pem_private(key) -> bytes:
 
 def pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+class CertError(FacefedError, ValueError):
+    """A key or certificate file that is not what facefed made for that role."""
 
 
 @dataclass
@@ -113,8 +120,16 @@ def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(Path(path).read_bytes())
 
 
-def load_private(path: Path):
+def load_private(path: Path) -> PrivateKeyTypes:
     return serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+
+
+def load_ec_private(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A CA's EC private key (what `make_ca` writes); any other key type is refused."""
+    key = load_private(path)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{path} is not an EC private key (a CA key made by facefed)")
+    return key
 
 
 def make_ed25519(private_path: Path, public_path: Path) -> ed25519.Ed25519PrivateKey:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TextIO
 
 PR_SET_PDEATHSIG = 1
@@ -84,7 +85,7 @@ def run_foreground(
     diagnosis: list[str] = []
     log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
 
-    def forward(signum, _frame):
+    def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 

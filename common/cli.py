@@ -41,7 +41,7 @@ def clean_errors(*also: type[BaseException]) -> Callable[[Callable[P, R]], Calla
                 fail(str(e), e.exit_code)
             except OSError as e:
                 fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-            except also as e:  # type: ignore[misc]
+            except also as e:
                 fail(str(e))
 
         return wrapper

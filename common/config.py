@@ -11,16 +11,17 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from facefed.common.errors import FacefedError
 from facefed.common.model.stages import EMBEDDING_DIM, STAGES
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(FacefedError, ValueError):
     """A config file that cannot be read or does not validate; the message names file and key."""
 
 
@@ -35,14 +36,14 @@ def format_validation_error(e: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
-def validate_config(data: dict, model_cls: type[M], *, where: str = "<dict>") -> M:
+def validate_config(data: dict[str, Any], model_cls: type[M], *, where: str = "<dict>") -> M:
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, where)) from None
 
 
-def load_config(path: str | os.PathLike, model_cls: type[M]) -> M:
+def load_config(path: str | os.PathLike[str], model_cls: type[M]) -> M:
     """Read a TOML file into `model_cls`; ConfigError names the file and the first offending key(s)."""
     path = Path(path)
     try:
@@ -86,7 +87,7 @@ class TrainConfig(BaseModel):
     center_noise: float | None = Field(
         None,
         ge=0,
-        description="DP mean centring of the embedding (client/centering.py), "
+        description="DP mean centring of the embedding (client/training/centering.py), "
         "once per fresh head: noise multiplier of its Gaussian mechanism; unset = off",
     )
     center_clip: float = Field(

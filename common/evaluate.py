@@ -12,6 +12,13 @@
 Scores are cosine similarities of unit embeddings; with `flip`, an image's embedding is the
 normalised sum of the embeddings of the image and its mirror.
 
+Preprocessing (`preprocess`): "aligned" (the default, as the field reports LFW) detects the face
+nearest the centre of each 250x250 image and aligns it onto the ArcFace template
+(`facefed.common.faces`); an image without a detection falls back to the fixed crop and is listed
+in `EvalResult.fallbacks`. "fixed-crop" is the pre-alignment baseline (box 65, 60, 185, 190 of the
+deep-funneled frame), kept for comparison. Development numbers come from pairsDevTest, the final
+figure from View 2 `pairs.txt`.
+
 `EvalCache` decodes the evaluation images once and runs the model's frozen prefix on them once, so
 per-round evaluation in the federation runs only the trainable tail.
 """
@@ -20,16 +27,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from facefed.common.faces.layouts import FIXED_CROP_FALLBACK
 from facefed.common.lfw import LFW, ImageKey, Pair
-from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, prefix_fingerprint
+from facefed.common.model.mobilefacenet import INPUT_SIZE, MobileFaceNet, prefix_fingerprint
+from facefed.common.model.stages import STAGES
 from facefed.common.preprocess import decode_faces, to_input
 
 FARS = (1e-2, 1e-3)
 PAIR_FILES = ("pairsDevTest.txt", "pairs.txt", "pairsDevTrain.txt")
+PREPROCESS = ("aligned", "fixed-crop")
 
 
 @dataclass(frozen=True)
@@ -52,8 +65,10 @@ class EvalResult:
     fold_accuracies: list[float]
     auc: float
     tar_at_far: dict[float, TarAtFar] = field(default_factory=dict)
+    preprocess: str = "aligned"
+    fallbacks: list[str] = field(default_factory=list)  # images that fell back to the fixed crop
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tar_at_far"] = {f"{far:g}": asdict(t) for far, t in self.tar_at_far.items()}
         return d
@@ -62,9 +77,10 @@ class EvalResult:
         tars = ", ".join(
             f"TAR@FAR={t.far:g} {100 * t.tar:.1f}% ({t.n_impostor} impostors)" for t in self.tar_at_far.values()
         )
+        fell = f", {len(self.fallbacks)} image(s) with no face: fixed-crop fallback" if self.fallbacks else ""
         return (
-            f"{self.pairs_file}: accuracy {100 * self.accuracy_mean:.2f} ± {100 * self.accuracy_std:.2f} % "
-            f"(10-fold CV), AUC {self.auc:.4f}, {tars}"
+            f"{self.pairs_file} ({self.preprocess}{fell}): accuracy {100 * self.accuracy_mean:.2f} ± "
+            f"{100 * self.accuracy_std:.2f} % (10-fold CV), AUC {self.auc:.4f}, {tars}"
         )
 
 
@@ -170,12 +186,20 @@ class EvalCache:
         flip: bool = True,
         threads: int = 2,
         max_pairs: int | None = None,
+        preprocess: str = "aligned",
+        device: str | torch.device = "cpu",
     ):
         """`max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
-        look for tests and smoke runs, not the protocol."""
+        look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop".
+        `device` runs the model there (auto: cuda when available); images and features stay on the CPU."""
+        from facefed.common.device import resolve_device
+
+        self.device = resolve_device(device)
         if pairs_file not in PAIR_FILES:
             raise ValueError(f"pairs file must be one of {', '.join(PAIR_FILES)}, got {pairs_file!r}")
-        self.pairs_file, self.flip = pairs_file, flip
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+        self.pairs_file, self.flip, self.preprocess = pairs_file, flip, preprocess
         self.pair_folds = lfw.pairs(pairs_file)
         if max_pairs is not None:
             if max_pairs < 20:
@@ -190,12 +214,27 @@ class EvalCache:
         self.keys: list[ImageKey] = sorted({k for p in self.pairs for k in (p.a, p.b)})
         self.index = {k: i for i, k in enumerate(self.keys)}
         data = lfw.load_images(self.keys)
-        self.images = decode_faces([data[k] for k in self.keys], threads=threads)
+        self.fallbacks: list[str] = []
+        if preprocess == "fixed-crop":
+            self.images = decode_faces([data[k] for k in self.keys], threads=threads, crop=FIXED_CROP_FALLBACK)
+        else:
+            self.images = self._aligned(data)
         self.folds = folds_of(self.pair_folds)
         self.same = torch.tensor([p.same for p in self.pairs])
         self.ia = torch.tensor([self.index[p.a] for p in self.pairs])
         self.ib = torch.tensor([self.index[p.b] for p in self.pairs])
         self._feats: tuple[str, torch.Tensor] | None = None
+
+    def _aligned(self, data: dict[ImageKey, bytes]) -> torch.Tensor:
+        from facefed.common.faces.lfw import align_public
+
+        out = torch.empty((len(self.keys), 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8)
+        for key, image, face in align_public((k, data[k]) for k in self.keys):
+            if face is None:  # no detection: the fixed crop of the deep-funneled frame, reported
+                face = image.crop(FIXED_CROP_FALLBACK).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
+                self.fallbacks.append(key.relpath)
+            out[self.index[key]] = torch.from_numpy(np.asarray(face, np.uint8).copy()).permute(2, 0, 1)
+        return out
 
     @torch.no_grad()
     def _features(self, model: MobileFaceNet, batch_size: int = 64) -> torch.Tensor | None:
@@ -205,14 +244,17 @@ class EvalCache:
         if self._feats is None or self._feats[0] != key:
             self._feats = None
             views = 2 if self.flip else 1
-            out = None
+            out: torch.Tensor | None = None
+            model.to(self.device)
             for i in range(0, len(self.images), batch_size):
-                x = to_input(self.images[i : i + batch_size])
-                f = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
-                f = torch.stack(f, 1)
+                x = to_input(self.images[i : i + batch_size]).to(self.device)
+                both = [model.forward_prefix(x)] + ([model.forward_prefix(x.flip(3))] if self.flip else [])
+                f = torch.stack(both, 1).cpu()
                 if out is None:
                     out = torch.empty((len(self.images), views, *f.shape[2:]))
                 out[i : i + len(f)] = f
+            if out is None:  # no images
+                return None
             self._feats = (key, out)
         return self._feats[1]
 
@@ -220,27 +262,30 @@ class EvalCache:
     def embeddings(self, model: MobileFaceNet, batch_size: int = 128) -> torch.Tensor:
         """(N, 128) unit embeddings of the evaluation images (flip-averaged if `flip`)."""
         was_training = model.training
-        model.eval()
+        model.eval().to(self.device)
         feats = self._features(model)
         out = []
         for i in range(0, len(self.images), batch_size):
             if feats is not None:
-                f = feats[i : i + batch_size]
+                f = feats[i : i + batch_size].to(self.device)
                 e = model.forward_tail(f.flatten(0, 1)).view(len(f), f.shape[1], -1).sum(1)
             else:
-                x = to_input(self.images[i : i + batch_size])
+                x = to_input(self.images[i : i + batch_size]).to(self.device)
                 e = model(x) + (model(x.flip(3)) if self.flip else 0)
-            out.append(F.normalize(e, dim=1))
+            out.append(F.normalize(e, dim=1).cpu())
         model.train(was_training)
         return torch.cat(out)
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         return (embeddings[self.ia] * embeddings[self.ib]).sum(1)
 
+    def _result(self, scores: torch.Tensor) -> EvalResult:
+        r = metrics_from_scores(scores, self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip)
+        r.preprocess, r.fallbacks = self.preprocess, list(self.fallbacks)
+        return r
+
     def evaluate(self, model: MobileFaceNet) -> EvalResult:
-        return metrics_from_scores(
-            self.scores(self.embeddings(model)), self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip
-        )
+        return self._result(self.scores(self.embeddings(model)))
 
     def evaluate_ensemble(self, models: list[MobileFaceNet]) -> EvalResult:
         """SISA shard models as one embedder: the normalised concatenation of their embeddings, whose
@@ -248,7 +293,7 @@ class EvalCache:
         from facefed.common.shards import concat_embeddings
 
         emb = concat_embeddings([self.embeddings(m) for m in models])
-        return metrics_from_scores(self.scores(emb), self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip)
+        return self._result(self.scores(emb))
 
 
 def evaluate_lfw(
@@ -258,10 +303,14 @@ def evaluate_lfw(
     flip: bool = True,
     *,
     cache: EvalCache | None = None,
+    preprocess: str = "aligned",
 ) -> EvalResult:
     """Run the LFW protocol on `pairs_file` (use an EvalCache to evaluate several models cheaply)."""
     if cache is None:
-        cache = EvalCache(lfw, pairs_file, flip=flip)
-    elif cache.pairs_file != pairs_file or cache.flip != flip:
-        raise ValueError(f"the cache holds {cache.pairs_file} (flip={cache.flip}), not {pairs_file} (flip={flip})")
+        cache = EvalCache(lfw, pairs_file, flip=flip, preprocess=preprocess)
+    elif cache.pairs_file != pairs_file or cache.flip != flip or cache.preprocess != preprocess:
+        raise ValueError(
+            f"the cache holds {cache.pairs_file} (flip={cache.flip}, {cache.preprocess}), "
+            f"not {pairs_file} (flip={flip}, {preprocess})"
+        )
     return cache.evaluate(model)

@@ -39,6 +39,10 @@ class EvalConfig(BaseModel):
     )
 
 
+def _default_eval() -> EvalConfig:
+    return EvalConfig.model_validate({})
+
+
 class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,7 +53,9 @@ class FederationConfig(BaseModel):
     round_timeout_s: float = Field(900.0, gt=0, description="wait this long for the sites' replies")
     wait_for_sites_s: float = Field(300.0, ge=0, description="wait this long for min_sites sites to be online")
     max_round_attempts: int = Field(2, ge=1, description="a round that fails is retried this many times in all")
-    weighting: Literal["people", "images"] = Field("people", description="FedAvg weight of a site's update")
+    weighting: Literal["people"] = Field(
+        "people", description="FedAvg weight of a site's update: the people count it publishes (no image counts)"
+    )
     local_epochs: float | None = Field(
         None,
         gt=0,
@@ -72,7 +78,7 @@ class FederationConfig(BaseModel):
     )
     lfw: str | None = Field(None, description="LFW archive for evaluation (default $FACEFED_LFW)")
     pretrained: str | None = Field(None, description="base model (default train.pretrained, then $FACEFED_PRETRAINED)")
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    evaluate: EvalConfig = Field(default_factory=_default_eval)
     train: TrainConfig
 
     @model_validator(mode="after")

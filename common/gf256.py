@@ -69,8 +69,8 @@ def div(a: int, b: int) -> int:
     return mul(a, inv(b))
 
 
-def mul_bytes(c: int, data: bytes | bytearray | memoryview) -> bytes:
-    """Every byte of `data` multiplied by the constant `c`."""
+def mul_bytes(c: int, data: bytes | bytearray | memoryview) -> bytes | bytearray:
+    """Every byte of `data` multiplied by the constant `c` (a bytearray for a bytearray: no copy)."""
     if not isinstance(data, (bytes, bytearray)):
         data = bytes(data)
     return data.translate(MUL_ROWS[_check(c)])

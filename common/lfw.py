@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefed.common.errors import FacefedError
 from facefed.common.paths import lfw_path
 
 IMAGE_DIRS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
@@ -37,7 +38,7 @@ _IMAGE_RE = re.compile(r"^(?:.*/)?([^/]+)/\1_(\d{4})\.jpg$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.'\-]+$")
 
 
-class LFWFormatError(ValueError):
+class LFWFormatError(FacefedError, ValueError):
     """A protocol file or archive that does not follow the published LFW layout."""
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from facefed.common.certs import write_private, write_public
+from facefed.common.errors import FacefedError
 
 CURVE = ec.SECP384R1()
 PRIVATE_NAME = "node.key"
@@ -28,7 +29,7 @@ PUBLIC_NAME = "node.pub"
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
-class NodeKeyError(ValueError):
+class NodeKeyError(FacefedError, ValueError):
     """A node key file that is missing or not an EC key on a NIST curve; the message names the file."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from facefed.common.errors import FacefedError
+
 LFW_ENV = "FACEFED_LFW"
 PRETRAINED_ENV = "FACEFED_PRETRAINED"
 
@@ -25,11 +27,11 @@ PRETRAINED_HELP = (
 )
 
 
-class DataNotFound(FileNotFoundError):
+class DataNotFound(FacefedError, FileNotFoundError):
     """A dataset or weight file that configuration points at (or fails to point at) is missing."""
 
 
-def _resolve(explicit: str | os.PathLike | None, env: str, help_text: str) -> Path:
+def _resolve(explicit: str | os.PathLike[str] | None, env: str, help_text: str) -> Path:
     value = explicit if explicit not in (None, "") else os.environ.get(env)
     if not value:
         raise DataNotFound(help_text)
@@ -39,11 +41,11 @@ def _resolve(explicit: str | os.PathLike | None, env: str, help_text: str) -> Pa
     return path
 
 
-def lfw_path(explicit: str | os.PathLike | None = None) -> Path:
+def lfw_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The LFW archive or tree: an explicit value wins, else $FACEFED_LFW."""
     return _resolve(explicit, LFW_ENV, LFW_HELP)
 
 
-def pretrained_path(explicit: str | os.PathLike | None = None) -> Path:
+def pretrained_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The pretrained checkpoint: an explicit value wins, else $FACEFED_PRETRAINED."""
     return _resolve(explicit, PRETRAINED_ENV, PRETRAINED_HELP)

@@ -2,7 +2,7 @@
 
 The server signs a receipt with its Ed25519 key (`facefed-server certs`); the site stores it and shows
 it in `facefed-client forget status`. This module is the pure document + signature part; checking the
-lineage against the server's ledger lives in server/receipts.py.
+lineage against the server's ledger lives in server/forget/receipts.py.
 
 A signed receipt on disk is `{"algorithm": "ed25519", "receipt": {...}, "signature": "<base64>"}`.
 The signature covers the canonical JSON of `receipt` (sorted keys, no whitespace, UTF-8). Verification
@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from facefed.common.errors import FacefedError
+
 RECEIPT_FORMAT = "facefed-receipt/1"
 ALGORITHM = "ed25519"
 _TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -35,7 +37,7 @@ Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 Timestamp = Annotated[str, Field(pattern=_TIME_RE.pattern)]
 
 
-class ReceiptError(ValueError):
+class ReceiptError(FacefedError, ValueError):
     """A receipt that is malformed, tampered with, or signed by another key; the message says which."""
 
 
@@ -55,7 +57,7 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    format: Literal["facefed-receipt/1"] = RECEIPT_FORMAT
+    format: Literal["facefed-receipt/1"] = "facefed-receipt/1"  # RECEIPT_FORMAT
     request_id: Annotated[str, Field(pattern=r"^fr-[0-9a-f]{16}$")]
     site: Ident
     person_pseudonym: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -95,7 +97,7 @@ def key_fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
     return "SHA256:" + hashlib.sha256(der).hexdigest()
 
 
-def sign_receipt(receipt: Receipt, private_key: ed25519.Ed25519PrivateKey) -> dict:
+def sign_receipt(receipt: Receipt, private_key: ed25519.Ed25519PrivateKey) -> dict[str, Any]:
     """The signed document; refuses a receipt that names another key than the one signing it."""
     if not isinstance(private_key, ed25519.Ed25519PrivateKey):
         raise ReceiptError(

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from facefed.common.gf256 import EXP, INV, LOG, MUL, MUL_ROWS
 
@@ -43,7 +44,7 @@ class _Keystream(threading.local):
     re-keyed from the OS every `_REKEY_BYTES`, in every new thread, and in a forked child (which
     must never replay its parent's stream)."""
 
-    encryptor = None
+    encryptor: CipherContext | None = None
     generation = -1
     produced = 0
 
@@ -67,13 +68,14 @@ def random_bytes(n: int) -> bytes:
     if n < _URANDOM_BELOW:
         return os.urandom(n)
     st = _stream
-    if st.encryptor is None or st.generation != _fork_generation or st.produced > _REKEY_BYTES:
-        st.encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    enc = st.encryptor
+    if enc is None or st.generation != _fork_generation or st.produced > _REKEY_BYTES:
+        enc = st.encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
         st.generation, st.produced = _fork_generation, 0
     st.produced += n
     if n <= len(_ZEROS):
-        return st.encryptor.update(memoryview(_ZEROS)[:n])
-    return st.encryptor.update(bytes(n))
+        return bytes(enc.update(memoryview(_ZEROS)[:n]))
+    return bytes(enc.update(bytes(n)))
 
 
 def check_parameters(n: int, k: int) -> None:
@@ -184,13 +186,13 @@ def _interpolate(shares: Sequence[Share], at: int) -> bytes:
         raise ValueError(f"shares differ in length: {sorted({len(s.data) for s in shares})}")
     weights = lagrange_weights(tuple(s.x for s in shares), at)
     acc: bytearray | None = None
-    view = None
+    view: npt.NDArray[np.uint8] | None = None
     for w, s in zip(weights, shares):
         if not w:
             continue
         data = s.data if isinstance(s.data, bytearray) else bytearray(s.data)  # the faster translate
         product = data.translate(MUL_ROWS[w])
-        if acc is None:
+        if acc is None or view is None:
             acc, view = product, np.frombuffer(product, dtype=np.uint8)
         else:
             np.bitwise_xor(view, np.frombuffer(product, dtype=np.uint8), out=view)

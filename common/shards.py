@@ -74,4 +74,5 @@ def concat_embeddings(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(p.shape) for p in parts}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"every shard's embeddings must be (N, d) with the same N and d, got {sorted(shapes)}")
-    return torch.cat([F.normalize(p, dim=1) for p in parts], 1) / len(parts) ** 0.5
+    joined: torch.Tensor = torch.cat([F.normalize(p, dim=1) for p in parts], 1) / len(parts) ** 0.5
+    return joined

@@ -9,7 +9,7 @@ Everything the operator must keep (and back up) lives under one directory:
     DIR/flwr/config.toml    the `facefed` SuperLink connection (`flwr run`, `flwr supernode ...`)
     DIR/server.json         how this server was started (address, TLS): read by train/sites/status
     DIR/submissions/        frozen, validated run configurations handed to the ServerApp
-    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/flwr_app.py)
+    DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/ops/flwr_app.py)
     DIR/logs/               SuperLink log
 """
 
@@ -19,10 +19,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from facefed.common.errors import FacefedError
+
 CONNECTION = "facefed"  # name of the SuperLink connection in DIR/flwr/config.toml
 
 
-class StateDirError(FileNotFoundError):
+class StateDirError(FacefedError, FileNotFoundError):
     """The state directory is missing a part a command needs; the message says which command makes it."""
 
 
@@ -30,13 +32,14 @@ class StateDirError(FileNotFoundError):
 class ServerInfo:
     """What `start` recorded about the running server (no secrets: paths and an address only)."""
 
-    address: str  # host:port clients of the Control API use (always a connectable host)
+    address: str  # host:port of the Control API (loopback only; server/ops/linkd.py)
     bind_host: str
-    port: int
+    port: int  # the public port: the Fleet API only
     tls: bool
     ca_cert: str | None
     node_auth: bool
     pid: int
+    public_address: str = ""  # host:port sites dial
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class StatePaths:
     root: Path
 
     @classmethod
-    def at(cls, root: str | Path, *, create: bool = False) -> StatePaths:
+    def at(cls, root: str | Path, *, create: bool = False, started: bool = False) -> StatePaths:
+        """The layout at `root`; `create` makes it, `started` requires one that `start` made (its
+        ledger): a typo'd --state then fails instead of reading as an empty server."""
         root = Path(root).expanduser().resolve()
         if create:
             root.mkdir(parents=True, exist_ok=True)
@@ -53,6 +58,12 @@ class StatePaths:
         elif not root.is_dir():
             raise StateDirError(
                 f"state directory {root} does not exist; create it with `facefed-server start --state {root}`"
+            )
+        elif started and not (root / "ledger.sqlite").is_file():
+            # a typo'd --state must not read as "no requests" (nor get a fresh ledger created in it)
+            raise StateDirError(
+                f"{root} is not a facefed server state directory (no ledger.sqlite); give the --state "
+                f"directory of `facefed-server start`"
             )
         return cls(root)
 

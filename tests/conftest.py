@@ -16,6 +16,14 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 
+def pytest_configure(config):
+    # Landmarks of public LFW images (landmarks only, no image bytes) persist between test runs, so face
+    # detection of the same LFW images runs once; subprocesses inherit the setting.
+    cache = getattr(config, "cache", None)
+    if "FACEFED_CACHE" not in os.environ and cache is not None:
+        os.environ["FACEFED_CACHE"] = str(cache.mkdir("facefed"))
+
+
 @pytest.fixture(scope="session")
 def lfw_file():
     """Path of the LFW archive; tests fail (not skip) without it, saying where to put it."""

@@ -1,7 +1,7 @@
 """Helpers for the federation tests.
 
 `LocalGrid` is a Flower `Grid` that delivers messages to in-process sites instead of SuperNodes: it
-stands in for Flower's transport only, so the round logic (`server.app.Coordinator`), the strategy,
+stands in for Flower's transport only, so the round logic (`server.rounds.RoundRunner`), the averager,
 the ledger and the checkpoints run for real, with real tensors, SQLite and files, and the timing cases
 (a site that never answers, one that answers late, a crash between checkpoint and ledger) are quick
 and deterministic. The end-to-end tests run the same code through real SuperLink/SuperNode processes.
@@ -10,7 +10,6 @@ and deterministic. The end-to-end tests run the same code through real SuperLink
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +43,9 @@ def shifted_site(name: str, shift: float, people: int, *, extra: dict[str, np.nd
         metrics = MetricRecord(
             {
                 "num-people": people,
-                "num-images": 3 * people,
                 "steps": 5,
-                "loss": 1.0,
                 "epsilon": 0.5 * content["config"]["round"],
                 "delta": 1e-5,
-                "compute-s": 0.01,
-                "handler-start": time.time(),
-                "process-start": time.time(),
             }
         )
         return RecordDict(

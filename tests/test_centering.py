@@ -1,4 +1,4 @@
-"""DP mean centring (client/centering.py): the mechanism's sensitivity and noise scale, its accounting
+"""DP mean centring (client/training/centering.py): the mechanism's sensitivity and noise scale, its accounting
 as one Gaussian release per fresh head, the refusal where it would be mostly noise; and the trainer's
 DP randomness, fresh unless a seed fixes it."""
 
@@ -11,6 +11,7 @@ import torch
 from train_support import small_faces
 
 from facefed.client.training.centering import dp_center, unit_means
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.trainer import cached_prefix, train_local
 from facefed.common.accountant import SiteAccountant, epsilon_of
 from facefed.common.config import TrainConfig
@@ -40,7 +41,9 @@ def test_one_person_moves_the_noiseless_sum_by_at_most_the_clip(faces, pretraine
     assert means[k].norm() > 20 * means[0].norm()
     clip = 4.0
     full = (
-        _bias_shift(model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, generator=torch.Generator())
+        _bias_shift(
+            model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, rng=DPRandom.insecure_for_tests(0)
+        )
         * faces.n_people
     )
     others = [p for i, p in enumerate(faces.person_ids) if i != k]
@@ -61,7 +64,7 @@ def test_one_person_moves_the_noiseless_sum_by_at_most_the_clip(faces, pretraine
             unit="person",
             clip=clip,
             noise_multiplier=0.0,
-            generator=torch.Generator(),
+            rng=DPRandom.insecure_for_tests(0),
         )
         * sub.n_people
     )
@@ -81,7 +84,7 @@ def test_noise_has_the_calibrated_scale(faces, pretrained_file):
     feats = cached_prefix(model, faces)
     clip, sigma = 5.0, 3.0
     exact = _bias_shift(
-        model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, generator=torch.Generator()
+        model, faces, feats, unit="person", clip=clip, noise_multiplier=0.0, rng=DPRandom.insecure_for_tests(0)
     )
     residuals = torch.cat(
         [
@@ -93,7 +96,7 @@ def test_noise_has_the_calibrated_scale(faces, pretrained_file):
                     unit="person",
                     clip=clip,
                     noise_multiplier=sigma,
-                    generator=torch.Generator().manual_seed(s),
+                    rng=DPRandom.insecure_for_tests(s),
                 )
                 - exact
             )
@@ -121,12 +124,12 @@ def test_centring_is_one_gaussian_release_per_fresh_head(faces, pretrained_file,
     )
     acc = SiteAccountant(tmp_path / "acc.json", cfg.delta, cfg.max_epsilon, "person")
     bias = model.features.bias.detach().clone()
-    report = train_local(model, head, faces, cfg, acc, seed=0)
+    report = train_local(model, head, faces, cfg, acc, insecure_seed=0)
     assert report.center_shift is not None and report.center_shift > 0 and head.probed
     assert sorted(acc.history()) == sorted([(0.5, 1.0, 1), (1.0, 0.5, 4)])
     assert report.epsilon == pytest.approx(epsilon_of([(0.5, 1.0, 1), (1.0, 0.5, 4)], 1e-3))
     assert not torch.equal(model.features.bias, bias)
-    again = train_local(model, head, faces, cfg, acc, seed=1)  # the head is no longer fresh: no second release
+    again = train_local(model, head, faces, cfg, acc, insecure_seed=1)  # the head is no longer fresh: no second release
     assert again.center_shift is None and sorted(acc.history()) == sorted([(0.5, 1.0, 1), (1.0, 0.5, 4), (1.0, 0.5, 2)])
 
 
@@ -139,12 +142,12 @@ def test_budget_counts_the_centring_before_anything_runs(faces, pretrained_file,
     assert acc.projected(5.0, 0.1, 1) < 1.0 < acc.projected(5.0, 0.1, 1, extra=cfg.fresh_head_events())
     state = shared_state(model)
     with pytest.raises(Exception, match="privacy budget exceeded"):
-        train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, seed=0)
+        train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, insecure_seed=0)
     assert acc.steps == 0 and all(torch.equal(v, shared_state(model)[k]) for k, v in state.items())
     # With a target epsilon, the DP-SGD noise is calibrated for what is left after the centring.
     cfg2 = TrainConfig(target_epsilon=6.0, max_epsilon=6.0, sample_rate=0.5, steps=3, delta=1e-3, center_noise=1.0)
     acc2 = SiteAccountant(tmp_path / "acc2.json", cfg2.delta, cfg2.max_epsilon, "person")
-    report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg2, acc2, seed=0)
+    report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg2, acc2, insecure_seed=0)
     assert 5.9 < report.epsilon <= 6.0 and (1.0, 1.0, 1) in acc2.history()
 
 
@@ -171,7 +174,7 @@ def test_dp_randomness_is_fresh_unless_a_seed_fixes_it(faces, pretrained_file, t
             faces,
             cfg,
             SiteAccountant(tmp_path / f"acc-{len(list(tmp_path.iterdir()))}.json", 1e-3, 1e9, "person"),
-            seed=seed,
+            insecure_seed=seed,
         )
         return shared_state(m)["features.bias"]
 

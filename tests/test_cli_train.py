@@ -8,6 +8,7 @@ import sys
 
 from train_support import make_vault
 
+from facefed.client.training.privacy import Policy, write_policy
 from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file
 
 CONFIG = """
@@ -39,6 +40,7 @@ def _train(vault, config, out, env):
 
 def test_train_command(lfw, pretrained_file, tmp_path):
     vault, names = make_vault(tmp_path, lfw, 10, max_per_person=3)
+    write_policy(vault, Policy(delta=1e-3, max_epsilon=30.0))  # the site's policy allows this config
     env = {**os.environ, "FACEFED_PRETRAINED": str(pretrained_file), "COLUMNS": "200"}
     config = tmp_path / "train.toml"
     config.write_text(CONFIG)
@@ -49,15 +51,64 @@ def test_train_command(lfw, pretrained_file, tmp_path):
     model, meta = load_checkpoint(out)
     assert meta["privacy_unit"] == "person" and meta["steps"] == 7 and meta["people"] == 10
     assert 0 < meta["epsilon"] < 30 and meta["delta"] == 1e-3 and meta["accountant"] == "rdp"
-    assert (vault / "train-state" / "head.pt").exists() and (vault / "train-state" / "accountant.json").exists()
+    # The head in the train state; the accountant is the vault's own (shared with the federation node).
+    assert (vault / "train-state" / "head.pt").exists() and (vault / "accountant.json").exists()
+    assert not (vault / "train-state" / "accountant.json").exists()
     # The budget carries over between runs: a run that would pass it is refused, nothing written.
     config.write_text(CONFIG.replace("steps = 4", "steps = 400"))
-    before = (vault / "train-state" / "accountant.json").read_bytes()
+    before = (vault / "accountant.json").read_bytes()
     r = _train(vault, config, tmp_path / "second.ckpt", env)
-    assert r.returncode == 2 and "privacy budget exceeded" in r.stderr and "remaining" in r.stderr
-    assert not (tmp_path / "second.ckpt").exists()
-    assert (vault / "train-state" / "accountant.json").read_bytes() == before
+    assert r.returncode == 2 and "refused (budget)" in r.stderr and "privacy budget exceeded" in r.stderr
+    assert "remaining" in r.stderr and not (tmp_path / "second.ckpt").exists()
+    assert (vault / "accountant.json").read_bytes() == before
+    # A config asking for less privacy than the policy allows is refused before anything runs.
+    config.write_text(CONFIG.replace("noise_multiplier = 1.0", "noise_multiplier = 0.05"))
+    r = _train(vault, config, tmp_path / "weak.ckpt", env)
+    assert r.returncode == 2 and "refused (policy): noise_multiplier: order asks 0.05" in r.stderr
+    assert (vault / "accountant.json").read_bytes() == before
     # A config typo names the key.
     config.write_text(CONFIG + "learning_rate = 1\n")
     r = _train(vault, config, tmp_path / "third.ckpt", env)
     assert r.returncode == 2 and "key `learning_rate`: unknown key" in r.stderr
+
+
+def test_forget_after_local_train_leaves_no_trace_at_the_site(lfw, pretrained_file, tmp_path):
+    """Issue 11: `train` keeps VAULT/train-state/head.pt with every pseudonym, and a node state elsewhere;
+    forget scrubs all of them. A byte scan of every file under the vault, its state directories and its
+    stores finds neither the person id nor the pseudonym, except the request's own record."""
+    from demo.federation import files_mentioning
+    from facefed.client.vault import Vault
+
+    vault, names = make_vault(tmp_path, lfw, 10, max_per_person=3)
+    write_policy(vault, Policy(delta=1e-3, max_epsilon=30.0))
+    env = {**os.environ, "FACEFED_PRETRAINED": str(pretrained_file), "COLUMNS": "200"}
+    config = tmp_path / "train.toml"
+    config.write_text(CONFIG)
+    elsewhere = tmp_path / "other-state"  # a second `train` state directory, away from the vault
+    for extra in ([], ["--state", str(elsewhere)]):
+        r = subprocess.run(
+            [sys.executable, "-m", "facefed.client.cli.main", "train", "--vault", str(vault), "--config", str(config)]
+            + ["--out", str(tmp_path / f"m{len(extra)}.ckpt"), *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr
+    person = names[3]
+    with Vault.open(vault) as v:
+        pseudonym = v.person(person).pseudonym
+    assert "train-state/head.pt" in files_mentioning(vault, pseudonym)  # the attack of issue 11: it was there
+    assert files_mentioning(elsewhere, pseudonym) == ["head.pt"]
+    r = subprocess.run(
+        [sys.executable, "-m", "facefed.client.cli.main", "forget", "--vault", str(vault), "--person", person],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert files_mentioning(tmp_path, person) == []
+    # Left: the request's own record (the request log the server is told from, and the vault's hash-chained
+    # audit log of the erasure). Both name the random pseudonym only, which nothing else links to the person.
+    assert set(files_mentioning(tmp_path, pseudonym)) <= {"vault/requests.sqlite", "vault/audit.log"}

@@ -128,6 +128,13 @@ def test_bad_input_exits_2_with_one_clear_line(vault_dir, tmp_path, lfw_file):
     one_error_line(
         run("init", "--vault", str(tmp_path / "v2"), "--stores", ",".join(stores), "--threshold", "0"), "k=0"
     )
+    # k = 1 (issue 11): a single share IS the image (constant polynomial): refused, nothing created.
+    one_error_line(
+        run("init", "--vault", str(tmp_path / "v1"), "--stores", ",".join(stores), "--threshold", "1"),
+        "--threshold 1",
+        "plain form",
+    )
+    assert not (tmp_path / "v1").exists() and all(not list(Path(s).iterdir()) for s in stores)
     one_error_line(
         run("init", "--vault", str(tmp_path / "v2"), "--stores", f"{stores[0]},{tmp_path}/gone", "--threshold", "2"),
         f"{tmp_path}/gone",

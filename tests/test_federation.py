@@ -18,6 +18,7 @@ import torch
 from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
 
 from demo.federation import CLIENT, SERVER, Federation, build_vault, free_port, pick_people, write_config  # noqa: E402
+from facefed.client.training.privacy import Policy, write_policy  # noqa: E402
 from facefed.common.accountant import SiteAccountant
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file, shared_state
@@ -36,7 +37,9 @@ def fed(tmp_path_factory, lfw, pretrained_file):
     f = Federation(root, SITES)
     f.people = people
     for site in SITES:
-        build_vault(lfw, people[site], f.site_dir(site), max_images=IMAGES)
+        vault = build_vault(lfw, people[site], f.site_dir(site), max_images=IMAGES)
+        # The sites' own policy (issue 11): these small sites allow delta 1e-3 and a budget of 50.
+        write_policy(vault, Policy(delta=1e-3, max_epsilon=50.0))
     try:
         f.setup()
         f.wait_online(len(SITES), timeout=180)
@@ -136,12 +139,16 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
             head = MarginHead.load(state / "heads" / run.run_id / f"r{rnd:04d}-a1.pt")
             assert len(head) == PEOPLE and not set(head.ids) & set(fed.people[site])  # pseudonyms, not names
         from facefed.client.forget.contributions import ContributionLog
+        from facefed.client.vault import Vault
 
-        with ContributionLog(state / "contributions.sqlite") as log:
-            assert log.people_in(run.run_id, 1) == sorted(fed.people[site])
-            assert log.people_in(run.run_id, 2) == ([] if site == "east" else sorted(fed.people[site]))
-        if site in eps:
-            acc = SiteAccountant(state / "accountant.json", 1e-3, 50.0, "person")
+        with Vault.open(fed.vault(site)) as v:
+            pseudonyms = sorted(r.pseudonym for r in v.people())
+        with ContributionLog(state / "contributions.sqlite") as log:  # keyed by pseudonym (issue 11)
+            assert log.people_in(run.run_id, 1) == pseudonyms
+            assert log.people_in(run.run_id, 2) == ([] if site == "east" else pseudonyms)
+        if site in eps:  # the vault's one accountant (issue 11), not the node state's
+            assert not (state / "accountant.json").exists()
+            acc = SiteAccountant(fed.vault(site) / "accountant.json", 1e-3, 50.0, "person")
             assert acc.epsilon() == pytest.approx(eps[site], rel=1e-6)
 
     # No plain image was written anywhere by the server or a site's training.
@@ -270,12 +277,24 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
     (tmp_path / "tampered.json").write_text(json.dumps(doc))
     bad = fed.run(SERVER, "receipts", "verify", str(tmp_path / "tampered.json"), "--state", str(fed.state), check=False)
     assert bad.returncode == 1 and "signature" in bad.stdout
+    # At the site, with only the receipt and the server key pinned at `start` (issue 11).
+    here = fed.run(CLIENT, "receipts", "verify", str(receipt), "--vault", str(vault), check=False)
+    assert here.returncode == 0 and "signature valid" in here.stdout, here.stdout + here.stderr
+    there = fed.run(CLIENT, "receipts", "verify", str(tmp_path / "tampered.json"), "--vault", str(vault), check=False)
+    assert there.returncode == 1 and "INVALID" in there.stderr
 
     # Nothing of them is left at the site: shares, head rows, raw bytes; the replaced run's heads are gone.
     stores = sorted((fed.site_dir("north") / "stores").iterdir())
     assert sum(shares_of(vault, stores, pseudonym).values()) == 0
     assert head_rows_of(state, pseudonym, person) == []
     assert files_mentioning(fed.site_dir("north"), person) == []
+    # The pseudonym is kept only by the request's own record (the request log that reports it to the
+    # server, and the signed receipt that names it): no head, contribution log, accountant or log has it.
+    assert set(files_mentioning(fed.site_dir("north"), pseudonym)) <= {
+        "vault/requests.sqlite",
+        "vault/audit.log",
+        f"vault/receipts/{rid}.json",
+    }
     for site in ("north", "south"):
         old = fed.vault(site) / "site" / "heads" / run.run_id
         assert not list(old.glob("*.pt")) if old.exists() else True

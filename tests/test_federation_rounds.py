@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from federation_support import ROOT, LocalGrid, shifted_site
-from flwr.app import Array, ArrayRecord, Error, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.common.config import ConfigError, load_config, validate_config
@@ -25,7 +26,7 @@ from facefed.server.ledger.checkpoints import CheckpointCorrupt, CheckpointStore
 from facefed.server.ledger.db import Ledger, LedgerError
 from facefed.server.ops.submission import Submission, read_submission, write_submission
 from facefed.server.state import StatePaths
-from facefed.server.strategy import BackboneFedAvg, ReplyRejected
+from facefed.server.strategy import BackboneAverage, ReplyRejected
 
 TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
@@ -98,12 +99,48 @@ def test_two_rounds_average_by_people_and_fill_the_ledger(state, pretrained_file
         assert torch.allclose(r2[k], base[k], atol=1e-5)  # +0.3 x1 and -0.1 x3 cancel exactly
 
 
-def test_images_weighting_moves_the_model(state, pretrained_file):
-    grid = LocalGrid({1: ("", shifted_site("alpha", 0.4, people=1)), 2: ("", shifted_site("beta", 0.0, people=1))})
-    coordinator(state, grid, make_config(rounds=1, weighting="images"), pretrained_file).run()
-    base, r1 = tails(state, "t-run-r0000"), tails(state, "t-run-r0001")
-    for k in base:
-        assert torch.allclose(r1[k], base[k] + 0.2, atol=1e-5)  # equal images: plain mean of +0.4 and 0
+def test_ledger_holds_no_loss_image_counts_or_timings_from_sites(state, pretrained_file):
+    """Issue 11: a reply carries DP outputs and public facts; a site that sends more is rejected."""
+
+    def leaky(content):
+        out = shifted_site("beta", 0.0, people=1)(content)
+        metrics = dict(out["metrics"])
+        out["metrics"] = MetricRecord({**metrics, "loss": 0.7, "num-images": 40})  # what sites used to send
+        return out
+
+    grid = LocalGrid(
+        {
+            1: ("", shifted_site("alpha", 0.4, people=1)),
+            2: ("", shifted_site("gamma", 0.0, people=1)),
+            3: ("", leaky),
+        }
+    )
+    coordinator(state, grid, make_config(rounds=1, min_sites=2), pretrained_file).run()
+    with Ledger(state.ledger) as ledger:
+        (r,) = ledger.rounds("t-run")
+        ok = [s for s in r.sites if s.status == "ok"]
+        assert len(ok) == 2 and [s.status for s in r.sites if s.site == "node-3"] == ["rejected"]
+        assert all(s.images is None and s.loss is None and s.compute_s is None for s in ok)
+        assert all(s.epsilon is not None and s.delta == 1e-5 for s in ok)  # the DP outputs are kept
+    db = sqlite3.connect(state.ledger)
+    assert db.execute("SELECT COUNT(*) FROM site_rounds WHERE loss IS NOT NULL OR images IS NOT NULL").fetchone() == (
+        0,
+    )
+    db.close()
+
+
+def test_a_reply_with_loss_or_image_counts_is_rejected(state, pretrained_file):
+    def leaky(content):
+        out = shifted_site("beta", 0.0, people=1)(content)
+        out["metrics"] = MetricRecord({**dict(out["metrics"]), "loss": 0.7})
+        return out
+
+    grid = LocalGrid({1: ("", shifted_site("alpha", 0.4, people=1)), 2: ("", leaky)})
+    coordinator(state, grid, make_config(rounds=1, min_sites=1), pretrained_file).run()
+    with Ledger(state.ledger) as ledger:
+        (r,) = ledger.rounds("t-run")
+        bad = [s for s in r.sites if s.status == "rejected"]
+        assert len(bad) == 1 and "loss" in (bad[0].detail or "") and bad[0].loss is None
 
 
 def test_silent_site_is_missing_and_round_goes_on(state, pretrained_file):
@@ -229,7 +266,7 @@ def test_strategy_checks_replies():
 
     TaskIdentity.run_id, TaskIdentity.node_id = 1, 0
     sent = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([0.5], np.float32)}
-    strat = BackboneFedAvg(weighting="people", expected=sent, min_sites=1)
+    strat = BackboneAverage(weighting="people", expected=sent)
     msg = Message(RecordDict({}), dst_node_id=9, message_type="train")
     msg.metadata.__dict__["_message_id"] = msg.object_id
 
@@ -296,9 +333,9 @@ def test_checkpoint_tampering_is_refused(tmp_path, pretrained_file):
     row = store.save(build_embedder(pretrained_file), run_id="r1", rnd=0, parent=None)
     model, meta = store.load(row)
     assert meta["checkpoint_id"] == "r1-r0000"
-    data = bytearray(open(row.path, "rb").read())
+    data = bytearray(Path(row.path).read_bytes())
     data[-100] ^= 0xFF
-    open(row.path, "wb").write(bytes(data))
+    Path(row.path).write_bytes(bytes(data))
     with pytest.raises(CheckpointCorrupt, match="refusing to use a changed file"):
         store.load(row)
     with pytest.raises(ValueError, match="invalid run id"):
@@ -372,7 +409,7 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     import threading
     import time
 
-    from facefed.server.app import run_lock
+    from facefed.server.runs import run_lock
 
     released = threading.Event()
     said: list[str] = []
@@ -396,9 +433,11 @@ def test_run_lock_waits_for_a_previous_serverapp_then_gives_up(state):
     holder.start()
     time.sleep(0.3)
     try:
-        with pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"):
-            with run_lock(state, "r", wait_s=1.0, log=said.append):
-                pass
+        with (
+            pytest.raises(RunFailed, match=r"being trained by another ServerApp \(waited 1 s\)"),
+            run_lock(state, "r", wait_s=1.0, log=said.append),
+        ):
+            pass
     finally:
         released.set()
         holder.join()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from typer.testing import CliRunner
-from vault_support import header_fields, load_faces, make_stores
+from vault_support import header_fields, load_faces, make_stores, share_files
 
 from facefed.client.forget.contributions import ContributionLog
 from facefed.client.forget.erase import ForgetError, default_state_dir, forget, run_forget, settle
@@ -47,8 +47,9 @@ class Site:
             head.probed = True
             head.save(self.state / rel)
         # The victim first trained in run-a round 2 (round 1 had only the others), and in run-b round 1.
-        others = {p: len(imgs) for p, imgs in faces.items() if p != VICTIM}
-        allp = {p: len(imgs) for p, imgs in faces.items()}
+        # The contribution log is keyed by pseudonym (issue 11), never the operator's person id.
+        others = {self.pseudonyms[p]: len(imgs) for p, imgs in faces.items() if p != VICTIM}
+        allp = {self.pseudonyms[p]: len(imgs) for p, imgs in faces.items()}
         with ContributionLog(self.state / "contributions.sqlite") as log:
             log.record(
                 run_id="run-a",
@@ -66,7 +67,7 @@ class Site:
                     attempt=att,
                     parent_checkpoint=f"run-a-r{rnd - 1}",
                     images=allp,
-                    sampled=[VICTIM],
+                    sampled=[self.pseudonyms[VICTIM]],
                     head_file=rel,
                 )
             log.record(
@@ -99,9 +100,13 @@ class Site:
         }
 
     def contribution_people(self) -> set[str]:
+        """Person ids of the log's pseudonyms (the log itself holds no person id)."""
+        with Vault.open(self.vault) as v:
+            current = {r.pseudonym: r.person_id for r in v.people()}
+        by_pseudonym = {ps: pid for pid, ps in self.pseudonyms.items()} | current
         db = sqlite3.connect(self.state / "contributions.sqlite")
         try:
-            return {r[0] for r in db.execute("SELECT person_id FROM contributions")}
+            return {by_pseudonym.get(r[0], r[0]) for r in db.execute("SELECT pseudonym FROM contributions")}
         finally:
             db.close()
 
@@ -136,7 +141,7 @@ def test_forget_leaves_no_share_head_row_contribution_or_clear_id(site):
     # Stores: no share of theirs (by owner tag), and the others' shares all remain.
     assert site.shares_of(VICTIM) == []
     total = sum(len(imgs) for imgs in site.faces.values())
-    assert sum(1 for s in site.stores for f in Path(s).iterdir()) == 3 * (total - n_victim)
+    assert sum(len(share_files(s)) for s in site.stores) == 3 * (total - n_victim)
     # Heads: every checkpoint lost exactly that row; the other rows are bit-identical.
     for rel in HEAD_FILES:
         head = MarginHead.load(site.state / rel)
@@ -339,8 +344,8 @@ def test_settle_removes_what_a_round_in_flight_wrote_after_the_erasure(site):
             rnd=4,
             attempt=1,
             parent_checkpoint="run-a-r3",
-            images={p: len(i) for p, i in site.faces.items()},
-            sampled=[VICTIM],
+            images={site.pseudonyms[p]: len(i) for p, i in site.faces.items()},
+            sampled=[site.pseudonyms[VICTIM]],
             head_file="heads/run-a/r0004-a1.pt",
         )
     (o,) = settle(site.vault)
@@ -352,18 +357,21 @@ def test_settle_removes_what_a_round_in_flight_wrote_after_the_erasure(site):
     name, data = site.faces[VICTIM][0]
     with Vault.open(site.vault) as v:
         v.put(VICTIM, data, source_name=name, allow_reenrol=True)
+        again = v.person(VICTIM).pseudonym
+    assert again != site.pseudonyms[VICTIM]
     with ContributionLog(site.state / "contributions.sqlite") as log:
         log.record(
-            run_id="run-c", rnd=1, attempt=1, parent_checkpoint="base", images={VICTIM: 1}, sampled=[], head_file=None
+            run_id="run-c", rnd=1, attempt=1, parent_checkpoint="base", images={again: 1}, sampled=[], head_file=None
         )
     assert settle(site.vault) == [] and VICTIM in site.contribution_people()
 
 
 def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site, tmp_path):
-    """client/forget_sync.py on a real vault: what the server's `query` gets back and what it changes."""
+    """client/forget/sync.py on a real vault: what the server's `query` gets back and what it changes."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from facefed.client.forget.sync import answer_query
+    from facefed.client.training.privacy import Policy, write_policy
     from facefed.common.accountant import SiteAccountant
     from facefed.common.config import TrainConfig
     from facefed.common.protocol.forget import BudgetAsk, Delivery, DropHeads, QueryOrder
@@ -376,6 +384,7 @@ def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site,
     assert VICTIM not in reply.model_dump_json()  # the person id never leaves the site
 
     # Budget: a replay of 2 rounds x 50 steps at sigma 1 fits a fresh accountant under 50 but not under 1.
+    write_policy(site.vault, Policy(max_epsilon=50.0))  # the site's own policy allows a budget of 50
     cfg = TrainConfig(
         privacy_unit="person", delta=1e-5, noise_multiplier=1.0, sample_rate=0.2, steps=50, max_epsilon=50.0
     )
@@ -385,10 +394,7 @@ def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site,
     tight = BudgetAsk(train_config=cfg.model_copy(update={"max_epsilon": 1.0}).model_dump_json(), rounds=2, steps=50)
     ans = answer_query(site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(budget=tight)).budget
     assert not ans.fits and "over its max_epsilon 1" in ans.detail
-    assert (
-        not (site.state / "accountant.json").exists()
-        or SiteAccountant(site.state / "accountant.json", 1e-5, 50.0, "person").steps == 0
-    )  # asking spends nothing
+    assert SiteAccountant(site.vault / "accountant.json", 1e-5, 50.0, "person").steps == 0  # asking spends nothing
 
     # A receipt for another pseudonym is refused; the right one is stored; tainted heads are dropped.
     key = ed25519.Ed25519PrivateKey.generate()
@@ -425,12 +431,33 @@ def test_query_answer_reports_keeps_receipts_drops_heads_and_checks_budget(site,
             receipt=doc,
         )
 
-    wrong = answer_query(
-        site="north",
-        vault_dir=site.vault,
-        state_dir=site.state,
-        order=QueryOrder(deliver=[delivery(receipt("f" * 32))]),
+    def deliver(doc: dict):
+        return answer_query(
+            site="north", vault_dir=site.vault, state_dir=site.state, order=QueryOrder(deliver=[delivery(doc)])
+        )
+
+    # Issue 11: no pinned server key, nothing is stored; a receipt signed by another key is not stored.
+    from cryptography.hazmat.primitives import serialization
+
+    from facefed.client.forget.receipts import pin_server_key
+
+    good = receipt(site.pseudonyms[VICTIM])
+    unpinned = deliver(good)
+    assert unpinned.stored == [] and "no server receipt key is pinned" in unpinned.problems[0]
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pin_server_key(site.vault, pem)
+    forged_key = ed25519.Ed25519PrivateKey.generate()
+    forged = {
+        **good,
+        "signature": sign_receipt(Receipt.model_validate(good["receipt"]), key)["signature"][:-8] + "A" * 8,
+    }
+    bad = deliver(forged)
+    assert bad.stored == [] and "not stored" in bad.problems[0]
+    other = Receipt.model_validate(
+        {**good["receipt"], "server_key_fingerprint": key_fingerprint(forged_key.public_key())}
     )
+    assert deliver(sign_receipt(other, forged_key)).stored == []  # signed, but not by the pinned key
+    wrong = deliver(receipt("f" * 32))
     assert wrong.stored == [] and "names another request or person" in wrong.problems[0]
     ok = answer_query(
         site="north",

@@ -25,7 +25,7 @@ from facefed.client.holder import proto
 from facefed.client.holder.disk import ShareDir
 from facefed.client.holder.service import start_holder
 from facefed.client.holder.tls import make_store_certs
-from facefed.client.vault.stores.base import ShareNotFound, Store, StoreError, StoreUnavailable, open_store
+from facefed.client.vault.stores import ShareNotFound, Store, StoreError, StoreUnavailable, open_store
 from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy, parse_url
 from facefed.common import certs
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vault_support import fresh_jpeg
 
 from facefed.client.holder.procs import HolderProcess, start_all
 from facefed.client.holder.tls import make_store_certs
 from facefed.client.vault.errors import VaultError
-from facefed.client.vault.stores.base import StoreError, StoreUnavailable
+from facefed.client.vault.stores.base import IDENTITY_ID, StoreError, StoreUnavailable
 from facefed.client.vault.stores.grpc import GrpcStore, RemotePolicy
 from facefed.client.vault.vault import Vault
 
@@ -135,8 +136,13 @@ def people(lfw) -> dict[str, list[bytes]]:
     return {n: [images[k] for k in ks] for n, ks in keys.items()}
 
 
+def _share_files(h: HolderProcess) -> list[Path]:
+    """The holder's share files, less the vault's store identity record (IDENTITY_ID)."""
+    return sorted(p for p in (h.directory / "shares").rglob("*") if p.is_file() and p.name != IDENTITY_ID)
+
+
 def _share_count(h: HolderProcess) -> int:
-    return sum(1 for p in (h.directory / "shares").rglob("*") if p.is_file())
+    return len(_share_files(h))
 
 
 def test_holders_run_in_their_own_namespaces(site, holders):
@@ -197,7 +203,7 @@ def test_vault_over_three_holders_survives_a_dead_one_and_finishes_a_pending_era
         assert [got[i] for i in ids[person]] == images
 
     # A write needs all n holders: it fails clearly and leaves no half-written image behind.
-    newcomer = next(iter(people.values()))[0]
+    newcomer = fresh_jpeg(next(iter(people.values()))[0])  # bytes the vault has not seen
     with pytest.raises((StoreError, VaultError), match=h3.url):
         vault.put("newcomer", newcomer)
     assert [_share_count(h1), _share_count(h2)] == [n_images, n_images]
@@ -223,7 +229,7 @@ def test_vault_over_three_holders_survives_a_dead_one_and_finishes_a_pending_era
         # Holder 2 alters one share on its disk (a malicious or failing host): the tag catches it.
         person = sorted(people)[1]
         image_id = ids[person][0]
-        target = next(p for p in (h2.directory / "shares").rglob("*") if p.is_file())
+        target = _share_files(h2)[0]
         raw = bytearray(target.read_bytes())
         raw[len(raw) // 2] ^= 0x01
         target.write_bytes(bytes(raw))

@@ -6,6 +6,7 @@ import torch
 from train_support import small_faces
 
 import facefed.client.training.trainer as trainer
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.sampling import ImageSampler, PersonSampler
 from facefed.common.config import TrainConfig
 from facefed.common.model.heads import MarginHead
@@ -14,7 +15,7 @@ from facefed.common.model.mobilefacenet import build_embedder
 
 def test_person_sampler_takes_one_image_per_sampled_person():
     counts = torch.tensor([1, 5, 2, 9, 3])
-    s = PersonSampler(counts, 0.4, generator=torch.Generator().manual_seed(1))
+    s = PersonSampler(counts, 0.4, rng=DPRandom.insecure_for_tests(1))
     starts = torch.cumsum(counts, 0) - counts
     hits, picked = torch.zeros(5), set()
     for _ in range(2000):
@@ -29,7 +30,7 @@ def test_person_sampler_takes_one_image_per_sampled_person():
 
 def test_image_sampler_rate():
     labels = torch.tensor([0, 0, 0, 1, 2, 2])
-    s = ImageSampler(labels, 0.25, generator=torch.Generator().manual_seed(2))
+    s = ImageSampler(labels, 0.25, rng=DPRandom.insecure_for_tests(2))
     sizes = [len(s.sample()) for _ in range(2000)]
     assert abs(sum(sizes) / 2000 - 1.5) < 0.1
 
@@ -48,7 +49,7 @@ def test_training_batches_hold_one_image_per_person(lfw, pretrained_file, tmp_pa
     faces = small_faces(lfw, 10)
     model = build_embedder(pretrained_file)
     cfg = TrainConfig(privacy_unit="none", sample_rate=0.5, steps=15, probe_steps=5)
-    trainer.train_local(model, MarginHead(faces.pseudonyms), faces, cfg, None, seed=3)
+    trainer.train_local(model, MarginHead(faces.pseudonyms), faces, cfg, None, insecure_seed=3)
     assert len(seen) == 20 and sum(len(b) for b in seen) > 0
     for b in seen:
         people = faces.labels[b.rows]

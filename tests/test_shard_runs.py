@@ -15,6 +15,7 @@ from vault_support import load_faces as lfw_faces
 from vault_support import make_stores
 
 from facefed.client.site.round import Site, load_faces
+from facefed.client.state import SiteState
 from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.vault import Vault
 from facefed.client.vault.tombstones import vault_key
@@ -73,17 +74,21 @@ def test_site_trains_only_its_people_of_the_shard_from_a_real_vault(tmp_path, lf
 
 
 def test_accountant_per_shard_and_no_mixing_of_shard_counts(tmp_path):
-    assert accountant_path(tmp_path, 0, 1).name == "accountant.json"
-    p = accountant_path(tmp_path, 2, 4)
-    assert p.name == "accountant-s2of4.json"
-    p.write_text("{}")
-    assert accountant_path(tmp_path, 3, 4).name == "accountant-s3of4.json"
+    site = SiteState(tmp_path / "state", tmp_path / "vault")  # the vault keeps the accountants
+    assert accountant_path(site, 0, 1) == tmp_path / "vault" / "accountant.json"
+    p = accountant_path(site, 2, 4)
+    assert p == tmp_path / "vault" / "accountant-s2of4.json"
+    p.parent.mkdir()
+    p.write_text('{"events": [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}]}')  # it trained
+    assert accountant_path(site, 3, 4).name == "accountant-s3of4.json"
     with pytest.raises(ShardStateError, match="4 shards"):
-        accountant_path(tmp_path, 0, 1)
+        accountant_path(site, 0, 1)
     with pytest.raises(ShardStateError, match="4 shards"):
-        accountant_path(tmp_path, 0, 2)
+        accountant_path(site, 0, 2)
     with pytest.raises(ShardStateError):
-        accountant_path(tmp_path, 4, 4)
+        accountant_path(site, 4, 4)
+    (tmp_path / "vault" / "accountant.json").write_text('{"events": []}')  # an untrained plain one: no conflict
+    assert accountant_path(site, 1, 4).name == "accountant-s1of4.json"
 
 
 def test_ensemble_of_shard_models_scores_the_mean_of_their_cosines(lfw, pretrained_file):

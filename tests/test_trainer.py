@@ -41,7 +41,7 @@ def test_dp_finetune_from_a_vault_moves_the_weights_and_spends_epsilon(vault_fac
     cfg = TrainConfig(noise_multiplier=1.0, sample_rate=0.5, steps=6, probe_steps=4, delta=1e-3, max_epsilon=50)
     acc = SiteAccountant(tmp_path / "acc.json", cfg.delta, cfg.max_epsilon, "person")
     seen = []
-    report = train_local(model, head, faces, cfg, acc, seed=1, progress=seen.append)
+    report = train_local(model, head, faces, cfg, acc, insecure_seed=1, progress=seen.append)
     assert report.steps == 10 and report.probe_steps == 4 and report.unit == "person" and report.accountant == "rdp"
     assert report.epsilon == pytest.approx(SiteAccountant(tmp_path / "acc.json", 1e-3, 50, "person").epsilon())
     assert 0 < report.epsilon < 50 and report.delta == 1e-3 and math.isfinite(report.loss)
@@ -53,7 +53,7 @@ def test_dp_finetune_from_a_vault_moves_the_weights_and_spends_epsilon(vault_fac
     assert [p.step for p in seen] == list(range(1, 11)) and seen[-1].epsilon == pytest.approx(report.epsilon)
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus cleaned up
     # A second call continues the same site's accounting (the head is already probed).
-    report2 = train_local(model, head, faces, cfg, acc, seed=2)
+    report2 = train_local(model, head, faces, cfg, acc, insecure_seed=2)
     assert report2.steps == 6 and report2.epsilon > report.epsilon
 
 
@@ -66,7 +66,7 @@ def test_budget_exhausted_refuses_and_changes_nothing(vault_faces, pretrained_fi
     acc.record(0.8, 0.5, 2)
     state, weight, file = shared_state(model), head.fc.weight.detach().clone(), (tmp_path / "acc.json").read_bytes()
     with pytest.raises(BudgetExceeded, match=r"remaining \d\.\d{3}"):
-        train_local(model, head, faces, cfg, acc, seed=0)
+        train_local(model, head, faces, cfg, acc, insecure_seed=0)
     assert (tmp_path / "acc.json").read_bytes() == file
     assert all(torch.equal(v, shared_state(model)[k]) for k, v in state.items())
     assert torch.equal(head.fc.weight, weight)
@@ -78,14 +78,21 @@ def test_refusals(lfw, pretrained_file, tmp_path):
     head = MarginHead(faces.pseudonyms)
     acc = SiteAccountant(tmp_path / "acc.json", 1e-3, 8.0, "person")
     with pytest.raises(ValueError, match="fewer than min_people=5 needed for one batch"):
-        train_local(model, head, faces, TrainConfig(noise_multiplier=1.0, delta=1e-3, min_people=5), acc, seed=0)
+        train_local(
+            model, head, faces, TrainConfig(noise_multiplier=1.0, delta=1e-3, min_people=5), acc, insecure_seed=0
+        )
     with pytest.raises(ValueError, match=r"delta 0.5 must be below 1/3"):
-        train_local(model, head, faces, TrainConfig(noise_multiplier=1.0, delta=0.5), acc, seed=0)
+        train_local(model, head, faces, TrainConfig(noise_multiplier=1.0, delta=0.5), acc, insecure_seed=0)
     with pytest.raises(ValueError, match="would void this site's per-person guarantee"):
-        train_local(model, head, faces, TrainConfig(privacy_unit="none"), acc, seed=0)
+        train_local(model, head, faces, TrainConfig(privacy_unit="none"), acc, insecure_seed=0)
     with pytest.raises(ValueError, match="config says train_from = `conv_45`"):
         train_local(
-            model, head, faces, TrainConfig(noise_multiplier=1.0, delta=1e-3, train_from="conv_45"), acc, seed=0
+            model,
+            head,
+            faces,
+            TrainConfig(noise_multiplier=1.0, delta=1e-3, train_from="conv_45"),
+            acc,
+            insecure_seed=0,
         )
     assert acc.steps == 0
 
@@ -95,7 +102,7 @@ def test_image_unit_and_target_epsilon(lfw, pretrained_file, tmp_path):
     model = build_embedder(pretrained_file)
     cfg = TrainConfig(privacy_unit="image", target_epsilon=5.0, max_epsilon=5.0, sample_rate=0.3, steps=5, delta=1e-3)
     acc = SiteAccountant(tmp_path / "acc.json", 1e-3, 5.0, "image")
-    report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, seed=0)
+    report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, insecure_seed=0)
     assert report.unit == "image" and 4.9 < report.epsilon <= 5.0 and report.noise_multiplier > 0
 
 
@@ -107,7 +114,7 @@ def test_empty_batch_still_adds_noise_and_bias_tuning_moves_only_biases(lfw, pre
     # q so small that every batch is empty (probability 1 - (1 - 1e-6)^6 per step to be non-empty)
     cfg = TrainConfig(noise_multiplier=2.0, sample_rate=1e-6, steps=3, delta=1e-3, max_epsilon=8.0, tune="bias", lr=0.1)
     acc = SiteAccountant(tmp_path / "acc.json", 1e-3, 8.0, "person")
-    report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, seed=0)
+    report = train_local(model, MarginHead(faces.pseudonyms), faces, cfg, acc, insecure_seed=0)
     assert report.images == 0 and report.steps == 3 and acc.steps == 3 and not report.people_used
     after = shared_state(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -9,6 +9,7 @@ import torch
 from opacus import GradSampleModule
 from train_support import small_faces
 
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.trainer import _Net, prefix_features
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder
@@ -86,7 +87,7 @@ def test_ghost_and_hooks_clipping_give_the_exact_clipped_sum(lfw, pretrained_fil
     assert max(norms) > clip  # clipping is active
     for mode in ("ghost", "hooks"):
         cfg = TrainConfig(noise_multiplier=0.0, max_grad_norm=clip, clipping=mode, train_from=train_from, momentum=0.0)
-        loop = _Loop(net, [{"params": params, "lr": 0.0}], head, cfg, 0.0, len(x), seed=0)
+        loop = _Loop(net, [{"params": params, "lr": 0.0}], head, cfg, 0.0, len(x), DPRandom.insecure_for_tests(0))
         loop.step(x, y)
         got = torch.cat([p.grad.flatten() for p in params]) * len(x)  # the optimizer divided by E[B]
         loop.close()

@@ -2,7 +2,7 @@
 
 The Coordinator, ledger, checkpoints and receipts run for real (real tensors, SQLite, files, Ed25519);
 Flower's transport is `LocalGrid` and the sites are deterministic stand-ins that answer `query` the
-way client/forget_sync.py does (its own behaviour is tested on a real vault in test_forget_sync.py;
+way client/forget/sync.py does (its own behaviour is tested on a real vault in test_forget_sync.py;
 the whole path over real processes in test_federation_forget.py).
 """
 
@@ -22,6 +22,7 @@ from facefed.server.forget.receipts import key_paths, verify_receipt
 from facefed.server.forget.unlearn import plan_replays
 from facefed.server.ledger.db import ForgetRow, Ledger
 from facefed.server.ops.submission import Submission
+from facefed.server.rounds import RoundRunner
 
 PSEUDONYM = "0123456789abcdef0123456789abcdef"
 
@@ -233,20 +234,20 @@ def test_interrupted_replay_resumes_and_finishes(state, pretrained_file):
     coordinator(state, grid, make_config(rounds=3), pretrained_file).run()
     q.pending = [request({"t-run": [2]})]
 
-    original_round = Coordinator.round
+    original_round = RoundRunner.round
 
-    def round_then_drop(self, rnd, attempt, model, parent):
-        out = original_round(self, rnd, attempt, model, parent)
-        if self.run_id == "t-run-u1" and rnd == 2:
+    def round_then_drop(self, ctx, rnd, attempt, model, parent, prefix):
+        out = original_round(self, ctx, rnd, attempt, model, parent, prefix)
+        if ctx.run_id == "t-run-u1" and rnd == 2:
             down["on"] = True  # beta goes away after the replay's first round
         return out
 
-    Coordinator.round = round_then_drop
+    RoundRunner.round = round_then_drop
     try:
         with pytest.raises(RunFailed, match="round 3 failed"):
             unlearner(state, grid, pretrained_file).run()
     finally:
-        Coordinator.round = original_round
+        RoundRunner.round = original_round
     with Ledger(state.ledger) as ledger:
         assert ledger.run("t-run-u1").status == "stopped"
         assert [r.round for r in ledger.rounds("t-run-u1", committed_only=True)] == [2]

@@ -21,7 +21,7 @@ from facefed.client.vault import (
     verify_audit_chain,
 )
 from facefed.client.vault.sharefile import MIN_BUCKET, OVERHEAD, ShareKeys
-from facefed.client.vault.stores.base import LocalDirStore
+from facefed.client.vault.stores.local import LocalDirStore
 
 
 @pytest.fixture(scope="module")
@@ -168,18 +168,21 @@ def test_audit_chain_detects_edits_and_truncation(tmp_path, faces):
         assert vault.verify().ok
 
 
-def test_orphans_are_reported_and_swept_at_open_foreign_files_are_left(tmp_path, faces):
+def test_orphans_are_reported_never_swept_at_open_repair_removes_only_provable_copies(tmp_path, faces):
     stores = make_stores(tmp_path, 3)
     with Vault.create(tmp_path / "vault", stores, 2) as vault:
         stored = fill(vault, {p: faces[p] for p in list(faces)[:3]})
-        ours = Path(stores[0]) / secrets.token_hex(16)  # a share of this vault nobody references
+        ours = Path(stores[0]) / secrets.token_hex(16)  # a copy of a referenced share under another name
         shutil.copy(share_files(stores[0])[0], ours)
         foreign = Path(stores[1]) / secrets.token_hex(16)  # not ours: e.g. another vault's file
         foreign.write_bytes(b"FFVS" + secrets.token_bytes(200))
         report = vault.verify()
         assert {(o.share_id, o.ours) for o in report.orphans} == {(ours.name, True), (foreign.name, False)}
         assert not report.ok
-    with Vault.open(tmp_path / "vault") as vault:
+    with Vault.open(tmp_path / "vault") as vault:  # absence from the manifest alone never deletes
+        assert ours.exists() and foreign.exists()
+        rep = vault.repair()  # the copy's header names a referenced share: provably redundant
+        assert rep.orphans_removed == 1 and [o.share_id for o in rep.foreign_orphans] == [foreign.name]
         assert not ours.exists() and foreign.exists()
         assert [o.share_id for o in vault.verify().orphans] == [foreign.name]
         assert all(vault.get(i) == d for i, d in stored.items())

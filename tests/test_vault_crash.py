@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vault_support import header_fields, load_faces, make_stores, share_files
+from vault_support import fresh_jpeg, header_fields, load_faces, make_stores, share_files
 
 from facefed.client.vault import Vault
 
@@ -82,7 +82,7 @@ def test_writer_killed_after_writing_shares_leaves_no_orphans(tmp_path, faces):
     person, imgs = next(iter(faces.items()))
     with Vault.create(tmp_path / "vault", stores, 2) as vault:
         kept = dict(zip(vault.put_many([(person, d, n) for n, d in imgs]), (d for _, d in imgs)))
-    child = start_child(tmp_path, imgs[0][1], "kill")
+    child = start_child(tmp_path, fresh_jpeg(imgs[0][1]), "kill")
     try:
         assert child.wait(timeout=60) == -signal.SIGKILL
     finally:
@@ -98,7 +98,7 @@ def test_writer_killed_after_writing_shares_leaves_no_orphans(tmp_path, faces):
         report = vault.verify()
         assert report.ok and report.images == len(kept)
         assert all(vault.get(i) == d for i, d in kept.items())
-    assert not list((tmp_path / "vault" / "locks").iterdir())
+    assert [p.name for p in (tmp_path / "vault" / "locks").iterdir()] == ["writer.lock"]  # one, reused
 
 
 def test_open_does_not_sweep_a_live_writers_shares(tmp_path, faces):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from vault_support import header_fields, load_faces, make_stores, offline, read_only, share_files
+from vault_support import fresh_jpeg, header_fields, load_faces, make_stores, offline, read_only, share_files
 
 from facefed.client.vault import (
     InvalidConfig,
@@ -96,9 +96,13 @@ def test_same_store_twice_is_refused(tmp_path):
 def test_read_only_store_at_put_keeps_nothing(tmp_path, vault, faces):
     before = snapshot(tmp_path)
     person, imgs = next(iter(faces.items()))
-    with read_only(Path(vault.stores[2].url)):
-        with pytest.raises(StoreError, match=f"{vault.stores[2].url} is read-only"):
-            vault.put_many([(person, data, None) for _, data in imgs] + [("New_Person", imgs[0][1], None)])
+    with (
+        read_only(Path(vault.stores[2].url)),
+        pytest.raises(StoreError, match=f"{vault.stores[2].url} is read-only"),
+    ):
+        vault.put_many(
+            [(person, fresh_jpeg(data), None) for _, data in imgs] + [("New_Person", fresh_jpeg(imgs[0][1], 1), None)]
+        )
     assert snapshot(tmp_path) == before  # no share files, no manifest change
     assert "New_Person" not in [p.person_id for p in vault.people()]
     assert vault.verify().ok
@@ -107,9 +111,11 @@ def test_read_only_store_at_put_keeps_nothing(tmp_path, vault, faces):
 def test_missing_store_at_put_keeps_nothing(tmp_path, vault, faces):
     person, imgs = next(iter(faces.items()))
     n_before = vault.person(person).n_images
-    with offline(vault.stores[0].url):
-        with pytest.raises(StoreError, match=f"{vault.stores[0].url}: directory is missing"):
-            vault.put(person, imgs[0][1])
+    with (
+        offline(vault.stores[0].url),
+        pytest.raises(StoreError, match=f"{vault.stores[0].url}: directory is missing"),
+    ):
+        vault.put(person, fresh_jpeg(imgs[0][1]))
     assert vault.person(person).n_images == n_before
     assert vault.verify().ok
 

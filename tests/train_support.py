@@ -6,6 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from facefed.client.training.faces import SiteFaces, faces_from_lfw
+from facefed.common.faces.lfw import canonical_public
 from facefed.common.lfw import LFW
 
 
@@ -34,6 +35,8 @@ def make_vault(root: Path, lfw: LFW, n_people: int, max_per_person: int = 4):
     vault = Vault.create(root / "vault", stores, 2)
     keys = [k for n in names for k in lfw.keys(n)[:max_per_person]]
     data = lfw.load_images(keys)
-    vault.put_many([(k.name, data[k], k.relpath) for k in keys])
+    # As `vault import --lfw` stores them: detected, aligned, canonical 224x224 crops.
+    crops = [(k, c) for k, c in canonical_public((k, data[k]) for k in keys) if c is not None]
+    vault.put_many([(k.name, c, k.relpath) for k, c in crops])
     vault.close()
     return root / "vault", names

@@ -34,6 +34,19 @@ def load_faces(lfw: LFW, n_people: int = 12, min_images: int = 1) -> Faces:
     return {name: list(imgs) for name, imgs in _faces(str(lfw.path), n_people, min_images)}
 
 
+def fresh_jpeg(data: bytes, salt: int = 0) -> bytes:
+    """The same face as new, different bytes (re-encoded, with `salt` in a comment): an image the
+    vault has not seen, for tests that need one after the fixture stored every face once."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=90, comment=f"facefed test {salt}".encode())
+    return out.getvalue()
+
+
 def make_stores(root: Path, n: int) -> list[str]:
     stores = []
     for i in range(1, n + 1):

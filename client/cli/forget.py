@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from facefed.client.state import NODE_STATE_SUBDIR, requests_path
+from facefed.common.cli import fail
+
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 app = typer.Typer(
     help="Forget a person at this site (erase now; the server unlearns and signs a receipt).",
@@ -34,22 +36,16 @@ VaultOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(code)
-
-
 def _when(t: float | None) -> str:
     return "-" if t is None else dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _errors():
-    from facefed.client.forget.erase import ForgetError
-    from facefed.client.forget.requests import RequestError
+def _errors() -> tuple[type[Exception], ...]:
     from facefed.client.vault import VaultError
     from facefed.client.vault.stores.base import StoreError
+    from facefed.common.errors import FacefedError
 
-    return (VaultError, StoreError, RequestError, ForgetError, ValueError)
+    return (FacefedError, VaultError, StoreError, ValueError)
 
 
 @app.callback()
@@ -65,7 +61,7 @@ def request(
         typer.Option(
             "--state",
             file_okay=False,
-            help="The site's state directory (default: VAULT/site, as `facefed-client start` uses).",
+            help=f"The site's state directory (default: VAULT/{NODE_STATE_SUBDIR}, as `facefed-client start` uses).",
         ),
     ] = None,
 ) -> None:
@@ -73,18 +69,18 @@ def request(
     and record the request (its id is printed). Repeating it is harmless."""
     if ctx.invoked_subcommand is not None:
         if person is not None:
-            _fail("--person goes with `forget`, not with a subcommand")
+            fail("--person goes with `forget`, not with a subcommand")
         return
     if vault is None or person is None:
-        _fail("give --vault DIR and --person ID (or `forget status --vault DIR` to see requests)")
+        fail("give --vault DIR and --person ID (or `forget status --vault DIR` to see requests)")
     from facefed.client.forget.erase import run_forget
 
     try:
         o = run_forget(vault, state, person, reason)
     except _errors() as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
-        _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     r = o.request
     out.print(
         f"request {r.request_id} ({'repeated: already erased' if o.repeated else 'new'}), "
@@ -145,20 +141,26 @@ def status(
 ) -> None:
     """Show each request's stages: received, data erased, model unlearned, receipt issued."""
     if vault is None:
-        _fail("give --vault DIR")
-    from facefed.client.forget.requests import REQUESTS_NAME, RequestLog, vault_key
+        fail("give --vault DIR")
+    from facefed.client.forget.requests import RequestLog, vault_key
 
     try:
-        if not (vault / REQUESTS_NAME).is_file():  # read-only: do not create the log just to look
+        if not requests_path(vault).is_file():  # read-only: do not create the log just to look
             vault_key(vault)  # still say so if DIR is no vault at all
             if request_id is not None:
-                _fail(f"no forget request {request_id} at vault {vault} (no request was ever made there)")
+                fail(f"no forget request {request_id} at vault {vault} (no request was ever made there)")
             out.print("[]" if as_json else "no forget requests at this vault", markup=False)
             return
         with RequestLog(vault) as log:
             reqs = [log.get(request_id)] if request_id is not None else log.all()
+            if any(r.shares_pending for r in reqs):  # deletions finished since? ask the vault
+                from facefed.client.forget.erase import refresh_pending
+                from facefed.client.vault import Vault
+
+                with Vault.open(vault) as v:
+                    reqs = [refresh_pending(v, log, r) for r in reqs]
     except _errors() as e:
-        _fail(str(e))
+        fail(str(e))
     receipts = {r.request_id: _read_receipt(r.receipt_path) for r in reqs if r.receipt_path}
     if as_json:
         out.print(
@@ -186,7 +188,7 @@ def status(
             "-"
             if r.unlearned_at is None
             else f"{_when(r.unlearned_at)}\nrun {r.run_id} round {r.round}\n{r.checkpoint_id}\n"
-            f"sha256 {r.checkpoint_sha256[:16]}..."
+            f"sha256 {(r.checkpoint_sha256 or '')[:16]}..."
         )
         receipt = "-" if r.receipt_path is None else f"{_when(r.receipt_at)}\n{r.receipt_path}"
         table.add_row(

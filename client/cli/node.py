@@ -8,14 +8,11 @@ from typing import Annotated
 
 import typer
 
-from facefed.client.site.node import DEFAULT_STATE_SUBDIR, NodeError, NodeSettings, run_node
+from facefed.client.site.node import NodeError, NodeSettings, run_node
+from facefed.client.state import NODE_STATE_SUBDIR, default_node_state
+from facefed.common.cli import fail
 from facefed.common.nodekeys import NodeKeyError, make_node_keys
 from facefed.common.paths import PRETRAINED_ENV
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"facefed-client: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def keygen(
@@ -25,7 +22,7 @@ def keygen(
     try:
         pair = make_node_keys(out)
     except (FileExistsError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"private key: {pair.private_path} (keep it at the site; never send it)")
     typer.echo(f"public key:  {pair.public_path} (send this to the federation operator)")
     typer.echo(f"fingerprint: {pair.fingerprint} (read it to the operator to confirm the key they register)")
@@ -43,7 +40,7 @@ def start(
         Path | None,
         typer.Option(
             "--state",
-            help=f"Site training state (heads, accountant, contribution log); default VAULT/{DEFAULT_STATE_SUBDIR}.",
+            help=f"Site training state (heads, accountant, contribution log); default VAULT/{NODE_STATE_SUBDIR}.",
         ),
     ] = None,
     runtime_port: Annotated[
@@ -76,14 +73,29 @@ def start(
             "--max-retries", help="Give up after this many failed connection attempts (default: keep retrying)."
         ),
     ] = None,
+    receipt_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--receipt-key",
+            help="The server's receipt public key (receipts.pub), pinned in the vault: receipts signed by any "
+            "other key are not stored (needed once; a different key later is refused).",
+        ),
+    ] = None,
 ) -> None:
     """Run this site's node: it joins the federation and trains on the vault when the server asks."""
+    if receipt_key is not None:  # pin the server's receipt key where the node is started (issue 11)
+        from facefed.client.forget.receipts import KeyPinError, ReceiptError, pin_server_key
+
+        try:
+            pin_server_key(vault.expanduser(), receipt_key.read_bytes())
+        except (OSError, KeyPinError, ReceiptError) as e:
+            fail(f"--receipt-key {receipt_key}: {e}")
     if pretrained is None and os.environ.get(PRETRAINED_ENV):
         pretrained = Path(os.environ[PRETRAINED_ENV])
     settings = NodeSettings(
         site=site,
         vault=vault.expanduser().resolve(),
-        state=(state or vault / DEFAULT_STATE_SUBDIR).expanduser().resolve(),
+        state=(state or default_node_state(vault)).expanduser().resolve(),
         server=server,
         root_cert=root_cert.expanduser().resolve() if root_cert else None,
         key=key.expanduser().resolve() if key else None,
@@ -96,9 +108,13 @@ def start(
         activation_wait_s=activation_wait,
     )
     try:
+        settings.validate()  # bad input: exit 2 (documented), before anything is started or written
+    except (NodeError, NodeKeyError, ValueError) as e:
+        fail(str(e))
+    try:
         code = run_node(settings)
     except (NodeError, NodeKeyError, ValueError) as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     raise typer.Exit(code)
 
 

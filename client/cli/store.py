@@ -8,14 +8,11 @@ from pathlib import Path
 
 import typer
 
+from facefed.common.cli import fail
+
 app = typer.Typer(
     help="Remote share holders: serve a store over gRPC with mutual TLS, make certificates.", no_args_is_help=True
 )
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -56,7 +53,7 @@ def serve(
         limit = {"max_share_bytes": max_share_mb * 1024 * 1024} if max_share_mb else {}
         holder = start_holder(directory, listen, tls_dir, cert_host=cert_host, **limit)
     except (StoreError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     # One parseable line on stdout: scripts and tests learn the port when --listen asked for port 0.
     typer.echo(f"facefed share holder listening on {listen.rpartition(':')[0]}:{holder.port}", nl=True)
     sys.stdout.flush()
@@ -77,7 +74,9 @@ def certs(
     try:
         folders = make_store_certs(out, hosts.split(","))
     except (StoreError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}")
     typer.echo(f"vault side:  --tls-dir {out}  (ca.pem, client.pem, client.key)")
     for f in folders:
         typer.echo(f"holder {f.name}:  copy {f} to that host and run `facefed-client store serve --tls-dir <copy> ...`")

@@ -1,8 +1,10 @@
 """`facefed-client train`: local (non-federated) training from a vault, for baselines.
 
-The site's training state lives in `VAULT/train-state/` (or `--state DIR`): the privacy accountant
-(epsilon accumulates over every run on this vault) and the private margin head. Faces are read from
-the vault into memory only.
+The site's training state lives in `VAULT/train-state/` (or `--state DIR`; client/state.py): the private
+margin head. The privacy accountant is the vault's own (`VAULT/accountant.json`, shared with the
+federation node: epsilon accumulates over every release ever made from the vault's people), and the
+config is checked against the site's policy (`facefed-client policy`) before anything runs. Faces are
+read from the vault into memory only.
 """
 
 from __future__ import annotations
@@ -14,15 +16,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from facefed.client.state import TRAIN_STATE_SUBDIR, SiteState, default_train_state, register_state
+from facefed.common.cli import fail
 from facefed.common.config import ConfigError, TrainConfig, load_config
 from facefed.common.paths import DataNotFound, pretrained_path
-
-STATE_DIR = "train-state"
-
-
-def _fail(msg: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
-    raise typer.Exit(2)
 
 
 def train(
@@ -35,31 +32,41 @@ def train(
         help="start from this checkpoint (default: the pretrained model, "
         "or scratch if the config says train_from = conv1 and no pretrained)",
     ),
-    state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{STATE_DIR})"),
+    state: Path = typer.Option(None, "--state", help=f"training state dir (default: VAULT/{TRAIN_STATE_SUBDIR})"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda"),
     seed: int = typer.Option(
         None,
-        "--seed",
-        help="fix the DP randomness, for reproducible experiments only "
-        "(default: fresh OS entropy; noise that can be regenerated protects nothing)",
+        "--insecure-seed",
+        hidden=True,
+        help="INSECURE, tests and experiments only: fix the DP randomness (default: AES-256-CTR under a "
+        "fresh OS key; noise that can be regenerated protects nothing)",
     ),
 ) -> None:
     """Train the embedder on this site's faces (DP-SGD per person by default) and save a checkpoint."""
     from facefed.client.training.faces import faces_from_vault
+    from facefed.client.training.privacy import check_order, open_accountant, plan, policy_of
     from facefed.client.training.trainer import train_local
     from facefed.client.vault.errors import VaultError
     from facefed.client.vault.vault import Vault
-    from facefed.common.accountant import AccountantMismatch, BudgetExceeded, SiteAccountant
+    from facefed.common.accountant import BudgetExceeded
     from facefed.common.model.heads import HeadError, MarginHead
     from facefed.common.model.mobilefacenet import CheckpointMismatch, build_embedder, load_checkpoint, save_checkpoint
+    from facefed.common.protocol.train import SiteRefused
 
     try:
         cfg = load_config(config, TrainConfig)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
+    try:  # the site's policy first: nothing is read or recorded for a config it refuses
+        policy = policy_of(vault)
+        check_order(policy, cfg, cfg.steps)
+    except SiteRefused as e:
+        fail(f"refused ({e.kind}): {e.reason}")
     out = out.expanduser()
     if out.exists() and out.is_dir():
-        _fail(f"--out {out} is a directory; give a file name, e.g. {out / 'model.ckpt'}")
-    state_dir = (state or vault / STATE_DIR).expanduser()
+        fail(f"--out {out} is a directory; give a file name, e.g. {out / 'model.ckpt'}")
+    files = SiteState((state or default_train_state(vault)).expanduser(), vault)
+    register_state(vault, files.state_dir)  # forget must find this head too
     console = Console()
     try:
         if init is not None:
@@ -73,31 +80,30 @@ def train(
         else:
             model, parent = build_embedder(None, train_from="conv1"), {"source": "scratch"}
     except (DataNotFound, FileNotFoundError, CheckpointMismatch) as e:
-        _fail(str(e))
-    try:
-        v = Vault.open(vault)
-    except (VaultError, OSError) as e:
-        _fail(f"cannot open vault {vault}: {e}")
-    try:
-        with console.status(f"reading {len(v.people())} people from the vault (in memory only)"):
-            faces = faces_from_vault(v)
-    finally:
-        v.close()
-
-    head_file = state_dir / "head.pt"
+        fail(str(e))
+    head_file = files.head
     try:
         head = (
             MarginHead.load(head_file)
             if head_file.exists()
             else MarginHead(scale=cfg.scale, margin=cfg.margin, seed=seed or 0)
         )
-        accountant = (
-            None
-            if cfg.privacy_unit == "none"
-            else SiteAccountant(state_dir / "accountant.json", cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-        )
-    except (HeadError, AccountantMismatch) as e:
-        _fail(str(e))
+        accountant = open_accountant(files, policy)
+        cfg, _ = plan(policy, cfg, accountant, cfg.steps, fresh_head=not head.probed)
+    except HeadError as e:
+        fail(str(e))
+    except SiteRefused as e:
+        fail(f"refused ({e.kind}): {e.reason}")
+
+    try:
+        v = Vault.open(vault)
+    except (VaultError, OSError) as e:
+        fail(f"cannot open vault {vault}: {e}")
+    try:
+        with console.status(f"reading {len(v.people())} people from the vault (in memory only)"):
+            faces = faces_from_vault(v)
+    finally:
+        v.close()
 
     columns = [
         TextColumn("{task.description}"),
@@ -118,10 +124,12 @@ def train(
             )
 
         try:
-            report = train_local(model, head, faces, cfg, accountant, seed=seed, progress=progress)
+            report = train_local(
+                model, head, faces, cfg, accountant, insecure_seed=seed, progress=progress, device=device
+            )
         except (BudgetExceeded, ValueError) as e:
             bar.stop()
-            _fail(str(e))
+            fail(str(e))
     head.save(head_file)
     meta = {
         "kind": "local",

@@ -6,9 +6,9 @@ Exit codes: 0 ok; 1 the command ran but found problems (verify/repair) or left w
 
 from __future__ import annotations
 
-import functools
 import json
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -24,8 +24,11 @@ from facefed.client.vault.sharefile import MAX_IMAGE_BYTES
 from facefed.client.vault.stores.base import StoreError
 from facefed.client.vault.tombstones import tombstoned
 from facefed.client.vault.validate import check_image
-from facefed.common.lfw import LFW, PROTOCOL_FILES, LFWFormatError, partition_people
-from facefed.common.paths import DataNotFound, lfw_path
+from facefed.common import cli as common_cli
+from facefed.common.cli import fail
+from facefed.common.errors import FacefedError
+from facefed.common.lfw import LFW, PROTOCOL_FILES, ImageKey, partition_people
+from facefed.common.paths import lfw_path
 
 app = typer.Typer(help="Secret-shared face vault: init, import, add, ls, verify, repair, erase.", no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -39,24 +42,8 @@ VaultOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def clean_errors(fn):
-    """Turn expected failures into one red line and exit code 2 (a traceback helps no operator)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (VaultError, StoreError, DataNotFound, LFWFormatError, ValueError) as e:
-            _fail(str(e))
-        except OSError as e:
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-
-    return wrapper
+# Expected failures become one red line and exit code 2 (a traceback helps no operator).
+clean_errors = common_cli.clean_errors(VaultError, StoreError, ValueError)
 
 
 def _open(vault: Path) -> Vault:
@@ -75,13 +62,18 @@ def init(
             "holders), one per share, ideally on different disks. Order = x 1..n.",
         ),
     ],
-    threshold: Annotated[int, typer.Option("--threshold", "-k", help="Shares needed to rebuild an image (1..n).")] = 2,
+    threshold: Annotated[int, typer.Option("--threshold", "-k", help="Shares needed to rebuild an image (2..n).")] = 2,
     tls_dir: Annotated[Path | None, typer.Option("--tls-dir", help="Client certificates for grpcs:// stores.")] = None,
 ) -> None:
     """Create an empty vault over n existing, empty store directories; any k of them rebuild an image."""
+    if threshold == 1:  # Shamir with k = 1: every share is the image itself (the polynomial is constant)
+        fail(
+            "--threshold 1: with k = 1 every share is the image in plain form; "
+            "give --threshold 2 or more (and at least that many stores)"
+        )
     urls = [s.strip() for s in stores.split(",") if s.strip()]
     if not urls:
-        _fail("--stores is empty; give n comma-separated store directories, e.g. --stores /mnt/a/s,/mnt/b/s,/mnt/c/s")
+        fail("--stores is empty; give n comma-separated store directories, e.g. --stores /mnt/a/s,/mnt/b/s,/mnt/c/s")
     with Vault.create(vault, urls, threshold, tls_dir=tls_dir) as v:
         out.print(f"created vault {v.path}: any {v.k} of {v.n} stores rebuild an image", markup=False)
         for x, s in enumerate(v.stores, start=1):
@@ -114,30 +106,33 @@ def import_(
         ),
     ] = False,
 ) -> None:
-    """Import this site's share of LFW people into the vault (resumable: images already stored are skipped)."""
+    """Import this site's share of LFW people into the vault (resumable: images already stored are skipped).
+
+    Each image is detected and aligned (the face nearest the centre, as LFW's protocol has it) and
+    stored as its canonical 224x224 crop; an image with no detectable face is skipped and listed."""
     if num_sites < 1:
-        _fail(f"--num-sites {num_sites}: must be at least 1")
+        fail(f"--num-sites {num_sites}: must be at least 1")
     if not 0 <= site_index < num_sites:
-        _fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
+        fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
     if min_images < 1:
-        _fail(f"--min-images {min_images}: must be at least 1")
+        fail(f"--min-images {min_images}: must be at least 1")
     if max_people is not None and max_people < 1:
-        _fail(f"--max-people {max_people}: must be at least 1")
+        fail(f"--max-people {max_people}: must be at least 1")
     people_files = [f for f in PROTOCOL_FILES if f.startswith("people")]
     if people != "all" and people not in people_files:
-        _fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
+        fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
     dataset = LFW(lfw_path(lfw))
     counts = dataset.counts()
     names = list(counts) if people == "all" else list(dict.fromkeys(dataset.people(people)))
     missing = [n for n in names if n not in counts]
     if missing:
-        _fail(f"{people} lists {len(missing)} people without images in {dataset.path}, e.g. {missing[0]}")
+        fail(f"{people} lists {len(missing)} people without images in {dataset.path}, e.g. {missing[0]}")
     names = [n for n in names if counts[n] >= min_images]
     mine = partition_people(names, num_sites)[site_index]
     if max_people is not None:
         mine = mine[:max_people]
     if not mine:
-        _fail(
+        fail(
             f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
             f"of {num_sites})"
         )
@@ -156,22 +151,69 @@ def import_(
             f"site {site_index} of {num_sites}: {len(mine)} people, {total} images "
             f"({total - len(keys)} already in the vault)"
         )
-        started, batch, stored = time.perf_counter(), [], 0
-        columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        from facefed.common.faces import CANONICAL_MARGIN, encode_canonical
+        from facefed.common.faces.lfw import AlignReport, align_public
+
+        started = time.perf_counter()
+        batch: list[tuple[str, bytes, str]] = []
+        paths: list[str] = []
+        stored, duplicates, refused, skipped, aligned = 0, [], [], [], AlignReport()
+
+        def where(relpath: str) -> str:
+            return f"{dataset.path}/{relpath}" if dataset.path.is_dir() else f"{dataset.path}:{relpath}"
+
+        def flush() -> None:  # one batch; bad files are reported (full path) and the import goes on
+            nonlocal stored
+            for path, o in zip(paths, v.add_images(batch, allow_reenrol=allow_reenrol)):
+                if o.status == "stored":
+                    stored += 1
+                elif o.status == "duplicate":
+                    duplicates.append(f"{path}: already stored (same image), skipped")
+                else:
+                    refused.append(f"{path}: {o.detail}")
+                    err.print(f"[yellow]skipped {escape(path)}: {escape(o.detail)}[/yellow]")
+            progress.advance(task, len(batch))
+            batch.clear()
+            paths.clear()
+
+        columns = (TextColumn("aligning + importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=False) as progress:
             task = progress.add_task("import", total=len(keys))
-            for key, data in dataset.iter_images(keys):
-                batch.append((key.name, data, Path(key.relpath).name))
+
+            def sound(items: Iterable[tuple[ImageKey, bytes]]) -> Iterator[tuple[ImageKey, bytes]]:
+                """The source files that decode fully; a damaged one is reported by path and skipped."""
+                for key, data in items:
+                    try:
+                        check_image(data, where(key.relpath), aligned=False)
+                    except FacefedError as e:
+                        refused.append(str(e))
+                        err.print(f"[yellow]skipped {escape(str(e))}[/yellow]")
+                        progress.advance(task)
+                        continue
+                    yield key, data
+
+            faces = align_public(sound(dataset.iter_images(keys)), margin=CANONICAL_MARGIN, report=aligned)
+            for key, _, crop in faces:
+                if crop is None:  # no detectable face: skipped, reported below
+                    skipped.append(where(key.relpath))
+                    progress.advance(task)
+                    continue
+                batch.append((key.name, encode_canonical(crop), Path(key.relpath).name))
+                paths.append(where(key.relpath))
                 if len(batch) == IMPORT_BATCH:
-                    stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
-                    progress.advance(task, len(batch))
-                    batch = []
+                    flush()
             if batch:
-                stored += len(v.put_many(batch, allow_reenrol=allow_reenrol))
-                progress.advance(task, len(batch))
+                flush()
         elapsed = time.perf_counter() - started
         rate = f" ({stored / elapsed:.0f} images/s)" if stored and elapsed > 0 else ""
         out.print(f"imported {stored} images of {len(mine)} people in {elapsed:.1f} s{rate}", markup=False)
+        out.print(f"aligned: {aligned.detected} detected, {aligned.cached} from the landmarks cache", markup=False)
+        _print_some("LFW images skipped, no face detected", skipped)
+        _print_some("duplicate images skipped", duplicates)
+        _print_some("files refused", refused)
+        if refused:
+            out.print(f"[red]{len(refused)} file(s) were not imported[/red]: fix or remove them, then run it again")
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -191,19 +233,36 @@ def add(
         typer.Option("--allow-reenrol", help="Enrol a person who was forgotten here (only with their new consent)."),
     ] = False,
 ) -> None:
-    """Add image files of one person. All files are checked first; if any is bad, nothing is stored."""
-    items = []
-    for path in images:
-        if not path.is_file():
-            _fail(f"{path}: no such file")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            _fail(f"{path}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
-        data = path.read_bytes()
-        check_image(data, str(path))
-        items.append((person, data, path.name[:255]))
+    """Add photos of one person (JPEG/PNG, any size). Each must show exactly one face, which is detected,
+    aligned and stored as its canonical 224x224 crop. All files are checked first; if any is bad, nothing
+    is stored. A photo already stored is skipped (same person) or refused (another person): exit 1."""
+    items = [(person, enrol_file(path), path.name[:255]) for path in images]
     with _open(vault) as v:
-        ids = v.put_many(items, allow_reenrol=allow_reenrol)
-        out.print(f"stored {len(ids)} image(s) of {person} ({v.person(person).n_images} in the vault)", markup=False)
+        outcomes = v.add_images(items, allow_reenrol=allow_reenrol)
+        stored = sum(o.status == "stored" for o in outcomes)
+        problems = [f"{p}: {o.detail}" for p, o in zip(images, outcomes) if o.status != "stored"]
+        n_now = v.person(person).n_images if stored or any(o.status == "duplicate" for o in outcomes) else 0
+        out.print(f"stored {stored} image(s) of {person} ({n_now} in the vault)", markup=False)
+        _print_some("not stored", problems)
+        if any(o.status == "refused" for o in outcomes):
+            raise typer.Exit(1)
+
+
+def enrol_file(path: Path) -> bytes:
+    """The canonical crop of the one face in the photo at `path`; errors name its full path."""
+    from facefed.common.faces import enrolment_crop
+
+    full = str(path.absolute())
+    if not path.is_file():
+        fail(f"{full}: no such file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        fail(f"{full}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
+    data = path.read_bytes()
+    check_image(data, full, aligned=False)
+    try:
+        return enrolment_crop(data, what=full)
+    except FacefedError as e:
+        fail(str(e), e.exit_code)
 
 
 @app.command("ls")
@@ -282,10 +341,14 @@ def verify(vault: VaultOpt) -> None:
         "orphan shares",
         [f"x={o.x} {o.store}: {o.share_id} ({'this vault' if o.ours else 'not this vault'})" for o in r.orphans],
     )
+    _print_some("misplaced stores (nothing in them is used or deleted)", r.misplaced_stores)
     if r.pending_deletions:
         out.print(f"[yellow]{r.pending_deletions} share deletion(s) of erased people still pending[/yellow]")
     if r.ok:
         out.print("[green]vault OK[/green]")
+    elif r.misplaced_stores:
+        out.print("[red]problems found[/red]: fix the stores first (`facefed-client vault remap` for swapped ones)")
+        raise typer.Exit(1)
     else:
         out.print("[red]problems found[/red]: run `facefed-client vault repair`")
         raise typer.Exit(1)
@@ -308,12 +371,43 @@ def repair(vault: VaultOpt) -> None:
         "files in stores that are not this vault's (left alone)",
         [f"x={o.x} {o.store}: {o.share_id}" for o in r.foreign_orphans],
     )
+    _print_some(
+        "shares of this vault no record names (kept: a restored manifest may lack them)",
+        [f"x={o.x} {o.store}: {o.share_id}" for o in r.orphans_kept],
+    )
+    _print_some("misplaced stores (nothing in them is used or deleted)", r.misplaced_stores)
+    for x in r.stores_adopted:
+        out.print(f"store x={x} was empty: it is this vault's x={x} again and was refilled", markup=False)
+    if r.audit_error:
+        out.print(f"[red]audit log: {escape(r.audit_error)}[/red] (not repairable: restore audit.log from a backup)")
     if r.pending_deletions_left:
         out.print(f"[yellow]{r.pending_deletions_left} deletion(s) still pending (store unreachable)[/yellow]")
     if r.ok:
         out.print("[green]vault repaired[/green]")
     else:
+        out.print("[red]problems remain[/red] (listed above)")
         raise typer.Exit(1)
+
+
+@app.command()
+@clean_errors
+def remap(
+    vault: VaultOpt,
+    yes: Annotated[bool, typer.Option("--yes", help="Rewrite vault.toml without asking.")] = False,
+) -> None:
+    """Put swapped or reordered stores back in order: each store's identity says which x it holds."""
+    with _open(vault) as v:
+        order = v.remap()
+        if [u for _, u in order] == list(v.config.stores):
+            out.print("every store is in its place; nothing to change")
+            return
+        for x, url in order:
+            was = v.config.stores.index(url) + 1
+            out.print(f"  x={x}: {url}" + (f"  (listed as x={was} now)" if was != x else ""), markup=False)
+        if not yes and not typer.confirm("rewrite vault.toml in this order?"):
+            fail("nothing changed")
+        v.remap(apply=True)
+    out.print("vault.toml rewritten; run `facefed-client vault verify`")
 
 
 @app.command()

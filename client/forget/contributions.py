@@ -3,7 +3,8 @@
 Exact unlearning needs, for a person to forget, the earliest round that saw their data, so the model
 can be rolled back to the checkpoint before it and the later rounds replayed without them. The server
 never learns who is at a site, so this log lives at the site only (`STATE/contributions.sqlite`,
-keyed by the site's own person ids, never sent).
+never sent), keyed by the vault's random pseudonym, never the operator's person id (issue 11: the id
+stays in the vault's manifest only, so erasing the manifest row unlinks every other record).
 
 One row per (person, run, round, attempt). A person counts as *present* in a round when their
 images were in the training set of that call (they could have been sampled: Poisson sampling gives
@@ -22,11 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefed.common import sqlite
 from facefed.common.durable import immediate
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS contributions (
-    person_id         TEXT NOT NULL,
+    pseudonym         TEXT NOT NULL,
     run_id            TEXT NOT NULL,
     round             INTEGER NOT NULL,
     attempt           INTEGER NOT NULL,
@@ -35,7 +37,7 @@ CREATE TABLE IF NOT EXISTS contributions (
     parent_checkpoint TEXT NOT NULL,
     head_file         TEXT,
     recorded_at       REAL NOT NULL,
-    PRIMARY KEY (person_id, run_id, round, attempt)
+    PRIMARY KEY (pseudonym, run_id, round, attempt)
 );
 CREATE INDEX IF NOT EXISTS contributions_round ON contributions(run_id, round);
 """
@@ -43,7 +45,7 @@ CREATE INDEX IF NOT EXISTS contributions_round ON contributions(run_id, round);
 
 @dataclass(frozen=True)
 class Contribution:
-    person_id: str
+    pseudonym: str
     run_id: str
     round: int
     attempt: int
@@ -58,10 +60,7 @@ class ContributionLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = sqlite.connect(self.path, journal="WAL", rows=True)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -84,7 +83,7 @@ class ContributionLog:
         sampled: Iterable[str],
         head_file: str | None,
     ) -> int:
-        """Record every person present in one training call; returns the number of rows written."""
+        """Record every person (by pseudonym) present in one training call; returns the number of rows written."""
         sampled = set(sampled)
         unknown = sampled - images.keys()
         if unknown:
@@ -100,16 +99,16 @@ class ContributionLog:
             )
         return len(images)
 
-    def of_person(self, person_id: str) -> list[Contribution]:
+    def of_person(self, pseudonym: str) -> list[Contribution]:
         rows = self._db.execute(
-            "SELECT * FROM contributions WHERE person_id = ? ORDER BY run_id, round, attempt", (person_id,)
+            "SELECT * FROM contributions WHERE pseudonym = ? ORDER BY run_id, round, attempt", (pseudonym,)
         ).fetchall()
         return [self._row(r) for r in rows]
 
-    def first_round(self, person_id: str, run_id: str) -> int | None:
+    def first_round(self, pseudonym: str, run_id: str) -> int | None:
         """The earliest round of `run_id` in which the person was present (None if never)."""
         row = self._db.execute(
-            "SELECT MIN(round) FROM contributions WHERE person_id = ? AND run_id = ?", (person_id, run_id)
+            "SELECT MIN(round) FROM contributions WHERE pseudonym = ? AND run_id = ?", (pseudonym, run_id)
         ).fetchone()
         return row[0]
 
@@ -117,14 +116,14 @@ class ContributionLog:
         return [
             r[0]
             for r in self._db.execute(
-                "SELECT DISTINCT person_id FROM contributions WHERE run_id = ? AND round = ? ORDER BY person_id",
+                "SELECT DISTINCT pseudonym FROM contributions WHERE run_id = ? AND round = ? ORDER BY pseudonym",
                 (run_id, rnd),
             )
         ]
 
-    def forget(self, person_id: str) -> int:
+    def forget(self, pseudonym: str) -> int:
         """Drop a forgotten person's rows (after unlearning has used them); returns how many."""
-        cur = self._db.execute("DELETE FROM contributions WHERE person_id = ?", (person_id,))
+        cur = self._db.execute("DELETE FROM contributions WHERE pseudonym = ?", (pseudonym,))
         return cur.rowcount
 
     @staticmethod

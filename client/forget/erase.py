@@ -2,21 +2,22 @@
 
 `forget(vault_dir, state_dir, person_id)` does, in this order:
  1. checks the person (an unknown person is an error that changes nothing);
- 2. records the request (`client/requests.py`): pseudonym, the runs/rounds their data was used in
+ 2. records the request (`client/forget/requests.py`): pseudonym, the runs/rounds their data was used in
     (what the server needs to roll back and replay), and a tombstone; committed before anything is
     destroyed, so a crash later never loses the request;
  3. erases their shares from every store (`Vault.erase`: manifest rows first, then the files; what a
     store could not delete stays pending in the vault and is retried at every open);
- 4. deletes their row from every head file in the state directory (each rewritten atomically): the
-    site's head checkpoints `STATE/heads/<run>/r<round>-a<attempt>.pt` and any head directly in STATE;
- 5. deletes their contribution-log rows (`STATE/contributions.sqlite`), once the summary in step 2
-    is safely recorded (and merged again here, in case a round that was running added rows).
+ 4. deletes their row from every head file in EVERY state directory of the vault (the node's
+    `VAULT/site`, `facefed-client train`'s `VAULT/train-state` with its `head.pt`, any other one a
+    node or `train` registered in `VAULT/states`; client/state.py), each rewritten atomically;
+ 5. deletes their contribution-log rows (`STATE/contributions.sqlite`, keyed by pseudonym) in each,
+    once the summary in step 2 is safely recorded (and merged again, in case a round added rows).
 Repeating it is harmless: an open request for the same person is resumed or returned, never doubled.
 `settle(vault_dir, state_dir)` does the same for every request without the id being typed again: for
 the node at start-up and around rounds (a crash before erasing, a round in flight during the erasure).
 
 What this cannot do alone: the other rows of a head and the shared backbone were trained *with* the
-person; exact unlearning (rollback + replay without them) is the server's part (server/unlearn.py),
+person; exact unlearning (rollback + replay without them) is the server's part (server/forget/unlearn.py),
 which reads the summary from the request log through the site's `query` reply.
 """
 
@@ -28,20 +29,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from facefed.client.forget.requests import REQUESTS_NAME, ForgetRequest, RequestError, RequestLog, RunSpan
-from facefed.client.site.node import DEFAULT_STATE_SUBDIR
+from facefed.client.forget.requests import ForgetRequest, RequestError, RequestLog, RunSpan
+from facefed.client.state import SiteState, default_node_state, requests_path, site_states
 from facefed.client.vault import UnknownPerson, Vault
 from facefed.client.vault.validate import check_person_id
+from facefed.common import sqlite
+from facefed.common.errors import FacefedError
 from facefed.common.model.heads import HeadError, MarginHead
 
 log = logging.getLogger("facefed.forget")
 
-CONTRIBUTIONS_NAME = "contributions.sqlite"  # client/site_round.py Site.contributions_path
-HEADS_DIR = "heads"  # client/site_round.py Site.head_path: STATE/heads/<run>/r<round>-a<attempt>.pt
 MAX_REASON = 500
 
 
-class ForgetError(ValueError):
+class ForgetError(FacefedError, ValueError):
     """The request cannot be made as given (bad reason text, state directory unusable)."""
 
 
@@ -60,7 +61,7 @@ class ForgetOutcome:
 
 def default_state_dir(vault_dir: Path) -> Path:
     """Where `facefed-client start` keeps the site's state unless told otherwise."""
-    return Path(vault_dir) / DEFAULT_STATE_SUBDIR
+    return default_node_state(vault_dir)
 
 
 def check_reason(reason: str | None, person_id: str) -> str | None:
@@ -76,14 +77,14 @@ def check_reason(reason: str | None, person_id: str) -> str | None:
 
 # -- contribution log (operated on directly: the ContributionLog API lacks a secure delete) -----------
 def _contrib_db(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    db.execute("PRAGMA secure_delete=ON")  # the deleted rows carry the person id: overwrite them
-    return db
+    # The log runs in WAL mode (ContributionLog); the deleted rows carry the person id: overwrite them.
+    # Not mode=ro even to read: a read-only open of a WAL database fails without its -shm file.
+    return sqlite.connect(path, journal="WAL", secure_delete=True)
 
 
-def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
+def contribution_spans(state_dir: Path, pseudonym: str) -> list[RunSpan]:
     """Per run: the earliest and latest round the person was present in (attempts included)."""
-    path = Path(state_dir) / CONTRIBUTIONS_NAME
+    path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
         return []
     db = _contrib_db(path)
@@ -92,7 +93,7 @@ def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
         if not has:
             return []
         rows = db.execute(
-            "SELECT DISTINCT run_id, round FROM contributions WHERE person_id=? ORDER BY run_id, round", (person_id,)
+            "SELECT DISTINCT run_id, round FROM contributions WHERE pseudonym=? ORDER BY run_id, round", (pseudonym,)
         ).fetchall()
     finally:
         db.close()
@@ -102,16 +103,16 @@ def contribution_spans(state_dir: Path, person_id: str) -> list[RunSpan]:
     return [RunSpan(run_id, rs[0], rs[-1], tuple(rs)) for run_id, rs in by_run.items()]
 
 
-def drop_contributions(state_dir: Path, person_id: str) -> int:
+def drop_contributions(state_dir: Path, pseudonym: str) -> int:
     """Delete the person's rows and push the WAL into the database, so no copy of them stays behind."""
-    path = Path(state_dir) / CONTRIBUTIONS_NAME
+    path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
         return 0
     db = _contrib_db(path)
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='contributions'").fetchone():
             return 0
-        n = db.execute("DELETE FROM contributions WHERE person_id=?", (person_id,)).rowcount
+        n = db.execute("DELETE FROM contributions WHERE pseudonym=?", (pseudonym,)).rowcount
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a no-op unless the log runs in WAL mode
     finally:
         db.close()
@@ -119,14 +120,14 @@ def drop_contributions(state_dir: Path, person_id: str) -> int:
 
 
 def contribution_people(state_dir: Path) -> list[str]:
-    path = Path(state_dir) / CONTRIBUTIONS_NAME
+    path = SiteState(Path(state_dir)).contributions
     if not path.is_file():
         return []
-    db = _contrib_db(path)  # not mode=ro: a read-only open of a WAL database fails without its -shm file
+    db = _contrib_db(path)
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='contributions'").fetchone():
             return []
-        return [r[0] for r in db.execute("SELECT DISTINCT person_id FROM contributions")]
+        return [r[0] for r in db.execute("SELECT DISTINCT pseudonym FROM contributions")]
     finally:
         db.close()
 
@@ -142,12 +143,7 @@ def merge_spans(a: list[RunSpan], b: list[RunSpan]) -> list[RunSpan]:
 
 # -- heads ------------------------------------------------------------------------------------------
 def head_files(state_dir: Path) -> list[Path]:
-    state_dir = Path(state_dir)
-    found = list(state_dir.glob("*.pt"))
-    heads = state_dir / HEADS_DIR
-    if heads.is_dir():
-        found += heads.rglob("*.pt")
-    return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
+    return SiteState(Path(state_dir)).head_files()
 
 
 def scrub_heads(state_dir: Path, pseudonym: str) -> tuple[int, list[str], list[str]]:
@@ -166,22 +162,60 @@ def scrub_heads(state_dir: Path, pseudonym: str) -> tuple[int, list[str], list[s
     return removed, changed, problems
 
 
+def _number(value: object) -> float:
+    """A number from an audit entry (JSON); anything else means the entry is not ours."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"the vault's audit log has a malformed erase entry ({value!r} is not a number)")
+    return float(value)
+
+
 def _erased_per_audit(vault: Vault, reqlog: RequestLog, req: ForgetRequest, vault_dir: Path) -> ForgetRequest:
-    """A crash after the vault erased but before the log said so: the vault's audit log has the facts."""
-    for entry in reversed(vault.audit_entries()):
-        if entry.get("event") == "erase" and entry.get("pseudonym") == req.pseudonym:
-            return reqlog.mark_erased(
-                req.request_id,
-                erased_at=float(entry["time"]),
-                shares_destroyed=int(entry.get("shares_destroyed", 0)),
-                shares_pending=int(entry.get("shares_pending", 0)),
-                images=int(entry.get("images", 0)),
-            )
-    raise RequestError(
-        f"request {req.request_id}: the person is gone from the vault but its audit log has no "
-        f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
-        f"and check the audit log"
+    """A crash after the vault began erasing but before the log said so: the vault has the facts. Its
+    audit log records the erase (or, when the process died while destroying shares, the `erase_resumed`
+    of the open that finished the job), and its manifest any deletion still pending for the request."""
+    entries = [
+        e
+        for e in vault.audit_entries()
+        if e.get("event") in ("erase", "erase_resumed")
+        and e.get("pseudonym") == req.pseudonym
+        and e.get("request_id", req.request_id) == req.request_id
+    ]
+    pending = vault.pending_deletions(req.request_id)
+    if not entries and not pending:
+        raise RequestError(
+            f"request {req.request_id}: the person is gone from the vault but its audit log has no "
+            f"erase of pseudonym {req.pseudonym}; run `facefed-client vault verify --vault {vault_dir}` "
+            f"and check the audit log"
+        )
+    images = max((int(_number(e.get("images", 0))) for e in entries), default=0)
+    return reqlog.mark_erased(
+        req.request_id,
+        erased_at=_number(entries[0]["time"]) if entries else time.time(),
+        shares_destroyed=sum(int(_number(e.get("shares_destroyed", 0))) for e in entries),
+        shares_pending=pending,
+        images=images,
     )
+
+
+def refresh_pending(vault: Vault, reqlog: RequestLog, req: ForgetRequest) -> ForgetRequest:
+    """A request that left deletions pending: count again what the vault still has pending (an open,
+    verify or repair finishes them when the store is back), so status and receipts stop saying so."""
+    if req.erased_at is None or not req.shares_pending:
+        return req
+    now = vault.pending_deletions(req.request_id)
+    if now >= req.shares_pending:
+        return req
+    return reqlog.set_pending(
+        req.request_id,
+        shares_destroyed=(req.shares_destroyed or 0) + req.shares_pending - now,
+        shares_pending=now,
+    )
+
+
+def _states(vault_dir: Path, state_dir: Path) -> list[Path]:
+    """Every state directory of this vault: the one given, the node's, `train`'s, and any registered."""
+    out = [state_dir, *site_states(vault_dir)]
+    return [d for i, d in enumerate(out) if d not in out[:i]]
 
 
 def _scrub_heads_of(
@@ -215,7 +249,7 @@ def run_forget(
         except UnknownPerson:
             pseudonym = None
         # Without a request log no one was ever forgotten here: do not even create the file.
-        if pseudonym is None and not (vault_dir / REQUESTS_NAME).is_file():
+        if pseudonym is None and not requests_path(vault_dir).is_file():
             raise _unknown(person_id, vault_dir)
         with RequestLog(vault_dir) as reqlog:
             return _run(vault, reqlog, vault_dir, state_dir, person_id, pseudonym, reason, received)
@@ -245,12 +279,13 @@ def _run(
     erased_now, destroyed_now = False, 0
     if pseudonym is not None and (previous is None or previous.erased_at is not None):
         # A new request (first time, or a person enrolled again after an earlier one was finished).
-        req = reqlog.receive(
-            person_id, pseudonym, contribution_spans(state_dir, person_id), reason, received_at=received
-        )
+        spans: list[RunSpan] = []
+        for d in _states(vault_dir, state_dir):
+            spans = merge_spans(spans, contribution_spans(d, pseudonym))
+        req = reqlog.receive(person_id, pseudonym, spans, reason, received_at=received)
     else:
         assert previous is not None
-        req = previous
+        req = refresh_pending(vault, reqlog, previous)
     repeated = req.erased_at is not None
 
     if req.erased_at is None:
@@ -269,15 +304,21 @@ def _run(
             req = _erased_per_audit(vault, reqlog, req, vault_dir)
     log.info("request %s: data erased (%s shares)", req.request_id, req.shares_destroyed)
 
-    # Heads and contributions: run every time (idempotent), so a head written by a round that was
-    # in flight during the first call is scrubbed by the repeat (or by `settle`).
-    req, rows, files, problems = _scrub_heads_of(reqlog, req, state_dir)
-    spans = contribution_spans(state_dir, person_id)
-    if spans:
-        merged = merge_spans(req.contributions, spans)
-        if merged != req.contributions:
-            req = reqlog.set_contributions(req.request_id, merged)
-    dropped = drop_contributions(state_dir, person_id)
+    # Heads and contributions: run every time (idempotent), in EVERY state directory the site has
+    # (the node's, `facefed-client train`'s, any other registered with the vault; client/state.py),
+    # so a head written by a round that was in flight during the first call is scrubbed by the repeat.
+    rows, dropped = 0, 0
+    files: list[str] = []
+    problems: list[str] = []
+    for d in _states(vault_dir, state_dir):
+        req, r, f, p = _scrub_heads_of(reqlog, req, d)
+        rows, files, problems = rows + r, files + f, problems + p
+        spans = contribution_spans(d, req.pseudonym)
+        if spans:
+            merged = merge_spans(req.contributions, spans)
+            if merged != req.contributions:
+                req = reqlog.set_contributions(req.request_id, merged)
+        dropped += drop_contributions(d, req.pseudonym)
     if dropped or req.contribution_rows is None:
         req = reqlog.mark_contributions_dropped(req.request_id, (req.contribution_rows or 0) + dropped)
 
@@ -305,18 +346,26 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
     Returns the requests for which something was done."""
     vault_dir = Path(vault_dir).expanduser().absolute()
     state_dir = default_state_dir(vault_dir) if state_dir is None else Path(state_dir).expanduser().absolute()
-    if not (vault_dir / REQUESTS_NAME).is_file():
+    if not requests_path(vault_dir).is_file():
         return []
     done: list[ForgetOutcome] = []
     with Vault.open(vault_dir) as vault, RequestLog(vault_dir) as reqlog:
         current = {r.person_id: r.pseudonym for r in vault.people()}
         by_pseudonym = {ps: pid for pid, ps in current.items()}
-        by_hash = {reqlog.hash_of(p): p for p in set(current) | set(contribution_people(state_dir))}
+        by_hash = {reqlog.hash_of(p): p for p in current}
         latest: dict[str, ForgetRequest] = {}
         for req in reqlog.all():  # oldest first: the last one per person wins
+            refreshed = refresh_pending(vault, reqlog, req)
+            if refreshed != req:
+                done.append(ForgetOutcome(request=refreshed, repeated=True, erased_now=False))
+            req = refreshed
             h = reqlog.id_hash_of(req.request_id)
             if h in latest:  # an earlier request of someone forgotten twice: only its head rows can remain
-                old, rows, files, problems = _scrub_heads_of(reqlog, latest[h], state_dir)
+                old, rows = latest[h], 0
+                files, problems = list[str](), list[str]()
+                for d in _states(vault_dir, state_dir):
+                    old, r, f, p = _scrub_heads_of(reqlog, old, d)
+                    rows, files, problems = rows + r, files + f, problems + p
                 if rows or problems:
                     done.append(
                         ForgetOutcome(
@@ -337,13 +386,24 @@ def settle(vault_dir: str | Path, state_dir: str | Path | None = None) -> list[F
             else:  # nothing here names them any more, or they were enrolled again under a new pseudonym
                 if req.erased_at is None and req.pseudonym not in by_pseudonym:
                     req = _erased_per_audit(vault, reqlog, req, vault_dir)
-                req, rows, files, problems = _scrub_heads_of(reqlog, req, state_dir)
+                rows, dropped = 0, 0
+                files, problems = list[str](), list[str]()
+                for d in _states(vault_dir, state_dir):
+                    req, r, f, p = _scrub_heads_of(reqlog, req, d)
+                    rows, files, problems = rows + r, files + f, problems + p
+                    spans = contribution_spans(d, req.pseudonym)
+                    if spans and merge_spans(req.contributions, spans) != req.contributions:
+                        req = reqlog.set_contributions(req.request_id, merge_spans(req.contributions, spans))
+                    dropped += drop_contributions(d, req.pseudonym)
+                if dropped:
+                    req = reqlog.mark_contributions_dropped(req.request_id, (req.contribution_rows or 0) + dropped)
                 o = ForgetOutcome(
                     request=req,
                     repeated=True,
                     erased_now=False,
                     head_rows_removed_now=rows,
                     head_files_now=files,
+                    contribution_rows_now=dropped,
                     problems=problems,
                 )
             if (o.request.erased_at, o.request.head_rows_removed, o.request.contribution_rows) != was or o.problems:

@@ -31,10 +31,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from facefed.client.vault.tombstones import REQUESTS_NAME, TOMBSTONES_SCHEMA, id_hash, vault_key
+from facefed.client.state import RECEIPTS_DIR, REQUESTS_NAME, SiteState
+from facefed.client.vault.tombstones import TOMBSTONES_SCHEMA, id_hash, vault_key
+from facefed.common import sqlite
 from facefed.common.durable import immediate
+from facefed.common.errors import FacefedError
 
-RECEIPTS_DIR = "receipts"
+__all__ = ["RECEIPTS_DIR", "REQUESTS_NAME", "ForgetRequest", "RequestError", "RequestLog", "RunSpan", "vault_key"]
 REQUEST_ID_RE = re.compile(r"^fr-[0-9a-f]{16}$")
 STAGES = ("received", "data_erased", "model_unlearned", "receipt_issued")
 
@@ -68,7 +71,7 @@ CREATE INDEX IF NOT EXISTS requests_by_hash ON requests(id_hash);
 )
 
 
-class RequestError(ValueError):
+class RequestError(FacefedError, ValueError):
     """An unknown request id, a stage out of order, or a damaged request log."""
 
 
@@ -148,13 +151,10 @@ class RequestLog:
 
     def __init__(self, vault_dir: str | Path):
         self.vault_dir = Path(vault_dir)
-        self.path = self.vault_dir / REQUESTS_NAME
+        self.files = SiteState.of_node(self.vault_dir)
+        self.path = self.files.requests
         self.key = vault_key(self.vault_dir)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=DELETE")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA secure_delete=ON")
+        self._db = sqlite.connect(self.path, journal="DELETE", secure_delete=True, rows=True)
         self._db.executescript(_SCHEMA)
         try:
             self.path.chmod(0o600)
@@ -243,6 +243,15 @@ class RequestLog:
             )
         return self.get(request_id)
 
+    def set_pending(self, request_id: str, *, shares_destroyed: int, shares_pending: int) -> ForgetRequest:
+        """Deletions that were pending in an unreachable store have finished (or some of them)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE requests SET shares_destroyed=?, shares_pending=? WHERE request_id=?",
+                (shares_destroyed, shares_pending, request_id),
+            )
+        return self.get(request_id)
+
     def mark_heads(self, request_id: str, *, rows_removed: int, files: list[str]) -> ForgetRequest:
         with self._write() as db:
             db.execute(
@@ -307,7 +316,7 @@ class RequestLog:
         atomically) and move the request to `receipt_issued`."""
         if self.get(request_id).unlearned_at is None:
             raise RequestError(f"request {request_id}: no receipt before the model is unlearned")
-        folder = self.vault_dir / RECEIPTS_DIR
+        folder = self.files.receipts_dir
         folder.mkdir(mode=0o700, exist_ok=True)
         path = folder / f"{request_id}.json"
         tmp = folder / f".{request_id}.json.tmp"

@@ -1,11 +1,12 @@
-"""The site's answer to the server's `query` message (common/forget_wire.py): forget requests both ways.
+"""The site's answer to the server's `query` message (common/protocol/forget.py): forget requests both ways.
 
 In order:
- 1. `settle` every request first (client/forget.py): a site that crashed between erasing and
+ 1. `settle` every request first (client/forget/erase.py): a site that crashed between erasing and
     reporting, or a head written by a round in flight during an erasure, is put right before
     anything is reported;
- 2. keep the receipts the server delivers (each moves its request to `model_unlearned`, then
-    `receipt_issued`; a receipt that names another request or pseudonym is refused, not stored);
+ 2. keep the receipts the server delivers, once their signature verifies against the server key
+    pinned at this site (each moves its request to `model_unlearned`, then `receipt_issued`; an
+    unsigned or wrongly signed one, or one naming another request or pseudonym, is not stored);
  3. delete the head files the server says carry a forgotten person's influence (rounds a replay
     replaced: their other rows were trained beside the person);
  4. answer the budget question of an upcoming replay from the site's own accountant;
@@ -15,17 +16,16 @@ In order:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from facefed.client.forget.erase import HEADS_DIR, settle
+from facefed.client.forget.erase import settle
+from facefed.client.forget.receipts import KeyPinError, ReceiptError, verify_at_site
 from facefed.client.forget.requests import RequestError, RequestLog
-from facefed.client.training.shard_state import ShardStateError, accountant_path
-from facefed.common.accountant import AccountantMismatch, SiteAccountant
+from facefed.client.state import SiteState, requests_path
+from facefed.client.training.privacy import check_order, open_accountant, policy_of
 from facefed.common.config import ConfigError, TrainConfig, validate_config
 from facefed.common.protocol.forget import BudgetAnswer, BudgetAsk, DropHeads, PendingRequest, QueryOrder, QueryReply
-
-HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
+from facefed.common.protocol.train import SiteRefused
 
 
 def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrder) -> QueryReply:
@@ -34,9 +34,9 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
         problems += outcome.problems
     stored = _keep_receipts(vault_dir, order, problems)
     dropped = sum(_drop_heads(state_dir, d) for d in order.drop_heads)
-    budget = _budget(state_dir, order.budget) if order.budget else None
+    budget = _budget(vault_dir, state_dir, order.budget) if order.budget else None
     pending = []
-    if (vault_dir / "requests.sqlite").is_file():
+    if requests_path(vault_dir).is_file():
         with RequestLog(vault_dir) as log:
             for r in log.pending_for_server():
                 pending.append(
@@ -44,7 +44,7 @@ def answer_query(*, site: str, vault_dir: Path, state_dir: Path, order: QueryOrd
                         request_id=r.request_id,
                         pseudonym=r.pseudonym,
                         received_at=r.received_at,
-                        erased_at=float(r.erased_at),
+                        erased_at=float(r.erased_at or 0.0),  # pending_for_server: erased_at is set
                         shares_destroyed=int(r.shares_destroyed or 0),
                         contributions={s.run_id: sorted(set(s.rounds)) for s in r.contributions},
                     )
@@ -71,6 +71,11 @@ def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> l
                 problems.append(f"receipt for unknown request {d.request_id}: not stored")
                 continue
             body = d.receipt.get("receipt") if isinstance(d.receipt, dict) else None
+            try:  # the signature, against the server key pinned at this site (client/forget/receipts.py)
+                verify_at_site(d.receipt, vault_dir)
+            except (ReceiptError, KeyPinError) as e:
+                problems.append(f"receipt for {d.request_id} not stored: {e}")
+                continue
             if (
                 not isinstance(body, dict)
                 or body.get("request_id") != req.request_id
@@ -95,17 +100,16 @@ def _keep_receipts(vault_dir: Path, order: QueryOrder, problems: list[str]) -> l
 
 
 def _drop_heads(state_dir: Path, drop: DropHeads) -> int:
-    folder = state_dir / HEADS_DIR / drop.run_id  # run_id is validated against a strict pattern
+    # run_id is validated against a strict pattern (common/protocol/forget.py)
     n = 0
-    for path in sorted(folder.glob("r*-a*.pt")) if folder.is_dir() else []:
-        m = HEAD_RE.match(path.name)
-        if m and int(m.group(1)) >= drop.from_round:
-            path.unlink(missing_ok=True)
-            n += 1
+    heads = SiteState(state_dir).round_heads(drop.run_id)
+    for path in sorted(p for rnd, _, p in heads if rnd >= drop.from_round):
+        path.unlink(missing_ok=True)
+        n += 1
     return n
 
 
-def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
+def _budget(vault_dir: Path, state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
     try:
         cfg = validate_config(json.loads(ask.train_config), TrainConfig, where="server query")
     except (json.JSONDecodeError, ConfigError) as e:
@@ -116,7 +120,7 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             epsilon_now=-1.0,
             epsilon_planned=-1.0,
             max_epsilon=-1.0,
-            detail=f"the replay's training config is unusable here: {e}",
+            detail=f"the replay's training config is unusable here: {e}"[:2000],
         )
     if cfg.privacy_unit == "none":
         return BudgetAnswer(
@@ -128,11 +132,12 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             max_epsilon=-1.0,
             detail="non-private training: no epsilon is claimed",
         )
-    try:
-        acc = SiteAccountant(
-            accountant_path(state_dir, ask.shard, ask.shards), cfg.delta, cfg.max_epsilon, cfg.privacy_unit
-        )
-    except (AccountantMismatch, ShardStateError) as e:
+    try:  # the vault's own accountant and policy (client/training/privacy.py), as a round would use them
+        policy = policy_of(vault_dir)
+        check_order(policy, cfg, ask.steps)
+        acc = open_accountant(SiteState(state_dir, vault_dir), policy, ask.shard, ask.shards)
+        cfg = cfg.model_copy(update={"max_epsilon": min(cfg.max_epsilon, policy.max_epsilon), "delta": policy.delta})
+    except SiteRefused as e:
         return BudgetAnswer(
             fits=False,
             unit=cfg.privacy_unit,
@@ -140,7 +145,7 @@ def _budget(state_dir: Path, ask: BudgetAsk) -> BudgetAnswer:
             epsilon_now=-1.0,
             epsilon_planned=-1.0,
             max_epsilon=cfg.max_epsilon,
-            detail=str(e),
+            detail=f"refused ({e.kind}): {e.reason}"[:2000],
         )
     steps = ask.rounds * ask.steps + cfg.probe_steps
     if cfg.noise_multiplier is None:

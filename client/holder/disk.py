@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from facefed.client.vault.sharefile import LEN_PREFIX, MAX_IMAGE_BYTES, OVERHEAD, bucket
-from facefed.client.vault.stores.base import ShareNotFound, StoreError, check_share_id
-from facefed.common.durable import fsync_dir, immediate
+from facefed.client.holder.proto.shares import MAX_SHARE_BYTES, ShareNotFound, StoreError, check_share_id
+from facefed.common import sqlite
+from facefed.common.durable import fsync_dir, immediate, write_synced
 
 # The largest share the vault can make (its largest image, padded to its bucket): bounds a request's memory.
-DEFAULT_MAX_SHARE_BYTES = bucket(MAX_IMAGE_BYTES + LEN_PREFIX.size) + OVERHEAD
+DEFAULT_MAX_SHARE_BYTES = MAX_SHARE_BYTES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS shares (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_FORMAT = "facefed-holder-1"
+_FORMAT = "facefed-holder-1"  # meta row 'format' (not PRAGMA user_version, which stays 0)
+INDEX_NAME = "index.sqlite"
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class HolderStat:
 class ShareDir:
     """Thread-safe: reads go straight to files; index writes are serialised by one lock."""
 
-    def __init__(self, root: str | os.PathLike, *, max_share_bytes: int = DEFAULT_MAX_SHARE_BYTES):
+    def __init__(self, root: str | os.PathLike[str], *, max_share_bytes: int = DEFAULT_MAX_SHARE_BYTES):
         self.root = Path(root).resolve()
         self.max_share_bytes = max_share_bytes
         if not self.root.is_dir():
@@ -64,17 +65,36 @@ class ShareDir:
         except OSError as e:
             raise StoreError(f"holder directory {self.root} is not writable: {e.strerror}") from e
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        # FULL: an acknowledged put must survive power loss, index row included.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-        if fmt is None:
-            self._db.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
-        elif fmt[0] != _FORMAT:
-            raise StoreError(f"holder directory {self.root} has index format {fmt[0]!r}, expected {_FORMAT!r}")
-        self.recovered = self._recover()
+        index = self.root / INDEX_NAME
+        try:
+            # WAL, synchronous=FULL: an acknowledged put must survive power loss, index row included.
+            self._db = sqlite.connect(index, journal="WAL", threads=True)
+        except sqlite3.DatabaseError as e:
+            raise self._damaged(index, e) from None
+        try:
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(problems[0])
+            self._db.executescript(_SCHEMA)
+            fmt = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            if fmt is None:
+                self._db.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
+            elif fmt[0] != _FORMAT:
+                raise StoreError(f"holder directory {self.root} has index format {fmt[0]!r}, expected {_FORMAT!r}")
+            self.recovered = self._recover()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise self._damaged(index, e) from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    @staticmethod
+    def _damaged(index: Path, e: Exception) -> StoreError:
+        return StoreError(
+            f"holder index {index} is damaged ({' '.join(str(e).split())}); the share files under {index.parent / 'shares'} are "
+            f"untouched: restore the index from a backup, then start the holder again"
+        )
 
     # -- crash recovery: only temp files and pending rows, never a scan of shares/ ------------------
     def _recover(self) -> int:
@@ -121,14 +141,7 @@ class ShareDir:
             for share_id, path, data in planned:
                 tmp = self.tmp_dir / f"{share_id}.{threading.get_ident()}"
                 try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                    try:
-                        view = memoryview(data)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    write_synced(tmp, data)
                     path.parent.mkdir(mode=0o700, exist_ok=True)
                     os.replace(tmp, path)
                 except OSError:
@@ -141,7 +154,7 @@ class ShareDir:
             raise
         self._index_many("UPDATE shares SET pending=0, size=? WHERE id=?", [(len(d), sid) for sid, _, d in planned])
 
-    def _index_many(self, sql: str, rows: list[tuple]) -> None:
+    def _index_many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         with self._lock, immediate(self._db):
             self._db.executemany(sql, rows)
 

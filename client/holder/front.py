@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 from pathlib import Path
+from typing import Any
 
 from facefed.client.holder.tls import CA_CERT, SERVER_CERT, SERVER_KEY, ServerTLS
 
@@ -39,13 +40,13 @@ def server_context(tls: ServerTLS) -> ssl.SSLContext:
     return ctx
 
 
-def _subject(cert: dict | None) -> str:
+def _subject(cert: dict[str, Any] | None) -> str:
     if not cert:
         return "?"
     return ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
 
 
-def _peer(addr) -> str:
+def _peer(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = addr[0]
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
@@ -110,7 +111,7 @@ def _relay(tls: ssl.SSLSocket, up: socket.socket) -> None:
             ready = ["tls"] if tls.pending() else [key.data for key, _ in sel.select()]
             for side in ready:
                 src = tls if side == "tls" else up
-                parts = []
+                parts: list[bytes] = []
                 while True:
                     try:
                         data = src.recv(_CHUNK)
@@ -194,7 +195,7 @@ class TLSFront:
             self._track(conn, add=True)
             threading.Thread(target=self._serve, args=(conn, addr), name="holder-conn", daemon=True).start()
 
-    def _serve(self, conn: socket.socket, addr) -> None:
+    def _serve(self, conn: socket.socket, addr: object) -> None:
         peer = _peer(addr)
         live: list[socket.socket] = [conn]
         try:

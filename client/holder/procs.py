@@ -1,5 +1,8 @@
 """Run share holders as child processes (`facefed-client store serve`): for demos, benchmarks, tests.
 
+Not part of the holder daemon itself (nothing in service/front/disk imports it): tests/test_remote_store_e2e.py,
+bench/remote_stores.py and the demos use it to start real holders on one machine.
+
 Each holder is its own process, optionally inside a network namespace (`ip netns exec NS ...`, which
 execs in place, so the PID we hold is the holder's). Processes are stopped by their own PIDs.
 """
@@ -33,7 +36,7 @@ class HolderProcess:
     tls_dir: Path
     log_path: Path
     netns: str | None = None
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _out: bytes = field(default=b"", repr=False)
 
     @property
@@ -71,8 +74,7 @@ class HolderProcess:
         ]
         if self.netns:
             cmd = [shutil.which("ip") or "ip", "netns", "exec", self.netns] + cmd
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 cmd,
                 stdout=subprocess.PIPE,
@@ -80,8 +82,6 @@ class HolderProcess:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        finally:
-            log.close()
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
         self._out = b""

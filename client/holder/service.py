@@ -2,9 +2,9 @@
 
     facefed-client store serve --dir DIR --listen HOST:PORT --tls-dir TLS
 
-Pieces: `holder_store.ShareDir` (files + index), the gRPC service below (generic handlers with the
+Pieces: `disk.ShareDir` (files + index), the gRPC service below (generic handlers with the
 messages of `proto/holder.proto`, bound to a unix socket in a private 0700 folder), and
-`holder_front.TLSFront` (the only network listener: verifies client certificates, logs who, relays).
+`front.TLSFront` (the only network listener: verifies client certificates, logs who, relays).
 Share ids are checked here as well as by the client, so a hand-made request with a path in its id
 gets INVALID_ARGUMENT and touches no file.
 """
@@ -23,14 +23,15 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from facefed.client.holder import proto
 from facefed.client.holder.disk import DEFAULT_MAX_SHARE_BYTES, ShareDir
 from facefed.client.holder.front import TLSFront
+from facefed.client.holder.proto.shares import ShareNotFound, check_share_id
 from facefed.client.holder.tls import load_server_tls
-from facefed.client.vault.stores.base import ShareNotFound, check_share_id
 
 log = logging.getLogger("facefed.holder")
 
@@ -53,13 +54,13 @@ class HolderService:
         # keep a read's deadline meaningful and the holder's memory small
         self.reply_budget = min(store.max_share_bytes, GET_MANY_REPLY_BYTES)
 
-    def Put(self, req, context):
+    def Put(self, req: Any, context: grpc.ServicerContext) -> Any:
         return self._write([(req.share_id, req.data)], context)
 
-    def PutMany(self, req, context):
+    def PutMany(self, req: Any, context: grpc.ServicerContext) -> Any:
         return self._write([(p.share_id, p.data) for p in req.shares], context)
 
-    def _write(self, items: list[tuple[str, bytes]], context):
+    def _write(self, items: list[tuple[str, bytes]], context: grpc.ServicerContext) -> Any:
         try:
             self.store.put_many(items)
         except ValueError as e:
@@ -75,7 +76,7 @@ class HolderService:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"holder {self.name} cannot write its index ({e})")
         return proto.PutReply()
 
-    def Get(self, req, context):
+    def Get(self, req: Any, context: grpc.ServicerContext) -> Any:
         try:
             return proto.GetReply(data=self.store.get(req.share_id))
         except ValueError as e:
@@ -85,7 +86,7 @@ class HolderService:
         except OSError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"holder {self.name} cannot read: {e.strerror}")
 
-    def GetMany(self, req, context):
+    def GetMany(self, req: Any, context: grpc.ServicerContext) -> Any:
         if len(req.share_ids) > GET_MANY_MAX_IDS:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -109,7 +110,7 @@ class HolderService:
             reply.shares.add(share_id=share_id, found=found, data=data)
         return reply
 
-    def Delete(self, req, context):
+    def Delete(self, req: Any, context: grpc.ServicerContext) -> Any:
         try:
             return proto.DeleteReply(existed=self.store.delete(req.share_id))
         except ValueError as e:
@@ -121,7 +122,7 @@ class HolderService:
                 f"holder {self.name} cannot delete ({e}); fix its --dir on that host",
             )
 
-    def List(self, req, context):
+    def List(self, req: Any, context: grpc.ServicerContext) -> Any:
         if req.after:
             try:
                 check_share_id(req.after)
@@ -130,7 +131,7 @@ class HolderService:
         limit = min(req.limit or 1000, LIST_PAGE_MAX)
         return proto.ListReply(share_ids=self.store.list(req.after, limit))
 
-    def Stat(self, req, context):
+    def Stat(self, req: Any, context: grpc.ServicerContext) -> Any:
         s = self.store.stat()
         return proto.StatReply(
             shares=s.shares, bytes=s.bytes, writable=s.writable, max_share_bytes=self.store.max_share_bytes
@@ -181,16 +182,16 @@ class Holder:
 
 
 def start_holder(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     listen: str,
-    tls_dir: str | os.PathLike,
+    tls_dir: str | os.PathLike[str],
     *,
     cert_host: str | None = None,
     max_share_bytes: int = DEFAULT_MAX_SHARE_BYTES,
     workers: int = 8,
 ) -> Holder:
     host, port = parse_listen(listen)
-    tls = load_server_tls(tls_dir, cert_host or host)
+    tls = load_server_tls(Path(tls_dir), cert_host or host)
     store = ShareDir(directory, max_share_bytes=max_share_bytes)
     sock_dir = Path(tempfile.mkdtemp(prefix="facefed-holder-"))  # 0700: only this user reaches the socket
     sock = sock_dir / "grpc.sock"

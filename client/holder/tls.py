@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from facefed.client.vault.stores.base import StoreError
+from facefed.client.holder.proto.shares import StoreError
 from facefed.common import certs
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
@@ -73,7 +73,7 @@ def _load_ca(out: Path) -> certs.Issued | None:
             f"{ca_pem} exists but {ca_key} does not: restore the CA key to add hosts, or use a new --out "
             "folder (then every holder and the vault need the new certificates)"
         )
-    return certs.Issued(certs.load_private(ca_key), certs.load_cert(ca_pem))
+    return certs.Issued(certs.load_ec_private(ca_key), certs.load_cert(ca_pem))
 
 
 def make_store_certs(out: str | Path, hosts: list[str], *, ca_name: str = "facefed share-holder CA") -> list[Path]:
@@ -84,6 +84,8 @@ def make_store_certs(out: str | Path, hosts: list[str], *, ca_name: str = "facef
         raise ValueError("no holder hosts given: pass --hosts h1,h2,h3 (names or IP addresses the vault dials)")
     if len(set(hosts)) != len(hosts):
         raise ValueError(f"holder hosts repeat: {','.join(hosts)}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the TLS certificates (new, or one to extend)")
     out.mkdir(parents=True, exist_ok=True)
     ca = _load_ca(out)
     if ca is None:

@@ -2,106 +2,92 @@
 
 Flower runs it in a fresh process per message. It stays thin on purpose (Flower and numpy only):
 the round itself, i.e. opening the vault, decoding faces in memory, DP training with the site's
-private head, saving the head and the contribution log, is `client.site_round.run_round`, executed
-by the site's warm worker (`client/worker.py`, started by `facefed-client start`) or, when there is
-none (simulation, or the worker is down), in this process.
+private head, saving the head and the contribution log, is `client/site/round.py`'s `run_round`,
+executed by the site's warm worker (`client/site/worker.py`, started by `facefed-client start`) or,
+when there is none (simulation, or the worker is down), in this process.
 
-`query` messages carry right-to-be-forgotten state both ways (client/forget_sync.py): the site
+`query` messages carry right-to-be-forgotten state both ways (client/forget/sync.py): the site
 reports its erased-but-not-yet-unlearned requests and keeps the receipts the server delivers.
 
-Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (people, images, steps, loss,
-epsilon, delta, timings) and a small record with the site's name, privacy unit and accountant.
-The head never leaves the site.
+Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (DP outputs and public
+facts: steps, epsilon, delta, noise, rate, the published people count; common/protocol/train.py) and
+a small record with the site's name, privacy unit and accountant. Loss, image counts and timings stay
+in the site's log. The head never leaves the site. A refused order raises SiteRefused(kind, reason).
 """
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from pydantic import ValidationError
 
 from facefed.client.site import worker
-from facefed.common.protocol.forget import ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
-from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
-
-ARRAYS, CONFIG, METRICS, SITE = "backbone", "config", "metrics", "site"  # same keys as server/strategy.py
+from facefed.common.errors import FacefedError
+from facefed.common.protocol.forget import MAX_MESSAGE, ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
+from facefed.common.protocol.tail import TAIL, unpack
+from facefed.common.protocol.train import ARRAYS, CONFIG, METRICS, SITE, SiteRefused, TrainOrder, problems
+from facefed.common.protocol.worker import QueryCall, QueryDone, Refused, TrainCall, TrainDone, WorkerCall
 
 app = ClientApp()
 
 
-class SiteRoundError(RuntimeError):
+class SiteRoundError(FacefedError, RuntimeError):
     """The round failed at the site; the message is what the server records for it."""
-
-
-def process_started_at() -> float:
-    """Wall-clock start of this process (Linux /proc), so the server can tell process start-up (Flower
-    launching `flwr-clientapp`, imports) apart from training time; NaN elsewhere."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return float("nan")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    t0, started_at = time.perf_counter(), time.time()
     config = dict(msg.content[CONFIG])
-    # The tail arrives as one flat vector with its layout (common/wire.py).
-    received = unpack(
-        msg.content[ARRAYS][TAIL].numpy(), [str(n) for n in config[NAMES]], [str(x) for x in config[SHAPES]]
-    )
+    try:  # validated here and again by the worker (common/protocol/train.py, worker.py)
+        order = TrainOrder.from_config(config)
+    except ValidationError as e:
+        raise SiteRefused(
+            "config", f"the server's order is malformed ({problems(e)}); server and site facefed versions differ?"
+        ) from None
+    flat = np.ascontiguousarray(msg.content.array_records[ARRAYS][TAIL].numpy(), dtype="<f4")
     nc, rc = dict(context.node_config), dict(context.run_config)
 
-    res = worker.call(Path(str(nc["state"])), {"config": config, "arrays": received}) if "state" in nc else None
-    if res is None:
+    got = (
+        worker.call(Path(str(nc["state"])), WorkerCall(call=TrainCall(order=order)), flat.tobytes())
+        if "state" in nc
+        else None
+    )
+    if got is None:
         from facefed.client.site.round import order_of, run_round, site_of  # the training stack, in this process
 
-        r = run_round(site_of(nc, rc), order_of(config), received)
-        res = {"ok": True, "arrays": r.arrays, "metrics": r.metrics, "info": {**r.info, "worker": "in-process"}}
-    elif res.get("ok"):
-        res["info"] = {**res["info"], "worker": "warm"}
-    if not res.get("ok"):
-        raise SiteRoundError(res.get("error", "the site's training worker failed"))
-
-    metrics = MetricRecord(
-        {
-            **res["metrics"],
-            "compute-s": time.perf_counter() - t0,
-            "handler-start": started_at,
-            "process-start": process_started_at(),
-        }
-    )
-    flat, names, shapes = pack(res["arrays"])  # the shared tail only: the head stays at the site
-    info = ConfigRecord({**res["info"], NAMES: names, SHAPES: shapes})
-    arrays = ArrayRecord({TAIL: Array(np.ascontiguousarray(flat))})
+        received = unpack(flat, list(order.layout_names), list(order.layout_shapes))
+        got = worker.reply_of(run_round(site_of(nc, rc), order_of(config), received), "in-process")
+    answer, tail = got
+    if isinstance(answer.answer, Refused):
+        raise SiteRefused(answer.answer.refusal, answer.answer.reason)
+    if not isinstance(answer.answer, TrainDone):
+        raise SiteRoundError("the site's training worker answered a train call with something else")
+    metrics, info = answer.answer.reply.to_records()
+    arrays = ArrayRecord({TAIL: Array(np.frombuffer(tail, dtype="<f4").copy())})
     return Message(RecordDict({ARRAYS: arrays, METRICS: metrics, SITE: info}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Forget requests: settle them, keep delivered receipts, drop tainted heads, report the pending."""
-    from pydantic import ValidationError
-
     nc = dict(context.node_config)
     try:
-        order = QueryOrder.model_validate_json(str(msg.content[CONFIG][ORDER_KEY]))
+        raw = str(msg.content[CONFIG][ORDER_KEY])
+        if len(raw) > MAX_MESSAGE:
+            raise SiteRoundError(f"query from the server over {MAX_MESSAGE} characters: refused unread")
+        order = QueryOrder.model_validate_json(raw)
     except (KeyError, ValidationError) as e:
         raise SiteRoundError(f"malformed query from the server: {str(e)[:500]}") from None
     if "vault" not in nc:  # a simulated site has no vault, hence no requests
         answer = QueryReply(site=f"sim-{int(nc.get('partition-id', 0)):03d}").model_dump_json()
     else:
         # The warm worker answers without this process importing torch (a query between every round).
-        res = worker.call(Path(str(nc["state"])), {"query": order.model_dump_json()}) if "state" in nc else None
-        if res is not None and res.get("ok"):
-            answer = res["reply"]
+        got = worker.call(Path(str(nc["state"])), WorkerCall(call=QueryCall(order=order))) if "state" in nc else None
+        if got is not None and isinstance(got[0].answer, QueryDone):
+            answer = got[0].answer.reply.model_dump_json()
         else:  # no worker, or one that cannot answer (e.g. an older one still running): answer here
             from facefed.client.forget.sync import answer_query
             from facefed.common.nodekeys import check_site_name

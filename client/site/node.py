@@ -1,7 +1,7 @@
 """Run this site's Flower SuperNode (`facefed-client start`).
 
 The SuperNode is Flower's long-lived site process: it connects out to the server (TLS, signed with
-the site's node key), and for each message launches a fresh ClientApp process (`client/app.py`).
+the site's node key), and for each message launches a fresh ClientApp process (`client/site/app.py`).
 The ClientApp learns where this site's vault and training state live from the node config, which we
 write as a TOML file beside the state (paths are then never re-quoted on a command line).
 
@@ -22,19 +22,19 @@ from pathlib import Path
 
 import tomli_w
 
-from facefed.client.site import worker
+from facefed.client.site import guard, worker
+from facefed.client.state import SiteState
 from facefed.common.childproc import die_with_parent, flower_env, run_foreground
+from facefed.common.errors import FacefedError
 from facefed.common.nodekeys import check_site_name, fingerprint, load_private
 
-NODE_CONFIG_FILE = "node-config.toml"
 ACTIVATION_REFUSED = "refused by the server"
 # A node that crashed is still "online" at the SuperLink until it misses two 30 s heartbeats, and an
 # online node cannot be activated again; so a refused activation is retried for this long.
 ACTIVATION_WAIT_S = 75.0
-DEFAULT_STATE_SUBDIR = "site"  # inside the vault dir: `forget --vault DIR` finds heads and logs from the vault
 
 
-class NodeError(RuntimeError):
+class NodeError(FacefedError, RuntimeError):
     """The node could not start or was refused; the message says why and what to do."""
 
 
@@ -51,8 +51,12 @@ class NodeSettings:
     pretrained: Path | None
     max_retries: int | None = None
     threads: int = 1
-    worker: bool = True  # keep a warm training process (see client/worker.py)
+    worker: bool = True  # keep a warm training process (see client/site/worker.py)
     activation_wait_s: float = ACTIVATION_WAIT_S
+
+    @property
+    def files(self) -> SiteState:
+        return SiteState(self.state, self.vault)
 
     def validate(self) -> NodeSettings:
         check_site_name(self.site)
@@ -61,6 +65,11 @@ class NodeSettings:
             raise NodeError(f"--server {self.server!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
         if not self.vault.is_dir():
             raise NodeError(f"vault {self.vault} does not exist; create it with `facefed-client vault init`")
+        if not (self.vault / "vault.toml").is_file() or not (self.vault / "key").is_file():
+            raise NodeError(
+                f"{self.vault} is not a vault (no vault.toml or key); give the site's vault directory "
+                f"(`facefed-client vault init` makes one)"
+            )
         if self.insecure and (self.root_cert or self.key):
             raise NodeError(
                 "--insecure turns TLS off, so it cannot be combined with --root-cert or --key "
@@ -92,7 +101,7 @@ def write_node_config(s: NodeSettings) -> Path:
     cfg = {"site": s.site, "vault": str(s.vault.resolve()), "state": str(s.state.resolve()), "threads": s.threads}
     if s.pretrained is not None:
         cfg["pretrained"] = str(s.pretrained.resolve())
-    path = s.state / NODE_CONFIG_FILE
+    path = s.files.node_config
     path.write_text(tomli_w.dumps(cfg))
     return path
 
@@ -202,16 +211,21 @@ def run_node(s: NodeSettings) -> int:
         print(f"facefed-client: {note}", file=sys.stderr, flush=True)
     node_config = write_node_config(s)
     env = flower_env(
-        s.state / "flwr",
+        s.files.flower_dir,
         {
             # Pick up a new message within ~0.2 s instead of 1 s: less idle time per federated round.
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
         },
     )
-    (s.state / "logs").mkdir(parents=True, exist_ok=True)
+    # The SuperExec starts `flwr-clientapp` by name: ours refuses any FAB but facefed's own and never
+    # imports code from one (client/site/guard.py).
+    shim_dir = s.files.flower_dir / "bin"
+    guard.write_shim(shim_dir)
+    env["PATH"] = str(shim_dir) + os.pathsep + env["PATH"]
+    s.files.logs_dir.mkdir(parents=True, exist_ok=True)
     warm = (
         worker.start(
-            node_config, s.state, preexec_fn=die_with_parent, log_path=s.state / "logs" / "worker.log", wait=False
+            node_config, s.state, preexec_fn=die_with_parent, log_path=s.files.logs_dir / "worker.log", wait=False
         )
         if s.worker
         else None
@@ -223,7 +237,7 @@ def run_node(s: NodeSettings) -> int:
                 supernode_command(s, node_config),
                 env,
                 on_line=lambda line: diagnose(s, line),
-                log_path=s.state / "logs" / "supernode.log",
+                log_path=s.files.logs_dir / "supernode.log",
             )
             if not (why and why.startswith(ACTIVATION_REFUSED) and time.monotonic() < deadline):
                 break
@@ -242,7 +256,7 @@ def run_node(s: NodeSettings) -> int:
             except subprocess.TimeoutExpired:
                 warm.kill()
                 warm.wait()
-            worker.socket_path(s.state).unlink(missing_ok=True)
+            s.files.worker_socket.unlink(missing_ok=True)
     if why:
         raise NodeError(why)
     return code

@@ -1,22 +1,27 @@
 """One federated round of local DP training at a site: what the ClientApp (or the site's warm
-worker, see client/worker.py) does with a `train` message from the server.
+worker, see client/site/worker.py) does with a `train` message from the server.
 
 Everything that must outlive the round is on disk, under the site's state directory (from the node
 config written by `facefed-client start`):
 
     STATE/heads/<run>/r<round>-a<attempt>.pt   the site's private margin head after each round
-    STATE/accountant.json                      the site's privacy accountant (epsilon accumulates)
-    STATE/contributions.sqlite                 who was trained on in which run and round
+    VAULT/accountant.json                      the vault's privacy accountant (epsilon accumulates)
+    STATE/contributions.sqlite                 who (by pseudonym) was trained on in which run and round
+    STATE/logs/rounds.jsonl                    loss, counts, timings: the site's own log, never sent
+(every path is named in client/state.py).
 
-Per round: check the order (run id, round, training config) and that the frozen part of our model is
+Per round: check the order against the site's privacy policy first (client/training/privacy.py:
+refused with SiteRefused before any image is read or the accountant changes), then (run id, round,
+training config) and that the frozen part of our model is
 the server's (same prefix fingerprint); open the vault and decode the faces in memory (no plain image
 is ever written); load the head the server says this site's last committed round produced; train
 with the trainer (per-person DP-SGD; refused before any step if it would pass the site's budget);
-save the new head, log the contributions; reply with the shared tail only, plus metrics and the
-epsilon spent. The head never leaves this process except to the site's own disk.
+save the new head, log the contributions; reply with the shared tail only, plus the DP outputs and
+public facts (common/protocol/train.py TrainMetrics). The head never leaves this process except to the site's own disk.
 
 Simulation (`facefed-server simulate`): a node without a vault but with Flower's `partition-id` is a
-virtual site whose people are a partition of LFW peopleDevTrain; paths come from the run config.
+virtual site whose people are a partition of LFW peopleDevTrain, detected and aligned as a vault import
+stores them (`faces_from_lfw`: images with no face are skipped); paths come from the run config.
 """
 
 from __future__ import annotations
@@ -24,34 +29,42 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from facefed.client.forget.contributions import ContributionLog
+from facefed.client.state import SiteState, register_state
 from facefed.client.training.faces import SiteFaces, faces_from_lfw, faces_from_vault
+from facefed.client.training.privacy import check_order, open_accountant, plan, policy_of
 from facefed.client.training.shard_state import ShardStateError, accountant_path, shard_key
 from facefed.client.training.trainer import train_local
-from facefed.common.accountant import SiteAccountant
+from facefed.common.accountant import BudgetExceeded, SiteAccountant
 from facefed.common.config import TrainConfig, validate_config
+from facefed.common.lfw import ImageKey
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import build_embedder, load_shared_state, prefix_fingerprint, shared_state
 from facefed.common.nodekeys import check_site_name
 from facefed.common.paths import pretrained_path
+from facefed.common.protocol.train import SiteRefused, TrainOrder, problems
 from facefed.common.shards import shard_of
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
-HEAD_RE = re.compile(r"^r(\d{4})-a(\d+)\.pt$")
-_LFW_CACHE: dict[tuple, tuple] = {}  # simulation: ray reuses worker processes (see _SimulatedLFW)
+# simulation: ray reuses worker processes (see _SimulatedLFW); (archive, sites, people, images) -> data
+_LFW_CACHE: dict[tuple[str, int, int, int], tuple[list[list[str]], _SimulatedLFW]] = {}
 
 
-class SiteConfigError(ValueError):
-    """The node or the order from the server is unusable; the message names the key and the remedy."""
+class SiteConfigError(SiteRefused, ValueError):
+    """The node or the order from the server is unusable; the message names the key and the remedy
+    (a refusal of kind "config", common/protocol/train.py)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("config", reason)
 
 
 @dataclass(frozen=True)
@@ -67,15 +80,15 @@ class Site:
     sim_max_images: int = 0
 
     @property
-    def accountant_path(self) -> Path:
-        return self.state / "accountant.json"
+    def files(self) -> SiteState:
+        return SiteState(self.state, self.vault)
 
     @property
     def contributions_path(self) -> Path:
-        return self.state / "contributions.sqlite"
+        return self.files.contributions
 
     def head_path(self, run_id: str, rnd: int, attempt: int) -> Path:
-        return self.state / "heads" / run_id / f"r{rnd:04d}-a{attempt}.pt"
+        return self.files.head_path(run_id, rnd, attempt)
 
 
 @dataclass(frozen=True)
@@ -135,46 +148,35 @@ def site_of(nc: dict, rc: dict) -> Site:
     raise SiteConfigError("node config has no `vault`: start this node with `facefed-client start --vault DIR`")
 
 
-def order_of(config: dict) -> Order:
-    def get(key: str, kind: type):
-        if key not in config:
-            raise SiteConfigError(f"the server's order lacks `{key}` (server and site facefed versions differ?)")
-        value = config[key]
-        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-            raise SiteConfigError(f"the server's order has `{key}` = {value!r}, expected {kind.__name__}")
-        return value
-
-    run_id = get("run-id", str)
-    if not RUN_ID_RE.match(run_id):
-        raise SiteConfigError(f"the server's run id {run_id!r} is not a valid run id")
-    rnd, attempt, steps = get("round", int), get("attempt", int), get("steps", int)
-    if rnd < 1 or attempt < 1 or steps < 0:
-        raise SiteConfigError(f"the server's order has round {rnd}, attempt {attempt}, steps {steps}")
+def order_of(config: Mapping[str, Any]) -> Order:
+    """The server's `train` order (common/protocol/train.py), checked: it comes over the network."""
     try:
-        train = validate_config(json.loads(get("train-config", str)), TrainConfig, where="server order")
+        wire = TrainOrder.from_config(config)
+    except ValidationError as e:
+        raise SiteConfigError(
+            f"the server's order is malformed ({problems(e)}); server and site facefed versions differ?"
+        ) from None
+    try:
+        train = validate_config(json.loads(wire.train_config), TrainConfig, where="server order")
     except json.JSONDecodeError as e:
         raise SiteConfigError(f"the server's training config is not JSON ({e})") from None
-    shard, shards = config.get("shard", 0), config.get("shards", 1)
-    if not (isinstance(shard, int) and isinstance(shards, int) and 0 <= shard < shards <= 256):
-        raise SiteConfigError(f"the server's order has shard {shard!r} of {shards!r}")
-    head_run = str(config.get("head-run", "")) or run_id
-    if not RUN_ID_RE.match(head_run):
-        raise SiteConfigError(f"the server's head run {head_run!r} is not a valid run id")
+    if wire.shard >= wire.shards:
+        raise SiteConfigError(f"the server's order has shard {wire.shard!r} of {wire.shards!r}")
     return Order(
-        run_id=run_id,
-        round=rnd,
-        attempt=attempt,
-        parent_checkpoint=get("parent-checkpoint", str),
-        prefix=get("prefix-fingerprint", str),
+        run_id=wire.run_id,
+        round=wire.round,
+        attempt=wire.attempt,
+        parent_checkpoint=wire.parent_checkpoint,
+        prefix=wire.prefix_fingerprint,
         train=train,
-        steps=steps,
-        seed=get("seed", int),
-        head_round=get("head-round", int),
-        head_attempt=get("head-attempt", int),
-        expected_site=str(config.get("expected-site", "")),
-        head_run=head_run,
-        shard=shard,
-        shards=shards,
+        steps=wire.steps,
+        seed=wire.seed,
+        head_round=wire.head_round,
+        head_attempt=wire.head_attempt,
+        expected_site=wire.expected_site,
+        head_run=wire.head_run or wire.run_id,
+        shard=wire.shard,
+        shards=wire.shards,
     )
 
 
@@ -184,7 +186,8 @@ class _SimulatedLFW:
     A gzip'd tar has no random access: reading one site's images scans the whole archive. Ray reuses
     a few worker processes for many virtual sites, so the first site a process serves reads the
     images of all of them (at most `max_images` per person) into memory and the rest are served
-    from there. Simulation only; a real site reads its vault.
+    from there. The bytes are the archive's; `faces_from_lfw` aligns them (landmarks cached on disk,
+    so only the first round of the first simulation detects). Simulation only; a real site reads its vault.
     """
 
     def __init__(self, path: str, partitions: list[list[str]], max_images: int | None):
@@ -194,10 +197,10 @@ class _SimulatedLFW:
         self._keys = {n: (lfw.keys(n)[:max_images] if max_images else lfw.keys(n)) for p in partitions for n in p}
         self._bytes = lfw.load_images([k for ks in self._keys.values() for k in ks])
 
-    def keys(self, name: str):
+    def keys(self, name: str) -> list[ImageKey]:
         return self._keys[name]
 
-    def load_images(self, keys):
+    def load_images(self, keys: Iterable[ImageKey]) -> dict[ImageKey, bytes]:
         return {k: self._bytes[k] for k in keys}
 
 
@@ -210,9 +213,11 @@ def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
         with Vault.open(site.vault) as vault:
             people = None
             if shards > 1:
-                key = shard_key(vault_key(site.vault))
-                people = sorted(r.person_id for r in vault.people() if shard_of(key, r.pseudonym, shards) == shard)
+                vkey = shard_key(vault_key(site.vault))
+                people = sorted(r.person_id for r in vault.people() if shard_of(vkey, r.pseudonym, shards) == shard)
             return faces_from_vault(vault, people, threads=site.threads)
+    if site.sim_partition is None or site.sim_lfw is None:
+        raise SiteConfigError(f"site {site.name} has neither a vault nor a simulation partition")
     pid, n = site.sim_partition
     key = (site.sim_lfw, n, site.sim_people, site.sim_max_images)
     cached = _LFW_CACHE.get(key)
@@ -228,10 +233,10 @@ def load_faces(site: Site, shard: int = 0, shards: int = 1) -> SiteFaces:
     parts, images = cached
     names = parts[pid]
     if shards > 1:
-        key = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
+        skey = shard_key(hashlib.sha256(f"facefed simulated site {pid}".encode()).digest())
         from facefed.client.training.faces import lfw_pseudonym
 
-        names = [n for n in names if shard_of(key, lfw_pseudonym(n), shards) == shard]
+        names = [n for n in names if shard_of(skey, lfw_pseudonym(n), shards) == shard]
     return faces_from_lfw(images, names, max_per_person=site.sim_max_images or None, threads=site.threads)
 
 
@@ -246,14 +251,11 @@ def load_head(site: Site, order: Order) -> tuple[MarginHead, str]:
             return fresh, f"fresh (missing {path.name})"
         return MarginHead.load(path), path.name
     # Unknown to the server (no authentication): our latest head of this run before this round.
-    runs_dir = site.state / "heads" / order.run_id
-    best = None
-    for p in runs_dir.glob("r*-a*.pt") if runs_dir.is_dir() else []:
-        m = HEAD_RE.match(p.name)
-        if m and int(m.group(1)) < order.round:
-            key = (int(m.group(1)), int(m.group(2)))
-            best = max(best, (key, p)) if best else (key, p)
-    return (MarginHead.load(best[1]), best[1].name) if best else (fresh, "fresh")
+    earlier = [((rnd, att), p) for rnd, att, p in site.files.round_heads(order.run_id) if rnd < order.round]
+    if not earlier:
+        return fresh, "fresh"
+    best = max(earlier)[1]
+    return MarginHead.load(best), best.name
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,14 @@ class RoundResult:
     arrays: dict[str, np.ndarray]  # the shared tail only
     metrics: dict[str, float | int]
     info: dict[str, str | int]
+
+
+def _log_round(site: Site, entry: dict[str, Any]) -> None:
+    """Append one line to the site's own round log (STATE/logs/rounds.jsonl): never sent anywhere."""
+    path = site.files.logs_dir / "rounds.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"at": time.time(), **entry}) + "\n")
 
 
 def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> RoundResult:
@@ -271,6 +281,9 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
             f"the server knows this node as site {order.expected_site!r} but it was started "
             f"with --site {site.name}; restart it with --site {order.expected_site}"
         )
+    if site.vault is not None:  # before anything else: the order against the site's own policy
+        check_order(policy_of(site.vault), order.train, order.steps)
+        register_state(site.vault, site.state)  # forget must find this state directory
     torch.set_num_threads(site.threads)
 
     model = build_embedder(site.pretrained, train_from=order.train.train_from)
@@ -281,58 +294,88 @@ def run_round(site: Site, order: Order, received: dict[str, np.ndarray]) -> Roun
         )
     load_shared_state(model, {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in received.items()})
 
-    try:
-        acc_path = accountant_path(site.state, order.shard, order.shards)
-    except ShardStateError as e:
-        raise SiteConfigError(str(e)) from None
+    # The site's policy first (client/training/privacy.py): an order asking for less privacy than it
+    # allows, or over budget, is refused here, before any image is read or the accountant changes.
+    head, head_from = load_head(site, order)  # the head file only (random rows + earlier DP outputs)
+    fresh = not head.probed
+    accountant: SiteAccountant | None
+    publish_people = True
+    if site.vault is not None:
+        policy = policy_of(site.vault)
+        accountant = open_accountant(site.files, policy, order.shard, order.shards)
+        cfg, _ = plan(policy, order.train, accountant, order.steps, fresh_head=fresh)
+        publish_people = policy.publish_people
+    else:  # a simulated site: no operator, the server's own experiment takes the order's settings
+        cfg = order.train.model_copy(update={"steps": order.steps})
+        try:
+            acc_path = accountant_path(site.files, order.shard, order.shards)
+        except ShardStateError as e:
+            raise SiteRefused("config", str(e)) from None
+        accountant = (
+            None
+            if cfg.privacy_unit == "none"
+            else SiteAccountant(acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
+        )
     faces = load_faces(site, order.shard, order.shards)
     if faces.n_people == 0:
-        raise SiteConfigError(f"this site has no people in shard {order.shard} of {order.shards}")
-    head, head_from = load_head(site, order)
-    cfg = order.train.model_copy(update={"steps": order.steps})
-    accountant = (
-        None if cfg.privacy_unit == "none" else SiteAccountant(acc_path, cfg.delta, cfg.max_epsilon, cfg.privacy_unit)
-    )
+        raise SiteRefused("data", f"this site has no people in shard {order.shard} of {order.shards}")
     t_train = time.perf_counter()
-    # No seed: the DP randomness is fresh OS entropy, never derivable from the server's order (the
-    # server could otherwise regenerate the noise and strip it from the update).
-    report = train_local(model, head, faces, cfg, accountant)
+    # No seed: the DP randomness is AES-256-CTR under a fresh OS key (client/training/dprandom.py),
+    # never derivable from the server's order (the server could otherwise strip the noise).
+    try:
+        report = train_local(model, head, faces, cfg, accountant)
+    except BudgetExceeded as e:
+        raise SiteRefused("budget", str(e)) from None
 
     head_path = site.head_path(order.run_id, order.round, order.attempt)
     head_path.parent.mkdir(parents=True, exist_ok=True)
     head.save(head_path)
-    with ContributionLog(site.contributions_path) as log:
+    pseudonym_of = dict(zip(faces.person_ids, faces.pseudonyms, strict=True))
+    with ContributionLog(site.contributions_path) as log:  # keyed by pseudonym, never the operator's id
         log.record(
             run_id=order.run_id,
             rnd=order.round,
             attempt=order.attempt,
             parent_checkpoint=order.parent_checkpoint,
-            images={pid: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
-            sampled=report.people_used,
+            images={pseudonym_of[pid]: int(c) for pid, c in zip(faces.person_ids, faces.counts.tolist(), strict=True)},
+            sampled={pseudonym_of[pid] for pid in report.people_used},
             head_file=str(head_path.relative_to(site.state)),
         )
 
     eps = report.epsilon if math.isfinite(report.epsilon) else -1.0
+    # The site's own log keeps what the server must not see (loss, image and sampled counts, timings).
+    _log_round(
+        site,
+        {
+            "run": order.run_id,
+            "round": order.round,
+            "attempt": order.attempt,
+            "people": faces.n_people,
+            "images": faces.n_images,
+            "sampled_images": report.images,
+            "people_sampled": len(report.people_used),
+            "loss": float(report.loss),
+            "epsilon": float(eps),
+            "train_s": time.perf_counter() - t_train,
+            "round_s": time.perf_counter() - t0,
+        },
+    )
+    # The reply: DP outputs and public facts only (common/protocol/train.py TrainMetrics). The steps are
+    # the order's (and the probe steps of a fresh head, which the server knows it asked for); epsilon
+    # and delta are functions of public parameters (sigma, q, steps) and of the policy.
     metrics = {
-        "num-people": faces.n_people,
-        "num-images": faces.n_images,
+        "num-people": faces.n_people if publish_people else 1,
         "steps": report.steps,
         "probe-steps": report.probe_steps,
-        "sampled-images": report.images,
-        "people-sampled": len(report.people_used),
-        "loss": float(report.loss),
         "epsilon": float(eps),
         "delta": float(report.delta),
         "noise-multiplier": float(report.noise_multiplier),
         "sample-rate": float(report.sample_rate),
-        "train-s": time.perf_counter() - t_train,
-        "round-s": time.perf_counter() - t0,
     }
-    info = {
+    info: dict[str, str | int] = {
         "name": site.name,
         "unit": report.unit,
         "accountant": report.accountant,
         "head-from": head_from,
-        "pid": os.getpid(),
     }
     return RoundResult({k: v.detach().cpu().numpy() for k, v in shared_state(model).items()}, metrics, info)

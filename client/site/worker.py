@@ -3,11 +3,12 @@
 Flower starts a fresh ClientApp process for every message. Importing torch and Opacus costs several
 CPU-seconds each time, which on a small machine is a large part of a federated round. So
 `facefed-client start` also starts this worker once: it imports the training stack at start, then
-serves one round (or one forget `query`) at a time over a Unix socket in the site's state directory.
+serves one round (or one forget `query`) at a time over a Unix socket in the site's state directory,
+in typed, size-bounded messages (common/protocol/worker.py; no pickle).
 The ClientApp stays thin (Flower plus numpy) and forwards the server's order and arrays here.
 
 Nothing is kept between rounds: every round re-reads the vault, the head and the accountant from disk
-exactly as the in-process path does (`client.site_round.run_round`). The socket is 0600 and the
+exactly as the in-process path does (`client/site/round.py` `run_round`). The socket is 0600 and the
 connection is authenticated with a random key written 0600 at start (multiprocessing's HMAC
 challenge), so only processes of the site's own user that can read the state directory can use it.
 If the worker is not there, the ClientApp trains in its own process instead.
@@ -20,31 +21,46 @@ import secrets
 import subprocess
 import sys
 import time
-from multiprocessing.connection import AuthenticationError, Client, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from facefed.client.state import SiteState
 from facefed.common.certs import write_private
+from facefed.common.protocol.tail import NAMES, SHAPES, pack, unpack
+from facefed.common.protocol.train import SiteInfo, TrainMetrics, TrainReply
+from facefed.common.protocol.worker import (
+    MAX_HEADER,
+    MAX_TAIL,
+    QueryCall,
+    QueryDone,
+    Refused,
+    TrainDone,
+    WorkerAnswer,
+    WorkerCall,
+)
 
-SOCKET_NAME = "worker.sock"
-KEY_NAME = "worker.key"
 STARTUP_TIMEOUT_S = 120.0
 
 
 def socket_path(state: Path) -> Path:
-    return Path(state) / SOCKET_NAME
+    return SiteState(Path(state)).worker_socket
 
 
 def serve(node_config: Path) -> None:
     """Run the worker: import the training stack, then answer rounds until killed."""
     import tomllib
 
-    from facefed.client.forget.sync import answer_query
-    from facefed.client.site.round import order_of, run_round, site_of  # the expensive imports, once
-    from facefed.common.protocol.forget import QueryOrder
+    from facefed.client.site.round import SiteConfigError, site_of  # the expensive imports
 
     nc = tomllib.loads(Path(node_config).read_text())
     site = site_of(nc, {})
-    key = (site.state / KEY_NAME).read_bytes()
+    if site.vault is None:
+        raise SiteConfigError("the warm worker serves a node with a vault (`facefed-client start`)")
+    key = site.files.worker_key.read_bytes()
     sock = socket_path(site.state)
     sock.unlink(missing_ok=True)
     old = os.umask(0o177)  # the socket file is created 0600
@@ -61,25 +77,50 @@ def serve(node_config: Path) -> None:
                 continue  # a peer without the key, or one that went away: ignore it
             with conn:
                 try:
-                    req = conn.recv()
-                    if "query" in req:  # forget requests both ways (client/forget_sync.py)
-                        reply = answer_query(
-                            site=site.name,
-                            vault_dir=site.vault,
-                            state_dir=site.state,
-                            order=QueryOrder.model_validate_json(req["query"]),
-                        )
-                        conn.send({"ok": True, "reply": reply.model_dump_json()})
-                        continue
-                    res = run_round(site, order_of(req["config"]), req["arrays"])
-                    conn.send({"ok": True, "arrays": res.arrays, "metrics": res.metrics, "info": res.info})
-                except (EOFError, OSError):
+                    header, tail = conn.recv_bytes(MAX_HEADER), conn.recv_bytes(MAX_TAIL)
+                    answer, out = answer_call(site, header, tail)
+                    conn.send_bytes(answer.model_dump_json(by_alias=True).encode())
+                    conn.send_bytes(out)
+                except (EOFError, OSError):  # gone, or a message over the size limit: drop the connection
                     continue
-                except Exception as e:  # noqa: BLE001 - reported to the ClientApp, which fails the round
-                    try:
-                        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
-                    except (EOFError, OSError):
-                        pass
+
+
+def answer_call(site: Any, header: bytes, tail: bytes) -> tuple[WorkerAnswer, bytes]:
+    """One call from the ClientApp, validated here (common/protocol/worker.py); never raises."""
+    from pydantic import ValidationError
+
+    from facefed.client.forget.sync import answer_query
+    from facefed.client.site.round import order_of, run_round
+    from facefed.common.protocol.train import SiteRefused, problems
+
+    try:
+        call = WorkerCall.model_validate_json(header).call
+    except ValidationError as e:
+        return WorkerAnswer(
+            answer=Refused(refusal="config", reason=f"malformed worker call: {problems(e)}"[:1000])
+        ), b""
+    try:
+        if isinstance(call, QueryCall):
+            reply = answer_query(site=site.name, vault_dir=site.vault, state_dir=site.state, order=call.order)
+            return WorkerAnswer(answer=QueryDone(reply=reply)), b""
+        order = call.order
+        received = unpack(np.frombuffer(tail, dtype="<f4"), list(order.layout_names), list(order.layout_shapes))
+        res = run_round(site, order_of(order.wire()), received)
+        return reply_of(res, "warm")
+    except SiteRefused as e:
+        return WorkerAnswer(answer=Refused(refusal=e.kind, reason=e.reason[:1000])), b""
+    except Exception as e:  # noqa: BLE001 - reported to the ClientApp, which fails the round
+        return WorkerAnswer(answer=Refused(refusal="crash", reason=f"{type(e).__name__}: {e}"[:1000])), b""
+
+
+def reply_of(res: Any, worker: str) -> tuple[WorkerAnswer, bytes]:
+    """The round's TrainReply (validated: exactly the allowed fields) and its tail as float32 bytes."""
+    flat, names, shapes = pack(res.arrays)  # the shared tail only: the head stays at the site
+    reply = TrainReply(
+        metrics=TrainMetrics.model_validate(res.metrics),
+        site=SiteInfo.model_validate({**res.info, "worker": worker, NAMES: names, SHAPES: shapes}),
+    )
+    return WorkerAnswer(answer=TrainDone(reply=reply)), np.ascontiguousarray(flat, dtype="<f4").tobytes()
 
 
 def start(
@@ -89,7 +130,7 @@ def start(
 
     Without waiting, rounds that arrive before it is ready are trained in the ClientApp's process."""
     state = Path(state)
-    write_private(state / KEY_NAME, secrets.token_bytes(32))
+    write_private(SiteState(state).worker_key, secrets.token_bytes(32))
     socket_path(state).unlink(missing_ok=True)
     out = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
@@ -112,9 +153,10 @@ def start(
     raise RuntimeError(f"the training worker did not start within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
 
-def call(state: Path, request: dict) -> dict | None:
-    """Send one round to the worker and wait for its answer; None if there is no worker to ask."""
-    sock, key_path = socket_path(state), Path(state) / KEY_NAME
+def call(state: Path, request: WorkerCall, tail: bytes = b"") -> tuple[WorkerAnswer, bytes] | None:
+    """Send one call to the worker and wait for its answer (validated); None if there is no worker to ask."""
+    files = SiteState(Path(state))
+    sock, key_path = files.worker_socket, files.worker_key
     if not sock.exists() or not key_path.exists():
         return None
     try:
@@ -122,8 +164,10 @@ def call(state: Path, request: dict) -> dict | None:
     except (OSError, AuthenticationError, EOFError):
         return None  # stale socket (worker gone): train in-process
     with conn:
-        conn.send(request)
-        return conn.recv()
+        conn.send_bytes(request.model_dump_json(by_alias=True).encode())
+        conn.send_bytes(tail)
+        answer = WorkerAnswer.model_validate_json(conn.recv_bytes(MAX_HEADER))
+        return answer, conn.recv_bytes(MAX_TAIL)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,24 @@ mean over its views):
 Adding or removing one unit changes the sum by at most C, so S is the Gaussian mechanism with
 noise multiplier sigma: RDP alpha / (2 sigma^2), which the site's accountant records as one step at
 sample rate 1 (Opacus' RDP analysis reduces to exactly that). U, the size of the enrolment roster,
-is treated as public, as for the head (client/trainer.py). The bias update is post-processing, and
+is treated as public, as for the head (client/training/trainer.py; docs/privacy.md). The bias update is post-processing, and
 the weights it starts from are public (pretrained) or earlier DP outputs, as every DP step needs.
-The noise comes from the trainer's DP generator (fresh OS entropy unless a caller fixes a seed).
+The noise comes from the release's DPRandom (client/training/dprandom.py: AES-256-CTR under a fresh
+OS-random key), drawn and added in float64 and rounded once to the bias's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.faces import SiteFaces
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import MobileFaceNet
 from facefed.common.preprocess import to_input
 
 
-class CenteringError(ValueError):
+class CenteringError(FacefedError, ValueError):
     """Centring asked of a model or site where it cannot run; the message says why."""
 
 
@@ -39,14 +42,15 @@ def unit_means(
 ) -> torch.Tensor:
     """(U, d) mean pre-normalisation embedding per unit (person, or image for unit "image")."""
     z = []
+    dev = next(model.parameters()).device
     for i in range(0, faces.n_images, batch_size):
         if feats is not None:
-            f = feats[i : i + batch_size]
+            f = feats[i : i + batch_size].to(dev)
             z.append(model.forward_tail(f.flatten(0, 1), normalize=False).view(len(f), f.shape[1], -1).mean(1))
         else:
-            x = to_input(faces.images[i : i + batch_size])
+            x = to_input(faces.images[i : i + batch_size]).to(dev)
             z.append((model.forward_tail(x, normalize=False) + model.forward_tail(x.flip(3), normalize=False)) / 2)
-    per_image = torch.cat(z)
+    per_image = torch.cat(z).cpu()
     if unit == "image":
         return per_image
     sums = torch.zeros((faces.n_people, per_image.shape[1]), dtype=per_image.dtype).index_add_(
@@ -64,7 +68,7 @@ def dp_center(
     unit: str,
     clip: float,
     noise_multiplier: float,
-    generator: torch.Generator,
+    rng: DPRandom,
 ) -> float:
     """Subtract the DP mean of the units' embeddings from the embedding layer's bias; returns the norm
     of the shift applied."""
@@ -80,7 +84,7 @@ def dp_center(
     scale = (clip / means.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
     total = (means * scale).sum(0)
     if noise_multiplier > 0:
-        total += noise_multiplier * clip * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+        total = (total.double() + rng.gaussian_like(total, noise_multiplier * clip)).to(total.dtype)
     shift = total / len(means)
-    bias.sub_(shift.view_as(bias))
+    bias.sub_(shift.view_as(bias).to(bias.device))
     return float(shift.norm())

@@ -1,18 +1,22 @@
 """A site's faces in memory, ready for training: decoded, cropped uint8 tensors grouped by person.
 
 Training reads the vault once per call into memory (`faces_from_vault`); nothing decoded is ever
-written to disk. `faces_from_lfw` builds the same thing straight from LFW bytes, for benchmarks and
-tests that do not need a vault.
+written to disk. `faces_from_lfw` builds the same thing straight from LFW bytes, for benchmarks,
+simulated sites and tests that do not need a vault: each image detected and aligned into the
+canonical crop the vault would store (common/faces/lfw.py `canonical_public`); an image with no
+detected face is skipped and listed in `SiteFaces.skipped`, never fed through the fixed crop.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from facefed.common.lfw import LFW
+from facefed.common.lfw import ImageKey
 from facefed.common.preprocess import decode_faces
 
 
@@ -30,6 +34,7 @@ class SiteFaces:
     labels: torch.Tensor  # long (N,): index into person_ids
     image_ids: list[str]
     cache: dict = field(default_factory=dict, repr=False)  # derived tensors (frozen-prefix features)
+    skipped: list[str] = field(default_factory=list)  # images left out: no face detected (LFW only)
 
     def __post_init__(self) -> None:
         if len(self.person_ids) != len(self.pseudonyms) or len(set(self.person_ids)) != len(self.person_ids):
@@ -121,9 +126,26 @@ def lfw_pseudonym(name: str) -> str:
     return "lfw-" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-def faces_from_lfw(lfw: LFW, names: list[str], *, max_per_person: int | None = None, threads: int = 2) -> SiteFaces:
-    """Faces of the given LFW people straight from the archive (benchmarks and tests)."""
+class LFWImages(Protocol):
+    """Where LFW images come from: the archive (common/lfw.py LFW) or a simulation's in-memory copy."""
+
+    def keys(self, name: str) -> list[ImageKey]: ...
+
+    def load_images(self, keys: Iterable[ImageKey]) -> dict[ImageKey, bytes]: ...
+
+
+def faces_from_lfw(
+    lfw: LFWImages, names: list[str], *, max_per_person: int | None = None, threads: int = 2
+) -> SiteFaces:
+    """Faces of the given LFW people straight from the archive (benchmarks, simulation, tests), detected
+    and aligned as `vault import --lfw` stores them. Images with no detected face are skipped (listed
+    in `skipped`); a person left with no image is dropped. `max_per_person` counts archive images."""
+    from facefed.common.faces.lfw import canonical_public
+
     keys = {n: lfw.keys(n)[:max_per_person] if max_per_person else lfw.keys(n) for n in names}
     data = lfw.load_images([k for ks in keys.values() for k in ks])
-    groups = [(n, lfw_pseudonym(n), [(k.relpath, data[k]) for k in keys[n]]) for n in names]
-    return _build(groups, threads)
+    crops = dict(canonical_public((k, data[k]) for ks in keys.values() for k in ks))
+    groups = [(n, lfw_pseudonym(n), [(k.relpath, crops[k]) for k in keys[n] if crops[k] is not None]) for n in names]
+    faces = _build(groups, threads)  # type: ignore[arg-type]  # None crops are filtered out above
+    faces.skipped = [k.relpath for ks in keys.values() for k in ks if crops[k] is None]
+    return faces

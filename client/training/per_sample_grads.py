@@ -7,7 +7,7 @@ Importing this module registers two grad samplers with Opacus (its registry is g
   (out x in*k*k) product per sample and keeps its block diagonal, i.e. `groups` times too much work
   (256x for MobileFaceNet's 3x3 depthwise layers). Here only the diagonal is computed. Other convs go
   to Opacus' own sampler, except 1x1 stride-1 convs, which need no unfold (a batched matmul).
-For ghost clipping (the default, see client/trainer.py) it also registers per-sample gradient NORM
+For ghost clipping (the default, see client/training/trainer.py) it also registers per-sample gradient NORM
 samplers for Conv2d (Gram-matrix trick for 1x1 convs) and PReLU.
 tests/test_trainer_grads.py checks all of them against a per-example autograd loop.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
+from torch.nn import grad as nn_grad
 
 
 @register_grad_sampler(nn.PReLU)
@@ -124,7 +125,7 @@ def batch_grad(
     out = {}
     if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
         if layer.weight.requires_grad:
-            out[layer.weight] = torch.nn.grad.conv2d_weight(
+            out[layer.weight] = nn_grad.conv2d_weight(
                 x, layer.weight.shape, backprops, layer.stride, layer.padding, layer.dilation, layer.groups
             )
         if layer.bias is not None and layer.bias.requires_grad:

@@ -6,6 +6,8 @@ enters a step through at most one per-sample gradient, which DP-SGD clips to C: 
 Gaussian mechanism's sensitivity is then per person, and the RDP accountant bounds the whole person.
 Per image: every image is in the batch independently with probability q (standard DP-SGD).
 Batch sizes vary, and an empty batch is a real step (the noise is still added).
+Every choice comes from the release's `DPRandom` (client/training/dprandom.py: AES-256-CTR under a
+fresh OS-random key), never from a seedable generator.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from facefed.client.training.dprandom import DPRandom
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,7 @@ class Batch:
 
 
 class PersonSampler:
-    def __init__(
-        self, counts: torch.Tensor, sample_rate: float, *, flip: bool = True, generator: torch.Generator | None = None
-    ):
+    def __init__(self, counts: torch.Tensor, sample_rate: float, *, flip: bool = True, rng: DPRandom | None = None):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if (counts <= 0).any():
@@ -36,36 +38,32 @@ class PersonSampler:
         self.counts = counts.long()
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         self.q, self.flip = float(sample_rate), flip
-        self.g = generator or torch.Generator().manual_seed(0)
+        self.rng = rng if rng is not None else DPRandom()
 
     @property
     def expected_batch_size(self) -> float:
         return self.q * len(self.counts)
 
     def sample(self) -> Batch:
-        people = torch.nonzero(torch.rand(len(self.counts), generator=self.g) < self.q).flatten()
-        pick = (torch.rand(len(people), generator=self.g) * self.counts[people]).long()
-        flips = (
-            torch.rand(len(people), generator=self.g) < 0.5 if self.flip else torch.zeros(len(people), dtype=torch.bool)
-        )
+        people = torch.nonzero(self.rng.bernoulli(len(self.counts), self.q)).flatten()
+        pick = self.rng.below(self.counts[people])
+        flips = self.rng.bernoulli(len(people), 0.5) if self.flip else torch.zeros(len(people), dtype=torch.bool)
         return Batch(self.starts[people] + pick, people, flips)
 
 
 class ImageSampler:
-    def __init__(
-        self, labels: torch.Tensor, sample_rate: float, *, flip: bool = True, generator: torch.Generator | None = None
-    ):
+    def __init__(self, labels: torch.Tensor, sample_rate: float, *, flip: bool = True, rng: DPRandom | None = None):
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.labels = labels.long()
         self.q, self.flip = float(sample_rate), flip
-        self.g = generator or torch.Generator().manual_seed(0)
+        self.rng = rng if rng is not None else DPRandom()
 
     @property
     def expected_batch_size(self) -> float:
         return self.q * len(self.labels)
 
     def sample(self) -> Batch:
-        rows = torch.nonzero(torch.rand(len(self.labels), generator=self.g) < self.q).flatten()
-        flips = torch.rand(len(rows), generator=self.g) < 0.5 if self.flip else torch.zeros(len(rows), dtype=torch.bool)
+        rows = torch.nonzero(self.rng.bernoulli(len(self.labels), self.q)).flatten()
+        flips = self.rng.bernoulli(len(rows), 0.5) if self.flip else torch.zeros(len(rows), dtype=torch.bool)
         return Batch(rows, self.labels[rows], flips)

@@ -1,85 +1,39 @@
 """Local training at a site: DP-SGD (Opacus) with per-person Poisson sampling.
 
-Why the guarantee is per person, and what it relies on
-------------------------------------------------------
-Neighbouring datasets differ in all the images of one person (add/remove one person). The site's
-enrolment roster, i.e. the set of head rows (random pseudonyms, one per enrolled person) and hence the
-number of people, is treated as public/fixed: a row exists for every enrolled person whether or not
-their images are used, it is initialised at random from (seed, pseudonym) only, and removing a
-person's images from training does not change any other row's initial value. Epsilon bounds what the
-*released* backbone (the trainable tail sent to the federation) and every later model derived from it
-reveal about one person's images. The head itself is never released, but the backbone's updates depend
-on it (every head row enters every person's softmax), so the head must itself be an output of DP steps.
-
-Each step (`_dp_step`):
-1. `PersonSampler` puts each person in the batch with probability q, with one of their images (and a
-   random flip): a person enters a step through at most one per-sample gradient.
-2. Opacus computes per-sample gradients of the CosFace loss w.r.t. ALL trainable parameters jointly
-   (backbone tail + head), clips each to L2 norm C, sums, and adds N(0, sigma^2 C^2) to the sum.
-   That is the subsampled Gaussian mechanism with sensitivity C per person.
-3. Per-sample separability: a sampled person's gradient depends only on their own image and on the
-   current parameters (the network has no BatchNorm; folded or GroupNorm layers are per-sample), and
-   the current parameters are outputs of earlier DP steps or data-independent (pretrained CASIA
-   weights, random head rows). Tested in tests/test_trainer_grads.py and tests/test_trainer.py.
-   The DP randomness (sampling, flips, noise) is drawn from OS entropy for every call, so no one can
-   regenerate the noise, and an unlearning replay is an independent release (see `train_local`).
-4. Everything after the noisy sum (momentum, head row renormalisation, the proximal pull `prox` of
-   the tail toward the weights the call started from) is post-processing: it uses no data.
-The RDP accountant (common/accountant.py) composes all steps the site ever took, persisted on disk,
-and training that would pass `max_epsilon` is refused before it starts.
-
-What would break it (and is therefore not done): initialising a head row from the person's images
-(e.g. their mean embedding) — that row enters every other person's loss, so a person would influence
-many per-sample gradients; BatchNorm in training mode; sampling several images of a person per step
-under the person unit; "free" non-private warm-up steps on the site's data.
-
-The recipe (bench/train.py, chosen on held-out peopleDevTrain people by bench/tune.py): with a fresh
-head, the embedding is first centred on the site's people by one Gaussian release of their mean
-(`center_noise`, client/centering.py), then the head learns privately on frozen features
-(`probe_steps`, DP linear probing), then tail and head train together (`steps`). Every release is
-counted in the accountant. Only the tail runs per step: the frozen prefix runs once per image and its
-mirror (`prefix_features`), since the only augmentation is the flip.
-What limits per-person DP here is the head, and it is fundamental: a head row is, in effect, a
-DP release of one person's class centre, and at epsilon 8 the Gaussian noise on a 128-d row is several
-times the row itself. Backbone updates that chase those noisy centres fit noise (all 65k-300k tail
-weights drift; measured: -1 to -5 points). So the DP rows tune only the tail's biases (`tune = "bias"`,
-DP-BiTFiT, Bu et al. 2022): 128 numbers cannot fit per-person noise, but can learn what all people
-share. The largest such shared thing is the embedding's offset, which the centring release gets
-directly, with no head in the way (on held-out people: centring alone +0.5 to +1.0 points, DP-BiTFiT
-alone about 0, both together about the same as centring). What non-private fine-tuning gains beyond
-that is a full-rank change of the 512->128 map (its singular values are flat), out of reach of a
-low-dimensional DP update at this number of people.
-Per-sample clipping uses Opacus ghost clipping (`clipping = "ghost"`): per-sample gradient norms from
-one backward pass (our norm samplers in client/per_sample_grads.py), then the clipped sum from the
-same pass's activations and backprops scaled per sample ("book-keeping"), instead of a second
-backward pass; `clipping = "hooks"` materialises per-sample gradients (Opacus' classic mode). Both
-give the exact clipped sum (tests/test_trainer_grads.py).
+`train_local` trains the embedder's tail and the site's private margin head on the site's faces,
+refusing before any step a call that would pass the site's privacy budget, and records every release
+in the accountant. Why the guarantee is per person, what it relies on, what would break it, and why
+the recipe is centring + DP linear probing + DP-BiTFiT: docs/privacy.md.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from facefed.client.training.centering import dp_center
+from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.faces import SiteFaces
 from facefed.client.training.per_sample_grads import batch_grad  # (importing it registers fast PReLU / conv samplers)
 from facefed.client.training.sampling import Batch, ImageSampler, PersonSampler
 from facefed.common.accountant import SiteAccountant
 from facefed.common.config import TrainConfig
+from facefed.common.device import resolve_device
 from facefed.common.model.heads import MarginHead
-from facefed.common.model.mobilefacenet import STAGES, MobileFaceNet, Tail, prefix_fingerprint
+from facefed.common.model.mobilefacenet import MobileFaceNet, Tail, prefix_fingerprint
+from facefed.common.model.stages import STAGES
 from facefed.common.preprocess import to_input
 
 
@@ -136,9 +90,10 @@ def prefix_features(model: MobileFaceNet, images: torch.Tensor, *, batch_size: i
     if model.train_from == STAGES[0]:
         return None
     out = None
+    dev = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
-        x = to_input(images[i : i + batch_size])
-        f = torch.stack([model.forward_prefix(x), model.forward_prefix(x.flip(3))], 1)
+        x = to_input(images[i : i + batch_size]).to(dev)
+        f = torch.stack([model.forward_prefix(x), model.forward_prefix(x.flip(3))], 1).cpu()
         if out is None:
             out = torch.empty((len(images), *f.shape[1:]))
         out[i : i + len(f)] = f
@@ -158,11 +113,12 @@ class _Inputs:
 
     def __init__(self, model: MobileFaceNet, faces: SiteFaces):
         self.faces, self.feats = faces, cached_prefix(model, faces)
+        self.device = next(model.parameters()).device
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if self.feats is None:
-            return to_input(self.faces.images[batch.rows], batch.flips)
-        return self.feats[batch.rows, batch.flips.long()]
+            return to_input(self.faces.images[batch.rows], batch.flips).to(self.device)
+        return self.feats[batch.rows, batch.flips.long()].to(self.device)
 
 
 class _Net(nn.Module):
@@ -214,6 +170,41 @@ class _BookkeepingGSM(GradSampleModuleFastGradientClipping):
         self._kept.clear()
 
 
+# -- the Gaussian noise, from the release's CSPRNG ----------------------------------------------------
+def _add_noise(opt: Any, rng: DPRandom, noise_multiplier: float) -> None:
+    """p.grad = clipped sum + N(0, (sigma C)^2): the noise drawn by `rng` in float64, added in float64,
+    and the sum rounded once to the parameter's dtype (client/training/dprandom.py: Mironov 2012)."""
+    std = noise_multiplier * opt.max_grad_norm
+    for p in opt.params:
+        _check_processed_flag(p.summed_grad)
+        total = p.summed_grad.double() + rng.gaussian_like(p.summed_grad, std) if std > 0 else p.summed_grad
+        p.grad = total.to(p.summed_grad.dtype).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+class _SecureDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (clipping, accounting hooks, scaling) with its torch-generator noise replaced."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: DPRandom, **kw: Any):
+        super().__init__(optimizer, **kw)
+        self.dp_rng = rng
+
+    def add_noise(self) -> None:
+        _add_noise(self, self.dp_rng, float(self.noise_multiplier))
+
+
+class _SecureDPOptimizerGhost(DPOptimizerFastGradientClipping):
+    """The same for ghost clipping's optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: DPRandom, **kw: Any):
+        super().__init__(optimizer, **kw)
+        self.dp_rng = rng
+
+    def add_noise(self) -> None:
+        sigma: Any = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        _add_noise(self, self.dp_rng, float(sigma))
+
+
 # -- one optimisation loop, private or not -----------------------------------------------------
 class _Loop:
     def __init__(
@@ -224,30 +215,33 @@ class _Loop:
         cfg: TrainConfig,
         sigma: float,
         expected_batch: float,
-        seed: int,
-        anchored: list[nn.Parameter] = (),
+        rng: DPRandom,
+        anchored: Sequence[nn.Parameter] = (),
     ):
         self.head, self.cfg, self.private = head, cfg, cfg.privacy_unit != "none"
         # Proximal pull toward the weights this call started from (pretrained or the round's global
         # model: public or earlier DP outputs), so it is data-independent and costs no privacy.
         self.anchors = [(p, p.detach().clone()) for p in anchored] if cfg.prox > 0 else []
         self.expected = max(expected_batch, 1e-9)
+        self.device = next(module.parameters()).device
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         module.train()  # Opacus validates and captures activations only in training mode (no layer here
         #                 behaves differently in it: no dropout, no BatchNorm)
         self.ghost = self.private and cfg.clipping == "ghost"
+        self.opt: Any  # an Opacus DP optimizer (untyped library) or, non-private, torch's SGD
+        self.module: Any  # an Opacus GradSampleModule (an untyped library) or, non-private, the module itself
         if self.private:
             errors = ModuleValidator.validate(module, strict=False)
             if errors:
                 raise ValueError(f"model is not valid for DP-SGD: {errors[0]}")
             # Loss is a sum; the optimizer divides (clipped sum + noise) by the EXPECTED batch size,
             # which (unlike the realised size) does not depend on who was sampled.
-            dp = dict(
+            dp: dict[str, Any] = dict(
                 noise_multiplier=sigma,
                 max_grad_norm=cfg.max_grad_norm,
                 expected_batch_size=max(1, round(expected_batch)),
                 loss_reduction="mean",
-                generator=torch.Generator().manual_seed(seed ^ 0x5EED),
+                rng=rng,  # the noise: AES-256-CTR under a fresh OS key, never torch's generator
             )
             if self.ghost:
                 # Ghost clipping: per-sample gradient NORMS (the head's from |dL/dlogits| |x|, never
@@ -259,10 +253,10 @@ class _Loop:
                     max_grad_norm=cfg.max_grad_norm,
                     use_ghost_clipping=True,
                 )
-                self.opt = DPOptimizerFastGradientClipping(opt, **dp)
+                self.opt = _SecureDPOptimizerGhost(opt, **dp)
             else:
                 self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-                self.opt = DPOptimizer(opt, **dp)
+                self.opt = _SecureDPOptimizer(opt, **dp)
             self.params = [p for g in groups for p in g["params"]]
         else:
             self.module, self.opt = module, opt
@@ -288,7 +282,7 @@ class _Loop:
                     if self.ghost:
                         p.grad = torch.zeros_like(p)
                     else:
-                        p.grad_sample = torch.zeros((0, *p.shape))
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
             self.opt.step()
         elif len(labels):
             self.opt.step()
@@ -335,6 +329,12 @@ def _check(
         raise ValueError(f"head has scale {head.scale}, margin {head.margin}; config says {cfg.scale}, {cfg.margin}")
 
 
+def _given(value: float | None) -> float:
+    """A config value that TrainConfig's validation guarantees for this branch (private training)."""
+    assert value is not None
+    return value
+
+
 def train_local(
     model: MobileFaceNet,
     head: MarginHead,
@@ -342,29 +342,33 @@ def train_local(
     cfg: TrainConfig,
     accountant: SiteAccountant | None,
     *,
-    seed: int | None = None,
+    insecure_seed: int | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainReport:
     """Train `model`'s tail and `head` in place on `faces`; record the privacy spent; report.
 
-    The DP randomness (Poisson sampling, flips, Gaussian noise) comes from fresh OS entropy unless
-    `seed` fixes it. Only benchmarks and tests fix it: noise that an adversary can regenerate is no
-    noise, and a replay that reused a release's noise would hand out the difference of the two, i.e.
-    exactly the forgotten person's clipped gradients."""
+    The DP randomness (Poisson sampling, image choice, flips, Gaussian noise) comes from one
+    `DPRandom` for this call: AES-256-CTR under a fresh 256-bit `os.urandom` key
+    (client/training/dprandom.py). `insecure_seed` fixes it, for benchmarks and tests ONLY: noise
+    that an adversary can regenerate is no noise, and a replay that reused a release's noise would
+    hand out the difference of the two, i.e. exactly the forgotten person's clipped gradients.
+
+    `device` (cpu, cuda, or auto: cuda when available) runs the model and head there; the faces stay
+    in CPU memory and both come back to the CPU at the end."""
     t0 = time.perf_counter()
-    if seed is None:
-        seed = secrets.randbits(62)
+    dev = resolve_device(device)
+    rng = DPRandom() if insecure_seed is None else DPRandom.insecure_for_tests(insecure_seed)
     _check(model, head, faces, cfg, accountant)
     head.add_people(faces.pseudonyms)  # random, data-independent rows for newly enrolled people
     labels_of = head.indices(faces.pseudonyms)[faces.labels]  # image row -> head row
     person_of_row = faces.labels
 
     unit = cfg.privacy_unit
-    gen = torch.Generator().manual_seed(seed)
     if unit == "image":
-        sampler = ImageSampler(faces.labels, cfg.sample_rate, flip=cfg.flip, generator=gen)
+        sampler: ImageSampler | PersonSampler = ImageSampler(faces.labels, cfg.sample_rate, flip=cfg.flip, rng=rng)
     else:  # person, and the non-private baseline on exactly the same kind of batches
-        sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, generator=gen)
+        sampler = PersonSampler(faces.counts, cfg.sample_rate, flip=cfg.flip, rng=rng)
     fresh = not head.probed  # a fresh head gets the centring release and the probe steps
     probe = cfg.probe_steps if fresh else 0
     total = probe + cfg.steps
@@ -374,15 +378,19 @@ def train_local(
     # Privacy plan first: refuse before touching anything.
     sigma = 0.0
     if unit != "none":
+        assert accountant is not None  # _check refused a private call without one
         sigma = (
             cfg.noise_multiplier
             if cfg.noise_multiplier is not None
-            else accountant.noise_for(cfg.target_epsilon, cfg.sample_rate, total, extra=extra)
+            else accountant.noise_for(_given(cfg.target_epsilon), cfg.sample_rate, total, extra=extra)
         )
         accountant.plan(sigma, cfg.sample_rate, total, extra=extra)
 
+    model.to(dev)
+    head.to(dev)
     inputs = _Inputs(model, faces)
-    done, n_images, losses, used = 0, 0, [], torch.zeros(faces.n_people, dtype=torch.bool)
+    done, n_images, used = 0, 0, torch.zeros(faces.n_people, dtype=torch.bool)
+    losses: list[float] = []
     shift = None
     eps_cache = (0, accountant.epsilon() if accountant else 0.0)
     t_loop = time.perf_counter()
@@ -395,7 +403,7 @@ def train_local(
             eps_cache = (
                 done,
                 math.inf
-                if unit == "none"
+                if unit == "none" or accountant is None
                 else accountant.projected(sigma, cfg.sample_rate, done, extra=extra if shift is not None else ()),
             )
         recent = losses[-20:]
@@ -415,7 +423,7 @@ def train_local(
         try:
             for _ in range(steps):
                 batch = sampler.sample()
-                loss = loop.step(x_of(batch), labels_of[batch.rows])
+                loss = loop.step(x_of(batch), labels_of[batch.rows].to(dev))
                 done += 1
                 n_images += len(batch)
                 used[person_of_row[batch.rows]] = True
@@ -426,15 +434,15 @@ def train_local(
 
     try:
         if center:
-            # DP mean centring (client/centering.py): one Gaussian release, recorded below.
+            # DP mean centring (client/training/centering.py): one Gaussian release, recorded below.
             shift = dp_center(
                 model,
                 faces,
                 inputs.feats,
                 unit="image" if unit == "image" else "person",
                 clip=cfg.center_clip,
-                noise_multiplier=cfg.center_noise if unit != "none" else 0.0,
-                generator=torch.Generator().manual_seed(seed ^ 0xCE17E4),
+                noise_multiplier=_given(cfg.center_noise) if unit != "none" else 0.0,
+                rng=rng,
             )
         if probe:
             # DP linear probing: the head learns on frozen embeddings (tail not trained here).
@@ -448,7 +456,7 @@ def train_local(
                 cfg,
                 sigma,
                 sampler.expected_batch_size,
-                seed,
+                rng,
             )
             run(loop, probe, "probe", lambda b: emb[b.rows, b.flips.long()])
         if center or probe:
@@ -461,12 +469,15 @@ def train_local(
                 tuned = {id(p) for n, p in net.tail.named_parameters() if n.endswith(".bias")}
                 frozen_now = [p for p in tail if id(p) not in tuned]
                 tail = [p for p in tail if id(p) in tuned]
-            groups = [{"params": tail, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+            groups: list[dict[str, Any]] = [
+                {"params": tail, "lr": cfg.lr},
+                {"params": list(head.parameters()), "lr": cfg.head_lr},
+            ]
             for p in frozen_now:
                 p.requires_grad_(False)
             try:
                 loop = _Loop(
-                    net, groups, head, cfg, sigma, sampler.expected_batch_size, seed + 1, anchored=groups[0]["params"]
+                    net, groups, head, cfg, sigma, sampler.expected_batch_size, rng, anchored=groups[0]["params"]
                 )
                 run(loop, cfg.steps, "finetune", inputs)
             finally:
@@ -479,15 +490,16 @@ def train_local(
                 accountant.record(*event, label="train_local: mean centring")
         if accountant is not None and done:
             accountant.record(sigma, cfg.sample_rate, done, label="train_local: DP-SGD steps")
-        model.eval()
+        model.eval().cpu()
+        head.cpu()
     wall = time.perf_counter() - t0
-    tail = losses[-max(1, len(losses) // 10) :]
+    last = losses[-max(1, len(losses) // 10) :]
     return TrainReport(
         steps=done,
         probe_steps=probe,
         images=n_images,
-        loss=sum(tail) / max(1, len(tail)),
-        epsilon=math.inf if unit == "none" else accountant.epsilon(),
+        loss=sum(last) / max(1, len(last)),
+        epsilon=math.inf if unit == "none" or accountant is None else accountant.epsilon(),
         delta=cfg.delta,
         unit=unit,
         accountant="none" if unit == "none" else "rdp",
@@ -506,11 +518,12 @@ def _embed_all(
 ) -> torch.Tensor:
     """(N, 2, 128) embeddings of every image and its mirror with the current (frozen) model."""
     out = []
+    dev = next(model.parameters()).device
     for i in range(0, faces.n_images, batch_size):
         if feats is None:
-            x = to_input(faces.images[i : i + batch_size])
+            x = to_input(faces.images[i : i + batch_size]).to(dev)
             out.append(torch.stack([model(x), model(x.flip(3))], 1))
         else:
-            f = feats[i : i + batch_size]
+            f = feats[i : i + batch_size].to(dev)
             out.append(model.forward_tail(f.flatten(0, 1)).view(len(f), 2, -1))
     return torch.cat(out) if out else torch.empty((0, 2, 128))

@@ -1,4 +1,4 @@
-"""The site's secret-shared face vault. See `vault.py` for the design, `store.py` for stores."""
+"""The site's secret-shared face vault (design: docs/vault.md). `Vault` is the API; stores in `stores/`."""
 
 from facefed.client.vault.audit import verify_audit_chain
 from facefed.client.vault.errors import (
@@ -25,7 +25,7 @@ from facefed.client.vault.reports import (
     StoreHealth,
     VerifyReport,
 )
-from facefed.client.vault.stores.base import LocalDirStore, Store, open_store
+from facefed.client.vault.stores import LocalDirStore, Store, open_store
 from facefed.client.vault.vault import Vault
 
 __all__ = [

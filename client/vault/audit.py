@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from facefed.client.vault.errors import AuditChainBroken
 
@@ -31,7 +32,7 @@ def _line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
-def append(path: Path, event: str, **fields) -> str:
+def append(path: Path, event: str, **fields: object) -> str:
     """Append one entry and return the new head hash. Durable (fsync) before returning."""
     if "prev" in fields or "event" in fields:
         raise ValueError("audit fields `prev` and `event` are set by the log itself")
@@ -97,7 +98,7 @@ def verify_audit_chain(path: str | Path, known_head: str | None = None) -> Audit
     return AuditStatus(count, prev)
 
 
-def read_entries(path: str | Path) -> list[dict]:
+def read_entries(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []

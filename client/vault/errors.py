@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreUnavailable
+from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreMisplaced, StoreUnavailable
+from facefed.common.errors import FacefedError
 
 __all__ = [
     "VaultError",
     "InvalidConfig",
+    "VaultBusy",
+    "StoreMisplaced",
+    "DuplicateImage",
     "UnknownPerson",
     "UnknownImage",
     "NotEnoughShares",
@@ -20,7 +24,7 @@ __all__ = [
 ]
 
 
-class VaultError(Exception):
+class VaultError(FacefedError):
     """Base class of everything the vault refuses or cannot do."""
 
 
@@ -56,3 +60,11 @@ class CorruptShare(VaultError):
 
 class AuditChainBroken(VaultError):
     """The audit log was edited, reordered or truncated."""
+
+
+class VaultBusy(VaultError):
+    """Another process (or thread) holds the vault's writer lock for longer than a writer waits."""
+
+
+class DuplicateImage(InvalidImage):
+    """The same image bytes are already stored for another person."""

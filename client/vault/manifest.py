@@ -2,12 +2,17 @@
 
 Tables
     people            operator's person id -> random pseudonym (the only place the id appears)
-    images            image id -> pseudonym, size, bucket, source file name
+    images            image id -> pseudonym, size, bucket, source file name, keyed hash of the bytes
+                      (HMAC with a key derived from the vault key: finds duplicates, links nothing)
     shares            (image id, x) -> share id; rows commit only after all n share files are durable
     pending_writes    share ids a writer is about to write, committed *before* writing, tagged with the
                       writer's token: an orphan sweep never touches them while that writer lives
     pending_deletions shares of erased people that a store could not delete yet
-    meta              format version, audit log head
+    meta              schema version, audit log head, whether the stores carry identities
+
+Only `vault init` creates a manifest (`Manifest.create`); `Manifest(path)` opens an existing one
+and refuses a missing, empty, truncated or damaged file with one line (an empty manifest would make
+every share look like an orphan). Schema 1 (before keyed image hashes) is migrated in place.
 
 Erased rows must not linger: `secure_delete` overwrites freed content in the database file, and
 the rollback journal (not WAL, whose file would keep old pages until a checkpoint) is removed at
@@ -16,6 +21,7 @@ each commit. Every write is one IMMEDIATE transaction, synchronous=FULL.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -25,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facefed.client.vault.errors import InvalidConfig
-from facefed.common.durable import immediate
+from facefed.common import sqlite
+from facefed.common.durable import fsync_dir, immediate
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+BACKUP_SUFFIX = ".bak"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS people (
@@ -41,9 +49,11 @@ CREATE TABLE IF NOT EXISTS images (
     size INTEGER NOT NULL,
     padded INTEGER NOT NULL,
     source_name TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    content_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS images_by_person ON images(pseudonym);
+CREATE INDEX IF NOT EXISTS images_by_content ON images(content_hash);
 CREATE TABLE IF NOT EXISTS shares (
     image_id TEXT NOT NULL REFERENCES images(image_id),
     x INTEGER NOT NULL,
@@ -88,6 +98,7 @@ class NewImage:
     padded: int
     source_name: str | None
     shares: dict[int, str]
+    content_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,24 +114,104 @@ class ConcurrentPersonCreation(Exception):
     """Another process created the same new person while this put was writing."""
 
 
+def _unreadable(path: Path, why: str) -> InvalidConfig:
+    return InvalidConfig(
+        f"{path} {why}; nothing was changed. Restore it from {path.name}{BACKUP_SUFFIX} beside it (written "
+        f"after each change) or from your backup of the vault directory; the shares in the stores are untouched"
+    )
+
+
 class Manifest:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, _create: bool = False):
         self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
-            for pragma in ("secure_delete=ON", "journal_mode=DELETE", "synchronous=FULL", "foreign_keys=ON"):
-                self._db.execute(f"PRAGMA {pragma}")
-            self._db.executescript(_SCHEMA)
-            with self.write() as db:
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            schema = self.get_meta("schema")
+            if not _create and path.is_file() and path.stat().st_size == 0:
+                raise _unreadable(path, "is empty (0 bytes: truncated?)")
+            # mode rw: opening never creates a manifest; only `create` (vault init) does
+            self._db = sqlite.connect(
+                path,
+                journal="DELETE",
+                secure_delete=True,
+                foreign_keys=True,
+                threads=True,
+                mode="rwc" if _create else "rw",
+            )
         except sqlite3.DatabaseError as e:
+            raise _unreadable(path, f"is not a readable vault manifest ({e})") from None
+        try:
+            if _create:
+                self._db.executescript(_SCHEMA)
+                with self.write() as db:
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self._check()
+        except BaseException:
             self._db.close()
-            raise InvalidConfig(f"{path} is not a readable vault manifest ({e}); restore it from your backup") from None
-        if schema != SCHEMA_VERSION:
-            self._db.close()
-            raise InvalidConfig(f"{path} has manifest schema {schema}, this version reads {SCHEMA_VERSION}")
+            raise
+
+    @classmethod
+    def create(cls, path: Path) -> Manifest:
+        if path.exists():
+            raise InvalidConfig(f"{path} already exists; a new manifest is made only by `vault init`")
+        return cls(path, _create=True)
+
+    def _check(self) -> None:
+        path = self.path
+        try:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "meta" not in tables:
+                what = "is empty (no tables: truncated or replaced?)" if not tables else "is not a vault manifest"
+                raise _unreadable(path, what)
+            schema = self.get_meta("schema")
+            if schema == "1":
+                self._migrate_1_to_2()
+                schema = self.get_meta("schema")
+            if schema != SCHEMA_VERSION:
+                raise InvalidConfig(
+                    f"{path} has manifest schema {schema}, this facefed reads {SCHEMA_VERSION}; use the facefed "
+                    f"version that wrote it"
+                )
+            missing = {"people", "images", "shares", "pending_writes", "pending_deletions"} - tables
+            if missing:
+                raise _unreadable(path, f"lacks table(s) {', '.join(sorted(missing))}")
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise _unreadable(path, f"is damaged ({' '.join(str(problems[0]).split())})")
+        except sqlite3.DatabaseError as e:
+            raise _unreadable(path, f"is damaged ({' '.join(str(e).split())})") from None
+
+    def _migrate_1_to_2(self) -> None:
+        """Schema 1 -> 2: keyed image hashes (NULL for images stored before; they are not deduplicated)."""
+        with self.write() as db:
+            db.execute("ALTER TABLE images ADD COLUMN content_hash TEXT")
+            db.execute("CREATE INDEX IF NOT EXISTS images_by_content ON images(content_hash)")
+            db.execute("UPDATE meta SET value='2' WHERE key='schema'")
+
+    def backup(self) -> None:
+        """A compact copy beside the manifest (VACUUM INTO: no freed pages, so nothing erased lingers
+        in it), replaced atomically; the old copy is overwritten with zeros before it goes."""
+        bak = self.path.with_name(self.path.name + BACKUP_SUFFIX)
+        tmp = self.path.with_name(self.path.name + BACKUP_SUFFIX + ".tmp")
+        tmp.unlink(missing_ok=True)
+        with self._lock:
+            self._db.execute("VACUUM INTO ?", (str(tmp),))
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            fd = os.open(bak, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                os.pwrite(fd, bytes(os.fstat(fd).st_size), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, bak)
+        fsync_dir(self.path.parent)
 
     def close(self) -> None:
         with self._lock:
@@ -141,6 +232,11 @@ class Manifest:
                 yield self._db
             finally:
                 self._db.execute("COMMIT")
+
+    def changes(self) -> int:
+        """Rows this connection has changed so far (tells whether an operation wrote anything)."""
+        with self._lock:
+            return self._db.total_changes
 
     # -- meta -----------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -255,13 +351,32 @@ class Manifest:
                 if actual[0] != img.pseudonym:
                     raise ConcurrentPersonCreation(img.person_id)
                 db.execute(
-                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
-                    (img.image_id, img.pseudonym, img.size, img.padded, img.source_name, now),
+                    "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (img.image_id, img.pseudonym, img.size, img.padded, img.source_name, now, img.content_hash),
                 )
                 db.executemany(
                     "INSERT INTO shares VALUES (?, ?, ?)", [(img.image_id, x, sid) for x, sid in img.shares.items()]
                 )
                 db.executemany("DELETE FROM pending_writes WHERE x=? AND share_id=?", list(img.shares.items()))
+
+    def by_content(self, hashes: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """Keyed image hash -> (person id, image id) of images already stored with those bytes."""
+        wanted = list(dict.fromkeys(hashes))
+        out: dict[str, tuple[str, str]] = {}
+        with self.read() as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                for h, pid, iid in db.execute(
+                    "SELECT i.content_hash, p.person_id, i.image_id FROM images i JOIN people p "
+                    f"ON p.pseudonym = i.pseudonym WHERE i.content_hash IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    out.setdefault(h, (pid, iid))
+        return out
+
+    def pending_writes(self) -> list[tuple[int, str]]:
+        with self._lock:
+            return self._db.execute("SELECT x, share_id FROM pending_writes").fetchall()
 
     def pending_writers(self) -> list[str]:
         with self._lock:

@@ -48,7 +48,9 @@ class OrphanShare:
     x: int
     store: str
     share_id: str
-    ours: bool
+    ours: bool  # this vault's tag and the x of the store it sits in
+    owner: bytes | None = None  # keyed hash of the pseudonym (ours only)
+    copy_of: str | None = None  # a referenced share's id in its header: a stray copy under another name
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class VerifyReport:
     unrecoverable: list[ImageProblem] = field(default_factory=list)  # fewer than k valid shares
     inconsistent: list[ImageProblem] = field(default_factory=list)  # valid shares that disagree
     orphans: list[OrphanShare] = field(default_factory=list)
+    misplaced_stores: list[str] = field(default_factory=list)  # swapped, foreign or unidentified stores
     pending_deletions: int = 0
     audit_entries: int = 0
     audit_error: str | None = None
@@ -85,6 +88,7 @@ class VerifyReport:
             or self.unrecoverable
             or self.inconsistent
             or self.orphans
+            or self.misplaced_stores
             or self.pending_deletions
             or self.audit_error
             or not all(s.reachable for s in self.stores)
@@ -101,11 +105,17 @@ class RepairReport:
     foreign_orphans: list[OrphanShare] = field(default_factory=list)  # not ours: left alone
     pending_deletions_finished: int = 0
     pending_deletions_left: int = 0
+    orphans_kept: list[OrphanShare] = field(default_factory=list)  # ours, unreferenced, not provably dead
+    misplaced_stores: list[str] = field(default_factory=list)  # fenced off (identity.py); `vault remap`
+    stores_adopted: list[int] = field(default_factory=list)  # empty replacement stores given their identity
+    audit_error: str | None = None
 
     @property
     def ok(self) -> bool:
         return not (
-            self.unrecoverable
+            self.audit_error
+            or self.misplaced_stores
+            or self.unrecoverable
             or self.inconsistent
             or self.not_repaired
             or self.foreign_orphans

@@ -78,9 +78,14 @@ class ShareKeys:
             raise ValueError("vault key must be at least 32 bytes")
         self.tag_key = hmac.new(master, b"facefed share tag v1", hashlib.sha256).digest()
         self._owner_key = hmac.new(master, b"facefed share owner v1", hashlib.sha256).digest()
+        self._content_key = hmac.new(master, b"facefed image content v1", hashlib.sha256).digest()
 
     def owner(self, pseudonym: str) -> bytes:
         return hmac.new(self._owner_key, pseudonym.encode(), hashlib.sha256).digest()[:16]
+
+    def content_hash(self, data: bytes) -> str:
+        """Keyed hash of image bytes (finds duplicates; a plain hash of a face image would be linkable)."""
+        return hmac.new(self._content_key, data, hashlib.sha256).hexdigest()
 
 
 def seal(keys: ShareKeys, header: ShareHeader, share: bytes, padding: bytes) -> bytes:

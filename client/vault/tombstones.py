@@ -1,7 +1,7 @@
 """Tombstones: people forgotten at this vault, whom `put` refuses until the operator re-enrols them.
 
 A tombstone is `HMAC(vault key, person id)`, never the id, kept in `VAULT/requests.sqlite` beside the
-forget requests (client/requests.py lays it in the same transaction that opens the request, so a
+forget requests (client/forget/requests.py lays it in the same transaction that opens the request, so a
 crash cannot leave a request without its tombstone). It lives in the vault package because the
 vault's own `put` consults it: the guard must hold for every way in, not only the CLI.
 """
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hmac
 import sqlite3
+import unicodedata
 from pathlib import Path
 
 from facefed.client.vault.errors import InvalidConfig
+from facefed.common import sqlite
+from facefed.common.durable import immediate
 
 REQUESTS_NAME = "requests.sqlite"
 VAULT_KEY_NAME = "key"  # the vault's 32-byte secret (client/vault/vault.py)
@@ -40,7 +43,12 @@ def vault_key(vault_dir: Path) -> bytes:
 
 
 def id_hash(key: bytes, person_id: str) -> str:
-    """Keyed hash of a person id: matches the same id again, reveals nothing without the vault key."""
+    """Keyed hash of a person id: matches the same id again, reveals nothing without the vault key.
+    The id is taken in Unicode NFC, so every spelling of "José" (composed or not) is one person."""
+    return _raw_hash(key, unicodedata.normalize("NFC", person_id))
+
+
+def _raw_hash(key: bytes, person_id: str) -> str:
     return hmac.new(key, _ID_HASH_LABEL + person_id.encode("utf-8"), "sha256").hexdigest()
 
 
@@ -48,7 +56,8 @@ def _connect(vault_dir: Path, *, readonly: bool) -> sqlite3.Connection | None:
     path = Path(vault_dir) / REQUESTS_NAME
     if not path.is_file():
         return None
-    db = sqlite3.connect(f"file:{path}?mode={'ro' if readonly else 'rw'}", uri=True, timeout=30.0)
+    # requests.sqlite is client/forget/requests.py's file: the same rollback journal and secure_delete.
+    db = sqlite.connect(path, journal="DELETE", secure_delete=True, mode="ro" if readonly else "rw")
     if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='tombstones'").fetchone():
         db.close()
         return None
@@ -64,7 +73,8 @@ def tombstoned(vault_dir: str | Path, person_ids: list[str]) -> list[str]:
         return []
     try:
         key = vault_key(Path(vault_dir))
-        hashes = {id_hash(key, p): p for p in dict.fromkeys(person_ids)}
+        # the NFC hash, and the id as typed (tombstones laid before ids were normalised)
+        hashes = {h: p for p in dict.fromkeys(person_ids) for h in (id_hash(key, p), _raw_hash(key, p))}
         found = {
             r[0]
             for r in db.execute(
@@ -73,7 +83,7 @@ def tombstoned(vault_dir: str | Path, person_ids: list[str]) -> list[str]:
         }
     finally:
         db.close()
-    return [p for h, p in hashes.items() if h in found]
+    return list(dict.fromkeys(p for h, p in hashes.items() if h in found))
 
 
 def lift_tombstones(vault_dir: str | Path, person_ids: list[str]) -> int:
@@ -82,11 +92,12 @@ def lift_tombstones(vault_dir: str | Path, person_ids: list[str]) -> int:
     if db is None:
         return 0
     try:
-        db.execute("PRAGMA secure_delete=ON")
         key = vault_key(Path(vault_dir))
-        with db:
+        with immediate(db):
             return sum(
-                db.execute("DELETE FROM tombstones WHERE id_hash=?", (id_hash(key, p),)).rowcount
+                db.execute(
+                    "DELETE FROM tombstones WHERE id_hash IN (?, ?)", (id_hash(key, p), _raw_hash(key, p))
+                ).rowcount
                 for p in dict.fromkeys(person_ids)
             )
     finally:

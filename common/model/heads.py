@@ -7,7 +7,7 @@ per-sample gradients natively, and renormalising is post-processing of a DP outp
 
 Rows are keyed by the person's pseudonym (never a name). New rows are drawn at random, independently
 of any data: initialising a row from the person's own images would not be private, because that row
-enters every other person's softmax and so every backbone gradient (see client/trainer.py).
+enters every other person's softmax and so every backbone gradient (see client/training/trainer.py).
 The head is never sent anywhere; deleting a person deletes their row (`remove_people`).
 """
 
@@ -19,19 +19,21 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facefed.common.durable import atomic_write_bytes
-from facefed.common.model.mobilefacenet import EMBEDDING_DIM
+from facefed.common.errors import FacefedError
+from facefed.common.model.stages import EMBEDDING_DIM
 
 HEAD_FORMAT = "facefed-head/1"
 _ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 
-class HeadError(ValueError):
+class HeadError(FacefedError, ValueError):
     """A bad person id, a duplicate or unknown row, or a head file that does not fit."""
 
 
@@ -121,7 +123,8 @@ class MarginHead(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         """Scaled cosine logits (rows are unit-norm; the embedding is normalised here)."""
-        return self.scale * self.fc(F.normalize(emb, dim=1))
+        cos: torch.Tensor = self.fc(F.normalize(emb, dim=1))
+        return self.scale * cos
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """CosFace loss: subtract s*m from the true class's logit, then cross-entropy."""
@@ -129,7 +132,7 @@ class MarginHead(nn.Module):
         return F.cross_entropy(logits - margin, labels, reduction=reduction)
 
     # -- persistence ---------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return {
             "format": HEAD_FORMAT,
             "ids": list(self.ids),
@@ -142,7 +145,7 @@ class MarginHead(nn.Module):
         }
 
     @classmethod
-    def from_state(cls, state: dict, *, what: str = "head state") -> MarginHead:
+    def from_state(cls, state: dict[str, Any], *, what: str = "head state") -> MarginHead:
         if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
             raise HeadError(f"{what}: not a facefed head (format {HEAD_FORMAT})")
         ids, weight = list(state["ids"]), state["weight"]
@@ -157,13 +160,13 @@ class MarginHead(nn.Module):
         head.probed = bool(state.get("probed", False))
         return head
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         buf = io.BytesIO()
         torch.save(self.state(), buf)
         atomic_write_bytes(Path(path), buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> MarginHead:
+    def load(cls, path: str | os.PathLike[str]) -> MarginHead:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:

@@ -24,23 +24,27 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facefed.common.durable import atomic_write_bytes
+from facefed.common.errors import FacefedError
 from facefed.common.model.stages import EMBEDDING_DIM, STAGES
 
 Norm = Literal["folded", "group", "batch"]
 INPUT_SIZE = 112
-CHECKPOINT_FORMAT = "facefed-embedder/1"
+# /2: meta also carries `preprocessing`, `provenance` and (once evaluated) `threshold`
+# (common/calibration.py); /1 files (no such keys) still load.
+CHECKPOINT_FORMAT = "facefed-embedder/2"
+READABLE_FORMATS = ("facefed-embedder/1", CHECKPOINT_FORMAT)
 PRETRAINED_PREFIX = "arcface."
 BN_EPS = 1e-5  # torch's BatchNorm default, which the CASIA checkpoint was trained with
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(FacefedError, ValueError):
     """A state dict whose keys or shapes do not fit the model; the message names the first mismatch."""
 
 
@@ -86,7 +90,7 @@ class DepthWise(nn.Module):
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.conv_dw(self.conv(x)))
+        y: torch.Tensor = self.project(self.conv_dw(self.conv(x)))
         return x + y if self.residual else y
 
 
@@ -98,7 +102,8 @@ class Residual(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        y: torch.Tensor = self.model(x)
+        return y
 
 
 class MobileFaceNet(nn.Module):
@@ -156,14 +161,17 @@ class MobileFaceNet(nn.Module):
             yield from m.parameters()
 
     def _run_stage(self, name: str, x: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+        y: torch.Tensor
         if name == "sep":
-            return self.prelu(self.sep_bn(self.sep(x)))
-        if name == "GDC_dw":
-            return self.GDC_bn(self.GDC_dw(x))
-        if name == "features":
-            z = self.last_bn(self.features(x)).flatten(1)
-            return F.normalize(z, dim=1) if normalize else z
-        return getattr(self, name)(x)
+            y = self.prelu(self.sep_bn(self.sep(x)))
+        elif name == "GDC_dw":
+            y = self.GDC_bn(self.GDC_dw(x))
+        elif name == "features":
+            z: torch.Tensor = self.last_bn(self.features(x)).flatten(1)
+            y = F.normalize(z, dim=1) if normalize else z
+        else:
+            y = getattr(self, name)(x)
+        return y
 
     def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen stages before `train_from` (identity when everything trains)."""
@@ -189,6 +197,8 @@ class MobileFaceNet(nn.Module):
 
 class Tail(nn.Module):
     """The trainable part as its own module (parameters shared with the embedder), for Opacus."""
+
+    _model: MobileFaceNet  # not a submodule (set past nn.Module's registry): its parameters are in `parts`
 
     def __init__(self, model: MobileFaceNet):
         super().__init__()
@@ -256,7 +266,7 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], *, what: str, 
             raise CheckpointMismatch(f"{what}: unexpected key `{k}` (not in a {type(model).__name__})")
 
 
-def load_pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_pretrained_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The CASIA checkpoint (`arcface.`-prefixed BatchNorm state dict), folded, checked."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -270,7 +280,7 @@ def load_pretrained_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def build_embedder(
-    pretrained: str | os.PathLike | None = None, *, train_from: str | None = None, norm: Norm | None = None
+    pretrained: str | os.PathLike[str] | None = None, *, train_from: str | None = None, norm: Norm | None = None
 ) -> MobileFaceNet:
     """A folded, Opacus-valid embedder: from the CASIA checkpoint, or from scratch (GroupNorm) if None.
 
@@ -325,7 +335,7 @@ def load_shared_state(model: MobileFaceNet, state: dict[str, torch.Tensor]) -> N
 
 
 # -- checkpoints -----------------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -333,7 +343,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, model: MobileFaceNet, meta: dict | None = None) -> str:
+def save_checkpoint(path: str | os.PathLike[str], model: MobileFaceNet, meta: dict[str, Any] | None = None) -> str:
     """Save the whole embedder (all stages) plus JSON-able `meta`; atomic; returns the file's sha256."""
     import io
 
@@ -353,7 +363,7 @@ def save_checkpoint(path: str | os.PathLike, model: MobileFaceNet, meta: dict | 
     return sha256_file(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[MobileFaceNet, dict]:
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[MobileFaceNet, dict[str, Any]]:
     """A facefed checkpoint -> (model, meta); the raw CASIA `.pth` is accepted too (meta says so)."""
     path = Path(path)
     if not path.is_file():
@@ -362,7 +372,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[MobileFaceNet, dict]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointMismatch(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(payload, dict) and payload.get("format") in READABLE_FORMATS:
         model = MobileFaceNet(payload["norm"], payload["train_from"])
         check_state(model, payload["state_dict"], what=str(path))
         model.load_state_dict(payload["state_dict"])

@@ -1,6 +1,6 @@
 """MobileFaceNet stage names in forward order: what `train_from` refers to.
 
-Kept apart from common/model.py so that configs validate without importing torch (every CLI command
+Kept apart from common/model/mobilefacenet.py so that configs validate without importing torch (every CLI command
 loads the configs module; importing torch costs seconds)."""
 
 STAGES = (

@@ -15,12 +15,15 @@ the network): unknown keys, out-of-range values and oversized lists are refused.
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ORDER_KEY, REPLY_KEY = "facefed-query", "facefed-reply"
 MAX_ITEMS = 10_000
+MAX_MESSAGE = 16 << 20  # characters of one query order or reply on the wire, checked before parsing
+MAX_RECEIPT = 64 * 1024  # bytes of one signed receipt (a few hundred in practice)
 
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")]
 RequestId = Annotated[str, Field(pattern=r"^fr-[0-9a-f]{16}$")]
@@ -29,7 +32,9 @@ Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict (no coercion), closed (no unknown keys), frozen, every list and string bounded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Delivery(_Strict):
@@ -40,7 +45,14 @@ class Delivery(_Strict):
     round: Annotated[int, Field(ge=0)]
     checkpoint_id: Annotated[str, Field(min_length=1, max_length=128)]
     checkpoint_sha256: Hex64
-    receipt: dict  # the signed document, stored as received (the server's signature covers it)
+    receipt: dict[str, Any]  # the signed document, stored as received (the server's signature covers it)
+
+    @field_validator("receipt")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(v)) > MAX_RECEIPT:
+            raise ValueError(f"a receipt is at most {MAX_RECEIPT} bytes")
+        return v
 
 
 class DropHeads(_Strict):
@@ -80,18 +92,18 @@ class PendingRequest(_Strict):
 
 class BudgetAnswer(_Strict):
     fits: bool
-    unit: str
+    unit: Annotated[str, Field(max_length=16)]
     delta: float
     epsilon_now: float
     epsilon_planned: float  # after the asked-for training (an upper bound: probe steps counted once)
     max_epsilon: float
-    detail: str = ""
+    detail: Annotated[str, Field(max_length=2000)] = ""
 
 
 class QueryReply(_Strict):
     site: Annotated[str, Field(min_length=1, max_length=64)]
     pending: Annotated[list[PendingRequest], Field(max_length=MAX_ITEMS)] = []
     stored: Annotated[list[RequestId], Field(max_length=MAX_ITEMS)] = []  # receipts kept at the site
-    heads_dropped: int = 0
+    heads_dropped: Annotated[int, Field(ge=0)] = 0
     budget: BudgetAnswer | None = None
     problems: Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=100)] = []

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from facefed.common.cli import fail
+
 PAIR_FILES = ("pairsDevTest.txt", "pairs.txt")  # the protocol's test files (pairsDevTrain: training people)
-
-
-def _fail(msg: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
-    raise typer.Exit(2)
 
 
 def evaluate(
@@ -33,30 +31,40 @@ def evaluate(
     max_pairs: int = typer.Option(
         None, "--max-pairs", min=20, help="quick look on a balanced subset of the pairs (not the protocol)"
     ),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda"),
+    preprocess: str = typer.Option(
+        "aligned",
+        "--preprocess",
+        help="aligned: detect + 5-point alignment (the field's protocol); fixed-crop: the old fixed box, as a baseline",
+    ),
 ) -> None:
     """Accuracy (10-fold CV thresholds, mean ± std), ROC AUC and TAR@FAR on LFW pairs."""
     # torch and LFW load here, not at import: every other facefed-server command starts fast.
+    from facefed.common.errors import FacefedError
     from facefed.common.evaluate import EvalCache
     from facefed.common.lfw import LFW, LFWFormatError
     from facefed.common.model.mobilefacenet import CheckpointMismatch, load_checkpoint
     from facefed.common.paths import DataNotFound
 
+    if preprocess not in ("aligned", "fixed-crop"):
+        fail(f"--preprocess must be aligned or fixed-crop, got {preprocess!r}")
     if pairs not in PAIR_FILES:
-        _fail(
+        fail(
             f"--pairs must be pairsDevTest.txt or pairs.txt, got {pairs!r} (pairsDevTrain's people are training people)"
         )
-    nets, meta = [], {}
+    nets: list[Any] = []
+    meta: dict[str, Any] = {}
     for path in model:
         try:
             net, meta = load_checkpoint(path)
         except (FileNotFoundError, CheckpointMismatch) as e:
-            _fail(str(e))
+            fail(str(e))
         nets.append(net)
     try:
         data = LFW(lfw)
-        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs)
-    except (DataNotFound, LFWFormatError) as e:
-        _fail(str(e))
+        cache = EvalCache(data, pairs, flip=not no_flip, max_pairs=max_pairs, preprocess=preprocess, device=device)
+    except (DataNotFound, LFWFormatError, FacefedError) as e:
+        fail(str(e))
     result = cache.evaluate(nets[0]) if len(nets) == 1 else cache.evaluate_ensemble(nets)
     name = model[0].name if len(model) == 1 else f"{len(model)}-shard ensemble ({', '.join(m.name for m in model)})"
     if as_json:
@@ -89,6 +97,14 @@ def evaluate(
             f"{t.n_impostor} impostor pairs, {t.impostors_accepted} accepted",
         )
     table.add_row("flip averaging", "yes" if result.flip else "no", "")
+    fell = result.fallbacks
+    table.add_row(
+        "preprocessing",
+        result.preprocess,
+        f"{len(fell)} image(s) with no face: fixed-crop fallback ({', '.join(fell[:4])}{', ...' if len(fell) > 4 else ''})"
+        if fell
+        else "",
+    )
     if "epsilon" in meta:
         table.add_row(
             "privacy",

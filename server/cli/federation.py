@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facefed.common import certs as certmod
+from facefed.common.cli import fail
 from facefed.common.config import ConfigError, load_config
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.nodekeys import NodeKeyError, check_site_name, fingerprint, load_public, openssh_public
@@ -42,24 +43,26 @@ console = Console()
 RECEIPT_KEY, RECEIPT_PUB = "receipts.key", "receipts.pub"
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"facefed-server: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _paths(state: Path, *, create: bool = False) -> StatePaths:
     try:
-        return StatePaths.at(state, create=create)
+        return StatePaths.at(state, create=create, started=not create)
     except StateDirError as e:
-        _fail(str(e))
+        fail(str(e))
         raise  # unreachable
 
 
 # -- start / certs --------------------------------------------------------------------------------
 def start(
     state: StateOpt,
-    port: Annotated[int, typer.Option("--port", help="The one port for sites, `flwr` and the ServerApp.")] = 8000,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="The port sites dial: the Fleet API only.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address the sites' port listens on.")] = "127.0.0.1",
+    control_port: Annotated[
+        int,
+        typer.Option(
+            "--control-port",
+            help="Loopback port of the Control and Runtime APIs (this host's operator only); 0 picks a free one.",
+        ),
+    ] = 0,
     tls_dir: Annotated[
         Path | None, typer.Option("--tls-dir", help="ca.crt, server.crt, server.key (from `facefed-server certs`).")
     ] = None,
@@ -69,21 +72,28 @@ def start(
 ) -> None:
     """Run the server (Flower SuperLink) in the foreground; Ctrl-C stops it cleanly."""
     if not 0 < port < 65536:
-        _fail(f"--port {port} is not a TCP port")
+        fail(f"--port {port} is not a TCP port")
+    if not 0 <= control_port < 65536:
+        fail(f"--control-port {control_port} is not a TCP port")
     if tls_dir is None and not insecure:
-        _fail(
+        fail(
             "the server runs with TLS and node authentication by default: pass --tls-dir DIR "
             "(make it with `facefed-server certs --out DIR`), or --insecure for a local experiment"
         )
     if tls_dir is not None and insecure:
-        _fail("--insecure and --tls-dir contradict each other; pick one")
+        fail("--insecure and --tls-dir contradict each other; pick one")
+    try:  # bad TLS input is refused before the state directory is created
+        tls = TlsFiles.from_dir(tls_dir) if tls_dir else None
+    except SuperLinkError as e:
+        fail(str(e))
+    if state.expanduser().exists() and not state.expanduser().is_dir():
+        fail(f"--state {state} is a file; give a directory for the server state")
     paths = _paths(state, create=True)
     try:
-        tls = TlsFiles.from_dir(tls_dir) if tls_dir else None
         Ledger(paths.ledger).close()  # create it now so `status` works before the first run
-        code = serve(paths, host=host, port=port, tls=tls, node_auth=tls is not None)
+        code = serve(paths, host=host, port=port, control_port=control_port, tls=tls, node_auth=tls is not None)
     except SuperLinkError as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     raise typer.Exit(0 if code in (0, -2, 130, -15, 143) else code)
 
 
@@ -97,20 +107,25 @@ def certs(
 ) -> None:
     """Make the federation's CA, the server TLS certificate and the receipt-signing key."""
     out = out.expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory for the certificates and keys")
     targets = [out / n for n in (TLS_CA, "ca.key", TLS_CERT, TLS_KEY, RECEIPT_KEY, RECEIPT_PUB)]
     existing = [p.name for p in targets if p.exists()]
     if existing and not force:
-        _fail(
+        fail(
             f"{out} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new ca.crt)"
         )
     hosts = ["127.0.0.1", "localhost", *(host or [])]
     ca = certmod.make_ca("facefed federation CA")
     leaf = certmod.issue(ca, "facefed-server", hosts=list(dict.fromkeys(hosts)), server=True)
-    certmod.write_public(out / TLS_CA, certmod.pem_cert(ca.cert))
-    certmod.write_private(out / "ca.key", certmod.pem_private(ca.key))
-    certmod.write_public(out / TLS_CERT, certmod.pem_cert(leaf.cert))
-    certmod.write_private(out / TLS_KEY, certmod.pem_private(leaf.key))
-    certmod.make_ed25519(out / RECEIPT_KEY, out / RECEIPT_PUB)
+    try:
+        certmod.write_public(out / TLS_CA, certmod.pem_cert(ca.cert))
+        certmod.write_private(out / "ca.key", certmod.pem_private(ca.key))
+        certmod.write_public(out / TLS_CERT, certmod.pem_cert(leaf.cert))
+        certmod.write_private(out / TLS_KEY, certmod.pem_private(leaf.key))
+        certmod.make_ed25519(out / RECEIPT_KEY, out / RECEIPT_PUB)
+    except OSError as e:
+        fail(f"--out {out}: {e.strerror or e} ({e.filename or out})")
     typer.echo(f"CA certificate:      {out / TLS_CA}  (give this to every site: --root-cert)")
     typer.echo(f"CA key:              {out / 'ca.key'}  (keep offline; only needed to issue new certificates)")
     typer.echo(f"server certificate:  {out / TLS_CERT}  for {', '.join(dict.fromkeys(hosts))}")
@@ -131,17 +146,18 @@ def sites_register(
         check_site_name(name)
         pub = load_public(key)
     except (ValueError, NodeKeyError) as e:
-        _fail(str(e))
+        fail(str(e))
     fp = fingerprint(pub)
     with Ledger(paths.ledger) as ledger:
         current = {s.name: s for s in ledger.sites()}
         if name in current and current[name].active:
-            _fail(
+            fail(
                 f"site {name!r} is already registered (key {current[name].fingerprint}); "
                 f"revoke it first with `facefed-server sites revoke {name}`"
             )
-        if ledger.site_by_fingerprint(fp):
-            _fail(f"this key ({fp}) is already registered for site {ledger.site_by_fingerprint(fp).name!r}")
+        holder = ledger.site_by_fingerprint(fp)
+        if holder:
+            fail(f"this key ({fp}) is already registered for site {holder.name!r}")
         # `flwr supernode register` reads OpenSSH; accept a PEM key too by converting it.
         ssh_path = paths.root / "keys" / f"{name}.pub"
         ssh_path.parent.mkdir(exist_ok=True)
@@ -149,11 +165,11 @@ def sites_register(
         try:
             res = flwr_cli(paths, ["supernode", "register", str(ssh_path), "--name", name])
         except SuperLinkError as e:
-            _fail(str(e), 3)
+            fail(str(e), 3)
         try:
             ledger.add_site(name, fp, openssh_public(pub).decode(), str(res.get("node-id", "")) or None)
         except LedgerError as e:
-            _fail(str(e))
+            fail(str(e))
     typer.echo(f"registered site {name}: node {res.get('node-id')} key {fp}")
 
 
@@ -194,14 +210,14 @@ def sites_revoke(name: Annotated[str, typer.Argument(help="Site name.")], state:
         try:
             site = ledger.site(name)
         except LedgerError as e:
-            _fail(str(e))
+            fail(str(e))
         if not site.active:
-            _fail(f"site {name!r} is already revoked")
+            fail(f"site {name!r} is already revoked")
         if site.node_id:
             try:
                 flwr_cli(paths, ["supernode", "unregister", site.node_id])
             except SuperLinkError as e:
-                _fail(f"{e}\nthe site stays registered; retry when the server is running", 3)
+                fail(f"{e}\nthe site stays registered; retry when the server is running", 3)
         ledger.revoke_site(name)
     typer.echo(f"revoked site {name} (key {site.fingerprint})")
 
@@ -212,7 +228,7 @@ def _resolve_data(cfg: FederationConfig) -> tuple[str | None, str]:
         pre = str(pretrained_path(cfg.pretrained or cfg.train.pretrained).resolve())
         lfw = str(lfw_path(cfg.lfw).resolve()) if cfg.evaluate.every else None
     except DataNotFound as e:
-        _fail(str(e))
+        fail(str(e))
         raise
     return lfw, pre
 
@@ -244,27 +260,27 @@ def train(
     try:
         cfg = load_config(config, FederationConfig)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     lfw, pre = _resolve_data(cfg)
     with Ledger(paths.ledger) as ledger:
         if run is not None:
             try:
                 existing = ledger.run(run)
             except LedgerError as e:
-                _fail(str(e))
+                fail(str(e))
             if existing.status == "completed":
-                _fail(f"run {run} is already completed")
+                fail(f"run {run} is already completed")
             if existing.config_sha256 != cfg.sha256():
-                _fail(f"run {run} was started with another configuration; pass the same --config to resume it")
+                fail(f"run {run} was started with another configuration; pass the same --config to resume it")
             run_id, resume = run, True
         elif cfg.shards > 1:  # a sharded job: its shard runs are <job>-s<k> (and their replays)
             found = None if new else ledger.resumable_family(cfg.sha256(), cfg.shards)
             run_id, resume = (found, True) if found else (new_run_id(cfg), False)
         else:
-            found = None if new else ledger.resumable_run(cfg.sha256())
-            run_id, resume = (found.run_id, True) if found else (new_run_id(cfg), False)
+            resumable = None if new else ledger.resumable_run(cfg.sha256())
+            run_id, resume = (resumable.run_id, True) if resumable else (new_run_id(cfg), False)
     if receipt_key is not None and not receipt_key.is_file():
-        _fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
+        fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
     sub = write_submission(
         paths,
         cfg,
@@ -277,7 +293,7 @@ def train(
     try:
         flwr_run = submit(paths, sub)
     except SuperLinkError as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     typer.echo(
         f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})"
         + (f" as {cfg.shards} shard runs {run_id}-s0..s{cfg.shards - 1}" if cfg.shards > 1 else "")
@@ -329,7 +345,7 @@ def status(
             try:
                 rounds = ledger.rounds(target)
             except LedgerError as e:
-                _fail(str(e))
+                fail(str(e))
             t = Table(title=f"rounds of {target}")
             for col in (
                 "round",
@@ -344,41 +360,41 @@ def status(
                 "sha256",
             ):
                 t.add_column(col)
-            for r in rounds:
-                acc = r.metrics.get("lfw_accuracy")
+            for rr in rounds:
+                acc = rr.metrics.get("lfw_accuracy")
                 eps = " ".join(
-                    f"{s.site}:{s.epsilon:.2f}" for s in r.sites if s.status == "ok" and s.epsilon is not None
+                    f"{s.site}:{s.epsilon:.2f}" for s in rr.sites if s.status == "ok" and s.epsilon is not None
                 )
                 t.add_row(
-                    str(r.round),
-                    str(r.attempt),
-                    r.status,
-                    _ts(r.ended_at),
-                    ", ".join(r.participants) or "-",
-                    ", ".join(r.missing) or "-",
+                    str(rr.round),
+                    str(rr.attempt),
+                    rr.status,
+                    _ts(rr.ended_at),
+                    ", ".join(rr.participants) or "-",
+                    ", ".join(rr.missing) or "-",
                     f"{acc:.4f}" if acc is not None else "-",
                     eps or "-",
-                    r.checkpoint_id or "-",
-                    (r.checkpoint_sha256 or "-")[:12],
+                    rr.checkpoint_id or "-",
+                    (rr.checkpoint_sha256 or "-")[:12],
                 )
             console.print(t)
         t = Table(title="sites")
         for col in ("site", "key fingerprint", "registered", "revoked", "epsilon", "unit", "delta", "accountant"):
             t.add_column(col)
-        eps = ledger.site_epsilons()
-        names = [s.name for s in ledger.sites()] + [n for n in eps if n not in {s.name for s in ledger.sites()}]
+        spent = ledger.site_epsilons()
+        names = [s.name for s in ledger.sites()] + [n for n in spent if n not in {s.name for s in ledger.sites()}]
         by_name = {s.name: s for s in ledger.sites()}
         for n in names:
-            s, e = by_name.get(n), eps.get(n)
+            site, last = by_name.get(n), spent.get(n)
             t.add_row(
                 n,
-                (s.fingerprint[:23] + "...") if s else "(unregistered)",
-                _ts(s.registered_at) if s else "-",
-                _ts(s.revoked_at) if s and s.revoked_at else "-",
-                f"{e.epsilon:.3f}" if e else "-",
-                e.unit if e else "-",
-                f"{e.delta:g}" if e else "-",
-                e.accountant if e else "-",
+                (site.fingerprint[:23] + "...") if site else "(unregistered)",
+                _ts(site.registered_at) if site else "-",
+                _ts(site.revoked_at) if site and site.revoked_at else "-",
+                f"{last.epsilon:.3f}" if last else "-",
+                last.unit if last else "-",
+                f"{last.delta:g}" if last else "-",
+                last.accountant if last else "-",
             )
         console.print(t)
 
@@ -400,11 +416,11 @@ def simulate(
     from facefed.server.ops.simulate import SimulationError, run_simulation
 
     if sites < 1:
-        _fail("--sites must be >= 1")
+        fail("--sites must be >= 1")
     try:
         cfg = load_config(config, FederationConfig)
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     lfw, pre = _resolve_data(cfg)
     try:
         run_simulation(
@@ -418,7 +434,7 @@ def simulate(
             cpus=cpus,
         )
     except (SimulationError, DataNotFound) as e:
-        _fail(str(e), 3)
+        fail(str(e), 3)
     status(state.expanduser().resolve())
 
 

@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from facefed.common.cli import fail
 from facefed.common.paths import DataNotFound, lfw_path, pretrained_path
-from facefed.server.cli.federation import StateOpt, _fail, _paths, _ts
+from facefed.server.cli.federation import StateOpt, _paths, _ts
 from facefed.server.ledger.db import Ledger, LedgerError
 
 receipts_app = typer.Typer(help="Check forget receipts against the ledger.", no_args_is_help=True)
@@ -48,14 +49,14 @@ def unlearn(
 
     paths = _paths(state)
     if wait < 0:
-        _fail("--wait must be >= 0")
+        fail("--wait must be >= 0")
     if receipt_key is not None and not receipt_key.is_file():
-        _fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
+        fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
     try:
         pre = str(pretrained_path(None).resolve())
         lfw = str(lfw_path(None).resolve())
     except DataNotFound as e:
-        _fail(str(e))
+        fail(str(e))
         raise
     started = time.time()
     sub = write_submission(
@@ -72,7 +73,7 @@ def unlearn(
     try:
         flwr_run = submit(paths, sub)
     except Exception as e:  # SuperLinkError: the server is not running
-        _fail(str(e), 3)
+        fail(str(e), 3)
     typer.echo(f"unlearning (Flower run {flwr_run}); following the ledger")
     raise typer.Exit(follow_unlearn(paths, flwr_run, started, timeout=timeout))
 
@@ -134,21 +135,21 @@ def receipts_verify(
 
     paths = _paths(state)
     if not file.is_file():
-        _fail(f"receipt {file} does not exist")
+        fail(f"receipt {file} does not exist")
     if file.stat().st_size > 1_000_000:
-        _fail(f"receipt {file} is larger than 1 MB: not a receipt")
+        fail(f"receipt {file} is larger than 1 MB: not a receipt")
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        _fail(f"receipt {file} is not JSON ({e})")
+        fail(f"receipt {file} is not JSON ({e})")
     pub = key if key is not None else key_paths(paths)[1]
     if not pub.is_file():
-        _fail(f"no receipt public key at {pub}; pass --key receipts.pub")
+        fail(f"no receipt public key at {pub}; pass --key receipts.pub")
     try:
         with Ledger(paths.ledger) as ledger:
             receipt, checks = verify_receipt(doc, pub.read_bytes(), ledger)
     except LedgerError as e:
-        _fail(str(e))
+        fail(str(e))
     for c in checks:
         typer.secho(
             f"  [{'ok' if c.ok else 'FAIL'}] {c.what}" + (f": {c.detail}" if c.detail else ""),

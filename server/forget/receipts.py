@@ -18,6 +18,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from facefed.common import certs as certmod
 from facefed.common.receipts import (
@@ -49,7 +52,7 @@ def key_paths(paths: StatePaths, explicit: Path | None = None) -> tuple[Path, Pa
     return paths.root / "keys" / KEY_NAME, paths.root / "keys" / PUB_NAME
 
 
-def signing_key(private: Path, public: Path):
+def signing_key(private: Path, public: Path) -> Ed25519PrivateKey:
     """Load the signing key, making a local one if this (insecure, local) server has none yet."""
     if not private.exists():
         private.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +66,14 @@ def signing_key(private: Path, public: Path):
 
 
 def issue(
-    req: ForgetRow, *, replay_run: str, rollback: CheckpointRow, model: CheckpointRow, deleted: list[str], key
-) -> dict:
+    req: ForgetRow,
+    *,
+    replay_run: str,
+    rollback: CheckpointRow,
+    model: CheckpointRow,
+    deleted: list[str],
+    key: Ed25519PrivateKey,
+) -> dict[str, Any]:
     receipt = Receipt(
         request_id=req.request_id,
         site=req.site,
@@ -97,7 +106,7 @@ def _ts(s: str) -> float:
     return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
-def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | None, list[Check]]:
+def verify_receipt(doc: Any, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | None, list[Check]]:
     """(receipt, checks): every check is listed; the receipt holds only if all are ok."""
     checks: list[Check] = []
     try:
@@ -174,11 +183,11 @@ def verify_receipt(doc, public_pem: bytes, ledger: Ledger) -> tuple[Receipt | No
         if rnd is None or rnd.started_at < erased or c.round >= first.get(c.run_id or "", 10**9):
             late.append(c.checkpoint_id)
     # Later rounds that descend from the model (training went on) must not have used them either.
-    for c in ledger.runs():
-        if c.run_id == r.run_id:
-            for row in ledger.rounds(c.run_id, committed_only=True):
+    for run in ledger.runs():
+        if run.run_id == r.run_id:
+            for row in ledger.rounds(run.run_id, committed_only=True):
                 if row.round > model.round and row.started_at < erased:
-                    late.append(row.checkpoint_id or f"{c.run_id} round {row.round}")
+                    late.append(row.checkpoint_id or f"{run.run_id} round {row.round}")
     checks.append(
         Check(
             "no round after the rollback could use them",

@@ -4,7 +4,7 @@ A checkpoint is *tainted* by a request when the person was present at a site in 
 checkpoint's run at or before the checkpoint's round: the site's update for that round was computed
 with them in its data (under Poisson sampling their mere presence changes the distribution of the
 update), and every later model of the run descends from it. Each site reports, per run, the rounds
-the person was present in (client/contributions.py; failed attempts are counted too, which can only
+the person was present in (client/forget/contributions.py; failed attempts are counted too, which can only
 make the rollback earlier, never wrong).
 
 For each live run (not superseded) whose current model is tainted, the plan is:

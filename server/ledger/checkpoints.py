@@ -14,15 +14,18 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
+from facefed.common.calibration import preprocessing, provenance
 from facefed.common.durable import fsync_dir
+from facefed.common.errors import FacefedError
 from facefed.common.model.mobilefacenet import MobileFaceNet, load_checkpoint, save_checkpoint, sha256_file
 from facefed.server.ledger.db import CheckpointRow
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(FacefedError, RuntimeError):
     """A checkpoint file is missing or its sha256 differs from the ledger's; the message names it."""
 
 
@@ -42,8 +45,18 @@ class CheckpointStore:
         return self.root / run_id / f"r{rnd:04d}.pt"
 
     def save(
-        self, model: MobileFaceNet, *, run_id: str, rnd: int, parent: CheckpointRow | None, meta: dict | None = None
+        self,
+        model: MobileFaceNet,
+        *,
+        run_id: str,
+        rnd: int,
+        parent: CheckpointRow | None,
+        meta: dict[str, Any] | None = None,
+        base_sha256: str | None = None,
+        sites: dict[str, dict[str, Any]] | None = None,
     ) -> CheckpointRow:
+        """Write the checkpoint with its preprocessing and provenance (common/calibration.py); `meta`
+        may carry its decision threshold (`meta["threshold"]`); `sites`: name -> epsilon, delta, unit."""
         path = self.path_for(run_id, rnd)
         cid = checkpoint_id(run_id, rnd)
         full_meta = {
@@ -53,6 +66,14 @@ class CheckpointStore:
             "parent_id": parent.checkpoint_id if parent else None,
             "parent_sha256": parent.sha256 if parent else None,
             **(meta or {}),
+            "preprocessing": preprocessing(),
+            "provenance": provenance(
+                run_id=run_id,
+                round=rnd,
+                parent_sha256=parent.sha256 if parent else None,
+                base_sha256=base_sha256,
+                sites=sites,
+            ),
         }
         sha = save_checkpoint(path, model, full_meta)  # atomic: temp + fsync + rename
         fsync_dir(path.parent)
@@ -66,7 +87,7 @@ class CheckpointStore:
             created_at=time.time(),
         )
 
-    def load(self, row: CheckpointRow) -> tuple[MobileFaceNet, dict]:
+    def load(self, row: CheckpointRow) -> tuple[MobileFaceNet, dict[str, Any]]:
         path = Path(row.path)
         if row.deleted_at is not None:
             raise CheckpointCorrupt(f"checkpoint {row.checkpoint_id} was deleted ({row.deleted_reason})")

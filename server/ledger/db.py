@@ -1,6 +1,6 @@
 """The federation ledger (SQLite): what was trained, from what, by whom, with what privacy cost.
 
-It is the source of truth for resuming and, later, for exact unlearning and receipts:
+It is the source of truth for resuming, for exact unlearning (server/forget/) and for receipts:
 - `runs`: one row per training run (our id, not Flower's: a run survives server restarts and is
   worked on by one or more Flower runs, listed in `attempts`), with its frozen configuration.
 - `checkpoints`: every global model file: run, round, sha256 and the parent it was trained from, so
@@ -28,10 +28,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from facefed.common.durable import immediate
+from facefed.common.errors import FacefedError
+from facefed.common.sqlite import SchemaError, check_version, connect, user_version
 
 SCHEMA_VERSION = 1
 
@@ -168,7 +172,7 @@ CREATE TABLE IF NOT EXISTS forget_requests (
 """
 
 
-class LedgerError(RuntimeError):
+class LedgerError(FacefedError, RuntimeError):
     """A ledger operation that would break an invariant (e.g. committing a round twice)."""
 
 
@@ -203,7 +207,7 @@ class RunRow:
     config_sha256: str
     config_json: str
     base_checkpoint: str
-    base_metrics: dict | None
+    base_metrics: dict[str, Any] | None
     detail: str | None
     start_round: int = 0
     family: str | None = None
@@ -263,7 +267,7 @@ class RoundRow:
     missing: list[str]
     weighting: str
     total_weight: float
-    metrics: dict
+    metrics: dict[str, Any]
     detail: str | None
     sites: list[SiteRound] = field(default_factory=list)
 
@@ -284,7 +288,7 @@ class ForgetRow:
     model_checkpoint: str | None = None
     model_sha256: str | None = None
     checkpoints_deleted: list[str] = field(default_factory=list)
-    receipt: dict | None = None
+    receipt: dict[str, Any] | None = None
     delivered_at: float | None = None
     detail: str | None = None
 
@@ -302,19 +306,17 @@ class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed round must survive power loss
-        self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise LedgerError(
-                f"{self.path} has ledger schema {version}, newer than this facefed ({SCHEMA_VERSION}); upgrade facefed"
-            )
-        if version == 0:  # executescript commits on its own; the DDL is idempotent
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = connect(self.path, journal="WAL", foreign_keys=True, rows=True)
+        try:
+            if user_version(self._db) == 0:  # a new file: the (idempotent) DDL first, then the version stamp
+                self._db.executescript(_SCHEMA)  # executescript commits on its own
+            check_version(self._db, SCHEMA_VERSION, what="ledger", path=self.path)
+        except SchemaError as e:
+            self._db.close()
+            raise LedgerError(str(e)) from None
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -322,10 +324,10 @@ class Ledger:
     def __enter__(self) -> Ledger:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _tx(self):
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return immediate(self._db)
 
     # -- sites --------------------------------------------------------------------------------
@@ -398,7 +400,9 @@ class Ledger:
 
     def lineage(self, checkpoint_id: str) -> list[CheckpointRow]:
         """The checkpoint and its ancestors, newest first, back to a root (no parent)."""
-        out, seen, cur = [], set(), checkpoint_id
+        out: list[CheckpointRow] = []
+        seen: set[str] = set()
+        cur: str | None = checkpoint_id
         while cur is not None and cur not in seen:
             seen.add(cur)
             row = self.checkpoint(cur)
@@ -483,31 +487,31 @@ class Ledger:
         for (family,) in rows:
             live = [self.live_run(family, k) for k in range(shards)]
             if any(r is None or r.status != "completed" for r in live):
-                return family
+                return str(family)
         return None
 
     def record_query(self, site: str, ok: bool, pending: int = 0, detail: str | None = None) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?)", (site, _now(), int(ok), pending, detail))
 
-    def queries_since(self, t: float) -> list[dict]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM queries WHERE at >= ? ORDER BY at", (t,))]
+    def queries_since(self, t: float) -> list[dict[str, Any]]:
+        return [dict[str, Any](r) for r in self._db.execute("SELECT * FROM queries WHERE at >= ? ORDER BY at", (t,))]
 
-    def record_ensemble(self, family: str, checkpoints: list[str], metrics: dict) -> None:
+    def record_ensemble(self, family: str, checkpoints: list[str], metrics: dict[str, Any]) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO ensembles VALUES (?, ?, ?, ?)",
                 (family, _now(), json.dumps(checkpoints), json.dumps(metrics)),
             )
 
-    def ensembles(self, family: str | None = None) -> list[dict]:
+    def ensembles(self, family: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM ensembles" + (" WHERE family = ?" if family else "") + " ORDER BY created_at"
         return [
             {**dict(r), "checkpoints": json.loads(r["checkpoints"]), "metrics": json.loads(r["metrics"])}
             for r in self._db.execute(sql, (family,) if family else ())
         ]
 
-    def set_base_metrics(self, run_id: str, metrics: dict) -> None:
+    def set_base_metrics(self, run_id: str, metrics: dict[str, Any]) -> None:
         """Evaluation of the run's base model (round 0), the reference for every later round."""
         with self._tx() as db:
             db.execute("UPDATE runs SET base_metrics = ? WHERE run_id = ?", (json.dumps(metrics), run_id))
@@ -539,7 +543,7 @@ class Ledger:
                 (_now(), outcome, run_id, flwr_run_id),
             )
 
-    def attempts(self, run_id: str) -> list[dict]:
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
         return [
             dict(r) for r in self._db.execute("SELECT * FROM attempts WHERE run_id = ? ORDER BY started_at", (run_id,))
         ]
@@ -697,14 +701,6 @@ class Ledger:
             return None
         return next(r for r in self.rounds(row["run_id"], committed_only=True) if r.round == row["round"])
 
-    def children(self, checkpoint_id: str) -> list[CheckpointRow]:
-        return [
-            CheckpointRow(**dict(r))
-            for r in self._db.execute(
-                "SELECT * FROM checkpoints WHERE parent_id = ? ORDER BY created_at", (checkpoint_id,)
-            )
-        ]
-
     # -- forget requests ----------------------------------------------------------------------
     def report_request(self, row: ForgetRow) -> tuple[ForgetRow, bool]:
         """Record a request a site reported; (row, new). A repeated report changes nothing, except
@@ -780,7 +776,9 @@ class Ledger:
             for rid in request_ids:
                 db.execute("UPDATE forget_requests SET status = 'refused', detail = ? WHERE request_id = ?", (why, rid))
 
-    def finish_request(self, request_id: str, *, model: CheckpointRow, deleted: list[str], receipt: dict) -> None:
+    def finish_request(
+        self, request_id: str, *, model: CheckpointRow, deleted: list[str], receipt: dict[str, Any]
+    ) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE forget_requests SET status = 'unlearned', model_checkpoint = ?, model_sha256 = ?, "

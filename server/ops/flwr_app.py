@@ -1,56 +1,5 @@
-"""The Flower app that `facefed-server train` submits with `flwr run`.
+"""The app `facefed-server train` submits: defined in common/flwr_app.py (the sites check it)."""
 
-Flower builds a FAB (Flower App Bundle) from a directory holding a `pyproject.toml` with a
-`[tool.flwr.app]` section. Ours carries no code on purpose: both components are imported from the
-facefed package installed at the server and at each site, so a server cannot ship code to a site.
-The file is written into the server state at submission time (rather than shipped as package data),
-so the same thing works from a checkout, an editable install and a wheel.
-"""
+from facefed.common.flwr_app import PYPROJECT, fab_sha256, write_app_dir
 
-from __future__ import annotations
-
-from pathlib import Path
-
-PYPROJECT = """\
-# The Flower app that `facefed-server train` submits with `flwr run` (a FAB is built from this folder).
-# It carries no code on purpose: both components are imported from the facefed package installed at
-# the server and at each site, so a server cannot ship code to a site.
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "facefed-federation"
-version = "0.1.0"
-description = "facefed federated training: backbone-only FedAvg with per-person DP at the sites"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "facefed"
-
-[tool.flwr.app.components]
-serverapp = "facefed.server.app:app"
-clientapp = "facefed.client.site.app:app"
-
-# Overridden by `facefed-server train`: where the server state lives and which frozen, validated
-# configuration (DIR/submissions/*.json) this run uses. Everything else is in that file.
-[tool.flwr.app.config]
-state-dir = ""
-submission = ""
-# Simulation only (`facefed-server simulate`): a node without a vault is a virtual site reading its
-# share of LFW. Ignored by real sites, which always have a vault in their node config.
-sim-state = ""
-sim-lfw = ""
-sim-pretrained = ""
-sim-people = 0
-sim-max-images = 0
-"""
-
-
-def write_app_dir(root: Path) -> Path:
-    """DIR/flwr-app/pyproject.toml (rewritten every time: it is generated, never edited)."""
-    app = Path(root) / "flwr-app"
-    app.mkdir(parents=True, exist_ok=True)
-    (app / "pyproject.toml").write_text(PYPROJECT)
-    return app
+__all__ = ["PYPROJECT", "fab_sha256", "write_app_dir"]

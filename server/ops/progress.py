@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 import typer
@@ -19,7 +20,7 @@ from facefed.server.ops.superlink import SuperLinkError, flwr_cli
 from facefed.server.state import StatePaths
 
 
-def submit(paths: StatePaths, submission: str, extra: dict | None = None) -> str:
+def submit(paths: StatePaths, submission: str, extra: dict[str, Any] | None = None) -> str:
     """`flwr run` our Flower app with this submission; returns Flower's run id."""
     run_cfg = paths.submissions / (submission.removesuffix(".json") + ".run.toml")
     run_cfg.write_text(tomli_w.dumps({"state-dir": str(paths.root), "submission": submission, **(extra or {})}))
@@ -160,18 +161,18 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                         shown.add((run.run_id, r.round, r.attempt))
                         typer.echo(f"replay {run.run_id} (replaces {run.parent_run_id}): ", nl=False)
                         print_round(r, run.rounds_planned)
-            for r in ledger.requests():
-                if seen.get(r.request_id) != r.status:
-                    seen[r.request_id] = r.status
+            for q in ledger.requests():
+                if seen.get(q.request_id) != q.status:
+                    seen[q.request_id] = q.status
                     extra = (
-                        f": model {r.model_checkpoint} ({(r.model_sha256 or '')[:12]}), "
-                        f"{len(r.checkpoints_deleted)} tainted checkpoint(s) deleted"
-                        if r.status == "unlearned"
-                        else f": {r.detail}"
-                        if r.detail
+                        f": model {q.model_checkpoint} ({(q.model_sha256 or '')[:12]}), "
+                        f"{len(q.checkpoints_deleted)} tainted checkpoint(s) deleted"
+                        if q.status == "unlearned"
+                        else f": {q.detail}"
+                        if q.detail
                         else ""
                     )
-                    typer.echo(f"request {r.request_id} from site {r.site}: {r.status}{extra}")
+                    typer.echo(f"request {q.request_id} from site {q.site}: {q.status}{extra}")
             st = flwr_status(paths, flwr_run)
             if st and st.startswith("finished"):
                 time.sleep(1.0)

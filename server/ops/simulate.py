@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from facefed.common.childproc import die_with_parent, flower_env
+from facefed.common.errors import FacefedError
 from facefed.common.fedconfig import FederationConfig
 from facefed.server.ops.progress import follow, submit
 from facefed.server.ops.submission import new_run_id, write_submission
@@ -24,14 +25,14 @@ from facefed.server.ops.superlink import wait_listening
 from facefed.server.state import CONNECTION, StatePaths
 
 
-class SimulationError(RuntimeError):
+class SimulationError(FacefedError, RuntimeError):
     """The simulation could not run; the message says why."""
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def write_sim_connection(paths: StatePaths, port: int, sites: int, cpus: int) -> None:

@@ -18,13 +18,14 @@ import time
 from dataclasses import dataclass
 
 from facefed.common.config import validate_config
+from facefed.common.errors import FacefedError
 from facefed.common.fedconfig import FederationConfig
 from facefed.server.state import StatePaths
 
 SUBMISSION_RE = re.compile(r"^sub-[0-9a-z-]{8,80}\.json$")
 
 
-class SubmissionError(ValueError):
+class SubmissionError(FacefedError, ValueError):
     """A submission file that is missing, misnamed or does not validate."""
 
 

@@ -1,13 +1,15 @@
 """Run Flower's SuperLink for `facefed-server start`, and talk to it with the `flwr` CLI.
 
-What Flower 1.41 actually does (read from the installed source, flwr/superlink, flwr/supernode,
+What Flower 1.42 actually does (read from the installed source, flwr/superlink, flwr/supernode,
 flwr/cli; worth knowing before touching this module):
 
 - ONE port. `flower-superlink --host H --port P` (default 127.0.0.1:8000) serves the Fleet API
   (SuperNodes), the Control API (`flwr run/ls/supernode ...`) and the Runtime API (its ServerApp
   process) over HTTP(S) with uvicorn. `--fleet-api-address`, `--control-api-address`,
-  `--serverappio-api-address` are deprecated or rejected. Health gRPC only with
-  `--health-server-address`.
+  `--serverappio-api-address` are deprecated or rejected; Control API account auth is Enterprise-only.
+  So facefed does not run `flower-superlink` itself but server/ops/linkd.py: Flower's same app with
+  only the Fleet API on the public port and Control + Runtime on 127.0.0.1:CONTROL_PORT (see
+  docs/control-plane.md). Health gRPC only with `--health-server-address`.
 - TLS: `--ssl-ca-certfile CA --ssl-certfile CRT --ssl-keyfile KEY` (all three or none) covers all
   APIs; without them it exits unless `--insecure`. The server cert needs SANs for the address clients
   dial (127.0.0.1 here). The SuperLink's own SuperExec/ServerApp reach the Runtime API with the CA.
@@ -38,8 +40,9 @@ flwr/cli; worth knowing before touching this module):
   submits it; CONN is a `[superlink.CONN]` table in $FLWR_HOME/config.toml with `address` and
   `root-certificates` (or `insecure = true`). Run-config overrides must name keys declared in
   [tool.flwr.app.config]. The FAB is installed under FLWR_HOME/apps/ and imported with that dir first
-  on sys.path; our FAB holds only pyproject.toml, so the code that runs is the facefed installed at
-  each side (a server cannot push code to a site).
+  on sys.path. Our FAB holds only pyproject.toml, and a facefed site's `flwr-clientapp`
+  (client/site/guard.py) refuses any FAB whose hash differs and never imports from one: a server cannot
+  push code to a site.
 - ServerApp (Message API): `flwr.serverapp.ServerApp`, `@app.main() def main(grid, context)`;
   `context.run_config` holds the fused run config; `grid.get_nodes()` returns online NodeInfo with
   `node_id`, `name` (the registered name) and `public_key` (PEM). `grid.send_and_receive(msgs,
@@ -56,17 +59,22 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from facefed.common.childproc import flower_env, run_foreground
+from facefed.common.errors import Unavailable
 from facefed.server.state import CONNECTION, ServerInfo, StatePaths
 
 TLS_CA, TLS_CERT, TLS_KEY = "ca.crt", "server.crt", "server.key"
+# The Control and Runtime APIs listen here only (server/ops/linkd.py); the public port has the Fleet API.
+CONTROL_HOST = "127.0.0.1"
 
 
-class SuperLinkError(RuntimeError):
+class SuperLinkError(Unavailable, RuntimeError):
     """The SuperLink could not be started or reached; the message says why and what to do."""
 
 
@@ -88,13 +96,26 @@ class TlsFiles:
         return files
 
 
-def superlink_command(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node_auth: bool) -> list[str]:
+def superlink_command(
+    paths: StatePaths, *, host: str, port: int, control_port: int, tls: TlsFiles | None, node_auth: bool
+) -> list[str]:
+    """facefed's SuperLink (server/ops/linkd.py): Flower's app with only the Fleet API on HOST:PORT and
+    the Control and Runtime APIs on 127.0.0.1:CONTROL_PORT for this host's operator."""
     cmd = [
-        "flower-superlink",
-        "--host",
+        sys.executable,
+        "-m",
+        "facefed.server.ops.linkd",
+        "--state",
+        str(paths.root),
+        "--public-host",
         host,
-        "--port",
+        "--public-port",
         str(port),
+        "--",
+        "--host",
+        CONTROL_HOST,
+        "--port",
+        str(control_port),
         "--database",
         str(paths.superlink_db),
         "--disable-runtime-dependency-installation",
@@ -133,6 +154,13 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def wait_listening(host: str, port: int, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -152,7 +180,9 @@ def _diagnose(line: str) -> str | None:
     return None
 
 
-def serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node_auth: bool) -> int:
+def serve(
+    paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node_auth: bool, control_port: int = 0
+) -> int:
     """Run the SuperLink in the foreground until Ctrl-C / SIGTERM; returns its exit code."""
     # One server per state directory: two SuperLinks on one database would corrupt each other's view.
     lock = open(paths.root / "server.lock", "a+")  # noqa: SIM115 - held (and closed) for the server's lifetime
@@ -164,28 +194,32 @@ def serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node
             f"another server is already running with state {paths.root} (see {paths.server_json}); stop it first"
         ) from None
     try:
-        return _serve(paths, host=host, port=port, tls=tls, node_auth=node_auth)
+        return _serve(paths, host=host, port=port, control_port=control_port, tls=tls, node_auth=node_auth)
     finally:
         lock.close()
 
 
-def _serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, node_auth: bool) -> int:
+def _serve(paths: StatePaths, *, host: str, port: int, control_port: int, tls: TlsFiles | None, node_auth: bool) -> int:
     if not port_free(host, port):
         raise SuperLinkError(f"port {port} on {host} is already in use: stop the other server or pick another --port")
-    address = f"{connect_host(host)}:{port}"
+    control_port = control_port or free_port(CONTROL_HOST)
+    if control_port == port or not port_free(CONTROL_HOST, control_port):
+        raise SuperLinkError(f"control port {control_port} on {CONTROL_HOST} is in use: pick another --control-port")
+    address = f"{CONTROL_HOST}:{control_port}"
     write_connection(paths, address, tls.ca if tls else None)
     paths.write_server_info(
         ServerInfo(
             address=address,
             bind_host=host,
             port=port,
+            public_address=f"{connect_host(host)}:{port}",
             tls=tls is not None,
             ca_cert=str(tls.ca) if tls else None,
             node_auth=node_auth,
             pid=os.getpid(),
         )
     )
-    cmd = superlink_command(paths, host=host, port=port, tls=tls, node_auth=node_auth)
+    cmd = superlink_command(paths, host=host, port=port, control_port=control_port, tls=tls, node_auth=node_auth)
     code, diagnosis = run_foreground(
         cmd, flower_env(paths.flwr_home), on_line=_diagnose, log_path=paths.logs / "superlink.log"
     )
@@ -195,7 +229,7 @@ def _serve(paths: StatePaths, *, host: str, port: int, tls: TlsFiles | None, nod
 
 
 # -- the `flwr` CLI against our connection --------------------------------------------------
-def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> dict:
+def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> dict[str, Any]:
     """Run `flwr ARGS facefed --format json` and return its JSON; errors name the command and Flower's reason."""
     env = flower_env(paths.flwr_home)
     if not paths.flwr_config.is_file():
@@ -212,7 +246,7 @@ def flwr_cli(paths: StatePaths, args: list[str], *, timeout: float = 120.0) -> d
             f"is the server at {_address(paths)} running?"
         ) from None
     out = proc.stdout.strip()
-    payload: dict = {}
+    payload: dict[str, Any] = {}
     start = out.find("{")
     if start >= 0:
         try:

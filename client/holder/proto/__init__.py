@@ -4,13 +4,16 @@ Why not generated `_pb2.py` files: code from a given protoc carries a runtime ve
 pin `protobuf` to that protoc's release or newer; building the same descriptors here works with every
 protobuf the project allows (>=5) and needs no protoc at install. `holder.proto` stays the readable
 specification, and a test compiles it with grpc_tools and checks that both describe the same service.
-The gRPC side uses generic handlers (`client.vault.holder`) and plain multicallables
-(`client.vault.remote`) with these classes' serializers.
+The gRPC side uses generic handlers (`client.holder.service`) and plain multicallables
+(`client.vault.stores.grpc`) with these classes' serializers.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 
 PACKAGE = "facefed.holder.v1"
 SERVICE = "ShareHolder"
@@ -21,7 +24,7 @@ _STRING, _BYTES, _BOOL = _F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_BOOL
 _UINT32, _UINT64, _MESSAGE = _F.TYPE_UINT32, _F.TYPE_UINT64, _F.TYPE_MESSAGE
 
 # name -> fields (name, number, type, repeated[, message type]); order and numbers follow holder.proto.
-_MESSAGES: dict[str, list[tuple]] = {
+_MESSAGES: dict[str, list[tuple[Any, ...]]] = {
     "PutRequest": [("share_id", 1, _STRING, False), ("data", 2, _BYTES, False)],
     "PutReply": [],
     "PutManyRequest": [("shares", 1, _MESSAGE, True, "PutRequest")],
@@ -80,8 +83,9 @@ _pool = descriptor_pool.DescriptorPool()
 _pool.Add(file_descriptor())
 
 
-def _cls(name: str):
-    return message_factory.GetMessageClass(_pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+def _cls(name: str) -> type[Message]:
+    cls: type[Message] = message_factory.GetMessageClass(_pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+    return cls
 
 
 PutRequest = _cls("PutRequest")

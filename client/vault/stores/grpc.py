@@ -1,6 +1,6 @@
 """`grpcs://host:port`: a share store on another host, reached through its share holder (mutual TLS).
 
-`GrpcStore` implements the `Store` protocol over the holder's gRPC service, so the vault treats a
+`GrpcStore` implements `Store` over the holder's gRPC service, so the vault treats a
 remote holder exactly like a local directory. What the network adds is handled here:
 - every call has a deadline; UNAVAILABLE and DEADLINE_EXCEEDED are retried a bounded number of times
   with exponential backoff (every operation is idempotent: put overwrites, delete of a missing share
@@ -22,18 +22,27 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+from google.protobuf.message import Message
 
 from facefed.client.holder import proto
-from facefed.client.holder.disk import DEFAULT_MAX_SHARE_BYTES
+from facefed.client.holder.proto.shares import MAX_SHARE_BYTES
 from facefed.client.holder.tls import load_client_tls
-from facefed.client.vault.stores.base import ShareNotFound, StoreError, StoreStat, StoreUnavailable, check_share_id
+from facefed.client.vault.stores.base import (
+    ShareNotFound,
+    Store,
+    StoreError,
+    StoreStat,
+    StoreUnavailable,
+    check_share_id,
+)
 
 SCHEME = "grpcs"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_MAX_MESSAGE = DEFAULT_MAX_SHARE_BYTES + 64 * 1024
+_MAX_MESSAGE = MAX_SHARE_BYTES + 64 * 1024
 PUT_MANY_BYTES = 4 * 1024 * 1024  # share bytes per PutMany request
 GET_BATCH = 32  # share ids per GetMany request
 GET_INFLIGHT = 1  # concurrent read requests per store before further gets queue up and batch
@@ -86,8 +95,11 @@ class _PendingGet:
         self.event = threading.Event()
 
 
-class GrpcStore:
+class GrpcStore(Store):
     """A `Store` on a remote share holder. Thread-safe."""
+
+    is_remote = True
+    prefetch_window = 32  # images per batched read ahead of the vault's reader (one GetMany per store)
 
     def __init__(self, url: str, *, tls_dir: str | Path | None = None, policy: RemotePolicy | None = None):
         self.host, self.port = parse_url(url)
@@ -156,16 +168,17 @@ class GrpcStore:
             self._channel, self._pid = None, -1
 
     # -- one rpc with deadline, bounded retries and the down-holder fast path ---------------------
-    def _call(self, rpc: str, request, what: str, *, read: bool):
+    def _call(self, rpc: str, request: Message, what: str, *, read: bool) -> Any:
         p = self.policy
         timeout = p.read_timeout_s if read else p.write_timeout_s
         with self._lock:
-            down = self._down_since is not None
-            if down:
+            down_since = self._down_since
+            down = down_since is not None
+            if down_since is not None:
                 now = time.monotonic()
                 if now - self._last_probe < p.probe_interval_s:
                     raise StoreUnavailable(
-                        f"share holder {self.url} is unreachable (since {now - self._down_since:.1f}s); {what} skipped"
+                        f"share holder {self.url} is unreachable (since {now - down_since:.1f}s); {what} skipped"
                     )
                 self._last_probe = now
         attempts = max(1, p.read_attempts if read else p.write_attempts)
@@ -216,7 +229,7 @@ class GrpcStore:
             return ValueError(f"share holder {self.url} refused {what}: {details}")
         return StoreError(f"share holder {self.url} failed {what}: {code.name}: {details}")
 
-    # -- Store protocol ----------------------------------------------------------------------------
+    # -- Store operations ----------------------------------------------------------------------------
     def put(self, share_id: str, data: bytes) -> None:
         check_share_id(share_id)
         self._call("Put", proto.PutRequest(share_id=share_id, data=bytes(data)), f"put {share_id}", read=False)
@@ -330,7 +343,7 @@ class GrpcStore:
     def delete(self, share_id: str) -> bool:
         check_share_id(share_id)
         reply = self._call("Delete", proto.DeleteRequest(share_id=share_id), f"delete {share_id}", read=False)
-        return reply.existed
+        return bool(reply.existed)
 
     def list(self) -> Iterator[str]:
         after = ""

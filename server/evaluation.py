@@ -1,0 +1,128 @@
+"""LFW verification of the global model (pairs disjoint from every site's people), per round and for
+a sharded job's ensemble. The archive is read and the images decoded once per ServerApp process;
+each evaluation then runs only the trainable tail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from facefed.common.fedconfig import FederationConfig
+from facefed.common.model.mobilefacenet import MobileFaceNet
+from facefed.server.ledger.checkpoints import CheckpointStore
+from facefed.server.ledger.db import Ledger
+
+if TYPE_CHECKING:
+    from facefed.common.calibration import Threshold
+
+EvalFn = Callable[[MobileFaceNet], dict[str, float]]
+CalibrateFn = Callable[[MobileFaceNet], "Threshold"]
+
+
+class Evaluator:
+    """LFW verification of the global model. The archive is read and the evaluation images decoded once
+    per ServerApp process (`EvalCache`); each round then runs only the trainable tail.
+
+    `calibrate` picks the checkpoint's decision threshold at FAR 1e-3 on pairsDevTrain (people
+    disjoint from the test pairs; common/calibration.py), flip-averaged as `facefed.load` embeds;
+    It uses VALIDATION_MAX_PAIRS of them (500 impostor pairs), or `max_pairs` (smoke runs) if fewer;
+    the stored threshold says how many it rests on.
+    Its images are aligned once per process (and their landmarks cached across processes)."""
+
+    def __init__(self, lfw_path: str | None, pairs: str, flip: bool, max_pairs: int | None = None):
+        self.lfw_path, self.pairs, self.flip, self.max_pairs = lfw_path, pairs, flip, max_pairs
+        self._cache: Any = None
+        self._validation: Any = None
+
+    def calibrate(self, model: MobileFaceNet) -> Threshold:
+        from facefed.common.calibration import VALIDATION_MAX_PAIRS, VALIDATION_PAIRS, calibrate
+        from facefed.common.evaluate import EvalCache
+        from facefed.common.lfw import LFW
+
+        if self._validation is None:
+            n = min(VALIDATION_MAX_PAIRS, self.max_pairs or VALIDATION_MAX_PAIRS)
+            self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=True, max_pairs=n)
+        return calibrate(model, self._validation)
+
+    def __call__(self, model: MobileFaceNet) -> dict[str, float]:
+        from facefed.common.evaluate import EvalCache  # heavy imports only when evaluating
+        from facefed.common.lfw import LFW
+
+        t = time.monotonic()
+        if self._cache is None:
+            self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=self.flip, max_pairs=self.max_pairs)
+        res = self._cache.evaluate(model)
+        return {
+            "lfw_accuracy": float(res.accuracy_mean),
+            "lfw_accuracy_std": float(res.accuracy_std),
+            "lfw_auc": float(res.auc),
+            "lfw_pairs": float(res.n_pairs),
+            "eval_s": time.monotonic() - t,
+        }
+
+
+class Evaluators:
+    """The evaluator a run's configuration asks for (None: no evaluation), one per evaluation setting
+    per process, so the replays of a process share the decoded images. `injected` (tests) wins."""
+
+    def __init__(self, lfw: str | None, injected: EvalFn | None = None):
+        self.lfw, self.injected = lfw, injected
+        self._made: dict[tuple[str, bool, int | None], Evaluator] = {}
+
+    def for_config(self, cfg: FederationConfig) -> EvalFn | None:
+        if self.injected is not None:
+            return self.injected
+        ev = cfg.evaluate
+        if not ev.every:
+            return None
+        key = (ev.pairs, ev.flip, ev.max_pairs)
+        if key not in self._made:
+            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.flip, ev.max_pairs)
+        return self._made[key]
+
+    def calibrator_for(self, cfg: FederationConfig) -> CalibrateFn | None:
+        """The decision-threshold calibration that goes with the run's evaluation (None: no evaluation,
+        or an injected evaluator that cannot calibrate)."""
+        evaluator = self.for_config(cfg)
+        calibrate = getattr(evaluator, "calibrate", None)
+        return calibrate if callable(calibrate) else None
+
+    def due(self, cfg: FederationConfig, rnd: int) -> bool:
+        """Whether round `rnd` is evaluated (every N rounds, always the last; round 0 = the base model)."""
+        every = cfg.evaluate.every
+        return every > 0 and (rnd % every == 0 or rnd == cfg.rounds)
+
+
+def evaluate_ensemble(
+    ledger: Ledger,
+    store: CheckpointStore,
+    evaluators: Evaluators,
+    cfg: FederationConfig,
+    family: str,
+    log: Callable[[str], None] = print,
+) -> None:
+    """A sharded job's ensemble (the mean of its shard models' embeddings), recorded in the ledger,
+    once every shard has committed a round."""
+    runs = [ledger.live_run(family, k) for k in range(cfg.shards)]
+    if evaluators.for_config(cfg) is None:
+        return
+    live = [r for r in runs if r is not None and ledger.head(r.run_id)[0] != 0]
+    if len(live) != len(runs):
+        return
+    from facefed.common.evaluate import EvalCache
+    from facefed.common.lfw import LFW
+
+    heads = [ledger.head(r.run_id)[1] for r in live]
+    ev = cfg.evaluate
+    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=ev.flip, max_pairs=ev.max_pairs)
+    res = cache.evaluate_ensemble([store.load(h)[0] for h in heads])
+    metrics = {
+        "lfw_accuracy": float(res.accuracy_mean),
+        "lfw_accuracy_std": float(res.accuracy_std),
+        "lfw_auc": float(res.auc),
+        "lfw_pairs": float(res.n_pairs),
+    }
+    ledger.record_ensemble(family, [h.checkpoint_id for h in heads], metrics)
+    log(f"[facefed] {len(heads)}-shard ensemble of {family}: LFW accuracy {metrics['lfw_accuracy']:.4f}")
