@@ -10,7 +10,7 @@
 # Layout (see the header of docker/compose.yml for who mounts what):
 #   OUT/offline/federation/   facefed-server certs --host server   (ca.key: mounted nowhere)
 #   OUT/offline/<site>-stores/ facefed-client store certs --hosts <site>-holder1,..   (ca.key: mounted nowhere)
-#   OUT/server/{tls,sites}/  OUT/<site>/{federation,node,store-tls}/  OUT/<site>-holder<i>/
+#   OUT/server/{tls,sites}/  OUT/<site>/{federation (ca.crt, receipts.pub),node,store-tls}/  OUT/<site>-holder<i>/
 # SITES (default "north south east") and HOLDERS (default 3) must match compose.yml.
 set -eu
 OUT=${1:-${FACEFED_SECRETS:-$(dirname "$0")/secrets}}
@@ -35,7 +35,7 @@ mkdir -p server/sites
 for site in $SITES; do
   [ -f "$site/node/node.key" ] || facefed-client keygen --out "$site/node" >/dev/null
   cp "$site/node/node.pub" "server/sites/$site.pub"
-  copy "$site/federation" $F/ca.crt
+  copy "$site/federation" $F/ca.crt $F/receipts.pub
   hosts=""
   i=1; while [ "$i" -le "$HOLDERS" ]; do hosts="$hosts${hosts:+,}$site-holder$i"; i=$((i + 1)); done
   S=offline/$site-stores

@@ -5,17 +5,22 @@
 Steps (each the CLI an operator runs, see docker/README.md), with the time each took:
  1. build the image (one image, both CLIs; compose runs the README's commands in it);
  2. photos: a few disjoint LFW peopleDevTrain people per site, extracted from $FACEFED_LFW into a
-    temporary folder that the site init containers mount read-only;
+    temporary folder that the site init containers mount read-only; screened in the image first, as
+    `vault add` will see them (one usable face each), and only people with enough such photos kept;
  3. docker/secrets.sh: certificates and keys, one folder per service, CA keys in offline/ only;
- 4. `compose up server`, `facefed-server sites register` x3, `compose up` (9 share holders, 3 site
-    inits that create each vault over its holders and enrol the photos, 3 site nodes);
- 5. one federated round (`facefed-server train`, a small config);
+ 4. `compose up server` (its port 8000 the Fleet API only, the control port on 127.0.0.1 inside the
+    container: checked from /proc/net/tcp and by a site asking the public port for the Control API),
+    `facefed-server sites register` x3, `compose up` (9 share holders, 3 site inits that create each
+    vault over its holders and enrol the photos, 3 site nodes that pin the server's receipt key);
+ 5. one federated round (`facefed-server train`, a small config within the sites' default privacy
+    policy: `policy preview` before, the accountant's `status` after);
  6. `facefed-client forget` at north (and the operator deletes that person's photo folder),
-    `facefed-server unlearn`, the receipt verified at the server (and a tampered copy rejected);
+    `facefed-server unlearn`, the receipt verified at the server (and a tampered copy rejected) and
+    at the site against its pinned key;
  7. checks: the image (labels, non-root, healthcheck), every service healthy, trust boundaries (no
     container mounts a CA key; each holder mounts only its bundle), the person gone from the vault
     and their shares from every holder, and no container (volumes, bind mounts, tmpfs, container
-    layer: read-only) holding their name or any slice of their photos' bytes;
+    layer: read-only) holding their name or any slice of their photos' or canonical crops' bytes;
  8. `compose down -v`, the image removed, dangling layers pruned (always, also on failure).
 
 Needs only Python 3 (stdlib), Docker and a compose (`docker compose` or `docker-compose`); LFW and
@@ -108,17 +113,25 @@ def git(*args: str) -> str:
 
 
 # -- photos ---------------------------------------------------------------------------------------
-def extract_photos(lfw: Path, out: Path, people: int, images: int) -> dict[str, dict[str, list[Path]]]:
-    """Disjoint peopleDevTrain people (>= `images` images each) per site, `images` photos each."""
+SPARE_PEOPLE, SPARE_IMAGES = 3, 3  # candidates beyond what is enrolled, for photos `vault add` refuses
+
+
+def extract_candidates(lfw: Path, out: Path, people: int, images: int) -> dict[str, dict[str, list[Path]]]:
+    """Disjoint peopleDevTrain people (>= `images` images each) per site, `people` + SPARE_PEOPLE of
+    them with up to `images` + SPARE_IMAGES photos each: `vault add` refuses a photo without exactly
+    one usable face (a few LFW frames show two people), so `select_photos` picks from these."""
     with tarfile.open(lfw) as tar:
         member = next(m for m in tar if m.name.endswith("peopleDevTrain.txt"))
         rows = tar.extractfile(member).read().decode().split()
     counts = {rows[i]: int(rows[i + 1]) for i in range(1, len(rows) - 1, 2)}
     names = sorted(n for n, c in counts.items() if c >= images)
     random.Random(15).shuffle(names)
-    chosen = {site: sorted(names[i :: len(SITES)][:people]) for i, site in enumerate(SITES)}
+    chosen = {site: sorted(names[i :: len(SITES)][: people + SPARE_PEOPLE]) for i, site in enumerate(SITES)}
     wanted = {
-        f"{n}/{n}_{j:04d}.jpg": (site, n) for site, ns in chosen.items() for n in ns for j in range(1, images + 1)
+        f"{n}/{n}_{j:04d}.jpg": (site, n)
+        for site, ns in chosen.items()
+        for n in ns
+        for j in range(1, min(counts[n], images + SPARE_IMAGES) + 1)
     }
     result: dict[str, dict[str, list[Path]]] = {s: {n: [] for n in ns} for s, ns in chosen.items()}
     with tarfile.open(lfw) as tar:  # one pass over the archive
@@ -136,7 +149,52 @@ def extract_photos(lfw: Path, out: Path, people: int, images: int) -> dict[str, 
     for d in out.rglob("*"):  # the init containers (uid 10001) read them
         d.chmod(0o755 if d.is_dir() else 0o644)
     out.chmod(0o755)
-    return result
+    return {site: {n: sorted(fs) for n, fs in ps.items()} for site, ps in result.items()}
+
+
+# Run in the image: each photo through the enrolment `vault add` does (detect the one face, align,
+# the canonical crop), printing per file either the refusal or three slices of the crop's bytes.
+SCREENER = r"""
+import json, os, sys
+from facefed.common.faces import enrolment_crop
+out = {}
+for d, _, fs in os.walk(sys.argv[1]):
+    for f in sorted(fs):
+        p = os.path.join(d, f)
+        rel = os.path.relpath(p, sys.argv[1])
+        try:
+            crop = enrolment_crop(open(p, "rb").read(), what=rel)
+        except Exception as e:
+            out[rel] = {"refused": str(e)}
+            continue
+        out[rel] = {"crop": [crop[int(len(crop) * x) : int(len(crop) * x) + 64].hex() for x in (0.25, 0.5, 0.75)]}
+print(json.dumps(out))
+"""
+
+
+def select_photos(stack: Stack, out: Path, candidates: dict[str, dict[str, list[Path]]], people: int, images: int):
+    """The first `people` candidates per site with `images` photos that enrol, those photos only (the
+    rest deleted); and, per kept photo, slices of the canonical crop the vault will store."""
+    res = json.loads(stack.throwaway("python", "-", "/photos", mounts=[f"{out}:/photos:ro"], input=SCREENER).stdout)
+    refused = {rel: r["refused"] for rel, r in res.items() if "refused" in r}
+    kept: dict[str, dict[str, list[Path]]] = {}
+    crops: dict[Path, list[bytes]] = {}
+    for site, persons in candidates.items():
+        kept[site] = {}
+        for name, files in persons.items():
+            good = [f for f in files if "crop" in res.get(str(f.relative_to(out)), {})][:images]
+            if len(kept[site]) < people and len(good) == images:
+                kept[site][name] = good
+                crops.update({f: [bytes.fromhex(h) for h in res[str(f.relative_to(out))]["crop"]] for f in good})
+            else:
+                shutil.rmtree(out / site / name)
+                continue
+            for f in files:
+                if f not in good:
+                    f.unlink()
+        if len(kept[site]) < people:
+            raise Failed(f"{site}: only {len(kept[site])} of the candidates have {images} photos that enrol")
+    return kept, crops, refused
 
 
 # -- scanning what containers hold ------------------------------------------------------------------
@@ -216,6 +274,17 @@ class Stack:
     def logs(self, tail: int = 60) -> str:
         return self.dc("logs", "--no-color", "--tail", str(tail), check=False, quiet=True).stdout
 
+    def throwaway(
+        self, *cmd: str, mounts: tuple[str, ...] | list[str] = (), root: bool = False, input: str | None = None, **kw
+    ):
+        """CMD in a one-off container of the image: no network, the given `-v` mounts, removed on exit."""
+        opts = [a for m in mounts for a in ("-v", m)] + (["--user", "0"] if root else [])
+        opts += ["-i"] if input is not None else []
+        return sh(
+            "docker", "run", "--rm", "--network", "none", *opts, "--entrypoint", cmd[0], self.image, *cmd[1:],
+            input=input, quiet=True, **kw,
+        )  # fmt: skip
+
 
 def service(c: dict) -> str:
     return c["Config"]["Labels"].get("com.docker.compose.service", c["Name"])
@@ -233,6 +302,9 @@ def wait_for(what: str, check, timeout: float, every: float = 2.0):
 
 
 def write_config(path: Path) -> None:
+    """One short round, within every site's default privacy policy (`facefed-client policy show`:
+    delta 1e-5, max_epsilon 10, noise multiplier >= 1): 2 probe + 3 steps at q = 0.5, sigma = 2 is
+    epsilon about 3.1 per person at delta 1e-5; the unlearning replay adds as much again."""
     path.write_text(
         "\n".join(
             [
@@ -252,14 +324,16 @@ def write_config(path: Path) -> None:
                 "",
                 "[train]",
                 'privacy_unit = "person"',
-                "delta = 1e-3",
-                "max_epsilon = 50.0",
-                "noise_multiplier = 1.0",
+                "delta = 1e-5",
+                "max_epsilon = 10.0",
+                "noise_multiplier = 2.0",
                 "max_grad_norm = 1.0",
                 "sample_rate = 0.5",
                 "probe_steps = 2",
                 "steps = 3",
-                'train_from = "conv_5"',
+                "lr = 0.0005",
+                'train_from = "features"',
+                'tune = "bias"',
                 "",
             ]
         )
@@ -318,7 +392,12 @@ def body(args, stack: Stack, summary: dict) -> None:
 
     # -- 2. photos, config, 3. secrets ------------------------------------------------------------------
     with Step("photos, config and secrets"):
-        photos = extract_photos(Path(env["FACEFED_LFW"]), stack.work / "photos", args.people, args.images)
+        candidates = extract_candidates(Path(env["FACEFED_LFW"]), stack.work / "photos", args.people, args.images)
+        photos, crops, refused = select_photos(stack, stack.work / "photos", candidates, args.people, args.images)
+        n = sum(len(fs) for ps in candidates.values() for fs in ps.values())
+        log(f"   {n} candidate photos screened in the image, {len(refused)} would be refused by `vault add`:")
+        for why in list(refused.values())[:5]:
+            log(f"     {why}")
         (stack.work / "configs").mkdir()
         write_config(stack.work / "configs" / "docker-smoke.toml")
         for p in (stack.work / "configs", stack.work / "configs" / "docker-smoke.toml"):
@@ -333,6 +412,8 @@ def body(args, stack: Stack, summary: dict) -> None:
         wait_for(
             "the server to be healthy", lambda: health(stack, "server") == "healthy" or health(stack, "server"), 300
         )
+        summary["server ports"] = server_ports(stack)
+        log("   " + summary["server ports"])
         for site in SITES:
             stack.exec(
                 "server",
@@ -362,6 +443,8 @@ def body(args, stack: Stack, summary: dict) -> None:
         wait_for(
             "3 site nodes online at the server", lambda: nodes_online(stack) >= len(SITES) or nodes_online(stack), 180
         )
+        summary["public port"] = public_port_refuses_control(stack)
+        log("   " + summary["public port"])
         summary["services"] = f"{len(states)} containers: " + ", ".join(f"{s}={v}" for s, v in sorted(states.items()))
         for site in SITES:
             listing = json.loads(
@@ -376,6 +459,28 @@ def body(args, stack: Stack, summary: dict) -> None:
 
     # -- 5. one round -------------------------------------------------------------------------------------
     with Step("one federated round"):
+        # the site's own privacy policy (defaults): what this config will cost its people, before and after
+        config = (stack.work / "configs" / "docker-smoke.toml").read_text()
+        stack.exec("north", "sh", "-c", "cat > /tmp/docker-smoke.toml", input=config)
+        preview = json.loads(
+            stack.exec(
+                "north",
+                "facefed-client",
+                "policy",
+                "preview",
+                "--vault",
+                "/vault",
+                "--config",
+                "/tmp/docker-smoke.toml",
+                "--json",
+            ).stdout
+        )
+        policy = json.loads(
+            stack.exec("north", "facefed-client", "policy", "show", "--vault", "/vault", "--json").stdout
+        )
+        stack.exec("north", "rm", "-f", "/tmp/docker-smoke.toml")
+        if not preview["fits"]:
+            raise Failed(f"the smoke config does not fit north's policy: {preview}")
         proc = stack.exec(
             "server",
             "facefed-server",
@@ -393,6 +498,14 @@ def body(args, stack: Stack, summary: dict) -> None:
         if proc.returncode != 0:
             raise Failed(f"facefed-server train exited {proc.returncode}")
         summary["train"] = [line for line in tail if "round" in line.lower() or "acc" in line.lower()][-3:]
+        spent = json.loads(stack.exec("north", "facefed-client", "status", "--vault", "/vault", "--json").stdout)
+        if not 0 < spent["epsilon_spent"] <= policy["max_epsilon"]:
+            raise Failed(f"north's accountant after the round: {spent}")
+        summary["privacy"] = (
+            f"north's policy: delta {policy['delta']:g}, max_epsilon {policy['max_epsilon']:g}; preview "
+            f"{preview['epsilon_after']:.2f}, spent {spent['epsilon_spent']:.2f} after the round"
+        )
+        log("   " + summary["privacy"])
 
     # -- 6. forget, unlearn, receipt ------------------------------------------------------------------
     with Step("forget at north"):
@@ -411,7 +524,7 @@ def body(args, stack: Stack, summary: dict) -> None:
             "docker-test: request by the data subject",
         )
         # what the scan looks for, taken before the operator deletes the source photos too
-        needles = person_needles(person, photos["north"][person])
+        needles = person_needles(person, photos["north"][person], crops)
         shutil.rmtree(stack.work / "photos" / "north" / person)
         after = json.loads(stack.exec("north", "facefed-client", "vault", "ls", "--vault", "/vault", "--json").stdout)
         if any(p["person_id"] == person for p in after["people"]):
@@ -455,11 +568,13 @@ def body(args, stack: Stack, summary: dict) -> None:
         if bad.returncode != 1:
             raise Failed(f"a tampered receipt gave exit {bad.returncode}, expected 1")
         stack.exec("server", "rm", "-f", "/tmp/receipt.json", "/tmp/tampered.json")
+        # and at the site, against the server key pinned at start (--receipt-key)
+        stack.exec("north", "facefed-client", "receipts", "verify", f"/vault/receipts/{rid}.json", "--vault", "/vault")
         body_ = json.loads(receipt)["receipt"]
         summary["receipt"] = (
             f"{rid}: stages {req.get('stage', req.get('stages', '?'))}, rollback to round {body_['rollback_round']}, "
             f"replayed {body_['replayed_rounds']}, {len(body_['checkpoints_deleted'])} checkpoints deleted; "
-            f"verify OK, tampered copy rejected"
+            f"verified at the server and at north (pinned key), tampered copy rejected"
         )
         log("   " + summary["receipt"])
         log("   " + " ".join(out.split())[:300])
@@ -499,6 +614,68 @@ def nodes_online(stack: Stack) -> int:
     return sum(1 for n in nodes if n.get("status") == "online")
 
 
+LISTENERS = r"""
+import json
+out = []
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(table).read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A":
+            addr, port = f[1].rsplit(":", 1)
+            out.append([addr, int(port, 16)])
+print(json.dumps({"listening": out, "server": json.load(open("/state/server.json"))}))
+"""
+
+
+def loopback(addr: str) -> bool:
+    """127.0.0.0/8 or ::1 as /proc/net/tcp{,6} write them (Docker's DNS resolver listens on 127.0.0.11)."""
+    return (len(addr) == 8 and addr.endswith("7F")) or addr == "00000000000000000000000001000000"
+
+
+def server_ports(stack: Stack) -> str:
+    """Inside the server container: the public port (8000) listens on every address, the control
+    port (Control + Runtime APIs, server.json's address) on 127.0.0.1 only, and nothing else but
+    loopback listens."""
+    doc = json.loads(stack.exec("server", "python", "-", input=LISTENERS, quiet=True).stdout)
+    listening = {(a, p) for a, p in doc["listening"]}
+    control = int(doc["server"]["address"].rsplit(":", 1)[1])
+    if doc["server"]["address"] != f"127.0.0.1:{control}" or ("0100007F", control) not in listening:
+        raise Failed(f"control port: server.json says {doc['server']['address']}; listening {sorted(listening)}")
+    if not any(p == 8000 and a.strip("0") == "" for a, p in listening):
+        raise Failed(f"the public port 8000 does not listen on every address: {sorted(listening)}")
+    exposed = sorted((a, p) for a, p in listening if not loopback(a) and p != 8000)
+    if exposed or any(p == control and not loopback(a) for a, p in listening):
+        raise Failed(f"the server listens beyond loopback on {exposed or control}")
+    return f"public 0.0.0.0:8000 (Fleet API), control 127.0.0.1:{control} (Control + Runtime APIs), nothing else beyond loopback"
+
+
+PROBE = r"""
+import ssl, sys, urllib.error, urllib.request
+ctx = ssl.create_default_context(cafile="/federation/ca.crt")
+for path in sys.argv[1:]:
+    try:
+        code = urllib.request.urlopen("https://server:8000" + path, context=ctx, timeout=20).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    print(path, code)
+"""
+
+
+def public_port_refuses_control(stack: Stack) -> str:
+    """From a site (on the federation network, holding the CA certificate): the Control and Runtime
+    APIs on the sites' port answer 403, and the server logs the refusal."""
+    paths = ["/v1/control/list-runs", "/v1/control/list-supernodes", "/v1/runtime/get-run"]
+    out = stack.exec("north", "python", "-", *paths, input=PROBE, quiet=True, timeout=120).stdout
+    codes = dict(line.rsplit(" ", 1) for line in out.splitlines() if line.strip())
+    if any(codes.get(p) != "403" for p in paths):
+        raise Failed(f"server:8000 answered {codes} to Control/Runtime API paths; expected 403 each")
+    logged = stack.exec("server", "cat", "/state/logs/control-plane.jsonl", check=False, quiet=True).stdout
+    n = logged.count('"public-port-refused"')
+    if n < len(paths):
+        raise Failed(f"the server logged {n} public-port refusals, expected {len(paths)}")
+    return f"server:8000 from north: {', '.join(f'{p} -> {c}' for p, c in codes.items())}; {n} refusals logged"
+
+
 def offline_keys(stack: Stack) -> dict[str, bytes]:
     """The CA private keys in secrets/offline/, which no container may hold (read here on the host:
     offline/ is root's; without root, a throwaway container reads them)."""
@@ -506,21 +683,12 @@ def offline_keys(stack: Stack) -> dict[str, bytes]:
     try:
         keys = {f"CA key {p.parent.name}/ca.key": p.read_bytes() for p in sorted(offline.glob("*/ca.key"))}
     except PermissionError:
-        out = sh(
-            "docker",
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--user",
-            "0",
-            "-v",
-            f"{offline}:/offline:ro",
-            stack.image,
+        out = stack.throwaway(
             "sh",
             "-c",
             "for f in /offline/*/ca.key; do printf '%s ' \"$f\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; done",
-            quiet=True,
+            mounts=[f"{offline}:/offline:ro"],
+            root=True,
         ).stdout
         keys = {}
         for line in out.splitlines():
@@ -531,14 +699,17 @@ def offline_keys(stack: Stack) -> dict[str, bytes]:
     return keys
 
 
-def person_needles(person: str, photos: list[Path]) -> dict[str, bytes]:
-    """The person's id, and three 64-byte slices of each of their photo files."""
+def person_needles(person: str, photos: list[Path], crops: dict[Path, list[bytes]]) -> dict[str, bytes]:
+    """The person's id, and three 64-byte slices of each of their photo files and of the canonical
+    crop of each (what the vault stores, secret-shared)."""
     needles: dict[str, bytes] = {f"name {person}": person.encode()}
     for p in photos:
         raw = p.read_bytes()
         for frac in (0.25, 0.5, 0.75):
             at = int(len(raw) * frac)
             needles[f"bytes of {p.name}@{frac}"] = raw[at : at + 64]
+        for frac, piece in zip((0.25, 0.5, 0.75), crops.get(p, [])):
+            needles[f"bytes of {p.name}'s canonical crop@{frac}"] = piece
     return needles
 
 
@@ -553,27 +724,8 @@ def scan(stack: Stack, person: str, needles: dict[str, bytes]) -> str:
     containers = stack.containers()
     volumes = sorted({m["Name"] for c in containers for m in c["Mounts"] if m["Type"] == "volume"})
     # a. every named volume of the stack (vaults, share holders, server state), in one throwaway container
-    mounts = [a for v in volumes for a in ("-v", f"{v}:/scan/{v}:ro")]
-    res = json.loads(
-        sh(
-            "docker",
-            "run",
-            "--rm",
-            "-i",
-            "--network",
-            "none",
-            *mounts,
-            "--entrypoint",
-            "python",
-            stack.image,
-            "-",
-            hexed,
-            names,
-            "/scan",
-            input=SCANNER,
-            quiet=True,
-        ).stdout
-    )
+    mounts = [f"{v}:/scan/{v}:ro" for v in volumes]
+    res = json.loads(stack.throwaway("python", "-", hexed, names, "/scan", mounts=mounts, input=SCANNER).stdout)
     hits += [("volumes", p, why) for p, why in res["hits"]]
     files, size = files + res["files"], size + res["bytes"]
     for c in containers:
@@ -607,7 +759,7 @@ def scan(stack: Stack, person: str, needles: dict[str, bytes]) -> str:
     )
     return (
         f"{files} files ({size / 1e6:.1f} MB) in {len(volumes)} volumes + {len(containers)} containers: "
-        f"0 hits for {person}'s name or photo bytes ({len(person_labels)} needles), "
+        f"0 hits for {person}'s name, photo or crop bytes ({len(person_labels)} needles), "
         f"0 CA keys, every root filesystem read-only"
     )
 
@@ -640,21 +792,8 @@ def teardown(args, stack: Stack) -> None:
         # the work folder holds 10001-owned secrets: without root, remove them from a container as root
         shutil.rmtree(stack.work, ignore_errors=True)
         if stack.work.exists():
-            sh(
-                "docker",
-                "run",
-                "--rm",
-                "--network",
-                "none",
-                "--user",
-                "0",
-                "-v",
-                f"{stack.work}:/work",
-                stack.image,
-                "sh",
-                "-c",
-                "rm -rf /work/* /work/.[!.]*",
-                check=False,
+            stack.throwaway(
+                "sh", "-c", "rm -rf /work/* /work/.[!.]*", mounts=[f"{stack.work}:/work"], root=True, check=False
             )
             shutil.rmtree(stack.work, ignore_errors=True)
         if not args.keep_images:  # the image, and the build stage's layers (dangling: the build cache)

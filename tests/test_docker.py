@@ -84,6 +84,31 @@ def test_holders_are_reachable_only_from_their_site(compose):
     )
 
 
+def test_server_publishes_only_the_fleet_port(compose):
+    # `facefed-server start --port 8000` serves the Fleet API only there; the Control and Runtime
+    # APIs get a loopback port inside the container (server/ops/linkd.py), never published
+    server = compose["services"]["server"]
+    cmd = server["command"]
+    assert cmd[:2] == ["facefed-server", "start"] and cmd[cmd.index("--port") + 1] == "8000"
+    assert "--control-port" not in cmd and "--insecure" not in cmd
+    assert [p.rsplit(":", 1)[1] for p in server["ports"]] == ["8000"]
+    assert all("ports" not in s for name, s in compose["services"].items() if name != "server")
+
+
+def test_sites_pin_the_server_receipt_key(compose):
+    for site in SITES:
+        cmd = compose["services"][site]["command"]
+        assert cmd[cmd.index("--receipt-key") + 1] == "/federation/receipts.pub", site
+        assert any(d == "/federation" and ro for _, d, ro in _mounts(compose["services"][site])), site
+    assert 'copy "$site/federation" $F/ca.crt $F/receipts.pub' in (DOCKER / "secrets.sh").read_text()
+
+
+def test_no_data_weights_or_secrets_in_the_build_context():
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {"**/*.tgz", "**/*.pth", "**/*.pt", "**/*.key", "**/*.sqlite*", ".git", "tests", "demo-state"} <= ignored
+    assert "docker/*" in ignored  # compose secrets and photos (docker/secrets, docker/photos) stay out
+
+
 def test_site_init_script_parses():
     shell = shutil.which("sh")
     assert shell
