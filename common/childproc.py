@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,12 @@ from typing import TextIO
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 15.0
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(line: str) -> str:
+    """A log line without terminal colour codes (log files are read with less, grep and editors)."""
+    return ANSI.sub("", line)
 
 
 def venv_bin() -> str:
@@ -64,12 +71,14 @@ def run_foreground(
     on_line: Callable[[str], str | None] | None = None,
     echo: TextIO | None = None,
     log_path: Path | None = None,
+    quiet: Sequence[str] = (),
 ) -> tuple[int, str | None]:
     """Run `cmd` until it exits; return (exit code, the first diagnosis `on_line` produced).
 
     Every output line is echoed (to `echo`, default stderr) and appended to `log_path`. `on_line`
     may return a diagnosis for a line (e.g. "node key not registered"); the first one is returned
-    and, when the child keeps running after a fatal diagnosis, the child is stopped.
+    and, when the child keeps running after a fatal diagnosis, the child is stopped. Lines containing
+    one of `quiet` (routine polling) are neither echoed nor logged; the log file gets no colour codes.
     """
     echo = echo or sys.stderr
     proc = subprocess.Popen(
@@ -107,10 +116,12 @@ def run_foreground(
     threading.Thread(target=reader, name="child-output", daemon=True).start()
 
     def handle(line: str) -> None:
+        if quiet and any(q in line for q in quiet):
+            return
         echo.write(line)
         echo.flush()
         if log:
-            log.write(line)
+            log.write(plain(line))
             log.flush()
         if on_line and not diagnosis:
             found = on_line(line)

@@ -8,8 +8,10 @@ Exit codes: 2 bad input or refused, 3 a service or peer unavailable (FacefedErro
 from __future__ import annotations
 
 import functools
+import json
+import sys
 from collections.abc import Callable
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +23,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+PIPED_WIDTH = 400  # tables written to a pipe or file are not cut to 80 columns
+
+
+def out_console() -> Console:
+    """Console for tables on stdout: the terminal's width, or full width (and no colour) when piped."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
+
+
+def print_json(obj: Any) -> None:
+    """One JSON document on stdout (the `--json` of every listing); non-JSON values become strings."""
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

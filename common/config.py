@@ -31,7 +31,7 @@ def format_validation_error(e: ValidationError, where: str) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/ for the accepted keys)"
+            msg = "unknown key (check the spelling; docs/configuration.md lists every accepted key)"
         lines.append(f"config {where}: key `{key}`: {msg}")
     return "\n".join(lines)
 
@@ -68,12 +68,18 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    privacy_unit: Literal["person", "image", "none"] = "person"
-    delta: float = Field(1e-5, gt=0, lt=1)
+    privacy_unit: Literal["person", "image", "none"] = Field(
+        "person", description="what epsilon protects: a whole person, one image, or nothing (baselines only)"
+    )
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="DP delta; fixed per site for good by its accountant; below 1/people"
+    )
     max_epsilon: float = Field(8.0, gt=0, description="site budget; training past it is refused")
-    noise_multiplier: float | None = Field(None, ge=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0, description="DP-SGD noise std / clip norm (sigma)")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="calibrate the noise so this call ends at this epsilon (one-call training only)"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample (per-person) gradient clip norm C")
     clipping: Literal["ghost", "hooks"] = Field(
         "ghost",
         description="Opacus per-sample clipping: ghost (norms only, two backward passes) or hooks (materialised)",
@@ -81,9 +87,9 @@ class TrainConfig(BaseModel):
     sample_rate: float = Field(0.1, gt=0, le=1, description="q: Poisson rate per person (or image)")
     steps: int = Field(100, ge=0, description="fine-tuning steps per call")
     probe_steps: int = Field(0, ge=0, description="head-only DP steps on frozen features, once per fresh head")
-    lr: float = Field(0.05, gt=0)
-    head_lr: float = Field(1.0, gt=0)
-    probe_lr: float = Field(2.0, gt=0)
+    lr: float = Field(0.05, gt=0, description="learning rate of the shared tail")
+    head_lr: float = Field(1.0, gt=0, description="learning rate of the site-private margin head")
+    probe_lr: float = Field(2.0, gt=0, description="learning rate of the probe steps (head only)")
     center_noise: float | None = Field(
         None,
         ge=0,
@@ -96,8 +102,8 @@ class TrainConfig(BaseModel):
         description="centring: clip norm of each unit's mean embedding before "
         "normalisation (the CASIA embedder's are about 3-5)",
     )
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay")
     prox: float = Field(
         0.0,
         ge=0,
@@ -111,17 +117,23 @@ class TrainConfig(BaseModel):
         description="fine-tune all tail parameters, or only their "
         "biases (DP-BiTFiT: far fewer dimensions for the noise)",
     )
-    flip: bool = True
-    margin: float = Field(0.35, ge=0, lt=1)
-    scale: float = Field(32.0, gt=0)
+    flip: bool = Field(True, description="train on a random horizontal flip of each sampled image")
+    margin: float = Field(0.35, ge=0, lt=1, description="additive cosine margin of the head (CosFace)")
+    scale: float = Field(32.0, gt=0, description="logit scale of the head")
     min_people: int = Field(2, ge=1, description="refuse sites with fewer people than this")
-    pretrained: str | None = None
+    pretrained: str | None = Field(None, description="base model file (default $FACEFED_PRETRAINED)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.train_from not in STAGES:
             raise ValueError(f"train_from must be one of {', '.join(STAGES)}; got {self.train_from!r}")
         if self.privacy_unit != "none":
+            if self.delta >= 1.0 / self.min_people:
+                raise ValueError(
+                    f"delta {self.delta:g} must be below 1/min_people = 1/{self.min_people} (every site has at "
+                    "least min_people people, and delta must be below one over their number); "
+                    "use a delta well below 1/people, e.g. 1e-5"
+                )
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
                 raise ValueError("give exactly one of noise_multiplier and target_epsilon for DP training")
             if self.target_epsilon is not None and self.target_epsilon > self.max_epsilon:

@@ -152,6 +152,19 @@ def tar_at_far(scores: torch.Tensor, same: torch.Tensor, far: float) -> TarAtFar
     return TarAtFar(far, float((pos > threshold).double().mean()), threshold, len(neg), len(pos), accepted)
 
 
+def roc_curve(scores: torch.Tensor, same: torch.Tensor) -> list[tuple[float, float]]:
+    """(FAR, TAR) at every distinct score threshold, from (0, 0) to (1, 1): the ROC the report plots."""
+    order = torch.argsort(scores.double(), descending=True)
+    s, y = scores.double()[order], same.bool()[order]
+    tp = torch.cumsum(y.double(), 0)
+    fp = torch.cumsum((~y).double(), 0)
+    last = torch.ones(len(s), dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]  # one point per distinct threshold
+    n_pos, n_neg = max(1.0, float(tp[-1])), max(1.0, float(fp[-1]))
+    pts = [(0.0, 0.0)] + [(float(f) / n_neg, float(t) / n_pos) for f, t in zip(fp[last], tp[last], strict=True)]
+    return pts
+
+
 def metrics_from_scores(
     scores: torch.Tensor, same: torch.Tensor, folds: list[int], *, pairs_file: str, flip: bool
 ) -> EvalResult:

@@ -22,14 +22,15 @@ PAIRS_FILES = ("pairsDevTest.txt", "pairsDevTrain.txt", "pairs.txt")
 
 
 class EvalConfig(BaseModel):
-    """Evaluation of the global model at the server after each round (LFW verification protocol)."""
+    """Evaluation of the global model at the server after each round: the LFW verification protocol of
+    `facefed-server evaluate` (10-fold CV thresholds, flip averaging), so a model has one number wherever
+    it is shown."""
 
     model_config = ConfigDict(extra="forbid")
 
     pairs: Literal["pairsDevTest.txt", "pairsDevTrain.txt", "pairs.txt"] = Field(
         "pairsDevTest.txt", description="pairsDevTest's people are disjoint from peopleDevTrain (the sites)"
     )
-    flip: bool = Field(True, description="average the embeddings of the image and its mirror (2x the cost)")
     every: int = Field(1, ge=0, description="evaluate every N rounds (and always after the last); 0 = never")
     max_pairs: int | None = Field(
         None,
@@ -46,8 +47,14 @@ def _default_eval() -> EvalConfig:
 class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("facefed", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    rounds: int = Field(3, ge=1, le=10_000)
+    name: str = Field(
+        "facefed",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="prefix of the run ids",
+    )
+    rounds: int = Field(3, ge=1, le=10_000, description="federated rounds of a run")
     min_sites: int = Field(2, ge=1, description="a round needs this many valid replies, else it fails")
     sites: list[str] | None = Field(None, description="train with these registered sites only (default: all)")
     round_timeout_s: float = Field(900.0, gt=0, description="wait this long for the sites' replies")
@@ -76,7 +83,9 @@ class FederationConfig(BaseModel):
         "hash puts in it at every site; the embedding is the normalised concatenation of the shard "
         "embeddings, and forgetting a person replays only their shard",
     )
-    lfw: str | None = Field(None, description="LFW archive for evaluation (default $FACEFED_LFW)")
+    lfw: str | None = Field(
+        None, description="LFW archive for evaluation (default $FACEFED_LFW); recorded in the state by `train`"
+    )
     pretrained: str | None = Field(None, description="base model (default train.pretrained, then $FACEFED_PRETRAINED)")
     evaluate: EvalConfig = Field(default_factory=_default_eval)
     train: TrainConfig

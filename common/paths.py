@@ -41,11 +41,18 @@ def _resolve(explicit: str | os.PathLike[str] | None, env: str, help_text: str) 
     return path
 
 
-def lfw_path(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The LFW archive or tree: an explicit value wins, else $FACEFED_LFW."""
-    return _resolve(explicit, LFW_ENV, LFW_HELP)
+def lfw_path(explicit: str | os.PathLike[str] | None = None, *, how: str = "pass --lfw PATH") -> Path:
+    """The LFW archive or tree: an explicit value wins, else $FACEFED_LFW. `how` names the caller's
+    own way to give it (an option or a config key), so the message names only what exists."""
+    return _resolve(explicit, LFW_ENV, LFW_HELP.replace("pass --lfw PATH", how))
 
 
-def pretrained_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+def pretrained_path(
+    explicit: str | os.PathLike[str] | None = None, *, how: str = "set `pretrained = PATH` in the config"
+) -> Path:
     """The pretrained checkpoint: an explicit value wins, else $FACEFED_PRETRAINED."""
-    return _resolve(explicit, PRETRAINED_ENV, PRETRAINED_HELP)
+    return _resolve(
+        explicit,
+        PRETRAINED_ENV,
+        PRETRAINED_HELP.replace("Pass the checkpoint in the config (`pretrained = PATH`)", how[0].upper() + how[1:]),
+    )

@@ -296,7 +296,6 @@ def write_config(
     noise: float,
     delta: float,
     max_epsilon: float,
-    flip: bool,
     max_pairs: int | None,
     round_timeout: float = 900.0,
     wait_for_sites: float = 120.0,
@@ -314,7 +313,6 @@ def write_config(
         "",
         "[evaluate]",
         'pairs = "pairsDevTest.txt"',
-        f"flip = {str(flip).lower()}",
     ]
     if max_pairs:
         lines.append(f"max_pairs = {max_pairs}")

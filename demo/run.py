@@ -14,6 +14,8 @@ deletion request at one site, the server's exact-unlearning replay, and the sign
    signs a receipt that the site stores (`facefed-client forget status`).
 4. `facefed-server receipts verify` checks the receipt's signature and lineage against the ledger; a
    tampered copy fails.
+5. `facefed-server export --model current` writes the model to use, and `facefed-server report` writes
+   the HTML report (accuracy and epsilon per round, ROC, the request's timeline) whose path it prints.
 
 LFW and the pretrained weights come from $FACEFED_LFW / $FACEFED_PRETRAINED (the Makefile points
 them at ../shared when present). `python demo/vault_walkthrough.py` shows the vault on its own.
@@ -143,6 +145,20 @@ def unlearn_and_verify(fed: Federation, site: str, person: str, pseudonym: str, 
         f"\n[demo] OK: request {request_id} went received -> data erased -> model unlearned -> receipt issued; "
         f"the receipt verifies against the ledger and a tampered copy does not."
     )
+    # The current model by name, and the report (plots of accuracy, epsilon, ROC, the request's timeline).
+    server(
+        fed, "export", "--state", str(fed.state), "--model", "current", "--out", str(WORKDIR / "model.pt"), "--force"
+    )
+    proc = subprocess.run(
+        [SERVER, "report", "--state", str(fed.state), "--out", str(WORKDIR / "report")],
+        env=fed._env(),
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    if proc.returncode:
+        sys.exit(f"demo: `facefed-server report` failed: {proc.stderr.strip()}")
+    print(f"\n[demo] report written: {WORKDIR / 'report' / 'report.html'} (open it in a browser; CSV files beside it)")
     return 0
 
 

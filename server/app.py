@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet, build_embedder, sha256_file
-from facefed.server.evaluation import Evaluator, Evaluators, evaluate_ensemble
+from facefed.server.evaluation import Evaluator, Evaluators, evaluate_ensemble, save_roc
 from facefed.server.forget.replay import Unlearning
 from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import Ledger
@@ -51,10 +51,17 @@ class Coordinator:
         self.paths, self.sub, self.log = paths, sub, log
         self.ledger = Ledger(paths.ledger)
         self.store = CheckpointStore(paths.checkpoints)
-        self.sites = Sites(grid, self.ledger)
+        self.sites = Sites(grid, self.ledger, phase=paths.write_phase)
         self.evaluators = Evaluators(sub.lfw, evaluator)
         self.runner = RoundRunner(
-            grid, self.ledger, self.store, self.sites, self.evaluators, base_sha256=sha256_file(sub.pretrained), log=log
+            grid,
+            self.ledger,
+            self.store,
+            self.sites,
+            self.evaluators,
+            base_sha256=sha256_file(sub.pretrained),
+            log=log,
+            phase=paths.write_phase,
         )
         self.unlearning = Unlearning(self.runner, paths, sub.receipt_key)
         self.flwr_run_id = self.runner.flwr_run_id
@@ -100,6 +107,7 @@ class Coordinator:
 
             try:
                 self.sites.wait(ctx.config)
+                self.paths.write_phase("asking the sites for forget requests", ctx.run_id)
                 between(ctx)  # before the run: requests that arrived meanwhile
                 self.runner.rounds(current, between=between)
             except (KeyboardInterrupt, SystemExit) as e:
@@ -126,7 +134,12 @@ class Coordinator:
         active = [s.name for s in self.ledger.sites() if s.active]
         deadline = time.monotonic() + self.sub.wait_s
         while len(self.sites.choose(None)[0]) < max(1, len(active)) and time.monotonic() < deadline:
+            self.paths.write_phase(
+                f"unlearn: waiting for the sites, {len(self.sites.choose(None)[0])} of {len(active)} online "
+                f"(up to {deadline - time.monotonic():.0f} s more)"
+            )
             time.sleep(1.0)
+        self.paths.write_phase("unlearn: asking the sites for forget requests")
         online = len(self.sites.choose(None)[0])
         self.log(f"[facefed] unlearn: {online} site(s) online of {len(active) or '?'} registered")
         self.unlearning.unlearn(None, current=None)
@@ -176,7 +189,9 @@ class Coordinator:
         self.log(f"[facefed] new run {ctx.run_id}: {cfg.rounds} rounds, base {base.checkpoint_id}")
         evaluator = self.evaluators.for_config(cfg)
         if evaluator is not None:
+            self.paths.write_phase(f"evaluating the base model on LFW {cfg.evaluate.pairs} (decoding the images first)")
             metrics = evaluator(model)
+            save_roc(evaluator, base.path)
             self.ledger.set_base_metrics(ctx.run_id, metrics)
             self.log(f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}")
         return ctx

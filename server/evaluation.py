@@ -5,8 +5,10 @@ each evaluation then runs only the trainable tail.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from facefed.common.fedconfig import FederationConfig
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 EvalFn = Callable[[MobileFaceNet], dict[str, float]]
 CalibrateFn = Callable[[MobileFaceNet], "Threshold"]
+PROTOCOL_FLIP = True  # the protocol of `facefed-server evaluate`: one number per model, wherever shown
 
 
 class Evaluator:
@@ -31,8 +34,8 @@ class Evaluator:
     the stored threshold says how many it rests on.
     Its images are aligned once per process (and their landmarks cached across processes)."""
 
-    def __init__(self, lfw_path: str | None, pairs: str, flip: bool, max_pairs: int | None = None):
-        self.lfw_path, self.pairs, self.flip, self.max_pairs = lfw_path, pairs, flip, max_pairs
+    def __init__(self, lfw_path: str | None, pairs: str, max_pairs: int | None = None):
+        self.lfw_path, self.pairs, self.max_pairs = lfw_path, pairs, max_pairs
         self._cache: Any = None
         self._validation: Any = None
 
@@ -43,17 +46,32 @@ class Evaluator:
 
         if self._validation is None:
             n = min(VALIDATION_MAX_PAIRS, self.max_pairs or VALIDATION_MAX_PAIRS)
-            self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=True, max_pairs=n)
+            self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=PROTOCOL_FLIP, max_pairs=n)
         return calibrate(model, self._validation)
+        self.last_roc: dict[str, Any] | None = None  # the last evaluation's ROC (saved beside the checkpoint)
 
     def __call__(self, model: MobileFaceNet) -> dict[str, float]:
-        from facefed.common.evaluate import EvalCache  # heavy imports only when evaluating
+        from facefed.common.evaluate import (
+            EvalCache,  # heavy imports only when evaluating
+            metrics_from_scores,
+            roc_curve,
+        )
         from facefed.common.lfw import LFW
 
         t = time.monotonic()
         if self._cache is None:
-            self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=self.flip, max_pairs=self.max_pairs)
-        res = self._cache.evaluate(model)
+            self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=PROTOCOL_FLIP, max_pairs=self.max_pairs)
+        c = self._cache
+        scores = c.scores(c.embeddings(model))
+        res = metrics_from_scores(scores, c.same, c.folds, pairs_file=c.pairs_file, flip=c.flip)
+        self.last_roc = {
+            "pairs": c.pairs_file,
+            "n_pairs": res.n_pairs,
+            "flip": c.flip,
+            "accuracy": res.accuracy_mean,
+            "auc": res.auc,
+            "roc": roc_curve(scores, c.same),
+        }
         return {
             "lfw_accuracy": float(res.accuracy_mean),
             "lfw_accuracy_std": float(res.accuracy_std),
@@ -69,7 +87,7 @@ class Evaluators:
 
     def __init__(self, lfw: str | None, injected: EvalFn | None = None):
         self.lfw, self.injected = lfw, injected
-        self._made: dict[tuple[str, bool, int | None], Evaluator] = {}
+        self._made: dict[tuple[str, int | None], Evaluator] = {}
 
     def for_config(self, cfg: FederationConfig) -> EvalFn | None:
         if self.injected is not None:
@@ -77,9 +95,9 @@ class Evaluators:
         ev = cfg.evaluate
         if not ev.every:
             return None
-        key = (ev.pairs, ev.flip, ev.max_pairs)
+        key = (ev.pairs, ev.max_pairs)
         if key not in self._made:
-            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.flip, ev.max_pairs)
+            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.max_pairs)
         return self._made[key]
 
     def calibrator_for(self, cfg: FederationConfig) -> CalibrateFn | None:
@@ -93,6 +111,21 @@ class Evaluators:
         """Whether round `rnd` is evaluated (every N rounds, always the last; round 0 = the base model)."""
         every = cfg.evaluate.every
         return every > 0 and (rnd % every == 0 or rnd == cfg.rounds)
+
+
+def save_roc(evaluator: object, checkpoint_path: str) -> None:
+    """The ROC of the evaluation just made, beside its checkpoint (`r0003.roc.json`), for `report`."""
+    roc = getattr(evaluator, "last_roc", None)
+    if roc is None:
+        return
+    path = Path(checkpoint_path).with_suffix(".roc.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(roc))
+    tmp.replace(path)
+
+
+def roc_path(checkpoint_path: str) -> Path:
+    return Path(checkpoint_path).with_suffix(".roc.json")
 
 
 def evaluate_ensemble(
@@ -116,7 +149,7 @@ def evaluate_ensemble(
 
     heads = [ledger.head(r.run_id)[1] for r in live]
     ev = cfg.evaluate
-    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=ev.flip, max_pairs=ev.max_pairs)
+    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=PROTOCOL_FLIP, max_pairs=ev.max_pairs)
     res = cache.evaluate_ensemble([store.load(h)[0] for h in heads])
     metrics = {
         "lfw_accuracy": float(res.accuracy_mean),

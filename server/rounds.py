@@ -4,6 +4,11 @@ A round attempt: choose the online sites, send each a `TrainOrder` with the curr
 collect replies until all are in or `round_timeout_s` passes, accept the replies that are exactly a
 backbone (server/strategy.py), average them, then write the checkpoint, evaluate it and commit the
 round to the ledger, in that order. Too few valid replies: the attempt is recorded as failed.
+
+A site that does not train answers with a `TrainRefusal` (kind and one-line reason); it is recorded
+per site (status `error`, detail `refused (KIND): REASON`) and printed as `site NAME refused (KIND):
+REASON`. When the sites that refused leave fewer than `min_sites` that could still answer, retrying
+cannot help: the run fails at once with those lines.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from pydantic import ValidationError
 
 from facefed.common.model.mobilefacenet import MobileFaceNet, load_shared_state, prefix_fingerprint, shared_state
-from facefed.common.protocol.train import ARRAYS, CONFIG, TrainOrder
-from facefed.server.evaluation import Evaluators
+from facefed.common.protocol.train import ARRAYS, CONFIG, REFUSAL, TrainOrder, TrainRefusal, problems
+from facefed.server.evaluation import Evaluators, save_roc
 from facefed.server.ledger.checkpoints import CheckpointStore
-from facefed.server.ledger.db import CheckpointRow, Ledger, RoundRow, SiteRound
+from facefed.server.ledger.db import CheckpointRow, Ledger, RoundRow, SiteRound, refusal_line
 from facefed.server.runs import RunContext, RunFailed
 from facefed.server.sites import Sites, SiteSlot
 from facefed.server.strategy import Accepted, BackboneAverage, ReplyRejected, declared_names, payload_bytes, to_record
@@ -41,8 +47,10 @@ class Exchanged:
     pushed_at: float
 
 
-def exchange(grid: Grid, msgs: list[Message], timeout: float) -> Exchanged:
-    """Push, then pull until every node replied or `timeout` passed."""
+def exchange(
+    grid: Grid, msgs: list[Message], timeout: float, phase: Callable[[str], None] = lambda _t: None
+) -> Exchanged:
+    """Push, then pull until every node replied or `timeout` passed (`phase`: k of n replies in)."""
     t0 = time.monotonic()
     pushed_at = time.time()
     node_of = {}
@@ -57,6 +65,7 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float) -> Exchanged:
             if node is not None:
                 replies[node] = (reply, time.monotonic() - t0)
         if node_of:
+            phase(f"{len(replies)} of {len(replies) + len(node_of)} replies in after {time.monotonic() - t0:.0f} s")
             time.sleep(POLL_S)
     return Exchanged(replies, pushed_at)
 
@@ -65,6 +74,16 @@ def timing(took: float) -> str:
     """The reply time as the server measured it. A site's own timings stay in its log (issue 11):
     a reply carries DP outputs and public facts only."""
     return f"reply after {took:.1f} s"
+
+
+def refusal_of(reply: Message) -> TrainRefusal | None:
+    """The site's refusal, if the reply is one (a malformed one is reported as a crash of the site)."""
+    if reply.has_error() or REFUSAL not in reply.content.config_records:
+        return None
+    try:
+        return TrainRefusal.model_validate(dict(reply.content.config_records[REFUSAL]))
+    except ValidationError as e:
+        return TrainRefusal(site="?", kind="crash", reason=f"malformed refusal record: {problems(e)}"[:1000])
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -84,8 +103,10 @@ class RoundRunner:
         *,
         base_sha256: str,
         log: Callable[[str], None] = print,
+        phase: Callable[[str], None] = lambda _text: None,
     ):
         self.grid, self.ledger, self.store, self.sites, self.evaluators = grid, ledger, store, sites, evaluators
+        self.phase = phase
         self.base_sha256 = base_sha256
         self.flwr_run_id = str(grid.run.run_id)
         self.log = log
@@ -188,11 +209,14 @@ class RoundRunner:
         # Too few sites online: do not ask anyone to train (it would spend their privacy budget on a
         # round that cannot be committed); record the round as failed instead.
         enough = len(slots) >= cfg.min_sites
+        where = f"round {rnd}/{cfg.rounds} attempt {attempt} of run {ctx.run_id}"
+        self.phase(f"{where}: training at {len(slots)} site(s)")
         got = (
             exchange(
                 self.grid,
                 self.orders(ctx, slots, rnd, attempt, sent, wire_layout, parent, prefix),
                 cfg.round_timeout_s,
+                lambda text: self.phase(f"{where}: training at the sites, {text}"),
             )
             if enough
             else Exchanged({}, time.time())
@@ -202,6 +226,7 @@ class RoundRunner:
         bytes_down = payload_bytes(sent)
         sites: list[SiteRound] = []
         accepted: list[tuple[str, Accepted, float]] = []
+        refusals: list[str] = []
         for slot in slots:
             if not enough:
                 sites.append(
@@ -225,6 +250,24 @@ class RoundRunner:
                 )
                 continue
             reply, took = got.replies[slot.node_id]
+            no = refusal_of(reply)
+            if no is not None:
+                who = slot.site or self.sites.name_of(slot) or no.site
+                if slot.site is None and cfg.sites is not None and who not in cfg.sites:
+                    continue
+                detail = f"refused ({no.kind}): {no.reason}"
+                sites.append(
+                    SiteRound(
+                        site=who,
+                        status="error",
+                        node_id=str(slot.node_id),
+                        bytes_down=bytes_down,
+                        detail=detail,
+                    )
+                )
+                refusals.append(f"site {who} {detail}")
+                self.log(f"[facefed] round {rnd} attempt {attempt}: site {who} {detail}")
+                continue
             claimed = None
             try:
                 acc = average.check_reply(reply)
@@ -314,8 +357,16 @@ class RoundRunner:
                 )
             )
             self.log(f"[facefed] round {rnd} attempt {attempt} FAILED: {why}; missing {missing}")
+            refusing = {s.site for s in sites if refusal_line(s.site, s.detail)}
+            could = ({self.sites.name_of(s) or f"node-{s.node_id}" for s in slots} | set(expected)) - refusing
+            if refusals and len(could) < cfg.min_sites:
+                raise RunFailed(
+                    f"round {rnd} cannot succeed: {'; '.join(refusals)} "
+                    f"(min_sites={cfg.min_sites}, {len(could)} other site(s))"
+                )
             return None
 
+        self.phase(f"{where}: averaging {len(accepted)} replies, writing the checkpoint")
         t_agg = time.monotonic()
         new_model = copy.deepcopy(model)
         agg = average.aggregate([a for _, a, _ in accepted])
@@ -326,9 +377,13 @@ class RoundRunner:
         due = self.evaluators.due(cfg, rnd)
         evaluator = self.evaluators.for_config(cfg)
         calibrator = self.evaluators.calibrator_for(cfg)
-        eval_metrics = evaluator(new_model) if evaluator is not None and due else {}
+        eval_metrics: dict[str, float] = {}
+        if evaluator is not None and due:
+            self.phase(f"{where}: evaluating the new model on LFW {cfg.evaluate.pairs}")
+            eval_metrics = evaluator(new_model)
         meta: dict[str, Any] = {"participants": participants, "weighting": cfg.weighting}
         if calibrator is not None and due:
+            self.phase(f"{where}: choosing the decision threshold on the validation pairs")
             meta["threshold"] = calibrator(new_model).to_dict()
         t_save = time.monotonic()
         ckpt = self.store.save(
@@ -357,6 +412,8 @@ class RoundRunner:
         }
         if "threshold" in meta:
             metrics["threshold"] = float(meta["threshold"]["threshold"])
+        if eval_metrics:
+            save_roc(evaluator, ckpt.path)
         self.ledger.commit_round(
             RoundRow(
                 status="committed",

@@ -8,6 +8,7 @@ tests, simulation) a node is whoever it says it is in its query replies (`node_s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flwr.serverapp import Grid
@@ -30,6 +31,7 @@ class Sites:
     grid: Grid
     ledger: Ledger
     node_site: dict[int, str] = field(default_factory=dict)  # learnt from query replies (no authentication)
+    phase: Callable[[str], None] = lambda _text: None  # what we are waiting for, for the operator
 
     def registered(self) -> dict[str, str]:
         """fingerprint -> site name, for active registered sites (empty without authentication)."""
@@ -62,4 +64,8 @@ class Sites:
             slots, expected = self.choose(cfg)
             if len(slots) >= cfg.min_sites or time.monotonic() >= deadline:
                 return slots, expected
+            self.phase(
+                f"waiting for sites: {len(slots)} online, min_sites={cfg.min_sites} "
+                f"(up to {max(0.0, deadline - time.monotonic()):.0f} s more)"
+            )
             time.sleep(1.0)

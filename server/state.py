@@ -11,6 +11,11 @@ Everything the operator must keep (and back up) lives under one directory:
     DIR/submissions/        frozen, validated run configurations handed to the ServerApp
     DIR/flwr-app/           the Flower app `flwr run` packs (pyproject.toml only, see server/ops/flwr_app.py)
     DIR/logs/               SuperLink log
+    DIR/data.json           the data the runs use (LFW, pretrained weights), recorded by `train`, so that
+                            `unlearn`, `evaluate` and resumed runs need no environment variables
+    DIR/runs/RUN.data.json  the same, per run
+    DIR/phase.json          what the ServerApp is doing now (waiting for sites, a round's replies,
+                            evaluating, ...), for `train`/`unlearn` to show during long waits
 """
 
 from __future__ import annotations
@@ -103,6 +108,46 @@ class StatePaths:
         tmp = self.server_json.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(info), indent=2))
         tmp.replace(self.server_json)
+
+    @property
+    def data_json(self) -> Path:
+        return self.root / "data.json"
+
+    def record_data(self, run_id: str, *, lfw: str | None, pretrained: str) -> None:
+        """What `run_id` (and, as the latest, the state) uses: kept so later commands need no environment."""
+        doc = {"run_id": run_id, "lfw": lfw, "pretrained": pretrained}
+        if lfw is None and self.data_json.is_file():  # a run without evaluation keeps the known LFW
+            doc["lfw"] = self.recorded_data().get("lfw")
+        (self.root / "runs").mkdir(exist_ok=True)
+        for path in (self.root / "runs" / f"{run_id}.data.json", self.data_json):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc, indent=1))
+            tmp.replace(path)
+
+    def write_phase(self, text: str, run_id: str | None = None) -> None:
+        """The ServerApp's current phase (one line); best effort, never fails the run."""
+        import time
+
+        try:
+            tmp = self.root / "phase.tmp"
+            tmp.write_text(json.dumps({"phase": text, "run_id": run_id, "since": time.time()}))
+            tmp.replace(self.root / "phase.json")
+        except OSError:
+            pass
+
+    def read_phase(self) -> dict[str, object] | None:
+        try:
+            return dict(json.loads((self.root / "phase.json").read_text()))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            return None
+
+    def recorded_data(self) -> dict[str, str | None]:
+        """{"lfw", "pretrained"} as the latest `train` recorded them ({} before any)."""
+        try:
+            doc = json.loads(self.data_json.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return {k: doc.get(k) for k in ("lfw", "pretrained")}
 
     def server_info(self) -> ServerInfo:
         if not self.server_json.is_file():

@@ -46,7 +46,7 @@ def checkpoint(tmp_path_factory, pretrained_file, lfw_file):
             "round_timeout_s": 5.0,
             "wait_for_sites_s": 0.0,
             "max_round_attempts": 1,
-            "evaluate": {"every": 1, "flip": False, "max_pairs": 200},
+            "evaluate": {"every": 1, "max_pairs": 200},
             "train": train,
         },
         FederationConfig,
@@ -55,7 +55,7 @@ def checkpoint(tmp_path_factory, pretrained_file, lfw_file):
     sub = Submission(
         name="sub-t", run_id="emb-run", resume=False, config=cfg, lfw=None, pretrained=str(pretrained_file)
     )
-    evaluator = Evaluator(str(lfw_file), "pairsDevTest.txt", flip=False, max_pairs=200)
+    evaluator = Evaluator(str(lfw_file), "pairsDevTest.txt", max_pairs=200)
     Coordinator(grid, state, sub, evaluator=evaluator, log=lambda _m: None).run()
     with Ledger(state.ledger) as ledger:
         (r,) = ledger.rounds("emb-run")

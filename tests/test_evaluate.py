@@ -98,12 +98,11 @@ def test_cli_evaluate_json(pretrained_file, lfw_file):
         "--json",
         "--max-pairs",
         "40",
-        "--no-flip",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["n_pairs"] == 40 and data["flip"] is False and 0.7 < data["accuracy_mean"] <= 1.0
+    assert data["n_pairs"] == 40 and data["flip"] is True and 0.7 < data["accuracy_mean"] <= 1.0
     assert set(data["tar_at_far"]) == {"0.01", "0.001"} and data["tar_at_far"]["0.01"]["n_impostor"] == 20
-    bad = subprocess.run(cmd[:-4] + ["--pairs", "pairsDevTrain.txt"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(cmd[:-3] + ["--pairs", "pairsDevTrain.txt"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "training people" in bad.stderr

@@ -67,7 +67,6 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
         noise=1.0,
         delta=1e-3,
         max_epsilon=50.0,
-        flip=False,
         max_pairs=100,
         round_timeout=600,
         wait_for_sites=60,

@@ -60,11 +60,11 @@ def tails(state: StatePaths, cid: str) -> dict[str, torch.Tensor]:
 
 def test_two_rounds_average_by_people_and_fill_the_ledger(state, pretrained_file, lfw_file):
     grid = LocalGrid({1: ("", shifted_site("alpha", 0.3, people=1)), 2: ("", shifted_site("beta", -0.1, people=3))})
-    evaluator = Evaluator(str(lfw_file), "pairsDevTest.txt", flip=False, max_pairs=20)
+    evaluator = Evaluator(str(lfw_file), "pairsDevTest.txt", max_pairs=20)
     coordinator(
         state,
         grid,
-        make_config(evaluate={"every": 1, "flip": False, "max_pairs": 20}),
+        make_config(evaluate={"every": 1, "max_pairs": 20}),
         pretrained_file,
         evaluator=evaluator,
     ).run()

@@ -21,7 +21,6 @@ rounds = 1
 min_sites = 3
 round_timeout_s = 600
 [evaluate]
-flip = false
 max_pairs = 40
 [train]
 delta = 1e-3

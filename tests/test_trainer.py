@@ -81,8 +81,10 @@ def test_refusals(lfw, pretrained_file, tmp_path):
         train_local(
             model, head, faces, TrainConfig(noise_multiplier=1.0, delta=1e-3, min_people=5), acc, insecure_seed=0
         )
-    with pytest.raises(ValueError, match=r"delta 0.5 must be below 1/3"):
-        train_local(model, head, faces, TrainConfig(noise_multiplier=1.0, delta=0.5), acc, insecure_seed=0)
+    with pytest.raises(ValueError, match=r"delta 0.5 must be below 1/min_people"):  # refused by the config itself
+        TrainConfig(noise_multiplier=1.0, delta=0.5)
+    with pytest.raises(ValueError, match=r"delta 0.4 must be below 1/3"):  # only the site knows it has 3 people
+        train_local(model, head, faces, TrainConfig(noise_multiplier=1.0, delta=0.4), acc, insecure_seed=0)
     with pytest.raises(ValueError, match="would void this site's per-person guarantee"):
         train_local(model, head, faces, TrainConfig(privacy_unit="none"), acc, insecure_seed=0)
     with pytest.raises(ValueError, match="config says train_from = `conv_45`"):

@@ -12,7 +12,11 @@ reports its erased-but-not-yet-unlearned requests and keeps the receipts the ser
 Reply to `train`: the shared tail only (ArrayRecord "backbone"), the metrics (DP outputs and public
 facts: steps, epsilon, delta, noise, rate, the published people count; common/protocol/train.py) and
 a small record with the site's name, privacy unit and accountant. Loss, image counts and timings stay
-in the site's log. The head never leaves the site. A refused order raises SiteRefused(kind, reason).
+in the site's log. The head never leaves the site. A round that does not happen (the site's policy
+refuses the order, its configuration or data is unusable, the budget would be exceeded, or anything
+crashed) is answered with a `TrainRefusal` record (`refusal`) naming the kind and the reason in one
+line, so the server's operator reads why in `facefed-server train`/`status` and the ledger
+(client/site/refusal.py).
 """
 
 from __future__ import annotations
@@ -25,10 +29,21 @@ from flwr.clientapp import ClientApp
 from pydantic import ValidationError
 
 from facefed.client.site import worker
+from facefed.client.site.refusal import kind_of, reason_of
 from facefed.common.errors import FacefedError
 from facefed.common.protocol.forget import MAX_MESSAGE, ORDER_KEY, REPLY_KEY, QueryOrder, QueryReply
 from facefed.common.protocol.tail import TAIL, unpack
-from facefed.common.protocol.train import ARRAYS, CONFIG, METRICS, SITE, SiteRefused, TrainOrder, problems
+from facefed.common.protocol.train import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    REFUSAL,
+    SITE,
+    SiteRefused,
+    TrainOrder,
+    TrainRefusal,
+    problems,
+)
 from facefed.common.protocol.worker import QueryCall, QueryDone, Refused, TrainCall, TrainDone, WorkerCall
 
 app = ClientApp()
@@ -38,8 +53,28 @@ class SiteRoundError(FacefedError, RuntimeError):
     """The round failed at the site; the message is what the server records for it."""
 
 
+def site_name(nc: dict) -> str:
+    """Who this node is, for a refusal (a simulated node has a partition instead of a name)."""
+    if str(nc.get("site", "")):
+        return str(nc["site"])[:256]
+    return f"sim-{int(nc.get('partition-id', 0)):03d}" if "partition-id" in nc else "unknown"
+
+
+def refused(msg: Message, site: str, e: BaseException) -> Message:
+    """The one-line answer instead of a tail: kind and reason, no traceback."""
+    record = TrainRefusal(site=site, kind=kind_of(e), reason=reason_of(e)[:1000])
+    return Message(RecordDict({REFUSAL: ConfigRecord(record.wire())}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    try:
+        return _train(msg, context)
+    except Exception as e:  # noqa: BLE001 - every failure goes back to the server as one line
+        return refused(msg, site_name(dict(context.node_config)), e)
+
+
+def _train(msg: Message, context: Context) -> Message:
     config = dict(msg.content[CONFIG])
     try:  # validated here and again by the worker (common/protocol/train.py, worker.py)
         order = TrainOrder.from_config(config)

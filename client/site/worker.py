@@ -90,8 +90,9 @@ def answer_call(site: Any, header: bytes, tail: bytes) -> tuple[WorkerAnswer, by
     from pydantic import ValidationError
 
     from facefed.client.forget.sync import answer_query
+    from facefed.client.site.refusal import kind_of, reason_of
     from facefed.client.site.round import order_of, run_round
-    from facefed.common.protocol.train import SiteRefused, problems
+    from facefed.common.protocol.train import problems
 
     try:
         call = WorkerCall.model_validate_json(header).call
@@ -107,10 +108,10 @@ def answer_call(site: Any, header: bytes, tail: bytes) -> tuple[WorkerAnswer, by
         received = unpack(np.frombuffer(tail, dtype="<f4"), list(order.layout_names), list(order.layout_shapes))
         res = run_round(site, order_of(order.wire()), received)
         return reply_of(res, "warm")
-    except SiteRefused as e:
-        return WorkerAnswer(answer=Refused(refusal=e.kind, reason=e.reason[:1000])), b""
-    except Exception as e:  # noqa: BLE001 - reported to the ClientApp, which fails the round
-        return WorkerAnswer(answer=Refused(refusal="crash", reason=f"{type(e).__name__}: {e}"[:1000])), b""
+    except Exception as e:  # noqa: BLE001 - reported to the ClientApp, which answers a TrainRefusal
+        kind, reason = kind_of(e), reason_of(e)[:1000]
+        print(f"facefed-client: round refused ({kind}): {reason}", flush=True)
+        return WorkerAnswer(answer=Refused(refusal=kind, reason=reason)), b""
 
 
 def reply_of(res: Any, worker: str) -> tuple[WorkerAnswer, bytes]:

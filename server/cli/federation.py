@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from facefed.common import certs as certmod
-from facefed.common.cli import fail
+from facefed.common.cli import fail, out_console, print_json
 from facefed.common.config import ConfigError, load_config
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.nodekeys import NodeKeyError, check_site_name, fingerprint, load_public, openssh_public
 from facefed.common.paths import DataNotFound, lfw_path, pretrained_path
-from facefed.server.ledger.db import Ledger, LedgerError
+from facefed.server.ledger.db import Ledger, LedgerError, refusal_line
 from facefed.server.ops.progress import follow, submit
 from facefed.server.ops.superlink import (
     TLS_CA,
@@ -38,8 +38,9 @@ StateOpt = Annotated[
         help="Server state directory (ledger, checkpoints, SuperLink database).",
     ),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON document instead of tables (for scripts).")]
 sites_app = typer.Typer(help="Register, list and revoke the sites allowed to join.", no_args_is_help=True)
-console = Console()
+runs_app = typer.Typer(help="List the runs in the ledger and stop a running one.", no_args_is_help=True)
 RECEIPT_KEY, RECEIPT_PUB = "receipts.key", "receipts.pub"
 
 
@@ -173,33 +174,90 @@ def sites_register(
     typer.echo(f"registered site {name}: node {res.get('node-id')} key {fp}")
 
 
-@sites_app.command("ls")
-def sites_ls(state: StateOpt) -> None:
-    """List sites: registration, key fingerprint, online status, privacy spent."""
-    paths = _paths(state)
+def _online(paths: StatePaths) -> dict[str, str]:
+    """node id -> Flower's status for it; empty when the server is down (the ledger still answers)."""
     online: dict[str, str] = {}
     try:
         for n in flwr_cli(paths, ["supernode", "list"], timeout=30).get("nodes", []):
             online[str(n.get("node-id"))] = str(n.get("status"))
     except SuperLinkError:
-        pass  # the server may be down: the ledger still answers
-    with Ledger(paths.ledger) as ledger:
-        eps = ledger.site_epsilons()
-        t = Table(title="sites")
-        for col in ("site", "node id", "key fingerprint", "registered", "revoked", "status", "epsilon"):
-            t.add_column(col)
-        for s in ledger.sites():
-            e = eps.get(s.name)
-            t.add_row(
-                s.name,
-                s.node_id or "-",
-                s.fingerprint[:23] + "...",
-                _ts(s.registered_at),
-                _ts(s.revoked_at) if s.revoked_at else "-",
-                online.get(s.node_id or "", "unknown" if not online else "offline") if s.active else "revoked",
-                f"{e.epsilon:.3f} per {e.unit} (delta {e.delta:g})" if e else "-",
+        pass
+    return online
+
+
+def sites_rows(ledger: Ledger, online: dict[str, str]) -> list[dict[str, Any]]:
+    """Every site the ledger knows (registered or seen in a round), with its latest privacy spend."""
+    eps = ledger.site_epsilons()
+    rows: list[dict[str, Any]] = []
+    registered = ledger.sites()
+    for s in registered:
+        e = eps.get(s.name)
+        rows.append(
+            {
+                "site": s.name,
+                "node_id": s.node_id,
+                "fingerprint": s.fingerprint,
+                "registered_at": s.registered_at,
+                "revoked_at": s.revoked_at,
+                "status": (online.get(s.node_id or "", "unknown" if not online else "offline"))
+                if s.active
+                else "revoked",
+                "epsilon": e.epsilon if e else None,
+                "unit": e.unit if e else None,
+                "delta": e.delta if e else None,
+                "accountant": e.accountant if e else None,
+            }
+        )
+    known = {s.name for s in registered}
+    for name, e in eps.items():
+        if name not in known:
+            rows.append(
+                {
+                    "site": name,
+                    "node_id": None,
+                    "fingerprint": None,
+                    "registered_at": None,
+                    "revoked_at": None,
+                    "status": "unregistered",
+                    "epsilon": e.epsilon,
+                    "unit": e.unit,
+                    "delta": e.delta,
+                    "accountant": e.accountant,
+                }
             )
-    console.print(t)
+    return rows
+
+
+def sites_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="sites")
+    for col in ("site", "node id", "key fingerprint", "registered", "revoked", "status", "epsilon"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["site"],
+            r["node_id"] or "-",
+            (r["fingerprint"][:23] + "...") if r["fingerprint"] else "(unregistered)",
+            _ts(r["registered_at"]),
+            _ts(r["revoked_at"]) if r["revoked_at"] else "-",
+            r["status"],
+            f"{r['epsilon']:.3f} per {r['unit']} (delta {r['delta']:g}, {r['accountant']})"
+            if r["epsilon"] is not None
+            else "-",
+        )
+    return t
+
+
+@sites_app.command("ls")
+def sites_ls(state: StateOpt, as_json: JsonOpt = False) -> None:
+    """List sites: registration, key fingerprint, online status, privacy spent."""
+    paths = _paths(state)
+    online = _online(paths)
+    with Ledger(paths.ledger) as ledger:
+        rows = sites_rows(ledger, online)
+    if as_json:
+        print_json(rows)
+        return
+    out_console().print(sites_table(rows))
 
 
 @sites_app.command("revoke")
@@ -226,7 +284,7 @@ def sites_revoke(name: Annotated[str, typer.Argument(help="Site name.")], state:
 def _resolve_data(cfg: FederationConfig) -> tuple[str | None, str]:
     try:
         pre = str(pretrained_path(cfg.pretrained or cfg.train.pretrained).resolve())
-        lfw = str(lfw_path(cfg.lfw).resolve()) if cfg.evaluate.every else None
+        lfw = str(lfw_path(cfg.lfw, how="set `lfw = PATH` in the config").resolve()) if cfg.evaluate.every else None
     except DataNotFound as e:
         fail(str(e))
         raise
@@ -263,6 +321,11 @@ def train(
         fail(str(e))
     lfw, pre = _resolve_data(cfg)
     with Ledger(paths.ledger) as ledger:
+        from facefed.server.preflight import problems
+
+        broken = problems(cfg, ledger)
+        if broken:
+            fail(f"config {config}: " + f"\nconfig {config}: ".join(broken))
         if run is not None:
             try:
                 existing = ledger.run(run)
@@ -294,6 +357,7 @@ def train(
         flwr_run = submit(paths, sub)
     except SuperLinkError as e:
         fail(str(e), 3)
+    paths.record_data(run_id, lfw=lfw, pretrained=pre)  # `unlearn`, `evaluate`, `report` read it back
     typer.echo(
         f"{'resuming' if resume else 'started'} run {run_id} (Flower run {flwr_run})"
         + (f" as {cfg.shards} shard runs {run_id}-s0..s{cfg.shards - 1}" if cfg.shards > 1 else "")
@@ -312,91 +376,210 @@ def _ts(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _acc_text(base: float | None, acc: float | None) -> str:
+    if base is not None:
+        return f"{base:.4f} -> {acc:.4f}" if acc is not None else f"{base:.4f} -> -"
+    return f"{acc:.4f}" if acc is not None else "-"
+
+
+def runs_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every run in the ledger with its progress, accuracy (base and latest) and how it ended."""
+    out = []
+    for r in ledger.runs():
+        done = ledger.rounds(r.run_id, committed_only=True)
+        last = next((x for x in reversed(done) if "lfw_accuracy" in x.metrics), None)
+        attempts = ledger.attempts(r.run_id)
+        out.append(
+            {
+                "run": r.run_id,
+                "kind": r.kind,
+                "replaces": r.parent_run_id,
+                "status": r.status,
+                "rounds_done": len(done),
+                "rounds_planned": r.rounds_planned,
+                "created_at": r.created_at,
+                "ended_at": r.ended_at,
+                "base_accuracy": (r.base_metrics or {}).get("lfw_accuracy"),
+                "accuracy": last.metrics["lfw_accuracy"] if last else None,
+                "model": done[-1].checkpoint_id if done else r.base_checkpoint,
+                "flwr_run": str(attempts[-1]["flwr_run_id"]) if attempts else None,
+                "detail": r.detail,
+            }
+        )
+    return out
+
+
+def rounds_rows(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    """The round attempts of a run, with each site's part (refusals as `site NAME refused (KIND): REASON`)."""
+    out = []
+    for rr in ledger.rounds(run_id):
+        out.append(
+            {
+                "round": rr.round,
+                "attempt": rr.attempt,
+                "status": rr.status,
+                "started_at": rr.started_at,
+                "ended_at": rr.ended_at,
+                "participants": rr.participants,
+                "missing": rr.missing,
+                "accuracy": rr.metrics.get("lfw_accuracy"),
+                "checkpoint": rr.checkpoint_id,
+                "sha256": rr.checkpoint_sha256,
+                "detail": rr.detail,
+                "sites": [
+                    {
+                        "site": x.site,
+                        "status": x.status,
+                        "epsilon": x.epsilon,
+                        "delta": x.delta,
+                        "unit": x.unit,
+                        "detail": x.detail,
+                        "refusal": refusal_line(x.site, x.detail),
+                    }
+                    for x in rr.sites
+                ],
+            }
+        )
+    return out
+
+
+def status_doc(paths: StatePaths, run: str | None) -> dict[str, Any]:
+    with Ledger(paths.ledger) as ledger:
+        runs = runs_rows(ledger)
+        target = run or (runs[-1]["run"] if runs else None)
+        try:
+            rounds = rounds_rows(ledger, target) if target else []
+        except LedgerError as e:
+            fail(str(e))
+        return {"runs": runs, "run": target, "rounds": rounds, "sites": sites_rows(ledger, _online(paths))}
+
+
+def print_status(doc: dict[str, Any]) -> None:
+    console = out_console()
+    t = Table(title="runs")
+    for col in ("run", "status", "rounds", "created", "LFW acc (base -> latest)", "model", "detail"):
+        t.add_column(col)
+    for r in doc["runs"]:
+        t.add_row(
+            r["run"],
+            r["status"],
+            f"{r['rounds_done']}/{r['rounds_planned']}",
+            _ts(r["created_at"]),
+            _acc_text(r["base_accuracy"], r["accuracy"]),
+            r["model"] or "-",
+            (r["detail"] or "")[:200],
+        )
+    console.print(t)
+    if doc["run"]:
+        t = Table(title=f"rounds of {doc['run']}")
+        for col in ("round", "try", "status", "ended", "sites", "missing", "LFW acc", "epsilon per site", "checkpoint"):
+            t.add_column(col)
+        for rr in doc["rounds"]:
+            eps = " ".join(
+                f"{x['site']}:{x['epsilon']:.2f}"
+                for x in rr["sites"]
+                if x["status"] == "ok" and x["epsilon"] is not None
+            )
+            t.add_row(
+                str(rr["round"]),
+                str(rr["attempt"]),
+                rr["status"],
+                _ts(rr["ended_at"]),
+                ", ".join(rr["participants"]) or "-",
+                ", ".join(rr["missing"]) or "-",
+                f"{rr['accuracy']:.4f}" if rr["accuracy"] is not None else "-",
+                eps or "-",
+                rr["checkpoint"] or "-",
+            )
+        console.print(t)
+        for rr in doc["rounds"]:
+            for x in rr["sites"]:
+                if x["refusal"]:
+                    typer.echo(f"round {rr['round']} attempt {rr['attempt']}: {x['refusal']}")
+    console.print(sites_table(doc["sites"]))
+
+
 def status(
     state: StateOpt,
     run: Annotated[str | None, typer.Option("--run", help="Show the rounds of this run (default: latest).")] = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[
+        float, typer.Option("--watch", help="Redraw every this many seconds until Ctrl-C (0: once).", min=0)
+    ] = 0.0,
 ) -> None:
-    """Runs, rounds, sites and the latest metrics, from the ledger."""
+    """Runs, rounds (with each site's refusal, if any), sites and the latest metrics, from the ledger."""
+    paths = _paths(state)
+    while True:
+        doc = status_doc(paths, run)
+        if as_json:
+            print_json(doc)
+        else:
+            if watch and sys.stdout.isatty():
+                typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the terminal between redraws
+            print_status(doc)
+        if not watch:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+        if not sys.stdout.isatty():
+            typer.echo(f"-- {_ts(time.time())}")
+
+
+# -- runs -----------------------------------------------------------------------------------------
+@runs_app.command("ls")
+def runs_ls(state: StateOpt, as_json: JsonOpt = False) -> None:
+    """Every run: kind, status, rounds done, accuracy, its latest model and Flower run id."""
     paths = _paths(state)
     with Ledger(paths.ledger) as ledger:
-        runs = ledger.runs()
-        t = Table(title="runs")
-        for col in ("run", "status", "rounds", "created", "LFW acc (base -> latest)", "detail"):
-            t.add_column(col)
-        for r in runs:
-            done = ledger.rounds(r.run_id, committed_only=True)
-            acc = next((x.metrics.get("lfw_accuracy") for x in reversed(done) if "lfw_accuracy" in x.metrics), None)
-            base = (r.base_metrics or {}).get("lfw_accuracy")
-            t.add_row(
-                r.run_id,
-                r.status,
-                f"{len(done)}/{r.rounds_planned}",
-                _ts(r.created_at),
-                f"{base:.4f} -> {acc:.4f}"
-                if acc is not None and base is not None
-                else f"{acc:.4f}"
-                if acc is not None
-                else "-",
-                (r.detail or "")[:60],
-            )
-        console.print(t)
-        target = run or (runs[-1].run_id if runs else None)
-        if target:
-            try:
-                rounds = ledger.rounds(target)
-            except LedgerError as e:
-                fail(str(e))
-            t = Table(title=f"rounds of {target}")
-            for col in (
-                "round",
-                "try",
-                "status",
-                "ended",
-                "sites",
-                "missing",
-                "LFW acc",
-                "epsilon per site",
-                "checkpoint",
-                "sha256",
-            ):
-                t.add_column(col)
-            for rr in rounds:
-                acc = rr.metrics.get("lfw_accuracy")
-                eps = " ".join(
-                    f"{s.site}:{s.epsilon:.2f}" for s in rr.sites if s.status == "ok" and s.epsilon is not None
-                )
-                t.add_row(
-                    str(rr.round),
-                    str(rr.attempt),
-                    rr.status,
-                    _ts(rr.ended_at),
-                    ", ".join(rr.participants) or "-",
-                    ", ".join(rr.missing) or "-",
-                    f"{acc:.4f}" if acc is not None else "-",
-                    eps or "-",
-                    rr.checkpoint_id or "-",
-                    (rr.checkpoint_sha256 or "-")[:12],
-                )
-            console.print(t)
-        t = Table(title="sites")
-        for col in ("site", "key fingerprint", "registered", "revoked", "epsilon", "unit", "delta", "accountant"):
-            t.add_column(col)
-        spent = ledger.site_epsilons()
-        names = [s.name for s in ledger.sites()] + [n for n in spent if n not in {s.name for s in ledger.sites()}]
-        by_name = {s.name: s for s in ledger.sites()}
-        for n in names:
-            site, last = by_name.get(n), spent.get(n)
-            t.add_row(
-                n,
-                (site.fingerprint[:23] + "...") if site else "(unregistered)",
-                _ts(site.registered_at) if site else "-",
-                _ts(site.revoked_at) if site and site.revoked_at else "-",
-                f"{last.epsilon:.3f}" if last else "-",
-                last.unit if last else "-",
-                f"{last.delta:g}" if last else "-",
-                last.accountant if last else "-",
-            )
-        console.print(t)
+        rows = runs_rows(ledger)
+    if as_json:
+        print_json(rows)
+        return
+    t = Table(title="runs")
+    for col in ("run", "kind", "status", "rounds", "LFW acc (base -> latest)", "model", "Flower run", "detail"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(
+            r["run"],
+            r["kind"] + (f" of {r['replaces']}" if r["replaces"] else ""),
+            r["status"],
+            f"{r['rounds_done']}/{r['rounds_planned']}",
+            _acc_text(r["base_accuracy"], r["accuracy"]),
+            r["model"] or "-",
+            r["flwr_run"] or "-",
+            (r["detail"] or "")[:200],
+        )
+    out_console().print(t)
+
+
+@runs_app.command("stop")
+def runs_stop(run: Annotated[str, typer.Argument(help="The run id (from `runs ls`).")], state: StateOpt) -> None:
+    """Stop a running run: its ServerApp is stopped; committed rounds stay, `train` resumes it later."""
+    paths = _paths(state)
+    with Ledger(paths.ledger) as ledger:
+        try:
+            row = ledger.run(run)
+        except LedgerError as e:
+            fail(str(e))
+        if row.status != "running":
+            fail(f"run {run} is {row.status}, not running")
+        attempts = ledger.attempts(run)
+        if not attempts:
+            fail(f"run {run} has no ServerApp attempt to stop")
+        flwr_run = str(attempts[-1]["flwr_run_id"])
+        try:
+            flwr_cli(paths, ["stop", flwr_run], timeout=60)
+        except SuperLinkError as e:
+            fail(f"{e}\nthe run goes on; retry when the server answers", 3)
+        detail = (
+            "stopped by the operator (`facefed-server runs stop`); `facefed-server train` with its config resumes it"
+        )
+        if ledger.run(run).status == "running":
+            ledger.set_run_status(run, "stopped", detail)
+            ledger.end_attempt(run, flwr_run, "stopped")
+    typer.echo(f"stopped run {run} (Flower run {flwr_run}); `facefed-server train` with its config resumes it")
 
 
 # -- simulate -------------------------------------------------------------------------------------
@@ -445,4 +628,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(sites_app, name="sites")
     app.command("train")(train)
     app.command("status")(status)
+    app.add_typer(runs_app, name="runs")
     app.command("simulate")(simulate)

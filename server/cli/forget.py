@@ -38,6 +38,14 @@ def unlearn(
     ] = 60.0,
     receipt_key: KeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Stop following after this many seconds.")] = 0.0,
+    lfw: Annotated[
+        str | None,
+        typer.Option("--lfw", help="LFW for the replays' evaluation (default: what `train` recorded in STATE)."),
+    ] = None,
+    pretrained: Annotated[
+        str | None,
+        typer.Option("--pretrained", help="The base model (default: what `train` recorded in STATE)."),
+    ] = None,
 ) -> None:
     """Collect the sites' forget requests now, replay every run they taint, and deliver signed receipts.
 
@@ -52,9 +60,10 @@ def unlearn(
         fail("--wait must be >= 0")
     if receipt_key is not None and not receipt_key.is_file():
         fail(f"--receipt-key {receipt_key} does not exist; make one with `facefed-server certs --out DIR`")
+    known = paths.recorded_data()
     try:
-        pre = str(pretrained_path(None).resolve())
-        lfw = str(lfw_path(None).resolve())
+        pre = str(pretrained_path(pretrained or known.get("pretrained"), how="pass --pretrained PATH").resolve())
+        lfw = str(lfw_path(lfw or known.get("lfw"), how="pass --lfw PATH").resolve())
     except DataNotFound as e:
         fail(str(e))
         raise

@@ -227,6 +227,16 @@ class CheckpointRow:
     deleted_reason: str | None = None
 
 
+REFUSED = "refused ("  # a SiteRound's detail for a site that refused: "refused (KIND): REASON"
+
+
+def refusal_line(site: str, detail: str | None) -> str | None:
+    """`site NAME refused (KIND): REASON` for a site-round detail that records a refusal, else None."""
+    if not detail or not detail.startswith(REFUSED):
+        return None
+    return f"site {site} {detail}"
+
+
 @dataclass(frozen=True)
 class SiteRound:
     """One site's part in one round attempt."""

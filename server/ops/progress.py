@@ -14,10 +14,10 @@ from typing import Any
 import tomli_w
 import typer
 
-from facefed.server.ledger.db import Ledger, LedgerError, RoundRow
+from facefed.server.ledger.db import Ledger, LedgerError, RoundRow, refusal_line
 from facefed.server.ops.flwr_app import write_app_dir
 from facefed.server.ops.superlink import SuperLinkError, flwr_cli
-from facefed.server.state import StatePaths
+from facefed.server.state import StatePaths  # noqa: TC001 - used at run time
 
 
 def submit(paths: StatePaths, submission: str, extra: dict[str, Any] | None = None) -> str:
@@ -28,7 +28,45 @@ def submit(paths: StatePaths, submission: str, extra: dict[str, Any] | None = No
     return str(res.get("run-id", "?"))
 
 
+PHASE_EVERY_S = 10.0  # repeat an unchanged phase this often, so no wait is silent
+
+
+class PhaseTicker:
+    """Prints what the ServerApp is doing (STATE/phase.json) when it changes, and every PHASE_EVERY_S
+    while it does not: "... waiting for sites: 1 online, min_sites=2 (for 20 s)"."""
+
+    def __init__(self, paths: StatePaths, since: float):
+        self.paths, self.since = paths, since
+        self.last: tuple[str, float] | None = None
+        self.printed_at = 0.0
+
+    def tick(self, quiet: bool = False) -> None:
+        doc = self.paths.read_phase()
+        if not doc or float(str(doc.get("since", 0))) < self.since - 1:
+            return
+        text, since = str(doc.get("phase", "")), float(str(doc.get("since", 0)))
+        base = text.split(" after ")[0].split(" (up to")[0]
+        now = time.monotonic()
+        changed = self.last is None or self.last[0] != base
+        if changed or now - self.printed_at >= PHASE_EVERY_S:
+            if changed:
+                self.last = (base, time.time())
+            held = time.time() - (self.last[1] if self.last else since)
+            if not quiet:
+                typer.echo(f"  ... {text}" + (f" (for {held:.0f} s)" if not changed and held >= 1 else ""))
+            self.printed_at = now
+
+
+def print_refusals(r: RoundRow) -> None:
+    """One line per site that refused this round: `site NAME refused (KIND): REASON`."""
+    for s in r.sites:
+        line = refusal_line(s.site, s.detail)
+        if line:
+            typer.secho(line, fg=typer.colors.RED)
+
+
 def print_round(r: RoundRow, planned: int) -> None:
+    print_refusals(r)
     if r.status == "failed":
         typer.secho(
             f"round {r.round}/{planned} attempt {r.attempt}: FAILED ({r.detail}); "
@@ -68,8 +106,10 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
     """Print rounds as the ledger commits them until the run ends: 0 completed, 1 failed, 2 timeout."""
     shown: set[tuple[int, int]] = set()
     t0, last_check = time.monotonic(), time.monotonic()
+    ticker = PhaseTicker(paths, time.time())
     with Ledger(paths.ledger) as ledger:
         while True:
+            ticker.tick(quiet)
             try:
                 run = ledger.run(run_id)
                 rows = ledger.rounds(run_id)
@@ -141,7 +181,9 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
         seen = {r.request_id: r.status for r in ledger.requests()}
         shown: set[tuple[str, int, int]] = set()
         asked: set[tuple[str, float]] = set()
+        ticker = PhaseTicker(paths, started)
         while True:
+            ticker.tick()
             for qrow in ledger.queries_since(started - 1):
                 if (qrow["site"], qrow["at"]) not in asked:
                     asked.add((qrow["site"], qrow["at"]))

@@ -172,6 +172,10 @@ def wait_listening(host: str, port: int, timeout: float = 60.0) -> bool:
     return False
 
 
+# What `train`/`status --watch`/`sites ls` poll the SuperLink with: routine, not worth a log line each.
+POLLING = ("ControlServicer.ListRuns", "ControlServicer.ListNodes", "list-runs", "list-nodes", "fraction_evaluate")
+
+
 def _diagnose(line: str) -> str | None:
     if "address already in use" in line.lower() or "Errno 98" in line:
         return "the port is already in use: stop the other server or pick another --port"
@@ -221,7 +225,7 @@ def _serve(paths: StatePaths, *, host: str, port: int, control_port: int, tls: T
     )
     cmd = superlink_command(paths, host=host, port=port, control_port=control_port, tls=tls, node_auth=node_auth)
     code, diagnosis = run_foreground(
-        cmd, flower_env(paths.flwr_home), on_line=_diagnose, log_path=paths.logs / "superlink.log"
+        cmd, flower_env(paths.flwr_home), on_line=_diagnose, log_path=paths.logs / "superlink.log", quiet=POLLING
     )
     if diagnosis:
         raise SuperLinkError(diagnosis)
