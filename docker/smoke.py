@@ -319,7 +319,6 @@ def write_config(path: Path) -> None:
                 "",
                 "[evaluate]",
                 'pairs = "pairsDevTest.txt"',
-                "flip = false",
                 "max_pairs = 100",
                 "",
                 "[train]",

@@ -109,6 +109,56 @@ def test_no_data_weights_or_secrets_in_the_build_context():
     assert "docker/*" in ignored  # compose secrets and photos (docker/secrets, docker/photos) stay out
 
 
+def docker_commands() -> list[tuple[str, list[str], list[str]]]:
+    """(cli, subcommand words, options) of every facefed-server/-client command line that docker/
+    runs or shows: compose.yml's commands, site-init.sh, secrets.sh and docker/README.md's bash blocks."""
+    yaml = pytest.importorskip("yaml")
+    lines = []
+    for f in ("compose.yml", "compose.holders.yml"):
+        for svc in yaml.safe_load((DOCKER / f).read_text())["services"].values():
+            if isinstance(svc.get("command"), list):
+                lines.append(" ".join(svc["command"]))
+    for f in ("site-init.sh", "secrets.sh"):
+        lines += re.sub(r"\\\n\s*", " ", (DOCKER / f).read_text()).splitlines()
+    for block in re.findall(r"```bash\n(.*?)```", (DOCKER / "README.md").read_text(), re.S):
+        lines += re.sub(r"\\\n\s*", " ", block).splitlines()
+    out = []
+    for line in lines:
+        m = re.search(r"(facefed-(?:server|client))\s+(.*)", line.split("#", 1)[0])
+        if not m:
+            continue
+        cmd = []
+        for w in m.group(2).split():
+            if w.startswith(("-", "$", '"', "'", "<", ">", "|")) or w.isupper() or "/" in w or "." in w:
+                break
+            cmd.append(w)
+        out.append((m.group(1), cmd, re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", m.group(2))))
+    return out
+
+
+def test_docker_commands_match_the_cli():
+    """The CLI moves (e.g. `start --receipt-key`, `policy`): what docker/ runs must still exist."""
+    from typer.testing import CliRunner
+
+    from facefed.client.cli.main import app as client_cli
+    from facefed.server.cli.main import app as server_cli
+
+    clis = {"facefed-server": server_cli, "facefed-client": client_cli}
+    commands = docker_commands()
+    shown = {(cli, " ".join(cmd)) for cli, cmd, _ in commands}
+    assert {("facefed-server", "start"), ("facefed-client", "start"), ("facefed-client", "store serve")} <= shown
+    assert {
+        ("facefed-client", "vault add"),
+        ("facefed-client", "policy show"),
+        ("facefed-client", "receipts verify"),
+    } <= shown
+    for cli, cmd, opts in commands:
+        res = CliRunner().invoke(clis[cli], [*cmd[:2], "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert res.exit_code == 0, f"{cli} {' '.join(cmd)}: {res.output[-500:]}"
+        for opt in opts:
+            assert opt in res.output, f"docker/ runs `{cli} {' '.join(cmd)} {opt}`, which --help does not list"
+
+
 def test_site_init_script_parses():
     shell = shutil.which("sh")
     assert shell
