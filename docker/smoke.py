@@ -496,7 +496,8 @@ def body(args, stack: Stack, summary: dict) -> None:
             log("   | " + line)
         if proc.returncode != 0:
             raise Failed(f"facefed-server train exited {proc.returncode}")
-        summary["train"] = [line for line in tail if "round" in line.lower() or "acc" in line.lower()][-3:]
+        results = [x.strip() for x in (proc.stdout + proc.stderr).splitlines() if x.strip().startswith("round ")]
+        summary["train"] = results[-3:]  # the rounds' result lines, not the progress ("  ... round 1/1 ...")
         spent = json.loads(stack.exec("north", "facefed-client", "status", "--vault", "/vault", "--json").stdout)
         if not 0 < spent["epsilon_spent"] <= policy["max_epsilon"]:
             raise Failed(f"north's accountant after the round: {spent}")
