@@ -8,12 +8,15 @@
   impostors it only means "no validation impostor accepted"). Caveat: in the LFW simulation the
   sites enrol peopleDevTrain, so the validation people may be training people; the threshold is then
   on the strict side for them, not for strangers. Stored under `meta["threshold"]`.
+- Validation score: the same pass over the validation pairs gives their 10-fold CV accuracy and AUC
+  (`validate`), by which the server picks each run's best checkpoint (server/ledger/best.py); the
+  test pairs never choose a model.
 - Preprocessing: the layout the model expects (an aligned 112 face, the centre of the 224 canonical
   crop), the aligner backend, the input scaling, flip averaging. Stored under `meta["preprocessing"]`.
 - Provenance: run id, round, parent and base sha256, sites with their epsilon/delta, facefed version.
   Stored under `meta["provenance"]`.
 
-Only `calibrate` needs torch; the records and `preprocessing()` are plain data.
+Only `calibrate` and `validate` need torch; the records and `preprocessing()` are plain data.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from facefed.common.errors import FacefedError
 
 if TYPE_CHECKING:
-    from facefed.common.evaluate import EvalCache
+    from facefed.common.evaluate import EvalCache, EvalResult
     from facefed.common.model.mobilefacenet import MobileFaceNet
 
 VALIDATION_PAIRS = "pairsDevTrain.txt"  # disjoint people from pairsDevTest.txt (the test pairs)
@@ -118,14 +121,20 @@ def provenance(
 
 def calibrate(model: MobileFaceNet, cache: EvalCache, far: float = DEFAULT_FAR) -> Threshold:
     """The threshold at `far` on the validation pairs `cache` holds (flip-averaged as the cache says)."""
-    from facefed.common.evaluate import tar_at_far
+    return validate(model, cache, far)[0]
+
+
+def validate(model: MobileFaceNet, cache: EvalCache, far: float = DEFAULT_FAR) -> tuple[Threshold, EvalResult]:
+    """One pass over the validation pairs: the decision threshold at `far` and the validation result
+    (10-fold CV accuracy, AUC) that the server selects its best checkpoint by (never the test pairs)."""
+    from facefed.common.evaluate import metrics_from_scores, tar_at_far
 
     if cache.pairs_file != VALIDATION_PAIRS:
         raise ValueError(f"calibrate on {VALIDATION_PAIRS} (disjoint from the test pairs), not {cache.pairs_file}")
     scores = cache.scores(cache.embeddings(model))
     t = tar_at_far(scores, cache.same, far)
     name = f"lfw/{cache.pairs_file} ({cache.preprocess}{', flip' if cache.flip else ''}, {len(scores)} pairs)"
-    return Threshold(
+    threshold = Threshold(
         threshold=t.threshold,
         far=far,
         n_impostor=t.n_impostor,
@@ -135,6 +144,7 @@ def calibrate(model: MobileFaceNet, cache: EvalCache, far: float = DEFAULT_FAR) 
         validation=name,
         n_pairs=len(scores),
     )
+    return threshold, metrics_from_scores(scores, cache.same, cache.folds, pairs_file=cache.pairs_file, flip=cache.flip)
 
 
 def stored_threshold(meta: dict[str, Any]) -> Threshold | None:

@@ -72,6 +72,7 @@ def run_foreground(
     echo: TextIO | None = None,
     log_path: Path | None = None,
     quiet: Sequence[str] = (),
+    as_user: tuple[int, int] | None = None,
 ) -> tuple[int, str | None]:
     """Run `cmd` until it exits; return (exit code, the first diagnosis `on_line` produced).
 
@@ -79,6 +80,7 @@ def run_foreground(
     may return a diagnosis for a line (e.g. "node key not registered"); the first one is returned
     and, when the child keeps running after a fatal diagnosis, the child is stopped. Lines containing
     one of `quiet` (routine polling) are neither echoed nor logged; the log file gets no colour codes.
+    `as_user` = (uid, gid): the child runs as that user, without supplementary groups (needs root).
     """
     echo = echo or sys.stderr
     proc = subprocess.Popen(
@@ -89,7 +91,10 @@ def run_foreground(
         stdin=subprocess.DEVNULL,
         text=True,
         bufsize=1,
-        preexec_fn=die_with_parent,
+        preexec_fn=die_with_parent,  # runs after the uid change (a change of uid clears PDEATHSIG)
+        user=None if as_user is None else as_user[0],
+        group=None if as_user is None else as_user[1],
+        extra_groups=None if as_user is None else [],
     )
     diagnosis: list[str] = []
     log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below

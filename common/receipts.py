@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from facefed.common.errors import FacefedError
 
-RECEIPT_FORMAT = "facefed-receipt/1"
+RECEIPT_FORMAT = "facefed-receipt/2"
 ALGORITHM = "ed25519"
 _TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
@@ -57,7 +57,8 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    format: Literal["facefed-receipt/1"] = "facefed-receipt/1"  # RECEIPT_FORMAT
+    # /2 adds what was purged from the SuperLink's database; a /1 receipt (without them) still verifies.
+    format: Literal["facefed-receipt/1", "facefed-receipt/2"] = "facefed-receipt/2"  # RECEIPT_FORMAT
     request_id: Annotated[str, Field(pattern=r"^fr-[0-9a-f]{16}$")]
     site: Ident
     person_pseudonym: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -70,6 +71,12 @@ class Receipt(BaseModel):
     model_id: Ident  # the first model that excludes the person
     model_sha256: Hex64
     checkpoints_deleted: list[Ident]
+    # The Flower runs that released the deleted checkpoints (site updates, models sent out), cleaned
+    # from the SuperLink's database, which was then vacuumed and its WAL truncated (server/ops/linkd.py)
+    # at this time, before signing. None / []: no SuperLink database (a simulation), or the purge
+    # did not complete in time.
+    superlink_purged_at: Timestamp | None = None
+    superlink_runs_purged: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     issued_at: Timestamp
     server_key_fingerprint: Annotated[str, Field(pattern=r"^SHA256:[0-9a-f]{64}$")]
 
@@ -131,7 +138,7 @@ def verify_receipt_signature(doc: Any, public_key: ed25519.Ed25519PublicKey) -> 
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "receipt"
         raise ReceiptError(f"receipt field `{where}`: {first['msg']} (receipt damaged or tampered with)") from None
-    if receipt.model_dump(mode="json") != body:
+    if receipt.model_dump(mode="json", exclude_unset=True) != body:  # every field of `body` is set
         raise ReceiptError("receipt is not in canonical form (a value was respelled); tampered with")
     sig = doc["signature"]
     try:

@@ -171,9 +171,12 @@ class Coordinator:
             return ctx
         model = build_embedder(self.sub.pretrained, train_from=cfg.train.train_from)
         meta: dict[str, Any] = {"source": "pretrained", "pretrained_sha256": self.runner.base_sha256}
-        calibrator = self.evaluators.calibrator_for(cfg)
-        if calibrator is not None:  # the base model gets its decision threshold too
-            meta["threshold"] = calibrator(model).to_dict()
+        validator = self.evaluators.validator_for(cfg)
+        val_metrics: dict[str, float] = {}
+        if validator is not None:  # the base model gets its decision threshold and its rank too
+            self.paths.write_phase("scoring the base model on the validation pairs (aligning them first)")
+            threshold, val_metrics = validator(model)
+            meta["threshold"] = threshold.to_dict()
         base = self.store.save(
             model, run_id=ctx.run_id, rnd=0, parent=None, meta=meta, base_sha256=self.runner.base_sha256
         )
@@ -190,10 +193,11 @@ class Coordinator:
         evaluator = self.evaluators.for_config(cfg)
         if evaluator is not None:
             self.paths.write_phase(f"evaluating the base model on LFW {cfg.evaluate.pairs} (decoding the images first)")
-            metrics = evaluator(model)
+            metrics = evaluator(model) | val_metrics
             save_roc(evaluator, base.path)
-            self.ledger.set_base_metrics(ctx.run_id, metrics)
-            self.log(f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}")
+            self.ledger.set_base_metrics(ctx.run_id, metrics)  # a candidate for the run's best model
+            val = f", validation {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""
+            self.log(f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}{val}")
         return ctx
 
 

@@ -1,5 +1,7 @@
 """LFW verification of the global model (pairs disjoint from every site's people), per round and for
-a sharded job's ensemble. The archive is read and the images decoded once per ServerApp process;
+a sharded job's ensemble, and its validation score on pairsDevTrain (the decision threshold's pairs,
+people disjoint from the test pairs), by which the ledger picks the best checkpoint
+(server/ledger/best.py). The archive is read and the images decoded once per ServerApp process;
 each evaluation then runs only the trainable tail.
 """
 
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet
+from facefed.server.ledger.best import VAL_ACCURACY, VAL_AUC
 from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import Ledger
 
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
     from facefed.common.calibration import Threshold
 
 EvalFn = Callable[[MobileFaceNet], dict[str, float]]
-CalibrateFn = Callable[[MobileFaceNet], "Threshold"]
+ValidateFn = Callable[[MobileFaceNet], tuple["Threshold", dict[str, float]]]
 PROTOCOL_FLIP = True  # the protocol of `facefed-server evaluate`: one number per model, wherever shown
 
 
@@ -28,27 +31,36 @@ class Evaluator:
     """LFW verification of the global model. The archive is read and the evaluation images decoded once
     per ServerApp process (`EvalCache`); each round then runs only the trainable tail.
 
-    `calibrate` picks the checkpoint's decision threshold at FAR 1e-3 on pairsDevTrain (people
-    disjoint from the test pairs; common/calibration.py), flip-averaged as `facefed.load` embeds;
-    It uses VALIDATION_MAX_PAIRS of them (500 impostor pairs), or `max_pairs` (smoke runs) if fewer;
-    the stored threshold says how many it rests on.
+    `validate` picks the checkpoint's decision threshold at FAR 1e-3 on pairsDevTrain (people
+    disjoint from the test pairs; common/calibration.py), flip-averaged as `facefed.load` embeds, and
+    from the same embeddings its validation score (`val_accuracy`, `val_auc`, ...: the metrics the
+    best checkpoint is chosen by). It uses VALIDATION_MAX_PAIRS of them (500 impostor pairs), or
+    `max_pairs` (smoke runs) if fewer; the stored threshold says how many it rests on.
     Its images are aligned once per process (and their landmarks cached across processes)."""
 
     def __init__(self, lfw_path: str | None, pairs: str, max_pairs: int | None = None):
         self.lfw_path, self.pairs, self.max_pairs = lfw_path, pairs, max_pairs
         self._cache: Any = None
         self._validation: Any = None
+        self.last_roc: dict[str, Any] | None = None  # the last evaluation's ROC (saved beside the checkpoint)
 
-    def calibrate(self, model: MobileFaceNet) -> Threshold:
-        from facefed.common.calibration import VALIDATION_MAX_PAIRS, VALIDATION_PAIRS, calibrate
+    def validate(self, model: MobileFaceNet) -> tuple[Threshold, dict[str, float]]:
+        from facefed.common.calibration import VALIDATION_MAX_PAIRS, VALIDATION_PAIRS, validate
         from facefed.common.evaluate import EvalCache
         from facefed.common.lfw import LFW
 
+        t = time.monotonic()
         if self._validation is None:
             n = min(VALIDATION_MAX_PAIRS, self.max_pairs or VALIDATION_MAX_PAIRS)
             self._validation = EvalCache(LFW(self.lfw_path), VALIDATION_PAIRS, flip=PROTOCOL_FLIP, max_pairs=n)
-        return calibrate(model, self._validation)
-        self.last_roc: dict[str, Any] | None = None  # the last evaluation's ROC (saved beside the checkpoint)
+        threshold, res = validate(model, self._validation)
+        return threshold, {
+            VAL_ACCURACY: float(res.accuracy_mean),
+            "val_accuracy_std": float(res.accuracy_std),
+            VAL_AUC: float(res.auc),
+            "val_pairs": float(res.n_pairs),
+            "val_s": time.monotonic() - t,
+        }
 
     def __call__(self, model: MobileFaceNet) -> dict[str, float]:
         from facefed.common.evaluate import (
@@ -100,12 +112,12 @@ class Evaluators:
             self._made[key] = Evaluator(self.lfw, ev.pairs, ev.max_pairs)
         return self._made[key]
 
-    def calibrator_for(self, cfg: FederationConfig) -> CalibrateFn | None:
-        """The decision-threshold calibration that goes with the run's evaluation (None: no evaluation,
-        or an injected evaluator that cannot calibrate)."""
+    def validator_for(self, cfg: FederationConfig) -> ValidateFn | None:
+        """The validation (decision threshold and validation score) that goes with the run's evaluation
+        (None: no evaluation, or an injected evaluator that cannot validate)."""
         evaluator = self.for_config(cfg)
-        calibrate = getattr(evaluator, "calibrate", None)
-        return calibrate if callable(calibrate) else None
+        validate = getattr(evaluator, "validate", None)
+        return validate if callable(validate) else None
 
     def due(self, cfg: FederationConfig, rnd: int) -> bool:
         """Whether round `rnd` is evaluated (every N rounds, always the last; round 0 = the base model)."""
@@ -137,7 +149,8 @@ def evaluate_ensemble(
     log: Callable[[str], None] = print,
 ) -> None:
     """A sharded job's ensemble (the mean of its shard models' embeddings), recorded in the ledger,
-    once every shard has committed a round."""
+    once every shard has committed a round. The shard models are each shard's best checkpoint on the
+    validation pairs: what `current` serves (server/ledger/models.py)."""
     runs = [ledger.live_run(family, k) for k in range(cfg.shards)]
     if evaluators.for_config(cfg) is None:
         return
@@ -147,7 +160,7 @@ def evaluate_ensemble(
     from facefed.common.evaluate import EvalCache
     from facefed.common.lfw import LFW
 
-    heads = [ledger.head(r.run_id)[1] for r in live]
+    heads = [ledger.best(r.run_id) or ledger.head(r.run_id)[1] for r in live]
     ev = cfg.evaluate
     cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=PROTOCOL_FLIP, max_pairs=ev.max_pairs)
     res = cache.evaluate_ensemble([store.load(h)[0] for h in heads])

@@ -1,7 +1,8 @@
 """`facefed-server report`: one self-contained HTML page (plots embedded as PNG) and CSV files of the
 same data, from the ledger alone (plus the ROC saved beside each evaluated checkpoint).
 
-Plots: LFW accuracy per round of every run (replays marked), each site's epsilon per round (replays
+Plots: LFW accuracy per round of every run (replays marked; the validation pairs' accuracy dotted, each
+run's best checkpoint on them starred: what `current` serves), each site's epsilon per round (replays
 marked), the current model's ROC with TAR at FAR 1e-3 and 1e-4, the forget requests' timeline
 (received -> erased -> reported -> unlearned -> receipt delivered) and the sites' participation per
 round (trained / refused / missing). CSV: rounds.csv, site_rounds.csv, roc.csv, requests.csv.
@@ -23,7 +24,7 @@ from typing import Any
 from facefed.common.errors import FacefedError
 from facefed.server.evaluation import roc_path
 from facefed.server.ledger.db import Ledger, refusal_line
-from facefed.server.ledger.models import current
+from facefed.server.ledger.models import current, latest
 from facefed.server.state import StatePaths
 
 FIG_W, FIG_H, DPI = 9.0, 4.0, 100  # every plot is 900 x 400 px
@@ -55,6 +56,8 @@ def collect(ledger: Ledger) -> dict[str, Any]:
     rounds, site_rounds = [], []
     runs = ledger.runs()
     for run in runs:
+        best_row = ledger.best(run.run_id)
+        best = best_row.checkpoint_id if best_row else None
         if run.base_metrics and "lfw_accuracy" in run.base_metrics:
             rounds.append(
                 {
@@ -65,7 +68,9 @@ def collect(ledger: Ledger) -> dict[str, Any]:
                     "status": "base",
                     "ended_at": _ts(run.created_at),
                     "lfw_accuracy": run.base_metrics["lfw_accuracy"],
+                    "val_accuracy": run.base_metrics.get("val_accuracy"),
                     "checkpoint": run.base_checkpoint,
+                    "best": run.base_checkpoint == best,
                 }
             )
         for r in ledger.rounds(run.run_id):
@@ -78,7 +83,9 @@ def collect(ledger: Ledger) -> dict[str, Any]:
                     "status": r.status,
                     "ended_at": _ts(r.ended_at),
                     "lfw_accuracy": r.metrics.get("lfw_accuracy"),
+                    "val_accuracy": r.metrics.get("val_accuracy"),
                     "checkpoint": r.checkpoint_id or "",
+                    "best": r.status == "committed" and r.checkpoint_id == best,
                 }
             )
             for s in r.sites:
@@ -126,6 +133,7 @@ def collect(ledger: Ledger) -> dict[str, Any]:
         "site_rounds": site_rounds,
         "requests": requests,
         "model": [m.checkpoint_id for m in model],
+        "latest": [m.checkpoint_id for m in latest(ledger)],
         "roc": roc,
     }
 
@@ -171,16 +179,36 @@ def _plots(data: dict[str, Any]) -> list[tuple[str, str, str]]:
     for run_id, rows in by_run.items():
         rows.sort(key=lambda r: r["round"])
         replay = kinds.get(run_id) == "replay"
-        ax.plot(
+        (line,) = ax.plot(
             [r["round"] for r in rows],
             [100 * r["lfw_accuracy"] for r in rows],
             "--s" if replay else "-o",
             label=f"{run_id} (replay)" if replay else run_id,
         )
+        val = [r for r in rows if r["val_accuracy"] is not None]
+        if val:
+            ax.plot(
+                [r["round"] for r in val],
+                [100 * r["val_accuracy"] for r in val],
+                ":",
+                color=line.get_color(),
+                label=f"{run_id} (validation)",
+            )
+        for r in rows:
+            if r["best"]:
+                ax.plot([r["round"]], [100 * r["lfw_accuracy"]], "*", color=line.get_color(), markersize=16)
+                ax.annotate(
+                    f"best: {r['checkpoint']}",
+                    (r["round"], 100 * r["lfw_accuracy"]),
+                    xytext=(-6, 6),
+                    textcoords="offset points",
+                    ha="right",
+                    fontsize=7,
+                )
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("LFW accuracy (%)")
-    ax.set_title("Accuracy of the global model per round (replays dashed)")
+    ax.set_title("Accuracy per round: test pairs (replays dashed), validation dotted, best on validation starred")
     if by_run:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -330,7 +358,7 @@ def write_report(paths: StatePaths, out: Path) -> Report:
     )
     runs = "".join(
         f"<tr><td>{html.escape(r.run_id)}</td><td>{r.kind}</td><td>{r.status}</td>"
-        f"<td>{html.escape(r.detail or '')}</td></tr>"
+        f"<td>{html.escape(r.best_checkpoint or '')}</td><td>{html.escape(r.detail or '')}</td></tr>"
         for r in data["runs"]
     )
     page = f"""<!doctype html>
@@ -340,11 +368,13 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px;f
 <body>
 <h1>facefed report</h1>
 <p>State <code>{html.escape(str(paths.root))}</code>, written {_ts(dt.datetime.now().timestamp())}.
-Current model: <b>{html.escape(", ".join(data["model"]) or "none")}</b>.
+Current model (the best on the validation pairs, what <code>export --model current</code> writes):
+<b>{html.escape(", ".join(data["model"]) or "none")}</b>; latest: {html.escape(", ".join(data["latest"]) or "none")}.
 Data as CSV: {" ".join(f'<a href="{p.name}">{p.name}</a>' for p in csvs)}.</p>
 <ul>{tars}</ul>
 {imgs}
-<h2>Runs</h2><table><tr><th>run</th><th>kind</th><th>status</th><th>detail</th></tr>{runs}</table>
+<h2>Runs</h2><table><tr><th>run</th><th>kind</th><th>status</th><th>best on validation</th><th>detail</th></tr>
+{runs}</table>
 <h2>Site refusals</h2><ul>{"".join(refusals) or "<li>none</li>"}</ul>
 <pre id="render-check"></pre>
 <script>

@@ -2,8 +2,9 @@
 
 A round attempt: choose the online sites, send each a `TrainOrder` with the current shared tail,
 collect replies until all are in or `round_timeout_s` passes, accept the replies that are exactly a
-backbone (server/strategy.py), average them, then write the checkpoint, evaluate it and commit the
-round to the ledger, in that order. Too few valid replies: the attempt is recorded as failed.
+backbone (server/strategy.py), average them, then evaluate the new model (test pairs for the record,
+validation pairs for its threshold and its rank: server/ledger/best.py), write the checkpoint and commit
+the round to the ledger, in that order. Too few valid replies: the attempt is recorded as failed.
 
 A site that does not train answers with a `TrainRefusal` (kind and one-line reason); it is recorded
 per site (status `error`, detail `refused (KIND): REASON`) and printed as `site NAME refused (KIND):
@@ -373,18 +374,21 @@ class RoundRunner:
         load_shared_state(new_model, {k: torch.from_numpy(v) for k, v in agg.items()})
         aggregate_s = time.monotonic() - t_agg
         # Evaluate before writing the checkpoint: it carries the decision threshold picked on the
-        # validation pairs (common/calibration.py). The ledger commit still comes last.
+        # validation pairs (common/calibration.py), whose score also ranks it (server/ledger/best.py).
+        # The ledger commit still comes last.
         due = self.evaluators.due(cfg, rnd)
         evaluator = self.evaluators.for_config(cfg)
-        calibrator = self.evaluators.calibrator_for(cfg)
+        validator = self.evaluators.validator_for(cfg)
         eval_metrics: dict[str, float] = {}
         if evaluator is not None and due:
             self.phase(f"{where}: evaluating the new model on LFW {cfg.evaluate.pairs}")
             eval_metrics = evaluator(new_model)
         meta: dict[str, Any] = {"participants": participants, "weighting": cfg.weighting}
-        if calibrator is not None and due:
-            self.phase(f"{where}: choosing the decision threshold on the validation pairs")
-            meta["threshold"] = calibrator(new_model).to_dict()
+        if validator is not None and due:
+            self.phase(f"{where}: scoring the new model and choosing its threshold on the validation pairs")
+            threshold, val_metrics = validator(new_model)
+            meta["threshold"] = threshold.to_dict()
+            eval_metrics |= val_metrics
         t_save = time.monotonic()
         ckpt = self.store.save(
             new_model,
@@ -414,23 +418,25 @@ class RoundRunner:
             metrics["threshold"] = float(meta["threshold"]["threshold"])
         if eval_metrics:
             save_roc(evaluator, ckpt.path)
-        self.ledger.commit_round(
-            RoundRow(
-                status="committed",
-                ended_at=time.time(),
-                checkpoint_id=ckpt.checkpoint_id,
-                checkpoint_sha256=ckpt.sha256,
-                total_weight=sum(a.weight for _, a, _ in accepted),
-                metrics=metrics,
-                detail=None,
-                **common,
-            ),
-            ckpt,
+        committed = RoundRow(
+            status="committed",
+            ended_at=time.time(),
+            checkpoint_id=ckpt.checkpoint_id,
+            checkpoint_sha256=ckpt.sha256,
+            total_weight=sum(a.weight for _, a, _ in accepted),
+            metrics=metrics,
+            detail=None,
+            **common,
         )
+        self.ledger.commit_round(committed, ckpt)
         eps = ", ".join(f"{s.site} eps={s.epsilon:.3f}" for s in sites if s.status == "ok")
         acc_txt = f" lfw={metrics['lfw_accuracy']:.4f}" if "lfw_accuracy" in metrics else ""
+        acc_txt += f" val={metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""
         self.log(
             f"[facefed] round {rnd}/{cfg.rounds} committed ({ckpt.checkpoint_id}){acc_txt}; {eps}; "
             f"missing {missing or 'none'}; round {metrics['round_s']:.1f}s, slowest site {slowest:.1f}s"
         )
+        worse = self.ledger.worse_than(committed)
+        if worse is not None:
+            self.log(f"[facefed] {worse.line()}")
         return new_model, ckpt

@@ -104,6 +104,16 @@ class StatePaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def purge_record(self) -> Path:
+        """The SuperLink's last database purge (server/ops/linkd.py): when, and which Flower runs."""
+        return self.logs / "superlink-purge.json"
+
+    @property
+    def purge_request(self) -> Path:
+        """Present: purge the SuperLink's database now (an unlearning waits for it before its receipts)."""
+        return self.logs / "superlink-purge.request"
+
     def write_server_info(self, info: ServerInfo) -> None:
         tmp = self.server_json.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(info), indent=2))

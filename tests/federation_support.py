@@ -32,13 +32,26 @@ if str(ROOT) not in sys.path:  # the e2e tests drive demo/federation.py's harnes
 SiteFn = Callable[[RecordDict], RecordDict | None]
 
 
-def shifted_site(name: str, shift: float, people: int, *, extra: dict[str, np.ndarray] | None = None) -> SiteFn:
-    """A site that returns the received tail plus `shift` (and optionally extra arrays), with metrics."""
+# What a site does to the tail it received: (tensors, the order's config record) -> tensors.
+Change = Callable[[dict[str, np.ndarray], ConfigRecord], dict[str, np.ndarray]]
+
+
+def shifted_site(
+    name: str,
+    shift: float,
+    people: int,
+    *,
+    extra: dict[str, np.ndarray] | None = None,
+    change: Change | None = None,
+) -> SiteFn:
+    """A site that returns the received tail plus `shift`, then `change`d (e.g. per round), and
+    optionally extra arrays, with metrics."""
 
     def fn(content: RecordDict) -> RecordDict:
         cfg = content["config"]
         tensors = unpack(content["backbone"][TAIL].numpy(), list(cfg[NAMES]), list(cfg[SHAPES]))
-        tensors = {k: v + np.float32(shift) for k, v in tensors.items()} | dict(extra or {})
+        tensors = {k: v + np.float32(shift) for k, v in tensors.items()}
+        tensors = (change(tensors, cfg) if change else tensors) | dict(extra or {})
         flat, names, shapes = pack(tensors)
         metrics = MetricRecord(
             {

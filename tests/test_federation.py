@@ -239,6 +239,15 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
         (run,) = [r for r in ledger.runs() if r.kind == "train"]
     assert head_rows_of(state, pseudonym, person)  # they were trained with
 
+    # What the server released with them: distinctive bytes of the round-1 model (sent to every site
+    # in round 2, so also in the SuperLink's messages) and of the round-2 model (its checkpoint).
+    needles = {}
+    for rnd in (1, 2):
+        with Ledger(fed.state / "ledger.sqlite") as ledger:
+            path = ledger.checkpoint(f"{run.run_id}-r{rnd:04d}").path
+        tail = max(shared_state(load_checkpoint(path)[0]).values(), key=lambda t: t.numel())
+        raw = tail.detach().numpy().astype("<f4").tobytes()
+        needles[rnd] = raw[len(raw) // 2 : len(raw) // 2 + 64]
     out = fed.run(CLIENT, "forget", "--vault", str(vault), "--person", person, "--reason", "test").stdout
     rid = re.search(r"fr-[0-9a-f]{16}", out).group(0)
     res = fed.run(SERVER, "unlearn", "--state", str(fed.state), "--wait", "30", timeout=900, check=False)
@@ -264,6 +273,21 @@ def test_forget_unlearn_and_receipt_end_to_end(fed, tmp_path):
         )
         eps_after = max(s.epsilon for r in replayed for s in r.sites if s.site == "north")
         assert eps_after > eps_before
+
+        flwr_runs = sorted(int(a["flwr_run_id"]) for a in ledger.attempts(run.run_id))
+    # The server keeps no copy of what the replaced run released: not in the checkpoints, the ledger,
+    # the SuperLink's database or its WAL; and the receipt says which Flower runs were purged.
+    leaks = [
+        (rnd, str(f.relative_to(fed.state)))
+        for f in sorted(fed.state.rglob("*"))
+        if f.is_file()
+        for rnd, needle in needles.items()
+        if needle in f.read_bytes()
+    ]
+    assert leaks == [], leaks
+    body = json.loads((vault / "receipts" / f"{rid}.json").read_text())["receipt"]
+    assert body["format"] == "facefed-receipt/2" and body["superlink_purged_at"]
+    assert body["superlink_runs_purged"] and set(body["superlink_runs_purged"]) <= set(flwr_runs), body
 
     status = json.loads(fed.run(CLIENT, "forget", "status", "--vault", str(vault), "--json").stdout)
     (mine,) = [r for r in status if r["request_id"] == rid]

@@ -32,7 +32,7 @@ from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import SCHEMA_VERSION, ForgetRow, Ledger
 
 # -- the ledger ---------------------------------------------------------------------------------
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2 (issue 13): runs.best_checkpoint
 LEDGER_SCHEMA = {
     "attempts": ["run_id", "flwr_run_id", "started_at", "ended_at", "outcome"],
     "checkpoints": [
@@ -53,6 +53,7 @@ LEDGER_SCHEMA = {
     "runs": [
         "run_id", "kind", "parent_run_id", "created_at", "ended_at", "status", "rounds_planned", "config_sha256",
         "config_json", "base_checkpoint", "base_metrics", "detail", "start_round", "family", "shard",
+        "best_checkpoint",
     ],
     "site_rounds": [
         "run_id", "round", "attempt", "site", "node_id", "status", "weight", "people", "images", "steps", "loss",
@@ -98,6 +99,33 @@ def test_ledger_refuses_a_newer_schema_and_the_literal_catches_a_change(tmp_path
     with pytest.raises(LedgerError, match="newer than") as e:
         Ledger(path)
     assert isinstance(e.value, FacefedError)
+
+
+def test_a_schema_1_ledger_is_migrated_and_marks_each_runs_best(tmp_path):
+    """A ledger written before validation scores (schema 1, no runs.best_checkpoint) opens as schema 2
+    with the same columns as a new one; its runs, unscored, serve their latest checkpoint as before."""
+    from facefed.server.ledger.db import CheckpointRow, RoundRow
+
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        base = CheckpointRow("old-r0000", "old", 0, "/x/r0000.pt", "a" * 64, None, 1.0)
+        ledger.create_run("old", config_json="{}", config_sha256="c" * 64, rounds=1, base=base)
+        r1 = CheckpointRow("old-r0001", "old", 1, "/x/r0001.pt", "b" * 64, "old-r0000", 2.0)
+        ledger.commit_round(
+            RoundRow(
+                "old", 1, 1, "committed", "7", 1.0, 2.0, "old-r0000", "a" * 64, "old-r0001", "b" * 64,
+                ["a"], [], "people", 1.0, {"lfw_accuracy": 0.99}, None,
+            ),
+            r1,
+        )  # fmt: skip
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE runs DROP COLUMN best_checkpoint")  # what a schema-1 facefed wrote
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        assert ledger.run("old").best_checkpoint == "old-r0001"
+    assert ledger_schema(path) == (LEDGER_VERSION, LEDGER_SCHEMA)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -162,6 +190,18 @@ KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed 
 KEY_FP = "SHA256:a050837d85070582ccf7394b0988847cc312cb88259b894899f6f239cf1791a5"
 RECEIPT_BYTES = (
     b'{"checkpoints_deleted":["t-run-r0002","t-run-r0003"],"erased_at":"2024-01-02T03:05:00.000000Z",'
+    b'"format":"facefed-receipt/2","issued_at":"2024-01-02T04:00:00.000000Z","model_id":"t-run-u1-r0003",'
+    b'"model_sha256":"abababababababababababababababababababababababababababababababab",'
+    b'"person_pseudonym":"0123456789abcdef0123456789abcdef","received_at":"2024-01-02T03:04:05.000000Z",'
+    b'"replayed_rounds":[2,3],"request_id":"fr-00000000000000aa","rollback_round":1,"run_id":"t-run-u1",'
+    b'"server_key_fingerprint":"SHA256:a050837d85070582ccf7394b0988847cc312cb88259b894899f6f239cf1791a5",'
+    b'"shares_destroyed":3,"site":"alpha","superlink_purged_at":"2024-01-02T03:59:00.000000Z",'
+    b'"superlink_runs_purged":[11,12]}'
+)
+SIGNATURE = "bLpolDRlbEMuzrf5NJp/PMYw/OgmIY51pJFBvGcYxjqH+LBMeK9iYn7qxp1siaQ5eg6TYqeEMPwGnuiSGRzkCw=="
+# A receipt of the first format (no purge fields), as sites stored them: it must keep verifying.
+RECEIPT_V1_BYTES = (
+    b'{"checkpoints_deleted":["t-run-r0002","t-run-r0003"],"erased_at":"2024-01-02T03:05:00.000000Z",'
     b'"format":"facefed-receipt/1","issued_at":"2024-01-02T04:00:00.000000Z","model_id":"t-run-u1-r0003",'
     b'"model_sha256":"abababababababababababababababababababababababababababababababab",'
     b'"person_pseudonym":"0123456789abcdef0123456789abcdef","received_at":"2024-01-02T03:04:05.000000Z",'
@@ -169,7 +209,7 @@ RECEIPT_BYTES = (
     b'"server_key_fingerprint":"SHA256:a050837d85070582ccf7394b0988847cc312cb88259b894899f6f239cf1791a5",'
     b'"shares_destroyed":3,"site":"alpha"}'
 )
-SIGNATURE = "FNqpcphmiWlUFz8Q0DXZ2zMRkZTgn/L7si6hXgfTzUUBHYUmMK1SHodTbfBAeYZ+e1UAKmMo6YOneaamvYb+AQ=="
+SIGNATURE_V1 = "FNqpcphmiWlUFz8Q0DXZ2zMRkZTgn/L7si6hXgfTzUUBHYUmMK1SHodTbfBAeYZ+e1UAKmMo6YOneaamvYb+AQ=="
 
 
 def known_receipt() -> Receipt:
@@ -186,6 +226,8 @@ def known_receipt() -> Receipt:
         model_id="t-run-u1-r0003",
         model_sha256="ab" * 32,
         checkpoints_deleted=["t-run-r0002", "t-run-r0003"],
+        superlink_purged_at="2024-01-02T03:59:00.000000Z",
+        superlink_runs_purged=[11, 12],
         issued_at="2024-01-02T04:00:00.000000Z",
         server_key_fingerprint=KEY_FP,
     )
@@ -205,6 +247,12 @@ def test_receipt_canonical_bytes_and_signature():
     changed = {**pasted, "receipt": {**pasted["receipt"], "rollback_round": 0}}
     with pytest.raises(ReceiptError, match="signature does not match"):
         verify_receipt_signature(changed, KEY.public_key())
+    # A first-format receipt still verifies, and a purge claim cannot be added to it.
+    v1 = {"algorithm": "ed25519", "receipt": json.loads(RECEIPT_V1_BYTES), "signature": SIGNATURE_V1}
+    assert verify_receipt_signature(v1, KEY.public_key()).superlink_runs_purged == []
+    claimed = {**v1, "receipt": {**v1["receipt"], "superlink_runs_purged": [7]}}
+    with pytest.raises(ReceiptError, match="signature does not match"):
+        verify_receipt_signature(claimed, KEY.public_key())
 
 
 def test_server_issues_receipts_of_the_known_shape(tmp_path):
@@ -221,7 +269,16 @@ def test_server_issues_receipts_of_the_known_shape(tmp_path):
     )
     rollback = CheckpointRow("t-run-r0001", "t-run", 1, "p1", "cd" * 32, "t-run-r0000", 0.0)
     model = CheckpointRow("t-run-u1-r0003", "t-run-u1", 3, "p3", "ab" * 32, "t-run-u1-r0002", 0.0)
-    doc = issue(req, replay_run="t-run-u1", rollback=rollback, model=model, deleted=["t-run-r0002"], key=KEY)
+    doc = issue(
+        req,
+        replay_run="t-run-u1",
+        rollback=rollback,
+        model=model,
+        deleted=["t-run-r0002"],
+        key=KEY,
+        purged_at=1704167940.0,
+        runs_purged=[12, 11],
+    )
     body = doc["receipt"]
     assert sorted(body) == sorted(json.loads(RECEIPT_BYTES))
     assert {k: body[k] for k in ("received_at", "erased_at", "replayed_rounds", "rollback_round", "model_id")} == {
@@ -231,6 +288,7 @@ def test_server_issues_receipts_of_the_known_shape(tmp_path):
         "rollback_round": 1,
         "model_id": "t-run-u1-r0003",
     }
+    assert body["superlink_purged_at"] == "2024-01-02T03:59:00.000000Z" and body["superlink_runs_purged"] == [11, 12]
     verify_receipt_signature(doc, KEY.public_key())
 
 

@@ -1,6 +1,7 @@
-"""Names, not paths, and one number per model: `evaluate --model current|RUN|CHECKPOINT` reads the same
-accuracy as the ledger's per-round evaluation (same protocol, flip included); `export` writes the
-current model; a deleted checkpoint is refused with the current model's id; `unlearn`/`evaluate` need
+"""Names, not paths, and one number per model: `evaluate --model current|latest|RUN|CHECKPOINT` reads the
+same accuracy as the ledger's per-round evaluation (same protocol, flip included); `export` writes the
+current model (the best on the validation pairs; tests/test_best_model.py); a deleted checkpoint is
+refused with the current model's id; `unlearn`/`evaluate` need
 no environment variables once `train` recorded the data. Real ledger, checkpoints, LFW and CLI."""
 
 from __future__ import annotations
@@ -56,18 +57,25 @@ def test_one_number_per_model_by_name(trained, monkeypatch):
     with Ledger(trained.ledger) as ledger:
         last = ledger.rounds("t-run")[-1]
         assert roc_path(ledger.checkpoint(last.checkpoint_id).path).is_file()  # for `report`
+        best = ledger.best("t-run")
+        best_metrics = (
+            r.metrics if (r := ledger.round_of_checkpoint(best.checkpoint_id)) else ledger.run("t-run").base_metrics
+        )
     assert last.checkpoint_id == "t-run-r0002"
     numbers = []
-    for name in ("current", "t-run", "t-run-r0002"):
+    for name in ("latest", "t-run", "t-run-r0002"):
         code, out = cli("evaluate", "--state", str(trained.root), "--model", name, "--max-pairs", "40", "--json")
         assert code == 0, out
         doc = json.loads(out[out.index("{") :])
         assert doc["model"] == "t-run-r0002" and doc["flip"] is True
         numbers.append(doc["accuracy_mean"])
     assert numbers == [pytest.approx(last.metrics["lfw_accuracy"])] * 3  # ledger and evaluate agree
+    code, out = cli("evaluate", "--state", str(trained.root), "--model", "current", "--max-pairs", "40", "--json")
+    doc = json.loads(out[out.index("{") :])
+    assert doc["model"] == best.checkpoint_id and doc["accuracy_mean"] == pytest.approx(best_metrics["lfw_accuracy"])
 
     code, out = cli("evaluate", "--state", str(trained.root), "--model", "nope")
-    assert code == 2 and "neither `current`, a run id, a checkpoint id nor a file" in out
+    assert code == 2 and "neither `current`, `latest`, a run id, a checkpoint id nor a file" in out
 
 
 def test_export_current_and_deleted_checkpoints(trained, tmp_path):
@@ -75,11 +83,13 @@ def test_export_current_and_deleted_checkpoints(trained, tmp_path):
     code, out = cli("export", "--state", str(trained.root), "--model", "current", "--out", str(dest))
     assert code == 0, out
     with Ledger(trained.ledger) as ledger:
-        row = ledger.checkpoint("t-run-r0002")
-        assert sha256_file(dest) == row.sha256 and f"exported t-run-r0002 to {dest}" in out
+        row = ledger.best("t-run")
+        assert sha256_file(dest) == row.sha256 and f"exported {row.checkpoint_id} to {dest}" in out
         ledger.mark_checkpoint_deleted("t-run-r0001", "tainted by request fr-1")
+        now = ledger.best("t-run").checkpoint_id
+    assert now != "t-run-r0001"
     code, out = cli("evaluate", "--state", str(trained.root), "--model", "t-run-r0001")
-    assert code == 2 and "was deleted (tainted by request fr-1)" in out and "the current model is t-run-r0002" in out
+    assert code == 2 and "was deleted (tainted by request fr-1)" in out and f"the current model is {now}" in out
 
 
 def test_unlearn_errors_name_only_options_that_exist(trained, monkeypatch, tmp_path):

@@ -69,12 +69,14 @@ def _mutations(body: dict):
     """One changed copy per field (and a few structural edits)."""
     for key, value in body.items():
         doc = copy.deepcopy(body)
-        if isinstance(value, bool) or value is None:
+        if isinstance(value, bool):
             raise AssertionError(key)
-        if isinstance(value, int):
+        if value is None:  # an optional claim added (superlink_purged_at)
+            doc[key] = "2024-01-01T00:00:00.000000Z"
+        elif isinstance(value, int):
             doc[key] = value + 1
         elif isinstance(value, list):
-            doc[key] = value[:-1] if value else ([1] if key == "replayed_rounds" else ["x"])
+            doc[key] = value[:-1] if value else ([1] if key in ("replayed_rounds", "superlink_runs_purged") else ["x"])
         elif key.endswith("_at"):
             doc[key] = value[:-7] + "000001Z"
         elif key in ("model_sha256",):

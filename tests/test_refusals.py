@@ -104,16 +104,15 @@ def test_one_refusal_with_enough_others_goes_on(state, pretrained_file):
     with Ledger(state.ledger) as ledger:
         (r,) = ledger.rounds("t-run")
         assert r.status == "committed" and r.participants == ["alpha", "beta"] and r.missing == ["gamma"]
-    from facefed.server.ops.progress import print_round
-
-    with Ledger(state.ledger) as ledger:
-        (r,) = ledger.rounds("t-run")
     import io
     from contextlib import redirect_stdout
 
+    from facefed.server.ops.progress import print_round
+
     buf = io.StringIO()
-    with redirect_stdout(buf):
-        print_round(r, 1)
+    with Ledger(state.ledger) as ledger, redirect_stdout(buf):
+        (r,) = ledger.rounds("t-run")
+        print_round(r, 1, ledger)
     assert "site gamma refused (policy): noise_multiplier 1 is below this site's minimum 2" in buf.getvalue()
 
 

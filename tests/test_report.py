@@ -130,6 +130,12 @@ def test_report_renders_in_a_browser(state, pretrained_file, lfw_file, tmp_path)
         roc = list(csv.DictReader(f))
     assert roc[0] == {"far": "0.0", "tar": "0.0"} and float(roc[-1]["far"]) == 1.0
     assert (out / "requests.csv").read_text().count("fr-0001") == 1
+    # The best checkpoint on the validation pairs is marked: one row of rounds.csv, and the page's header.
+    with Ledger(state.ledger) as ledger:
+        best = ledger.best("t-run").checkpoint_id
+    with open(out / "rounds.csv") as f:
+        marked = [(r["checkpoint"], r["val_accuracy"] != "") for r in csv.DictReader(f) if r["best"] == "True"]
+    assert marked == [(best, True)] and f"<b>{best}</b>" in text
 
     dom = browse(page.resolve().as_uri(), "--dump-dom")
     check = dom.split('id="render-check">', 1)[1].split("</pre>", 1)[0].split()

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from train_support import make_vault
 
-from facefed.client.site.round import Order, Site, run_round
+from facefed.client.site.refusal import kind_of
+from facefed.client.site.round import Order, Site, order_of, run_round
 from facefed.client.training.privacy import Policy, policy_of, write_policy
-from facefed.common.config import TrainConfig
+from facefed.common.config import ConfigError, TrainConfig
 from facefed.common.model.mobilefacenet import build_embedder, prefix_fingerprint, shared_state
 from facefed.common.protocol.train import SiteRefused, TrainMetrics, TrainReply
 
@@ -59,7 +60,7 @@ HOSTILE = [
     ({"privacy_unit": "none"}, "privacy_unit"),  # no noise at all
     ({"noise_multiplier": 0.05, "max_epsilon": 20.0}, "noise_multiplier"),  # below the floor
     ({"max_epsilon": 1e9}, "max_epsilon"),  # a budget above the policy's
-    ({"delta": 0.5}, "delta"),
+    ({"delta": 0.1}, "delta"),  # above the policy's 1e-3 (0.5 is refused earlier, below)
     ({"steps": 1000}, "max_steps"),  # more steps than one order may take
     ({"sample_rate": 1.0}, "sample_rate"),
     ({"max_grad_norm": 100.0}, "max_grad_norm"),
@@ -83,6 +84,28 @@ def test_hostile_orders_are_refused_before_anything_runs(site, tmp_path):
             assert "policy allows" in e.value.reason and "facefed-client policy set" in e.value.reason
             assert acc.read_bytes() == before  # the accountant is unchanged
         assert not (s.state / "heads").exists() and not (s.state / "contributions.sqlite").exists()
+        # delta 0.5 (not below 1/min_people) does not even parse as a training config at the site.
+        wire = {
+            "run-id": "run-1",
+            "round": 1,
+            "attempt": 1,
+            "parent-checkpoint": "run-1-r0000",
+            "parent-sha256": "cd" * 32,
+            "base-sha256": "ef" * 32,
+            "prefix-fingerprint": prefix_fingerprint(model),
+            "train-config": json.dumps({**GOOD, "delta": 0.5}),
+            "steps": 3,
+            "seed": 0,
+            "weighting": "people",
+            "head-round": 0,
+            "head-attempt": 0,
+            "layout-names": [],
+            "layout-shapes": [],
+        }
+        with pytest.raises(ConfigError, match="delta 0.5 must be below 1/min_people") as bad:
+            order_of(wire)
+        assert kind_of(bad.value) == "config"  # what the ClientApp answers the server
+        assert acc.read_bytes() == before
     finally:
         shutil.move(str(hidden), s.vault.parent / "store0")
 

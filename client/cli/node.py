@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from facefed.client.site.node import NodeError, NodeSettings, run_node
+from facefed.client.site.privsep import PrivsepError
 from facefed.client.state import NODE_STATE_SUBDIR, default_node_state
 from facefed.common.cli import fail
 from facefed.common.nodekeys import NodeKeyError, make_node_keys
@@ -73,6 +74,23 @@ def start(
             "--max-retries", help="Give up after this many failed connection attempts (default: keep retrying)."
         ),
     ] = None,
+    node_user: Annotated[
+        str | None,
+        typer.Option(
+            "--node-user",
+            help="Privilege separation (run as root): the SuperNode and every ClientApp run as this "
+            "unprivileged user, which cannot read the vault or the site state; the training worker runs "
+            "as the vault's owner (docs/threat-model.md).",
+        ),
+    ] = None,
+    node_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--node-dir",
+            help="Where a privilege-separated node runs (its config, CA copy, the node user's home and "
+            "the worker's socket); default /var/lib/facefed/node-SITE.",
+        ),
+    ] = None,
     receipt_key: Annotated[
         Path | None,
         typer.Option(
@@ -106,14 +124,16 @@ def start(
         threads=threads,
         worker=warm_worker,
         activation_wait_s=activation_wait,
+        node_user=node_user,
+        node_dir=node_dir.expanduser().resolve() if node_dir else None,
     )
     try:
         settings.validate()  # bad input: exit 2 (documented), before anything is started or written
-    except (NodeError, NodeKeyError, ValueError) as e:
+    except (NodeError, NodeKeyError, PrivsepError, ValueError) as e:
         fail(str(e))
     try:
         code = run_node(settings)
-    except (NodeError, NodeKeyError, ValueError) as e:
+    except (NodeError, NodeKeyError, PrivsepError, ValueError) as e:
         fail(str(e), 3)
     raise typer.Exit(code)
 

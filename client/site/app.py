@@ -47,6 +47,10 @@ from facefed.common.protocol.train import (
 from facefed.common.protocol.worker import QueryCall, QueryDone, Refused, TrainCall, TrainDone, WorkerCall
 
 app = ClientApp()
+NO_WORKER = (
+    "the site's training worker is not answering; this node is privilege-separated (its ClientApp cannot "
+    "open the vault), so nothing was trained: see the worker's log in the site's state directory"
+)
 
 
 class SiteRoundError(FacefedError, RuntimeError):
@@ -86,10 +90,12 @@ def _train(msg: Message, context: Context) -> Message:
     nc, rc = dict(context.node_config), dict(context.run_config)
 
     got = (
-        worker.call(Path(str(nc["state"])), WorkerCall(call=TrainCall(order=order)), flat.tobytes())
+        worker.call(worker.link_of(nc), WorkerCall(call=TrainCall(order=order)), flat.tobytes())
         if "state" in nc
         else None
     )
+    if got is None and nc.get("privsep"):
+        raise SiteRefused("crash", NO_WORKER)
     if got is None:
         from facefed.client.site.round import order_of, run_round, site_of  # the training stack, in this process
 
@@ -120,9 +126,11 @@ def query(msg: Message, context: Context) -> Message:
         answer = QueryReply(site=f"sim-{int(nc.get('partition-id', 0)):03d}").model_dump_json()
     else:
         # The warm worker answers without this process importing torch (a query between every round).
-        got = worker.call(Path(str(nc["state"])), WorkerCall(call=QueryCall(order=order))) if "state" in nc else None
+        got = worker.call(worker.link_of(nc), WorkerCall(call=QueryCall(order=order))) if "state" in nc else None
         if got is not None and isinstance(got[0].answer, QueryDone):
             answer = got[0].answer.reply.model_dump_json()
+        elif nc.get("privsep"):
+            raise SiteRoundError(NO_WORKER)
         else:  # no worker, or one that cannot answer (e.g. an older one still running): answer here
             from facefed.client.forget.sync import answer_query
             from facefed.common.nodekeys import check_site_name

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
-from facefed.client.site import guard, worker
+from facefed.client.site import guard, privsep, worker
 from facefed.client.state import SiteState
 from facefed.common.childproc import die_with_parent, flower_env, run_foreground
 from facefed.common.errors import FacefedError
@@ -53,6 +53,8 @@ class NodeSettings:
     threads: int = 1
     worker: bool = True  # keep a warm training process (see client/site/worker.py)
     activation_wait_s: float = ACTIVATION_WAIT_S
+    node_user: str | None = None  # privilege separation (client/site/privsep.py)
+    node_dir: Path | None = None
 
     @property
     def files(self) -> SiteState:
@@ -92,21 +94,79 @@ class NodeSettings:
             raise NodeError(f"--threads {self.threads}: expected 1..256")
         if not 0 < self.runtime_port < 65536:
             raise NodeError(f"--runtime-port {self.runtime_port} is not a port")
+        if self.node_user is not None:
+            node = privsep.node_account(self.node_user)
+            if not self.worker:
+                raise NodeError("--node-user needs the training worker: drop --no-worker")
+            if self.state.exists():
+                privsep.check(self.vault, self.state, node)
+        elif self.node_dir is not None:
+            raise NodeError("--node-dir is where a privilege-separated node runs: give --node-user too")
         return self
+
+    @property
+    def separated_dir(self) -> Path:
+        """NODE_DIR of a privilege-separated node (default /var/lib/facefed/node-SITE)."""
+        return self.node_dir or Path("/var/lib/facefed") / f"node-{self.site}"
+
+
+def node_config_of(s: NodeSettings) -> dict[str, object]:
+    """The node config the ClientApp (and the worker) read: who this site is and where its data and state are."""
+    cfg: dict[str, object] = {
+        "site": s.site,
+        "vault": str(s.vault.resolve()),
+        "state": str(s.state.resolve()),
+        "threads": s.threads,
+    }
+    if s.pretrained is not None:
+        cfg["pretrained"] = str(s.pretrained.resolve())
+    return cfg
 
 
 def write_node_config(s: NodeSettings) -> Path:
-    """The node config the ClientApp reads: who this site is and where its data and state are."""
     s.state.mkdir(parents=True, exist_ok=True)
-    cfg = {"site": s.site, "vault": str(s.vault.resolve()), "state": str(s.state.resolve()), "threads": s.threads}
-    if s.pretrained is not None:
-        cfg["pretrained"] = str(s.pretrained.resolve())
     path = s.files.node_config
-    path.write_text(tomli_w.dumps(cfg))
+    path.write_text(tomli_w.dumps(node_config_of(s)))
     return path
 
 
-def supernode_command(s: NodeSettings, node_config: Path) -> list[str]:
+@dataclass(frozen=True)
+class Layout:
+    """Where this node's Flower processes run, and as whom."""
+
+    node_config: Path
+    flwr_home: Path
+    link: Path  # the worker's socket directory
+    root_cert: Path | None
+    key: Path | None
+    separated: tuple[privsep.Account, privsep.Account] | None = None  # (vault owner, node user)
+
+
+def layout(s: NodeSettings) -> Layout:
+    """The plain layout (everything under the state directory, one user), or the privilege-separated
+    one (client/site/privsep.py): NODE_DIR for the node user, the state for the vault's owner."""
+    if s.node_user is None:
+        return Layout(write_node_config(s), s.files.flower_dir, s.state, s.root_cert, s.key)
+    node = privsep.node_account(s.node_user)
+    if not s.state.exists():
+        s.state.mkdir(parents=True, mode=0o700)
+        vault_owner = privsep.owner_of(s.vault)
+        os.chown(s.state, vault_owner.uid, vault_owner.gid)
+    owner = privsep.check(s.vault, s.state, node)
+    nd = privsep.NodeDir(s.separated_dir)
+    cfg = node_config_of(s) | {"link": str(nd.link), "privsep": True}
+    privsep.prepare(nd.root, node, owner, config_text=tomli_w.dumps(cfg), ca_cert=s.root_cert, node_key=s.key)
+    return Layout(
+        nd.node_config,
+        nd.home,
+        nd.link,
+        nd.ca_cert if s.root_cert is not None else None,
+        nd.node_key if s.key is not None else None,
+        (owner, node),
+    )
+
+
+def supernode_command(s: NodeSettings, node_config: Path, root_cert: Path | None, key: Path | None) -> list[str]:
     cmd = [
         "flower-supernode",
         "--superlink",
@@ -119,9 +179,9 @@ def supernode_command(s: NodeSettings, node_config: Path) -> list[str]:
     if s.insecure:
         cmd.append("--insecure")
     else:
-        cmd += ["--root-certificates", str(s.root_cert)]
-    if s.key is not None:
-        cmd += ["--auth-supernode-private-key", str(s.key)]
+        cmd += ["--root-certificates", str(root_cert)]
+    if key is not None:
+        cmd += ["--auth-supernode-private-key", str(key)]
     if s.max_retries is not None:
         cmd += ["--max-retries", str(s.max_retries)]
     return cmd
@@ -209,9 +269,9 @@ def run_node(s: NodeSettings) -> int:
     note = preflight(s)
     if note:
         print(f"facefed-client: {note}", file=sys.stderr, flush=True)
-    node_config = write_node_config(s)
+    where = layout(s)
     env = flower_env(
-        s.files.flower_dir,
+        where.flwr_home,
         {
             # Pick up a new message within ~0.2 s instead of 1 s: less idle time per federated round.
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
@@ -219,13 +279,35 @@ def run_node(s: NodeSettings) -> int:
     )
     # The SuperExec starts `flwr-clientapp` by name: ours refuses any FAB but facefed's own and never
     # imports code from one (client/site/guard.py).
-    shim_dir = s.files.flower_dir / "bin"
+    shim_dir = where.flwr_home / "bin"
     guard.write_shim(shim_dir)
     env["PATH"] = str(shim_dir) + os.pathsep + env["PATH"]
+    as_user = None
+    if where.separated is not None:
+        owner, node = where.separated
+        privsep.hand_over(privsep.NodeDir(s.separated_dir), node)
+        env["HOME"] = str(where.flwr_home)
+        as_user = (node.uid, node.gid)
+        print(
+            f"facefed-client: privilege separation: SuperNode and ClientApps as {node.name} in "
+            f"{s.separated_dir}, training worker as {owner.name}",
+            file=sys.stderr,
+            flush=True,
+        )
     s.files.logs_dir.mkdir(parents=True, exist_ok=True)
+    if where.separated is not None:  # the logs are written by this process, owned by the vault's owner
+        for log in ("supernode.log", "worker.log"):
+            (s.files.logs_dir / log).touch()
+        privsep.adopt([s.vault, s.state], where.separated[0])
+    # A separated ClientApp cannot train in its own process: wait for the worker before joining.
     warm = (
         worker.start(
-            node_config, s.state, preexec_fn=die_with_parent, log_path=s.files.logs_dir / "worker.log", wait=False
+            where.node_config,
+            where.link,
+            preexec_fn=die_with_parent,
+            log_path=s.files.logs_dir / "worker.log",
+            wait=where.separated is not None,
+            separated=where.separated,
         )
         if s.worker
         else None
@@ -234,10 +316,11 @@ def run_node(s: NodeSettings) -> int:
     try:
         while True:
             code, why = run_foreground(
-                supernode_command(s, node_config),
+                supernode_command(s, where.node_config, where.root_cert, where.key),
                 env,
                 on_line=lambda line: diagnose(s, line),
                 log_path=s.files.logs_dir / "supernode.log",
+                as_user=as_user,
             )
             if not (why and why.startswith(ACTIVATION_REFUSED) and time.monotonic() < deadline):
                 break
@@ -256,7 +339,7 @@ def run_node(s: NodeSettings) -> int:
             except subprocess.TimeoutExpired:
                 warm.kill()
                 warm.wait()
-            s.files.worker_socket.unlink(missing_ok=True)
+            worker.socket_path(where.link).unlink(missing_ok=True)
     if why:
         raise NodeError(why)
     return code

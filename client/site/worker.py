@@ -12,6 +12,11 @@ exactly as the in-process path does (`client/site/round.py` `run_round`). The so
 connection is authenticated with a random key written 0600 at start (multiprocessing's HMAC
 challenge), so only processes of the site's own user that can read the state directory can use it.
 If the worker is not there, the ClientApp trains in its own process instead.
+
+With privilege separation (`start --node-user`, client/site/privsep.py) the worker is the only
+process that can open the vault: it runs as the vault's owner, its socket and key live in
+NODE_DIR/link (0660 / 0640, group of the node user, whose ClientApps connect), and a ClientApp that
+finds no worker refuses the round instead of training itself.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from facefed.client.state import SiteState
+from facefed.client.site.privsep import Account, share_key
+from facefed.client.state import WORKER_KEY_NAME, WORKER_SOCKET_NAME
 from facefed.common.certs import write_private
 from facefed.common.protocol.tail import NAMES, SHAPES, pack, unpack
 from facefed.common.protocol.train import SiteInfo, TrainMetrics, TrainReply
@@ -46,8 +52,19 @@ from facefed.common.protocol.worker import (
 STARTUP_TIMEOUT_S = 120.0
 
 
-def socket_path(state: Path) -> Path:
-    return SiteState(Path(state)).worker_socket
+def socket_path(link: Path) -> Path:
+    """The worker's socket in `link`: the site state directory, or a privilege-separated node's
+    NODE_DIR/link (client/site/privsep.py)."""
+    return Path(link) / WORKER_SOCKET_NAME
+
+
+def key_path(link: Path) -> Path:
+    return Path(link) / WORKER_KEY_NAME
+
+
+def link_of(node_config: dict[str, Any]) -> Path:
+    """Where a node's worker listens, from its node config (`link`, else the state directory)."""
+    return Path(str(node_config.get("link") or node_config["state"]))
 
 
 def serve(node_config: Path) -> None:
@@ -60,10 +77,12 @@ def serve(node_config: Path) -> None:
     site = site_of(nc, {})
     if site.vault is None:
         raise SiteConfigError("the warm worker serves a node with a vault (`facefed-client start`)")
-    key = site.files.worker_key.read_bytes()
-    sock = socket_path(site.state)
+    link = link_of(nc)
+    key = key_path(link).read_bytes()
+    sock = socket_path(link)
     sock.unlink(missing_ok=True)
-    old = os.umask(0o177)  # the socket file is created 0600
+    # 0600; 0660 for a privilege-separated node, whose ClientApps connect as the node user's group
+    old = os.umask(0o117 if nc.get("privsep") else 0o177)
     try:
         listener = Listener(str(sock), family="AF_UNIX", authkey=key)
     finally:
@@ -125,14 +144,27 @@ def reply_of(res: Any, worker: str) -> tuple[WorkerAnswer, bytes]:
 
 
 def start(
-    node_config: Path, state: Path, *, preexec_fn=None, log_path: Path | None = None, wait: bool = True
+    node_config: Path,
+    link: Path,
+    *,
+    preexec_fn=None,
+    log_path: Path | None = None,
+    wait: bool = True,
+    separated: tuple[Account, Account] | None = None,
 ) -> subprocess.Popen:
     """Start the worker for this node (fresh key each time); with `wait`, until its socket is up.
 
-    Without waiting, rounds that arrive before it is ready are trained in the ClientApp's process."""
-    state = Path(state)
-    write_private(SiteState(state).worker_key, secrets.token_bytes(32))
-    socket_path(state).unlink(missing_ok=True)
+    `separated` = (vault owner, node user): the worker runs as the vault's owner and its key is
+    readable by the node user's group (client/site/privsep.py). Without waiting, rounds that arrive
+    before it is ready are trained in the ClientApp's process (never on a privilege-separated node)."""
+    link = Path(link)
+    write_private(key_path(link), secrets.token_bytes(32))
+    socket_path(link).unlink(missing_ok=True)
+    who: dict[str, Any] = {}
+    if separated is not None:
+        owner, node = separated
+        share_key(key_path(link), owner, node)
+        who = {"user": owner.uid, "group": owner.gid, "extra_groups": []}
     out = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
         [sys.executable, "-m", "facefed.client.site.worker", str(node_config)],
@@ -140,10 +172,11 @@ def start(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         preexec_fn=preexec_fn,
+        **who,
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while wait and time.monotonic() < deadline:
-        if socket_path(state).exists():
+        if socket_path(link).exists():
             return proc
         if proc.poll() is not None:
             raise RuntimeError(f"the training worker exited at start (code {proc.returncode}); see {log_path}")
@@ -154,14 +187,13 @@ def start(
     raise RuntimeError(f"the training worker did not start within {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
 
-def call(state: Path, request: WorkerCall, tail: bytes = b"") -> tuple[WorkerAnswer, bytes] | None:
+def call(link: Path, request: WorkerCall, tail: bytes = b"") -> tuple[WorkerAnswer, bytes] | None:
     """Send one call to the worker and wait for its answer (validated); None if there is no worker to ask."""
-    files = SiteState(Path(state))
-    sock, key_path = files.worker_socket, files.worker_key
-    if not sock.exists() or not key_path.exists():
+    sock, key = socket_path(link), key_path(link)
+    if not sock.exists() or not key.exists():
         return None
     try:
-        conn = Client(str(sock), family="AF_UNIX", authkey=key_path.read_bytes())
+        conn = Client(str(sock), family="AF_UNIX", authkey=key.read_bytes())
     except (OSError, AuthenticationError, EOFError):
         return None  # stale socket (worker gone): train in-process
     with conn:

@@ -1,8 +1,8 @@
 """`facefed-server evaluate` and `export`: the LFW verification protocol on a model named by id, and
 the file of the model a site or user should use.
 
-`--model` takes a name (`current`, a run id, a checkpoint id as `status` prints it; server/ledger/models.py)
-with `--state`, or a checkpoint file. The protocol is the one the ledger's per-round evaluation uses
+`--model` takes a name (`current`: the newest run's best checkpoint on the validation pairs, `latest`, a
+run id, a checkpoint id as `status` prints it; server/ledger/models.py) with `--state`, or a checkpoint file. The protocol is the one the ledger's per-round evaluation uses
 (10-fold CV thresholds, flip averaging; server/evaluation.py `PROTOCOL_FLIP`), so a model reads the same
 number in `status`, `train`, `report` and here.
 """
@@ -70,8 +70,9 @@ def evaluate(
         list[str],
         typer.Option(
             "--model",
-            help="`current`, a run id (its latest live model), a checkpoint id (with --state), or a checkpoint "
-            "file; repeat it for the shard models of a sharded job (evaluated as their ensemble)",
+            help="`current` (= `best`: the newest run's best live checkpoint on the validation pairs), `latest` "
+            "(its last committed round), a run id (its latest live model), a checkpoint id (with --state), or a "
+            "checkpoint file; repeat it for the shard models of a sharded job (evaluated as their ensemble)",
         ),
     ],
     state: StateOpt = None,
@@ -182,11 +183,19 @@ def evaluate(
 
 def export(
     out: Annotated[Path, typer.Option("--out", help="Where to write the model file.")],
-    model: Annotated[str, typer.Option("--model", help="`current`, a run id or a checkpoint id.")] = "current",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="`current` (= `best`: the newest run's best live checkpoint on the validation pairs, "
+            "never a deleted one), `latest` (its last committed round), a run id or a checkpoint id.",
+        ),
+    ] = "current",
     state: StateOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
-    """Write the model a site or user should use (default: the current one) to a file, with its id and sha256."""
+    """Write the model a site or user should use (default: the current one, the best on validation) to a
+    file, with its id and sha256."""
     from facefed.common.model.mobilefacenet import sha256_file
 
     if state is None:

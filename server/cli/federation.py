@@ -311,7 +311,9 @@ def train(
     """Submit a training run (or resume an unfinished one) and stream per-round progress.
 
     Before the run and between rounds the sites are asked for forget requests; a request whose
-    person the run was trained with makes it replay from before their first round (see `unlearn`)."""
+    person the run was trained with makes it replay from before their first round (see `unlearn`).
+    A round that scores below the best model so far on the validation pairs is reported in one line;
+    the best stays the served model (`current`)."""
     from facefed.server.ops.submission import new_run_id, write_submission
 
     paths = _paths(state)
@@ -382,13 +384,22 @@ def _acc_text(base: float | None, acc: float | None) -> str:
     return f"{acc:.4f}" if acc is not None else "-"
 
 
+def _best_text(r: dict[str, Any]) -> str:
+    if not r["best"]:
+        return "-"
+    return r["best"] + (f" ({r['best_val_accuracy']:.4f})" if r["best_val_accuracy"] is not None else "")
+
+
 def runs_rows(ledger: Ledger) -> list[dict[str, Any]]:
-    """Every run in the ledger with its progress, accuracy (base and latest) and how it ended."""
+    """Every run in the ledger with its progress, accuracy (base and latest), its latest model, its best
+    model on the validation pairs (what `current` serves of it) and how it ended."""
     out = []
     for r in ledger.runs():
         done = ledger.rounds(r.run_id, committed_only=True)
         last = next((x for x in reversed(done) if "lfw_accuracy" in x.metrics), None)
         attempts = ledger.attempts(r.run_id)
+        best = ledger.best(r.run_id)
+        best_score = ledger.checkpoint_score(best.checkpoint_id) if best else None
         out.append(
             {
                 "run": r.run_id,
@@ -402,6 +413,8 @@ def runs_rows(ledger: Ledger) -> list[dict[str, Any]]:
                 "base_accuracy": (r.base_metrics or {}).get("lfw_accuracy"),
                 "accuracy": last.metrics["lfw_accuracy"] if last else None,
                 "model": done[-1].checkpoint_id if done else r.base_checkpoint,
+                "best": best.checkpoint_id if best else None,
+                "best_val_accuracy": best_score[0] if best_score else None,
                 "flwr_run": str(attempts[-1]["flwr_run_id"]) if attempts else None,
                 "detail": r.detail,
             }
@@ -410,9 +423,13 @@ def runs_rows(ledger: Ledger) -> list[dict[str, Any]]:
 
 
 def rounds_rows(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
-    """The round attempts of a run, with each site's part (refusals as `site NAME refused (KIND): REASON`)."""
+    """The round attempts of a run, with each site's part (refusals as `site NAME refused (KIND): REASON`),
+    the validation score, whether the round is the run's best model and, if it scored below the best
+    model before it, that model (`worse_than`)."""
     out = []
+    best = ledger.best(run_id)
     for rr in ledger.rounds(run_id):
+        worse = ledger.worse_than(rr)
         out.append(
             {
                 "round": rr.round,
@@ -423,6 +440,10 @@ def rounds_rows(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
                 "participants": rr.participants,
                 "missing": rr.missing,
                 "accuracy": rr.metrics.get("lfw_accuracy"),
+                "val_accuracy": rr.metrics.get("val_accuracy"),
+                "val_auc": rr.metrics.get("val_auc"),
+                "best": best is not None and rr.checkpoint_id == best.checkpoint_id,
+                "worse_than": worse.best_checkpoint if worse else None,
                 "checkpoint": rr.checkpoint_id,
                 "sha256": rr.checkpoint_sha256,
                 "detail": rr.detail,
@@ -451,13 +472,29 @@ def status_doc(paths: StatePaths, run: str | None) -> dict[str, Any]:
             rounds = rounds_rows(ledger, target) if target else []
         except LedgerError as e:
             fail(str(e))
-        return {"runs": runs, "run": target, "rounds": rounds, "sites": sites_rows(ledger, _online(paths))}
+        best = next((r["best"] for r in runs if r["run"] == target), None)
+        return {
+            "runs": runs,
+            "run": target,
+            "best": best,
+            "rounds": rounds,
+            "sites": sites_rows(ledger, _online(paths)),
+        }
 
 
 def print_status(doc: dict[str, Any]) -> None:
     console = out_console()
     t = Table(title="runs")
-    for col in ("run", "status", "rounds", "created", "LFW acc (base -> latest)", "model", "detail"):
+    for col in (
+        "run",
+        "status",
+        "rounds",
+        "created",
+        "LFW acc (base -> latest)",
+        "model",
+        "best (validation)",
+        "detail",
+    ):
         t.add_column(col)
     for r in doc["runs"]:
         t.add_row(
@@ -467,12 +504,14 @@ def print_status(doc: dict[str, Any]) -> None:
             _ts(r["created_at"]),
             _acc_text(r["base_accuracy"], r["accuracy"]),
             r["model"] or "-",
+            _best_text(r),
             (r["detail"] or "")[:200],
         )
     console.print(t)
     if doc["run"]:
         t = Table(title=f"rounds of {doc['run']}")
-        for col in ("round", "try", "status", "ended", "sites", "missing", "LFW acc", "epsilon per site", "checkpoint"):
+        cols = ("round", "try", "status", "ended", "sites", "missing", "LFW acc", "val acc", "epsilon per site")
+        for col in (*cols, "checkpoint"):
             t.add_column(col)
         for rr in doc["rounds"]:
             eps = " ".join(
@@ -488,14 +527,18 @@ def print_status(doc: dict[str, Any]) -> None:
                 ", ".join(rr["participants"]) or "-",
                 ", ".join(rr["missing"]) or "-",
                 f"{rr['accuracy']:.4f}" if rr["accuracy"] is not None else "-",
+                (f"{rr['val_accuracy']:.4f}" if rr["val_accuracy"] is not None else "-")
+                + (" (worse)" if rr["worse_than"] else ""),
                 eps or "-",
-                rr["checkpoint"] or "-",
+                (rr["checkpoint"] or "-") + (" (best)" if rr["best"] else ""),
             )
         console.print(t)
         for rr in doc["rounds"]:
             for x in rr["sites"]:
                 if x["refusal"]:
                     typer.echo(f"round {rr['round']} attempt {rr['attempt']}: {x['refusal']}")
+        if doc.get("best"):
+            typer.echo(f"best model of {doc['run']} on the validation pairs: {doc['best']}")
     console.print(sites_table(doc["sites"]))
 
 
@@ -507,7 +550,9 @@ def status(
         float, typer.Option("--watch", help="Redraw every this many seconds until Ctrl-C (0: once).", min=0)
     ] = 0.0,
 ) -> None:
-    """Runs, rounds (with each site's refusal, if any), sites and the latest metrics, from the ledger."""
+    """Runs, rounds (with each site's refusal, if any), sites and the latest metrics, from the ledger; each
+    run's best checkpoint on the validation pairs (what `current` serves) is marked `(best)`, a round
+    that scored below the best before it `(worse)`."""
     paths = _paths(state)
     while True:
         doc = status_doc(paths, run)
@@ -530,7 +575,8 @@ def status(
 # -- runs -----------------------------------------------------------------------------------------
 @runs_app.command("ls")
 def runs_ls(state: StateOpt, as_json: JsonOpt = False) -> None:
-    """Every run: kind, status, rounds done, accuracy, its latest model and Flower run id."""
+    """Every run: kind, status, rounds done, accuracy, its latest model, its best model on the validation
+    pairs (what `current` serves of it) and Flower run id."""
     paths = _paths(state)
     with Ledger(paths.ledger) as ledger:
         rows = runs_rows(ledger)
@@ -538,7 +584,8 @@ def runs_ls(state: StateOpt, as_json: JsonOpt = False) -> None:
         print_json(rows)
         return
     t = Table(title="runs")
-    for col in ("run", "kind", "status", "rounds", "LFW acc (base -> latest)", "model", "Flower run", "detail"):
+    cols = ("run", "kind", "status", "rounds", "LFW acc (base -> latest)", "model", "best (validation)", "Flower run")
+    for col in (*cols, "detail"):
         t.add_column(col)
     for r in rows:
         t.add_row(
@@ -548,6 +595,7 @@ def runs_ls(state: StateOpt, as_json: JsonOpt = False) -> None:
             f"{r['rounds_done']}/{r['rounds_planned']}",
             _acc_text(r["base_accuracy"], r["accuracy"]),
             r["model"] or "-",
+            _best_text(r),
             r["flwr_run"] or "-",
             (r["detail"] or "")[:200],
         )

@@ -73,6 +73,8 @@ def issue(
     model: CheckpointRow,
     deleted: list[str],
     key: Ed25519PrivateKey,
+    purged_at: float | None = None,
+    runs_purged: list[int] | None = None,
 ) -> dict[str, Any]:
     receipt = Receipt(
         request_id=req.request_id,
@@ -87,6 +89,8 @@ def issue(
         model_id=model.checkpoint_id,
         model_sha256=model.sha256,
         checkpoints_deleted=list(deleted),
+        superlink_purged_at=None if purged_at is None else utc_timestamp(purged_at),
+        superlink_runs_purged=sorted(runs_purged or []),
         issued_at=utc_timestamp(time.time()),
         server_key_fingerprint=key_fingerprint(key.public_key()),
     )

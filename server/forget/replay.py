@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from facefed.common.config import validate_config
+from facefed.common.durable import atomic_write_bytes
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.protocol.forget import BudgetAsk
 from facefed.server.evaluation import evaluate_ensemble
@@ -23,6 +24,8 @@ from facefed.server.ledger.db import ForgetRow
 from facefed.server.rounds import RoundRunner
 from facefed.server.runs import RunContext, RunFailed, run_lock
 from facefed.server.state import StatePaths
+
+PURGE_WAIT_S = 120.0  # linkd purges at least every 30 s; a request file makes it purge within seconds
 
 
 class Unlearning:
@@ -142,6 +145,30 @@ class Unlearning:
                 f"receipt names {model.checkpoint_id}"
             )
 
+    def await_purge(self, timeout: float = PURGE_WAIT_S) -> tuple[float, set[int]] | None:
+        """Ask the SuperLink (server/ops/linkd.py) to purge its database now and wait for that pass:
+        (when it started, the Flower runs it cleaned); None without a SuperLink database or on timeout."""
+        paths = self.paths
+        if not paths.superlink_db.exists():
+            return None
+        asked = time.time()
+        atomic_write_bytes(paths.purge_request, b"")
+        self.log("[facefed] purging the SuperLink's database of the replaced run before signing receipts")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                rec = json.loads(paths.purge_record.read_text())
+                if float(rec["started_at"]) >= asked:
+                    return float(rec["finished_at"]), {int(r) for r in rec["runs_cleaned"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            time.sleep(0.5)
+        self.log(
+            f"[facefed] the SuperLink did not purge its database within {timeout:.0f} s; the receipts say "
+            "nothing was purged (it is purged every 30 s while the server runs)"
+        )
+        return None
+
     def finish_replay(self, replay_id: str, *, continuing: bool) -> None:
         """Replay the rounds, delete the tainted checkpoints, sign the receipts (each step resumable)."""
         ledger = self.ledger
@@ -169,9 +196,25 @@ class Unlearning:
         model = ledger.head(replay_id)[1]
         rollback = ledger.checkpoint(replay.base_checkpoint)
         key = self._key()
+        released = {
+            int(a["flwr_run_id"])
+            for run in {ledger.checkpoint(cid).run_id for cid in deleted}
+            if run is not None
+            for a in ledger.attempts(run)
+            if str(a["flwr_run_id"]).isdigit()
+        }
+        purge = self.await_purge()
+        purged_at, runs_purged = (None, []) if purge is None else (purge[0], sorted(released & purge[1]))
         for rid in ids:
             receipt = issue(
-                ledger.request(rid), replay_run=replay_id, rollback=rollback, model=model, deleted=deleted, key=key
+                ledger.request(rid),
+                replay_run=replay_id,
+                rollback=rollback,
+                model=model,
+                deleted=deleted,
+                key=key,
+                purged_at=purged_at,
+                runs_purged=runs_purged,
             )
             ledger.finish_request(rid, model=model, deleted=deleted, receipt=receipt)
         if target >= replay.rounds_planned:

@@ -19,6 +19,10 @@ It is the source of truth for resuming, for exact unlearning (server/forget/) an
   checkpoint, the first model without them, the checkpoints deleted, the signed receipt and when it
   reached the site. A replay run is an ordinary run (`kind = 'replay'`) whose base is the rollback
   checkpoint and whose rounds start after it (`start_round`); the run it replaces is `superseded`.
+- `runs.best_checkpoint`: the run's best live checkpoint on the validation pairs (server/ledger/best.py),
+  what `current` serves; kept in the same transaction as every change that can move it (a committed
+  round, a base model's scores, a new run, a deleted checkpoint). Schema 2 added it; a schema-1
+  ledger is migrated when opened (the best of an unscored run is its latest checkpoint).
 
 WAL mode lets `facefed-server status` read while the ServerApp writes.
 """
@@ -36,8 +40,9 @@ from typing import Any
 from facefed.common.durable import immediate
 from facefed.common.errors import FacefedError
 from facefed.common.sqlite import SchemaError, check_version, connect, user_version
+from facefed.server.ledger.best import Score, Worse, score
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: runs.best_checkpoint
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sites (
@@ -65,7 +70,8 @@ CREATE TABLE IF NOT EXISTS runs (
     detail          TEXT,
     start_round     INTEGER NOT NULL DEFAULT 0,  -- the base checkpoint's round (a replay starts mid-lineage)
     family          TEXT,                        -- the training job: its shard runs and their replays
-    shard           INTEGER NOT NULL DEFAULT 0   -- SISA shard this run trains (0 of 1 without shards)
+    shard           INTEGER NOT NULL DEFAULT 0,  -- SISA shard this run trains (0 of 1 without shards)
+    best_checkpoint TEXT                         -- best live checkpoint on validation (server/ledger/best.py)
 );
 
 CREATE TABLE IF NOT EXISTS queries (      -- each site's answer (or not) to each forget `query`
@@ -212,6 +218,7 @@ class RunRow:
     start_round: int = 0
     family: str | None = None
     shard: int = 0
+    best_checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -320,13 +327,26 @@ class Ledger:
         try:
             if user_version(self._db) == 0:  # a new file: the (idempotent) DDL first, then the version stamp
                 self._db.executescript(_SCHEMA)  # executescript commits on its own
-            check_version(self._db, SCHEMA_VERSION, what="ledger", path=self.path)
+            if check_version(self._db, SCHEMA_VERSION, what="ledger", path=self.path) < SCHEMA_VERSION:
+                self._migrate()
         except SchemaError as e:
             self._db.close()
             raise LedgerError(str(e)) from None
         except BaseException:
             self._db.close()
             raise
+
+    def _migrate(self) -> None:
+        """Bring an older ledger to SCHEMA_VERSION in one transaction (another process may have done it)."""
+        with self._tx() as db:
+            found = user_version(db)
+            if found >= SCHEMA_VERSION:
+                return
+            if found < 2:  # 2: the runs' best checkpoint, computed from what the ledger already holds
+                db.execute("ALTER TABLE runs ADD COLUMN best_checkpoint TEXT")
+                for (run_id,) in db.execute("SELECT run_id FROM runs").fetchall():
+                    self._refresh_best(db, run_id)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -421,11 +441,70 @@ class Ledger:
         return out
 
     def mark_checkpoint_deleted(self, checkpoint_id: str, reason: str) -> None:
+        """Record a deleted checkpoint; a run whose best it was gets its best among the live ones."""
         with self._tx() as db:
             db.execute(
                 "UPDATE checkpoints SET deleted_at = ?, deleted_reason = ? WHERE checkpoint_id = ?",
                 (_now(), reason, checkpoint_id),
             )
+            for (run_id,) in db.execute(
+                "SELECT run_id FROM runs WHERE best_checkpoint = ?", (checkpoint_id,)
+            ).fetchall():
+                self._refresh_best(db, run_id)
+
+    # -- model selection (server/ledger/best.py) ----------------------------------------------
+    def checkpoint_score(self, checkpoint_id: str) -> Score | None:
+        """The checkpoint's validation score: from the round that made it, or (a base model) from the
+        evaluation of the run it is the base of; None if it was not scored."""
+        row = self._db.execute(
+            "SELECT metrics FROM rounds WHERE checkpoint_id = ? AND status = 'committed'", (checkpoint_id,)
+        ).fetchone()
+        if row is not None:
+            return score(json.loads(row["metrics"]))
+        for (metrics,) in self._db.execute(
+            "SELECT base_metrics FROM runs WHERE base_checkpoint = ? AND base_metrics IS NOT NULL ORDER BY created_at",
+            (checkpoint_id,),
+        ):
+            found = score(json.loads(metrics))
+            if found is not None:
+                return found
+        return None
+
+    def best_of(self, checkpoint_id: str) -> CheckpointRow | None:
+        """The best live checkpoint on `checkpoint_id`'s lineage (itself included) by validation score,
+        ties to the newer; with none scored, the newest live one (None: every one was deleted)."""
+        live = [c for c in self.lineage(checkpoint_id) if c.deleted_at is None]  # newest first
+        scored = [(s, c) for c in live if (s := self.checkpoint_score(c.checkpoint_id)) is not None]
+        if scored:
+            return max(scored, key=lambda sc: (sc[0], sc[1].round))[1]
+        return live[0] if live else None
+
+    def best(self, run_id: str) -> CheckpointRow | None:
+        """The run's best live checkpoint: the ledger's mark (`runs.best_checkpoint`)."""
+        run = self.run(run_id)
+        if run.best_checkpoint is not None:
+            row = self.checkpoint(run.best_checkpoint)
+            if row.deleted_at is None:
+                return row
+        return self.best_of(self.head(run_id)[1].checkpoint_id)
+
+    def _refresh_best(self, db: sqlite3.Connection, run_id: str) -> None:
+        best = self.best_of(self.head(run_id)[1].checkpoint_id)
+        db.execute(
+            "UPDATE runs SET best_checkpoint = ? WHERE run_id = ?", (best.checkpoint_id if best else None, run_id)
+        )
+
+    def worse_than(self, row: RoundRow) -> Worse | None:
+        """Whether a committed round scored below the best checkpoint before it (on its parent's
+        lineage) on validation; None if it did not, or either was not scored."""
+        if row.status != "committed":
+            return None
+        now = score(row.metrics)
+        before = self.best_of(row.parent_checkpoint)
+        was = self.checkpoint_score(before.checkpoint_id) if before else None
+        if now is None or before is None or was is None or now >= was:
+            return None
+        return Worse(row.round, now, before.checkpoint_id, was)
 
     # -- runs ---------------------------------------------------------------------------------
     def create_run(
@@ -448,7 +527,7 @@ class Ledger:
             ):
                 self._insert_checkpoint(db, base)
             db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
+                "INSERT INTO runs VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, NULL, NULL, ?, ?, ?, NULL)",
                 (
                     run_id,
                     kind,
@@ -463,6 +542,7 @@ class Ledger:
                     shard,
                 ),
             )
+            self._refresh_best(db, run_id)  # a replay starts from its rollback's lineage
         return self.run(run_id)
 
     @staticmethod
@@ -525,6 +605,7 @@ class Ledger:
         """Evaluation of the run's base model (round 0), the reference for every later round."""
         with self._tx() as db:
             db.execute("UPDATE runs SET base_metrics = ? WHERE run_id = ?", (json.dumps(metrics), run_id))
+            self._refresh_best(db, run_id)
 
     def resumable_run(self, config_sha256: str) -> RunRow | None:
         """The newest unfinished run (running, or failed/stopped part-way) with this exact configuration."""
@@ -598,6 +679,7 @@ class Ledger:
                 db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (checkpoint.checkpoint_id,))
             self._insert_checkpoint(db, checkpoint)
             self._insert_round(db, row)
+            self._refresh_best(db, row.run_id)
 
     def record_failed_round(self, row: RoundRow) -> None:
         if row.status != "failed":

@@ -1,9 +1,11 @@
 """Names, not paths: which checkpoint(s) `evaluate --model` and `export --model` mean.
 
-A name is `current` (the model a site or user should use now: the newest live run's latest committed
-checkpoint; a sharded job's shard models together), a run id (its latest live model: a run replaced by
-an unlearning replay resolves to the replay's), a checkpoint id (as `status` prints it), or a path
-to a checkpoint file. A deleted checkpoint is refused with its reason and the current model's id.
+A name is `current` (the model a site or user should use now: the best live checkpoint on the
+validation pairs of the newest live run, server/ledger/best.py; a sharded job's shard models together;
+`best` is the same), `latest` (the newest live run's last committed round, better or not), a run id
+(its latest live model: a run replaced by an unlearning replay resolves to the replay's), a checkpoint
+id (as `status` prints it), or a path to a checkpoint file. A deleted checkpoint is never served: it
+is refused with its reason and the current model's id.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 from facefed.common.errors import FacefedError
 from facefed.server.ledger.db import CheckpointRow, Ledger, LedgerError, RunRow
 
-CURRENT = "current"
+CURRENT, BEST, LATEST = "current", "best", "latest"
+NAMES = (CURRENT, BEST, LATEST)
 LIVE = ("completed", "running", "stopped")
 
 
@@ -54,8 +57,12 @@ def _head(ledger: Ledger, run: RunRow) -> CheckpointRow:
     return row
 
 
-def current(ledger: Ledger) -> list[CheckpointRow]:
-    """The newest live run's model (a sharded job: every shard run's latest), [] if there is none."""
+def _best(ledger: Ledger, run: RunRow) -> CheckpointRow:
+    return ledger.best(run.run_id) or _head(ledger, run)
+
+
+def _newest(ledger: Ledger) -> list[RunRow]:
+    """The newest live run with a committed round (a sharded job: each shard's live run), [] if none."""
     runs = [r for r in ledger.runs() if r.status in LIVE and ledger.head(r.run_id)[0] > 0]
     if not runs:
         return []
@@ -64,25 +71,36 @@ def current(ledger: Ledger) -> list[CheckpointRow]:
         shards = sorted({r.shard for r in ledger.runs() if r.family == newest.family})
         live = [ledger.live_run(newest.family, k) for k in shards]
         if all(r is not None for r in live):
-            return [_head(ledger, r) for r in live if r is not None]
-    return [_head(ledger, newest)]
+            return [r for r in live if r is not None]
+    return [newest]
+
+
+def current(ledger: Ledger) -> list[CheckpointRow]:
+    """The model to serve: the newest live run's best live checkpoint on validation (a sharded job:
+    every shard run's best), [] if there is none."""
+    return [_best(ledger, r) for r in _newest(ledger)]
+
+
+def latest(ledger: Ledger) -> list[CheckpointRow]:
+    """The newest live run's last committed checkpoint (a sharded job: every shard run's), [] if none."""
+    return [_head(ledger, r) for r in _newest(ledger)]
 
 
 def resolve(ledger: Ledger | None, name: str) -> Resolved:
-    """`current`, a run id, a checkpoint id, or a file path (see the module docstring)."""
+    """`current`/`best`, `latest`, a run id, a checkpoint id, or a file path (see the module docstring)."""
     path = Path(name).expanduser()
-    if ledger is None or (name != CURRENT and path.is_file()):
+    if ledger is None or (name not in NAMES and path.is_file()):
         if path.is_file():
             return Resolved(name, [], path)
         raise ModelNotFound(
-            f"model {name!r} is not a file; to name a checkpoint id, a run id or `current`, pass --state DIR"
+            f"model {name!r} is not a file; to name a checkpoint id, a run id, `current` or `latest`, pass --state DIR"
         )
     now = current(ledger)
     hint = f"the current model is {', '.join(r.checkpoint_id for r in now)}" if now else "no run has a model yet"
-    if name == CURRENT:
+    if name in NAMES:
         if not now:
             raise ModelNotFound(f"no current model: {hint}; train a run first")
-        return Resolved(name, now)
+        return Resolved(name, latest(ledger) if name == LATEST else now)
     runs = {r.run_id: r for r in ledger.runs()}
     if name in runs:
         run = _latest_replay(ledger, runs[name])
@@ -98,7 +116,7 @@ def resolve(ledger: Ledger | None, name: str) -> Resolved:
         row = ledger.checkpoint(name)
     except LedgerError:
         raise ModelNotFound(
-            f"model {name!r} is neither `current`, a run id, a checkpoint id nor a file; "
+            f"model {name!r} is neither `current`, `latest`, a run id, a checkpoint id nor a file; "
             f"`facefed-server runs ls --state DIR` lists them ({hint})"
         ) from None
     if row.deleted_at is not None:

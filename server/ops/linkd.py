@@ -47,6 +47,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from facefed.common.durable import atomic_write_bytes
+from facefed.server.state import StatePaths
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -232,15 +235,23 @@ class Reconciler:
         return removed
 
     def purge(self) -> None:
-        db = self.state / "superlink.db"
-        cleanup_finished_runs(self.factory)
-        purge_database(db)
+        """Flower's cleanup of finished runs, then the file purge; the record says when and which runs
+        (an unlearning names them in its receipts: server/forget/replay.py)."""
+        paths = StatePaths(self.state)
+        asked = paths.purge_request.exists()
+        started = time.time()
+        runs = cleanup_finished_runs(self.factory)
+        purge_database(paths.superlink_db)
+        record = {"started_at": started, "finished_at": time.time(), "runs_cleaned": runs}
+        atomic_write_bytes(paths.purge_record, json.dumps(record).encode())
+        if asked:
+            paths.purge_request.unlink(missing_ok=True)
 
     def loop(self, every: float, stop: threading.Event, purge_every: float = 30.0) -> None:
         last_purge = time.monotonic()
         while not stop.wait(every):
             steps: list[Callable[[], object]] = [self.once]
-            if time.monotonic() - last_purge >= purge_every:
+            if time.monotonic() - last_purge >= purge_every or StatePaths(self.state).purge_request.exists():
                 steps.append(self.purge)
                 last_purge = time.monotonic()
             for step in steps:
@@ -273,15 +284,15 @@ def purge_database(db: Path) -> None:
         con.close()
 
 
-def cleanup_finished_runs(linkstate_factory: Any) -> int:
-    """Flower's own cleanup (messages, objects, sessions) for every finished run, now."""
+def cleanup_finished_runs(linkstate_factory: Any) -> list[int]:
+    """Flower's own cleanup (messages, objects, sessions) for every finished run, now; their ids."""
     from flwr.common.constant import Status
 
     link = linkstate_factory.state()
-    done = [run.run_id for run in link.get_run_info(statuses=[Status.FINISHED])]
+    done = [int(run.run_id) for run in link.get_run_info(statuses=[Status.FINISHED])]
     for run_id in done:
         link.cleanup_run(run_id)
-    return len(done)
+    return done
 
 
 def _build(flower_args: list[str]) -> tuple[Any, Any]:

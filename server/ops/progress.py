@@ -65,7 +65,9 @@ def print_refusals(r: RoundRow) -> None:
             typer.secho(line, fg=typer.colors.RED)
 
 
-def print_round(r: RoundRow, planned: int) -> None:
+def print_round(r: RoundRow, planned: int, ledger: Ledger) -> None:
+    """The round's line; then, if validation scored it below the best model before it, one more line
+    saying so and which model stays served."""
     print_refusals(r)
     if r.status == "failed":
         typer.secho(
@@ -74,19 +76,23 @@ def print_round(r: RoundRow, planned: int) -> None:
             fg=typer.colors.YELLOW,
         )
         return
-    acc = r.metrics.get("lfw_accuracy")
+    acc, val = r.metrics.get("lfw_accuracy"), r.metrics.get("val_accuracy")
     eps = ", ".join(
         f"{s.site} {s.epsilon:.3f}" for s in r.sites if s.status == "ok" and s.epsilon is not None and s.epsilon >= 0
     )
     typer.echo(
         f"round {r.round}/{planned}: "
         + (f"LFW accuracy {acc:.4f}; " if acc is not None else "")
+        + (f"validation {val:.4f}; " if val is not None else "")
         + (f"epsilon {eps}; " if eps else "")
         + f"sites {', '.join(r.participants)}"
         + (f"; missing {', '.join(r.missing)}" if r.missing else "")
         + f"; {r.metrics.get('round_s', 0):.1f} s (slowest site {r.metrics.get('slowest_site_s', 0):.1f} s)"
         + f"; checkpoint {r.checkpoint_id} ({(r.checkpoint_sha256 or '')[:12]})"
     )
+    worse = ledger.worse_than(r)
+    if worse is not None:
+        typer.secho(worse.line(), fg=typer.colors.YELLOW)
 
 
 def flwr_status(paths: StatePaths, flwr_run: str) -> str | None:
@@ -126,12 +132,16 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
             if run is not None and run.base_metrics and (0, 0) not in shown:
                 shown.add((0, 0))
                 if not quiet and "lfw_accuracy" in run.base_metrics:
-                    typer.echo(f"round 0 (base model): LFW accuracy {run.base_metrics['lfw_accuracy']:.4f}")
+                    val = run.base_metrics.get("val_accuracy")
+                    typer.echo(
+                        f"round 0 (base model): LFW accuracy {run.base_metrics['lfw_accuracy']:.4f}"
+                        + (f"; validation {val:.4f}" if val is not None else "")
+                    )
             for r in rows:
                 if (r.round, r.attempt) not in shown:
                     shown.add((r.round, r.attempt))
                     if not quiet:
-                        print_round(r, run.rounds_planned if run else 0)
+                        print_round(r, run.rounds_planned if run else 0, ledger)
             # A resumed run shows how its previous attempt ended (written, after a server crash, by a
             # ServerApp that may outlive the submission by seconds) until ours opens it: an end counts
             # only once the run's latest attempt is our Flower run.
@@ -142,7 +152,10 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
             ):
                 if run.status == "completed":
                     if not quiet:
-                        typer.echo(f"run {run_id} completed")
+                        best = ledger.best(run_id)
+                        typer.echo(
+                            f"run {run_id} completed" + (f"; its best model: {best.checkpoint_id}" if best else "")
+                        )
                     return 0
                 typer.secho(f"run {run_id} {run.status}: {run.detail}", fg=typer.colors.RED, err=True)
                 return 1
@@ -202,7 +215,7 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                     if (run.run_id, r.round, r.attempt) not in shown:
                         shown.add((run.run_id, r.round, r.attempt))
                         typer.echo(f"replay {run.run_id} (replaces {run.parent_run_id}): ", nl=False)
-                        print_round(r, run.rounds_planned)
+                        print_round(r, run.rounds_planned, ledger)
             for q in ledger.requests():
                 if seen.get(q.request_id) != q.status:
                     seen[q.request_id] = q.status

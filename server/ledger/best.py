@@ -1,0 +1,60 @@
+"""Which checkpoint a run serves: the best one on the validation pairs, never on the test pairs.
+
+Each evaluated round (and the base model, round 0, when it is evaluated) is scored on LFW
+`pairsDevTrain` (people disjoint from the test pairs; the pass that picks the decision threshold,
+common/calibration.py `validate`) and the scores go into the round's metrics: `val_accuracy`,
+`val_accuracy_std`, `val_auc`, `val_pairs`. The test pairs' numbers (`lfw_*`) are reported, never
+used to choose.
+
+The score is (`val_accuracy`, `val_auc`), compared in that order. The 10-fold CV accuracy is the
+protocol's own number, the one every table shows, so "best" means what an operator reads; on the
+validation subset (up to 1,000 pairs: steps of 0.1 %, near LFW's ceiling) it often ties, and the AUC
+(threshold-free, continuous) breaks the tie. An exact tie goes to the newer checkpoint: the served
+model moves on with training unless validation says the new round is worse.
+
+Candidates are the live (not deleted) checkpoints on the run's lineage that were scored: its
+evaluated rounds, its base model if evaluated, and for an unlearning replay the rollback checkpoint
+and its ancestors (a replay's lineage never holds a tainted checkpoint). Rounds that were not
+evaluated are not candidates; when no checkpoint on the lineage was scored (evaluation off, or a
+ledger from before validation scores), the best is the latest. The ledger keeps the result in
+`runs.best_checkpoint` (server/ledger/db.py) and `current` serves it (server/ledger/models.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+VAL_ACCURACY, VAL_AUC = "val_accuracy", "val_auc"
+Score = tuple[float, float]
+
+
+def score(metrics: dict[str, Any] | None) -> Score | None:
+    """The validation score of a round's (or a base model's) metrics; None if it was not scored."""
+    if not metrics or metrics.get(VAL_ACCURACY) is None:
+        return None
+    auc = metrics.get(VAL_AUC)
+    return float(metrics[VAL_ACCURACY]), float(auc) if auc is not None and auc == auc else 0.0
+
+
+def percent(s: Score) -> str:
+    return f"{100 * s[0]:.2f} %"
+
+
+@dataclass(frozen=True)
+class Worse:
+    """A committed round whose validation score is below the best checkpoint before it."""
+
+    round: int
+    score: Score
+    best_checkpoint: str
+    best_score: Score
+
+    def line(self) -> str:
+        """`round 3 made the model worse on validation (98.40 % -> 98.10 %); the served model stays X`."""
+        was, now = percent(self.best_score), percent(self.score)
+        change = f"{was} -> {now}" + (f", AUC {self.best_score[1]:.4f} -> {self.score[1]:.4f}" if was == now else "")
+        return (
+            f"round {self.round} made the model worse on validation ({change}); "
+            f"the served model stays {self.best_checkpoint}"
+        )
