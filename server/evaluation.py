@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from facefed.common.durable import atomic_write_bytes
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet
 from facefed.server.ledger.best import VAL_ACCURACY, VAL_AUC
@@ -130,10 +131,7 @@ def save_roc(evaluator: object, checkpoint_path: str) -> None:
     roc = getattr(evaluator, "last_roc", None)
     if roc is None:
         return
-    path = Path(checkpoint_path).with_suffix(".roc.json")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(roc))
-    tmp.replace(path)
+    atomic_write_bytes(roc_path(checkpoint_path), json.dumps(roc).encode())
 
 
 def roc_path(checkpoint_path: str) -> Path:

@@ -249,3 +249,28 @@ def test_code_running_as_the_node_user_reads_nothing_and_gets_only_a_refusal(sep
     assert answer["refusal"] == "policy" and "noise" in answer["reason"], answer
     time.sleep(0.5)
     assert "round refused (policy)" in (fed.site_dir("north") / "vault" / "site" / "logs" / "worker.log").read_text()
+
+
+def test_a_layout_the_node_user_could_read_is_refused_with_its_fix(separated):
+    from facefed.client.site.privsep import PrivsepError, check, node_account, owner_of, prepare
+
+    fed, owner, node, node_dir, proc = separated
+    vault, state = fed.vault("north"), fed.vault("north") / "site"
+    acct = node_account(node.pw_name)
+    assert check(vault, state, acct).uid == owner.pw_uid
+    vault.chmod(0o750)  # group-readable: refused, naming the chmod
+    try:
+        with pytest.raises(PrivsepError, match=r"chmod 700"):
+            check(vault, state, acct)
+    finally:
+        vault.chmod(0o700)
+    with pytest.raises(PrivsepError, match="the node user must own nothing"):
+        check(vault, state, owner_of(vault))  # the vault's owner as the node user
+    busy = Path(tempfile.mkdtemp(prefix="facefed-notnode-"))
+    try:
+        (busy / "precious.txt").write_text("x")  # a directory facefed did not make is never taken over
+        with pytest.raises(PrivsepError, match="not a node directory facefed made"):
+            prepare(busy, acct, owner_of(vault), config_text="", ca_cert=None, node_key=None)
+        assert (busy / "precious.txt").read_text() == "x" and busy.stat().st_uid == 0
+    finally:
+        shutil.rmtree(busy)

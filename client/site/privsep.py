@@ -165,6 +165,13 @@ def prepare(
 ) -> NodeDir:
     """Lay out NODE_DIR (see the module doc) afresh, with its owners and modes."""
     d = NodeDir(Path(root))
+    if d.root.exists():  # it is chowned and its parts replaced: only ever a directory this code made
+        foreign = sorted(p.name for p in d.root.iterdir() if p.name not in (NODE_CONFIG, CA_CERT, HOME, LINK))
+        if foreign or not d.root.is_dir():
+            raise PrivsepError(
+                f"--node-dir {d.root} is not a node directory facefed made (it holds {', '.join(foreign[:3]) or 'a file'}); "
+                "give a new or empty directory"
+            )
     d.root.mkdir(parents=True, exist_ok=True)
     os.chown(d.root, 0, 0)
     d.root.chmod(0o755)

@@ -34,7 +34,9 @@ def score(metrics: dict[str, Any] | None) -> Score | None:
     if not metrics or metrics.get(VAL_ACCURACY) is None:
         return None
     auc = metrics.get(VAL_AUC)
-    return float(metrics[VAL_ACCURACY]), float(auc) if auc is not None and auc == auc else 0.0
+    # Rounded to what the operator reads (0.01 % and 4 AUC decimals): a difference nobody can see is a
+    # tie, which goes to the newer checkpoint, never a "made the model worse" line with equal numbers.
+    return round(float(metrics[VAL_ACCURACY]), 4), round(float(auc), 4) if auc is not None and auc == auc else 0.0
 
 
 def percent(s: Score) -> str:
