@@ -21,6 +21,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from facefed.common.config import validate_config
+from facefed.common.fedconfig import FederationConfig
 from facefed.common.protocol.forget import REPLY_KEY, QueryReply
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL, pack, unpack
 
@@ -34,6 +36,24 @@ SiteFn = Callable[[RecordDict], RecordDict | None]
 
 # What a site does to the tail it received: (tensors, the order's config record) -> tensors.
 Change = Callable[[dict[str, np.ndarray], ConfigRecord], dict[str, np.ndarray]]
+
+
+# The small federation the Coordinator tests drive through LocalGrid: two short rounds, fast timeouts.
+TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
+
+
+def make_config(**over) -> FederationConfig:
+    data = {
+        "rounds": 2,
+        "min_sites": 2,
+        "round_timeout_s": 2.0,
+        "wait_for_sites_s": 0.0,
+        "max_round_attempts": 1,
+        "evaluate": {"every": 0},
+        "train": dict(TRAIN),
+    }
+    data.update(over)
+    return validate_config(data, FederationConfig)
 
 
 def shifted_site(

@@ -16,8 +16,7 @@ import json
 
 import pytest
 import torch
-from federation_support import LocalGrid, shifted_site
-from test_federation_rounds import make_config
+from federation_support import LocalGrid, make_config, shifted_site
 from test_unlearn import QuerySite, request
 from typer.testing import CliRunner
 

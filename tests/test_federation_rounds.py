@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from federation_support import ROOT, LocalGrid, shifted_site
+from federation_support import ROOT, TRAIN, LocalGrid, make_config, shifted_site
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from facefed.client.forget.contributions import ContributionLog
@@ -27,22 +27,6 @@ from facefed.server.ledger.db import Ledger, LedgerError
 from facefed.server.ops.submission import Submission, read_submission, write_submission
 from facefed.server.state import StatePaths
 from facefed.server.strategy import BackboneAverage, ReplyRejected
-
-TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
-
-
-def make_config(**over) -> FederationConfig:
-    data = {
-        "rounds": 2,
-        "min_sites": 2,
-        "round_timeout_s": 2.0,
-        "wait_for_sites_s": 0.0,
-        "max_round_attempts": 1,
-        "evaluate": {"every": 0},
-        "train": dict(TRAIN),
-    }
-    data.update(over)
-    return validate_config(data, FederationConfig)
 
 
 def coordinator(state, grid, cfg, pretrained_file, *, run_id="t-run", resume=False, evaluator=None) -> Coordinator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from federation_support import LocalGrid, shifted_site
+from federation_support import TRAIN, LocalGrid, shifted_site
 from typer.testing import CliRunner
 
 from facefed.common.config import validate_config
@@ -20,8 +20,6 @@ from facefed.server.cli.main import app as server_cli
 from facefed.server.evaluation import roc_path
 from facefed.server.ledger.db import Ledger
 from facefed.server.ops.submission import Submission
-
-TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import sys
 from contextlib import redirect_stdout
 
-from federation_support import LocalGrid, shifted_site
+from federation_support import TRAIN, LocalGrid, shifted_site
 from typer.testing import CliRunner
 
 from facefed.common.childproc import run_foreground
@@ -21,8 +21,6 @@ from facefed.server.ops.progress import PhaseTicker
 from facefed.server.ops.submission import Submission
 from facefed.server.ops.superlink import POLLING
 from facefed.server.sites import Sites
-
-TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 
 
 def test_log_files_are_plain_and_quiet(tmp_path):

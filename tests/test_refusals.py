@@ -13,14 +13,15 @@ import json
 import time
 
 import pytest
-from federation_support import LocalGrid, shifted_site
+from federation_support import TRAIN, LocalGrid, shifted_site
+from federation_support import make_config as small_config
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from typer.testing import CliRunner
 
 from facefed.client.site import app as client_app
 from facefed.client.site.refusal import kind_of, reason_of
 from facefed.common.accountant import AccountantMismatch, BudgetExceeded
-from facefed.common.config import ConfigError, validate_config
+from facefed.common.config import ConfigError
 from facefed.common.fedconfig import FederationConfig
 from facefed.common.paths import DataNotFound
 from facefed.common.protocol.tail import NAMES, SHAPES, TAIL
@@ -30,21 +31,10 @@ from facefed.server.cli.main import app as server_cli
 from facefed.server.ledger.db import Ledger
 from facefed.server.ops.submission import Submission
 
-TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
-
 
 def make_config(**over) -> FederationConfig:
-    data = {
-        "rounds": 2,
-        "min_sites": 2,
-        "round_timeout_s": 2.0,
-        "wait_for_sites_s": 0.0,
-        "max_round_attempts": 3,
-        "evaluate": {"every": 0},
-        "train": dict(TRAIN),
-    }
-    data.update(over)
-    return validate_config(data, FederationConfig)
+    """Three attempts allowed: a refusal must still fail the run at once, not after retries."""
+    return small_config(**{"max_round_attempts": 3, **over})
 
 
 def refusing_site(name: str, kind: str, reason: str):

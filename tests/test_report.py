@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from federation_support import ROOT, LocalGrid, shifted_site
+from federation_support import ROOT, TRAIN, LocalGrid, shifted_site
 from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
@@ -29,7 +29,6 @@ from facefed.server.cli.main import app as server_cli
 from facefed.server.ledger.db import ForgetRow, Ledger
 from facefed.server.ops.submission import Submission
 
-TRAIN = {"privacy_unit": "person", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
 ARTIFACTS = Path(os.environ.get("FACEFED_ARTIFACTS", ROOT / "test-artifacts"))
 PLOTS = ("accuracy", "epsilon", "roc", "requests", "participation")
 
