@@ -145,11 +145,11 @@ class SiteState:
 
     @property
     def worker_socket(self) -> Path:
-        return self.state_dir / WORKER_SOCKET_NAME
+        return worker_socket_in(self.state_dir)
 
     @property
     def worker_key(self) -> Path:
-        return self.state_dir / WORKER_KEY_NAME
+        return worker_key_in(self.state_dir)
 
     @property
     def logs_dir(self) -> Path:
@@ -229,3 +229,14 @@ def server_key_path(vault_dir: str | Path) -> Path:
 
 def policy_path(vault_dir: str | Path) -> Path:
     return Path(vault_dir) / POLICY_NAME
+
+
+def worker_socket_in(link: str | Path) -> Path:
+    """The warm worker's socket in `link`: the state directory, or a privilege-separated node's
+    NODE_DIR/link (client/site/privsep.py)."""
+    return Path(link) / WORKER_SOCKET_NAME
+
+
+def worker_key_in(link: str | Path) -> Path:
+    """The worker's HMAC key beside its socket."""
+    return Path(link) / WORKER_KEY_NAME

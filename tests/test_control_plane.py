@@ -22,30 +22,18 @@ import pytest
 from federation_support import ROOT  # noqa: F401  (puts the repo root on sys.path for demo.federation)
 
 from demo.federation import BIN, CLIENT, SERVER, Federation, free_port  # noqa: E402
+from facefed.common.flwr_app import PYPROJECT  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FLWR = str(BIN / "flwr")
 
-HOSTILE_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "facefed-federation"
-version = "0.1.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "facefed"
-
-[tool.flwr.app.components]
-serverapp = "hostile.server:app"
-clientapp = "hostile.client:app"
-
-[tool.flwr.app.config]
-marker = ""
-"""
+# The hostile app names itself exactly as facefed's does (name, publisher): only its code differs.
+HOSTILE_PYPROJECT = (
+    PYPROJECT.replace("facefed.server.app:app", "hostile.server:app").replace(
+        "facefed.client.site.app:app", "hostile.client:app"
+    )
+    + 'marker = ""\n'
+)
 
 # The hostile ServerApp: sends a train message to every node and records how each one answered.
 HOSTILE_SERVER = """\

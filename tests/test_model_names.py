@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from federation_support import TRAIN, LocalGrid, shifted_site
+from federation_support import LocalGrid, make_config, shifted_site
 from typer.testing import CliRunner
 
-from facefed.common.config import validate_config
-from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import sha256_file
 from facefed.server.app import Coordinator
 from facefed.server.cli.main import app as server_cli
@@ -24,17 +22,7 @@ from facefed.server.ops.submission import Submission
 
 @pytest.fixture
 def trained(state, pretrained_file, lfw_file):
-    cfg = validate_config(
-        {
-            "rounds": 2,
-            "min_sites": 2,
-            "round_timeout_s": 2.0,
-            "wait_for_sites_s": 0.0,
-            "evaluate": {"every": 1, "max_pairs": 40},
-            "train": TRAIN,
-        },
-        FederationConfig,
-    )
+    cfg = make_config(evaluate={"every": 1, "max_pairs": 40}, max_round_attempts=2)
     grid = LocalGrid({1: ("", shifted_site("alpha", 0.01, 2)), 2: ("", shifted_site("beta", -0.02, 3))})
     sub = Submission(
         name="sub-test", run_id="t-run", resume=False, config=cfg, lfw=str(lfw_file), pretrained=str(pretrained_file)

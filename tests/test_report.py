@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from federation_support import ROOT, TRAIN, LocalGrid, shifted_site
+from federation_support import ROOT, LocalGrid, make_config, shifted_site
 from flwr.app import ConfigRecord, RecordDict
 from typer.testing import CliRunner
 
-from facefed.common.config import validate_config
-from facefed.common.fedconfig import FederationConfig
 from facefed.common.protocol.train import REFUSAL, TrainRefusal
 from facefed.server.app import Coordinator
 from facefed.server.cli.main import app as server_cli
@@ -73,17 +71,7 @@ def refusing(name: str):
 
 
 def test_report_renders_in_a_browser(state, pretrained_file, lfw_file, tmp_path):
-    cfg = validate_config(
-        {
-            "rounds": 2,
-            "min_sites": 2,
-            "round_timeout_s": 2.0,
-            "wait_for_sites_s": 0.0,
-            "evaluate": {"every": 1, "max_pairs": 40},
-            "train": TRAIN,
-        },
-        FederationConfig,
-    )
+    cfg = make_config(evaluate={"every": 1, "max_pairs": 40}, max_round_attempts=2)
     grid = LocalGrid(
         {
             1: ("", shifted_site("north", 0.01, 2)),

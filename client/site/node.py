@@ -23,7 +23,7 @@ from pathlib import Path
 import tomli_w
 
 from facefed.client.site import guard, privsep, worker
-from facefed.client.state import SiteState
+from facefed.client.state import SiteState, worker_socket_in
 from facefed.common.childproc import die_with_parent, flower_env, run_foreground
 from facefed.common.errors import FacefedError
 from facefed.common.nodekeys import check_site_name, fingerprint, load_private
@@ -339,7 +339,7 @@ def run_node(s: NodeSettings) -> int:
             except subprocess.TimeoutExpired:
                 warm.kill()
                 warm.wait()
-            worker.socket_path(where.link).unlink(missing_ok=True)
+            worker_socket_in(where.link).unlink(missing_ok=True)
     if why:
         raise NodeError(why)
     return code

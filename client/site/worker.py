@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from facefed.client.site.privsep import Account, share_key
-from facefed.client.state import WORKER_KEY_NAME, WORKER_SOCKET_NAME
+from facefed.client.state import worker_key_in, worker_socket_in
 from facefed.common.certs import write_private
 from facefed.common.protocol.tail import NAMES, SHAPES, pack, unpack
 from facefed.common.protocol.train import SiteInfo, TrainMetrics, TrainReply
@@ -50,16 +50,6 @@ from facefed.common.protocol.worker import (
 )
 
 STARTUP_TIMEOUT_S = 120.0
-
-
-def socket_path(link: Path) -> Path:
-    """The worker's socket in `link`: the site state directory, or a privilege-separated node's
-    NODE_DIR/link (client/site/privsep.py)."""
-    return Path(link) / WORKER_SOCKET_NAME
-
-
-def key_path(link: Path) -> Path:
-    return Path(link) / WORKER_KEY_NAME
 
 
 def link_of(node_config: dict[str, Any]) -> Path:
@@ -78,8 +68,8 @@ def serve(node_config: Path) -> None:
     if site.vault is None:
         raise SiteConfigError("the warm worker serves a node with a vault (`facefed-client start`)")
     link = link_of(nc)
-    key = key_path(link).read_bytes()
-    sock = socket_path(link)
+    key = worker_key_in(link).read_bytes()
+    sock = worker_socket_in(link)
     sock.unlink(missing_ok=True)
     # 0600; 0660 for a privilege-separated node, whose ClientApps connect as the node user's group
     old = os.umask(0o117 if nc.get("privsep") else 0o177)
@@ -158,12 +148,12 @@ def start(
     readable by the node user's group (client/site/privsep.py). Without waiting, rounds that arrive
     before it is ready are trained in the ClientApp's process (never on a privilege-separated node)."""
     link = Path(link)
-    write_private(key_path(link), secrets.token_bytes(32))
-    socket_path(link).unlink(missing_ok=True)
+    write_private(worker_key_in(link), secrets.token_bytes(32))
+    worker_socket_in(link).unlink(missing_ok=True)
     who: dict[str, Any] = {}
     if separated is not None:
         owner, node = separated
-        share_key(key_path(link), owner, node)
+        share_key(worker_key_in(link), owner, node)
         who = {"user": owner.uid, "group": owner.gid, "extra_groups": []}
     out = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
@@ -176,7 +166,7 @@ def start(
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while wait and time.monotonic() < deadline:
-        if socket_path(link).exists():
+        if worker_socket_in(link).exists():
             return proc
         if proc.poll() is not None:
             raise RuntimeError(f"the training worker exited at start (code {proc.returncode}); see {log_path}")
@@ -189,7 +179,7 @@ def start(
 
 def call(link: Path, request: WorkerCall, tail: bytes = b"") -> tuple[WorkerAnswer, bytes] | None:
     """Send one call to the worker and wait for its answer (validated); None if there is no worker to ask."""
-    sock, key = socket_path(link), key_path(link)
+    sock, key = worker_socket_in(link), worker_key_in(link)
     if not sock.exists() or not key.exists():
         return None
     try:
