@@ -58,8 +58,9 @@ bench: check-data install
 
 # Docker: build the images, run docker/compose.yml (server, 3 sites, 9 share holders), one round, a
 # forget + unlearn + receipt check, a scan of every container; then tear down and prune (docker/smoke.py,
-# about 15 min on 2 cores). Uses a running engine (docker info), else starts ../shared/tools/docker-engine
-# (and its local torch CPU wheel) and stops it again afterwards unless DOCKER_KEEP_ENGINE=1.
+# about 10 min on 2 cores). Uses a running engine (docker info), else starts ../shared/tools/docker-engine
+# through docker/engine.sh (overlay2 storage where overlayfs mounts, else vfs), with its local torch CPU
+# wheel, and stops it again afterwards unless DOCKER_KEEP_ENGINE=1.
 # DOCKER_TEST_ARGS: e.g. --keep-images for faster reruns.
 DOCKER_ENGINE ?= $(SHARED)/tools/docker-engine
 DOCKER_TEST_ARGS ?=
@@ -70,7 +71,7 @@ docker-test: check-data
 	    echo "docker-test: no Docker engine (docker info fails) and no $(DOCKER_ENGINE) to start one"; exit 2; fi; \
 	  root=$${FACEFED_DOCKER_ROOT:-$${TMPDIR:-/tmp}/facefed-docker}; \
 	  docker -H "unix://$$root/docker.sock" info >/dev/null 2>&1 || started=1; \
-	  eval "$$($(DOCKER_ENGINE) start)"; \
+	  eval "$$(DOCKER_ENGINE=$(DOCKER_ENGINE) docker/engine.sh start)"; \
 	  FACEFED_TORCH_FIND_LINKS=$${FACEFED_TORCH_FIND_LINKS:-$$($(DOCKER_ENGINE) wheels)}; \
 	  export FACEFED_TORCH_FIND_LINKS; \
 	fi; \
