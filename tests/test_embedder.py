@@ -104,7 +104,7 @@ def test_server_checkpoint_carries_threshold_preprocessing_and_provenance(model,
     assert "pairsDevTrain.txt" in t.validation and t.n_pairs == 200 and t.n_impostor == 100
     assert t.impostors_accepted == 0 and -1 < t.threshold < 1 and 0 < (t.tar or 0) <= 1
     assert model.preprocessing["layout"] == "aligned-112 from canonical-224"
-    assert model.preprocessing["aligner"] == "dlib-hog1-sp5-v1" and model.preprocessing["flip_average"] is True
+    assert model.preprocessing["aligner"] == "dlib-hog1-mmod320-sp5-v2" and model.preprocessing["flip_average"] is True
     p = model.provenance
     assert (p["run_id"], p["round"], p["facefed_version"]) == ("emb-run", 1, facefed.__version__)
     assert p["base_sha256"] == sha256_file(pretrained_file) and len(p["parent_sha256"]) == 64

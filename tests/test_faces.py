@@ -203,7 +203,7 @@ def test_lfw_import_aligns_and_stores_canonical_crops(lfw_file, tmp_path):
     assert again.exit_code == 0 and "0 detected" in again.stdout, again.output
 
 
-def test_training_from_lfw_is_aligned_like_the_vault_and_skips_images_with_no_face(lfw):
+def test_training_from_lfw_is_aligned_like_the_vault_and_skips_images_with_no_face(lfw, monkeypatch):
     """faces_from_lfw (benchmarks, simulated sites): the canonical crop's centre, never the fixed crop;
     an image with no detection is left out and listed."""
     from facefed.client.training.faces import faces_from_lfw
@@ -211,9 +211,46 @@ def test_training_from_lfw_is_aligned_like_the_vault_and_skips_images_with_no_fa
     with warnings.catch_warnings():
         warnings.simplefilter("error", FixedCropFallback)
         faces = faces_from_lfw(lfw, ["Aaron_Peirsol", "Arlen_Specter"], max_per_person=3)
+        assert faces.skipped == [] and faces.counts.tolist() == [3, 3]  # the CNN stage finds the turned face
+        monkeypatch.setenv("FACEFED_ALIGNER", "dlib-hog")
+        faces = faces_from_lfw(lfw, ["Aaron_Peirsol", "Arlen_Specter"], max_per_person=3)
     assert faces.skipped == ["Arlen_Specter/Arlen_Specter_0003.jpg"]  # a frontal-detector miss
     assert faces.counts.tolist() == [3, 2] and faces.n_images == 5
     img = Image.open(io.BytesIO(lfw.load_images([A[0]])[A[0]])).convert("RGB")
     crop = canonical_crop(img, pick_central(detect(img), img.size).landmarks)
     expected = torch.from_numpy(np.asarray(crop.crop(CANONICAL_CENTRE)).copy()).permute(2, 0, 1)
     assert (faces.images[0].float() - expected.float()).abs().mean() < 2.0  # the same crop, after JPEG q95
+
+
+def test_the_cnn_stage_finds_turned_faces_that_hog_misses_and_aligns_them(lfw, model, tmp_path, monkeypatch):
+    """Three View 2 images where dlib's frontal HOG detector finds no face (turned heads): HOG alone
+    falls back to the fixed crop; `dlib` (HOG, then the MMOD CNN) finds each face, and its aligned
+    crop matches the person's own other photo far above the other two people."""
+    misses = [ImageKey("Abdoulaye_Wade", 3), ImageKey("Jane_Fonda", 2), ImageKey("Saeb_Erekat", 2)]
+    others = [ImageKey("Abdoulaye_Wade", 1), ImageKey("Jane_Fonda", 1), ImageKey("Saeb_Erekat", 1)]
+    data = lfw.load_images(misses + others)
+    img = {k: Image.open(io.BytesIO(v)).convert("RGB") for k, v in data.items()}
+    aligned = []
+    for k in misses:
+        assert pick_central(detect(img[k], backend="dlib-hog"), img[k].size) is None, k
+        face = pick_central(detect(img[k], backend="dlib"), img[k].size)
+        assert face is not None and face.size >= 56, k
+        aligned.append(align(img[k], face.landmarks))
+    sims = (
+        embed(model, aligned)
+        @ embed(model, [align(img[k], single_face(img[k], what=str(k)).landmarks) for k in others]).T
+    )
+    for i in range(3):
+        rest = torch.cat([sims[i, :i], sims[i, i + 1 :]])
+        assert float(sims[i, i]) > float(rest.max()) + 0.15, sims
+
+    # The landmarks cache of public images: `dlib` reuses HOG-only entries where HOG found a face and
+    # detects only the rest.
+    from facefed.common.faces.lfw import AlignReport, align_public
+
+    monkeypatch.setenv("FACEFED_CACHE", str(tmp_path / "cache"))
+    items = [(k, data[k]) for k in (misses[0], others[0])]
+    hog_only, both = AlignReport(), AlignReport()
+    assert [c is None for _, _, c in align_public(items, backend="dlib-hog", report=hog_only)] == [True, False]
+    assert [c is None for _, _, c in align_public(items, backend="dlib", report=both)] == [False, False]
+    assert (hog_only.detected, both.detected, both.cached, both.no_face) == (2, 1, 1, [])

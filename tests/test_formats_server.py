@@ -158,7 +158,7 @@ def test_checkpoint_file_format(tmp_path):
         "threshold": threshold,
         "preprocessing": {
             "layout": "aligned-112 from canonical-224",
-            "aligner": "dlib-hog1-sp5-v1",
+            "aligner": "dlib-hog1-mmod320-sp5-v2",
             "input": "RGB 112x112",
             "normalisation": "RGB x/127.5 - 1 (== (x/255 - 0.5) / 0.5)",
             "flip_average": True,

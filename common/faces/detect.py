@@ -1,10 +1,13 @@
 """Face detectors behind one small interface, and the enrolment rule "exactly one usable face".
 
 A backend is any callable `Detector` (PIL image -> list[Face], best first) with a `name` that
-identifies detector, weights and landmark mapping (the landmarks cache is keyed by it). The one
-backend today is dlib (`dlib-bin`, Boost Software License): its HOG frontal detector and the CC0
-5-point shape predictor shipped inside `face-recognition-models` (nothing is downloaded at run
-time). dlib's 5 points are the four eye corners and the nose base, not ArcFace's points; they are
+identifies detector, weights and landmark mapping (the landmarks cache is keyed by it). The
+backends are dlib's (`dlib-bin`, Boost Software License) with models shipped inside
+`face-recognition-models` (public domain; nothing is downloaded at run time): `dlib` (the default)
+runs the HOG frontal detector and, only where it finds no face, dlib's MMOD CNN detector on the
+photo scaled down to CNN_MAX_SIDE (HOG misses turned faces: 40 of View 2's 7,701 images, all of
+which the CNN finds; bench/faces.py); `dlib-hog` is HOG alone (what checkpoints before the CNN
+stage were evaluated with). Both place the 5-point shape predictor in the detected box. dlib's 5 points are the four eye corners and the nose base, not ArcFace's points; they are
 fitted onto DLIB5_TEMPLATE, the mean position of those points in the ArcFace 112x112 frame
 (measured on 1,000 LFW peopleDevTrain faces, disjoint from the test pairs), and the returned
 ArcFace-order landmarks are the ArcFace template mapped back through that fit, so that
@@ -41,6 +44,9 @@ DEFAULT_BACKEND = "dlib"
 # A face whose 112x112 region spans fewer source pixels than this would be upscaled more than 2x.
 MIN_FACE_PX = 56
 DETECT_MAX_SIDE = 800  # detectors see photos downscaled to this (landmarks come from full resolution)
+# The CNN fallback sees the photo at most this big, at no upsampling: it finds faces of at least about a
+# quarter of the photo's side (80 px of 320) in ~1 s on 2 cores, where 800 px took 6 to 12 s.
+CNN_MAX_SIDE = 320
 
 # dlib's 5 points (image-left eye outer, inner, image-right eye inner, outer, nose base) in the
 # ArcFace 112x112 frame (docs/faces.md: fitted on LFW peopleDevTrain).
@@ -87,22 +93,37 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-class DlibDetector:
-    """dlib HOG frontal detector (upsample 1) + the 5-point shape predictor, mapped to ArcFace order."""
+def _downscaled(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    if not max_side or max(img.size) <= max_side:
+        return img, 1.0
+    scale = max_side / max(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BOX), scale
 
-    name = "dlib-hog1-sp5-v1"
+
+class DlibDetector:
+    """dlib HOG frontal detector (upsample 1); where it finds nothing, dlib's MMOD CNN detector on the
+    photo at CNN_MAX_SIDE; then the 5-point shape predictor in each box, mapped to ArcFace order."""
+
+    name = "dlib-hog1-mmod320-sp5-v2"
+    cnn_fallback = True
+    # Where the HOG-only backend found a face, this one gives the same landmarks (the CNN runs only
+    # on HOG misses), so a landmarks cache of public images filled by it can be reused.
+    same_faces_as: str | None = "dlib-hog1-sp5-v1"
 
     def __init__(self, upsample: int = 1, max_side: int = DETECT_MAX_SIDE):
         models = _package_dir("face_recognition_models") / "models"
         predictor = models / "shape_predictor_5_face_landmarks.dat"
-        if not predictor.is_file():
-            raise AlignerUnavailable(f"{predictor} is missing; reinstall face-recognition-models")
+        mmod = models / "mmod_human_face_detector.dat"
+        for f in (predictor, mmod) if self.cnn_fallback else (predictor,):
+            if not f.is_file():
+                raise AlignerUnavailable(f"{f} is missing; reinstall face-recognition-models")
         try:
             import dlib
         except ImportError as e:
             raise AlignerUnavailable(f"dlib is not importable ({e}); install dlib-bin") from e
         self._dlib: Any = dlib
         self._detector = dlib.get_frontal_face_detector()
+        self._cnn = dlib.cnn_face_detection_model_v1(str(mmod)) if self.cnn_fallback else None
         self._predictor = dlib.shape_predictor(str(predictor))
         self.upsample, self.max_side = upsample, max_side
         self._lock = threading.Lock()  # one detection at a time: dlib objects are not shared across threads
@@ -114,27 +135,42 @@ class DlibDetector:
         out: Landmarks = p[[2, 3, 1, 0, 4]]
         return out
 
+    def _boxes(self, img: Image.Image) -> list[tuple[tuple[float, float, float, float], float]]:
+        """(box in `img`'s pixels, score) per face: HOG, else the CNN (its confidence is on another
+        scale than HOG's; within one photo the faces come from one detector only)."""
+        small, scale = _downscaled(img, self.max_side)
+        rects, scores, _ = self._detector.run(np.asarray(small), self.upsample, 0.0)
+        found = [((r.left(), r.top(), r.right(), r.bottom()), float(s), scale) for r, s in zip(rects, scores)]
+        if not found and self._cnn is not None:
+            small, scale = _downscaled(img, CNN_MAX_SIDE)
+            found = [
+                ((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence), scale)
+                for d in self._cnn(np.asarray(small), 0)
+            ]
+        return [(tuple(v / sc for v in box), score) for box, score, sc in found]
+
     def __call__(self, image: Image.Image) -> list[Face]:
         img = image.convert("RGB")
-        scale = 1.0
-        small = img
-        if self.max_side and max(img.size) > self.max_side:
-            scale = self.max_side / max(img.size)
-            small = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BOX)
         arr = np.asarray(img)
         with self._lock:
-            rects, scores, _ = self._detector.run(np.asarray(small), self.upsample, 0.0)
             faces = []
-            for r, s in zip(rects, scores):
-                box = (r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
+            for box, score in self._boxes(img):
                 full = self._dlib.rectangle(*(round(v) for v in box))
                 p = self._points(arr, full)
                 inv = np.linalg.inv(np.vstack([similarity_transform(p, DLIB5_TEMPLATE), [0.0, 0.0, 1.0]]))[:2]
-                faces.append(Face(box, apply(inv, ARCFACE_TEMPLATE), float(s)))
+                faces.append(Face(box, apply(inv, ARCFACE_TEMPLATE), score))
         return sorted(faces, key=lambda f: -f.score)
 
 
-BACKENDS: dict[str, Callable[[], Detector]] = {"dlib": DlibDetector}
+class DlibHogDetector(DlibDetector):
+    """HOG alone (no CNN stage): faster on photos without a frontal face, misses turned faces."""
+
+    name = "dlib-hog1-sp5-v1"
+    cnn_fallback = False
+    same_faces_as = None
+
+
+BACKENDS: dict[str, Callable[[], Detector]] = {"dlib": DlibDetector, "dlib-hog": DlibHogDetector}
 _built: dict[str, Detector] = {}
 _build_lock = threading.Lock()
 
@@ -149,7 +185,7 @@ def available_backends() -> list[str]:
     found = []
     for name in BACKENDS:
         try:
-            if name == "dlib":
+            if name in ("dlib", "dlib-hog"):
                 _package_dir("face_recognition_models")
                 if importlib.util.find_spec("dlib") is None:
                     continue

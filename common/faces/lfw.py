@@ -124,12 +124,21 @@ def align_public(
     """(key, decoded RGB image, aligned central face or None) for each (key, JPEG/PNG bytes)."""
     detector = get_detector(backend)
     cache = LandmarkCache(detector.name) if use_cache else None
+    # a backend that finds the same faces as another wherever that one found any (dlib = HOG, then a
+    # CNN on HOG's misses) takes those entries from the other's cache and detects only the rest
+    alike = getattr(detector, "same_faces_as", None)
+    base = LandmarkCache(alike) if use_cache and alike else None
     report = report if report is not None else AlignReport()
     try:
         for n, (key, data) in enumerate(items, start=1):
             image = Image.open(io.BytesIO(data)).convert("RGB")
             digest = LandmarkCache.key(data)
             hit, lm = cache.get(digest) if cache is not None else (False, None)
+            if not hit and base is not None and cache is not None:
+                hit, lm = base.get(digest)
+                hit = hit and lm is not None  # its "no face" is not ours: the CNN may find one
+                if hit:
+                    cache.put(digest, lm)
             if hit:
                 report.cached += 1
             else:
