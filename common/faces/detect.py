@@ -7,7 +7,8 @@ backends are dlib's (`dlib-bin`, Boost Software License) with models shipped ins
 runs the HOG frontal detector and, only where it finds no face, dlib's MMOD CNN detector on the
 photo scaled down to CNN_MAX_SIDE (HOG misses turned faces: 40 of View 2's 7,701 images, all of
 which the CNN finds; bench/faces.py); `dlib-hog` is HOG alone (what checkpoints before the CNN
-stage were evaluated with). Both place the 5-point shape predictor in the detected box. dlib's 5 points are the four eye corners and the nose base, not ArcFace's points; they are
+stage were evaluated with). Both place the 5-point shape predictor in the detected box. dlib's 5
+points are the four eye corners and the nose base, not ArcFace's points; they are
 fitted onto DLIB5_TEMPLATE, the mean position of those points in the ArcFace 112x112 frame
 (measured on 1,000 LFW peopleDevTrain faces, disjoint from the test pairs), and the returned
 ArcFace-order landmarks are the ArcFace template mapped back through that fit, so that
@@ -106,9 +107,9 @@ class DlibDetector:
 
     name = "dlib-hog1-mmod320-sp5-v2"
     cnn_fallback = True
-    # Where the HOG-only backend found a face, this one gives the same landmarks (the CNN runs only
-    # on HOG misses), so a landmarks cache of public images filled by it can be reused.
-    same_faces_as: str | None = "dlib-hog1-sp5-v1"
+    # The backend (by name) whose found faces this one finds too, with the same landmarks: HOG alone,
+    # as the CNN runs only on HOG's misses; a landmarks cache that one filled is reused (set below).
+    same_faces_as: str | None = None
 
     def __init__(self, upsample: int = 1, max_side: int = DETECT_MAX_SIDE):
         models = _package_dir("face_recognition_models") / "models"
@@ -170,6 +171,7 @@ class DlibHogDetector(DlibDetector):
     same_faces_as = None
 
 
+DlibDetector.same_faces_as = DlibHogDetector.name
 BACKENDS: dict[str, Callable[[], Detector]] = {"dlib": DlibDetector, "dlib-hog": DlibHogDetector}
 _built: dict[str, Detector] = {}
 _build_lock = threading.Lock()
