@@ -58,7 +58,7 @@ bench: check-data install
 
 # Docker: build the images, run docker/compose.yml (server, 3 sites, 9 share holders), one round, a
 # forget + unlearn + receipt check, a scan of every container; then tear down and prune (docker/smoke.py,
-# about 10 min on 2 cores). Uses a running engine (docker info), else starts ../shared/tools/docker-engine
+# about 13 min on 2 cores). Uses a running engine (docker info), else starts ../shared/tools/docker-engine
 # through docker/engine.sh (overlay2 storage where overlayfs mounts, else vfs), with its local torch CPU
 # wheel, and stops it again afterwards unless DOCKER_KEEP_ENGINE=1.
 # DOCKER_TEST_ARGS: e.g. --keep-images for faster reruns.

@@ -112,9 +112,7 @@ def main() -> None:
             runs.append((f"View 2 pairs.txt, aligned ({b})", "pairs.txt", "aligned", b))
     for name, pairs, pre, backend in runs:
         t = time.perf_counter()
-        if backend:
-            os.environ["FACEFED_ALIGNER"] = backend
-        cache = EvalCache(lfw, pairs, flip=True, preprocess=pre)
+        cache = EvalCache(lfw, pairs, flip=True, preprocess=pre, backend=backend)
         r = cache.evaluate(model)
         say(row(name, r) + f"  <!-- {time.perf_counter() - t:.0f} s -->")
         if r.fallbacks:

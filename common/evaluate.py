@@ -201,9 +201,11 @@ class EvalCache:
         max_pairs: int | None = None,
         preprocess: str = "aligned",
         device: str | torch.device = "cpu",
+        backend: str | None = None,
     ):
         """`max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
-        look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop".
+        look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop";
+        `backend`: the face detector for "aligned" (default $FACEFED_ALIGNER or dlib).
         `device` runs the model there (auto: cuda when available); images and features stay on the CPU."""
         from facefed.common.device import resolve_device
 
@@ -231,18 +233,18 @@ class EvalCache:
         if preprocess == "fixed-crop":
             self.images = decode_faces([data[k] for k in self.keys], threads=threads, crop=FIXED_CROP_FALLBACK)
         else:
-            self.images = self._aligned(data)
+            self.images = self._aligned(data, backend)
         self.folds = folds_of(self.pair_folds)
         self.same = torch.tensor([p.same for p in self.pairs])
         self.ia = torch.tensor([self.index[p.a] for p in self.pairs])
         self.ib = torch.tensor([self.index[p.b] for p in self.pairs])
         self._feats: tuple[str, torch.Tensor] | None = None
 
-    def _aligned(self, data: dict[ImageKey, bytes]) -> torch.Tensor:
+    def _aligned(self, data: dict[ImageKey, bytes], backend: str | None) -> torch.Tensor:
         from facefed.common.faces.lfw import align_public
 
         out = torch.empty((len(self.keys), 3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8)
-        for key, image, face in align_public((k, data[k]) for k in self.keys):
+        for key, image, face in align_public(((k, data[k]) for k in self.keys), backend=backend):
             if face is None:  # no detection: the fixed crop of the deep-funneled frame, reported
                 face = image.crop(FIXED_CROP_FALLBACK).resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
                 self.fallbacks.append(key.relpath)
