@@ -113,21 +113,25 @@ class Coordinator:
             except (KeyboardInterrupt, SystemExit) as e:
                 # The SuperLink is going away (Ctrl-C, SIGTERM, or its death noticed by Flower's parent
                 # monitor): the run is resumable from its last committed round.
-                self.ledger.set_run_status(
-                    current.run_id,
-                    "stopped",
-                    f"interrupted ({type(e).__name__}); `facefed-server train` with the same config resumes it",
-                )
-                self.ledger.end_attempt(current.run_id, self.flwr_run_id, "interrupted")
+                detail = f"interrupted ({type(e).__name__}); `facefed-server train` with the same config resumes it"
+                self._end_attempt(current.run_id, "stopped", detail, "interrupted")
                 raise
             except BaseException as e:
                 detail = f"{type(e).__name__}: {e}"
-                self.ledger.set_run_status(current.run_id, "failed", detail)
-                self.ledger.end_attempt(current.run_id, self.flwr_run_id, f"failed: {detail}")
+                self._end_attempt(current.run_id, "failed", detail, f"failed: {detail}")
                 raise
             self.ledger.set_run_status(current.run_id, "completed")
             self.ledger.end_attempt(current.run_id, self.flwr_run_id, "completed")
             self.log(f"[facefed] run {current.run_id} completed")
+
+    def _end_attempt(self, run_id: str, status: str, detail: str, outcome: str) -> None:
+        """Record how this attempt ended, and set the run's status only while this attempt is the
+        run's latest: a ServerApp that a crashed server left behind may end after the one that resumed
+        the run has started, and must not mark that one's run stopped."""
+        attempts = self.ledger.attempts(run_id)
+        if not attempts or str(attempts[-1]["flwr_run_id"]) == self.flwr_run_id:
+            self.ledger.set_run_status(run_id, status, detail)
+        self.ledger.end_attempt(run_id, self.flwr_run_id, outcome)
 
     def run_unlearn(self) -> None:
         """`facefed-server unlearn`: collect requests, replay what they taint, deliver receipts."""

@@ -23,6 +23,8 @@ from facefed.common.accountant import SiteAccountant
 from facefed.common.model.heads import MarginHead
 from facefed.common.model.mobilefacenet import load_checkpoint, sha256_file, shared_state
 from facefed.server.ledger.db import Ledger
+from facefed.server.ops.stale import find_stale
+from facefed.server.state import StatePaths
 
 pytestmark = pytest.mark.slow
 SITES = ["north", "south", "east"]
@@ -77,11 +79,14 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
         assert time.monotonic() < deadline, fed.procs["server"].output()[-3000:]
         assert follower.alive(), follower.output()
         time.sleep(1)
-    # Crash: the SuperLink, its ServerApp and everything in their process group die at once.
+    # Crash: the SuperLink and everything in its process group die at once. Flower's SuperExec and the
+    # ServerApp run in a session of their own, so they outlive it; the next `start` stops them.
+    old_runtime = StatePaths(fed.state).server_info().address
     fed.procs["server"].stop(signal.SIGKILL)
     follower.stop()
     fed.procs["node-east"].stop()  # and one site goes away for good
     fed.start_server()
+    assert find_stale(old_runtime) == []
     fed.wait_online(2, timeout=120)
     res = fed.train(cfg, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -97,7 +102,14 @@ def test_two_rounds_survive_a_server_crash_and_a_site_dropout(fed, tmp_path):
         assert r1.participants == sorted(SITES) and r1.missing == []
         assert r2.participants == ["north", "south"] and r2.missing == ["east"]
         assert next(s for s in r2.sites if s.site == "east").status == "missing"
-        assert len({r1.flwr_run_id, r2.flwr_run_id}) == 2 and len(ledger.attempts(run.run_id)) == 2
+        attempts = ledger.attempts(run.run_id)
+        assert len({r1.flwr_run_id, r2.flwr_run_id}) == 2 and len(attempts) == 2
+        # The killed attempt's end is recorded: by its ServerApp (interrupted) or by the one that resumed.
+        assert (
+            attempts[0]["outcome"]
+            in ("interrupted", f"killed without recording its end; Flower run {r2.flwr_run_id} resumed the run")
+            and attempts[1]["outcome"] == "completed"
+        )
 
         # Checkpoints: on disk with the recorded sha256, each round's parent is the previous round.
         chain = ledger.lineage(r2.checkpoint_id)

@@ -624,7 +624,18 @@ class Ledger:
             )
 
     def add_attempt(self, run_id: str, flwr_run_id: str) -> None:
+        """A new attempt (the caller holds the run's lock, so no earlier attempt is still working): one
+        that never recorded its end was killed without a word (SIGKILL, or Flower's forced exit)."""
         with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET ended_at = ?, outcome = ? WHERE run_id = ? AND flwr_run_id != ? AND ended_at IS NULL",
+                (
+                    _now(),
+                    f"killed without recording its end; Flower run {flwr_run_id} resumed the run",
+                    run_id,
+                    flwr_run_id,
+                ),
+            )
             db.execute("INSERT OR IGNORE INTO attempts VALUES (?, ?, ?, NULL, NULL)", (run_id, flwr_run_id, _now()))
 
     def end_attempt(self, run_id: str, flwr_run_id: str, outcome: str) -> None:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from facefed.common.durable import atomic_write_bytes
+from facefed.server.ops.stale import stop_stale
 from facefed.server.state import StatePaths
 
 Scope = MutableMapping[str, Any]
@@ -391,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
 
     asyncio.run(both())
     stop.set()
+    # Flower's shutdown terminates its SuperExec but not the ServerApps that one started: they end when
+    # their parent monitor sees it gone, which a SuperExec nobody reaps never is (server/ops/stale.py).
+    stop_stale(f"{config.host}:{config.port}", grace_s=10.0, log=log)
     return 0
 
 

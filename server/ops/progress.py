@@ -95,12 +95,25 @@ def print_round(r: RoundRow, planned: int, ledger: Ledger) -> None:
         typer.secho(worse.line(), fg=typer.colors.YELLOW)
 
 
-def flwr_status(paths: StatePaths, flwr_run: str) -> str | None:
+def _flwr_run(paths: StatePaths, flwr_run: str) -> dict[str, Any] | None:
     try:
         runs = flwr_cli(paths, ["ls", "--run-id", flwr_run], timeout=30).get("runs", [])
     except SuperLinkError:
         return None
-    return str(runs[0].get("status")) if runs else None
+    return dict(runs[0]) if runs else None
+
+
+def flwr_status(paths: StatePaths, flwr_run: str) -> str | None:
+    run = _flwr_run(paths, flwr_run)
+    return str(run.get("status")) if run else None
+
+
+def how_it_ended(paths: StatePaths, flwr_run: str, status: str) -> str:
+    """`finished:failed: ServerApp failed with exception: ...`: Flower's status with its details (the
+    ServerApp's exception, or "No heartbeat received"), so the operator reads why without `flwr log`."""
+    run = _flwr_run(paths, flwr_run)
+    details = " ".join(str(run.get("status-details") or "").split()) if run else ""
+    return f"{status}: {details[:600]}" if details else status
 
 
 def _latest_attempt(ledger: Ledger, run_id: str) -> str | None:
@@ -168,7 +181,7 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
                     run = ledger.run(run_id) if run is not None else None
                     if run is None or run.status == "running" or _latest_attempt(ledger, run_id) != flwr_run:
                         typer.secho(
-                            f"the ServerApp ended ({st}) before run {run_id} finished; "
+                            f"the ServerApp ended ({how_it_ended(paths, flwr_run, st)}) before run {run_id} finished; "
                             f"FLWR_HOME={paths.flwr_home} flwr log {flwr_run} shows why; "
                             f"`facefed-server train` with the same config resumes it",
                             fg=typer.colors.RED,
@@ -243,7 +256,7 @@ def follow_unlearn(paths: StatePaths, flwr_run: str, started: float, *, timeout:
                     typer.echo(f"requests still pending: {', '.join(pending)}")
                 if not st.endswith("completed"):
                     typer.secho(
-                        f"the unlearning ServerApp ended ({st}); FLWR_HOME={paths.flwr_home} flwr log "
+                        f"the unlearning ServerApp ended ({how_it_ended(paths, flwr_run, st)}); FLWR_HOME={paths.flwr_home} flwr log "
                         f"{flwr_run} shows why; `facefed-server unlearn` resumes it",
                         fg=typer.colors.RED,
                         err=True,
@@ -274,7 +287,7 @@ def follow_family(paths: StatePaths, family: str, shards: int, flwr_run: str, *,
             st = flwr_status(paths, flwr_run)
             if st and st.startswith("finished"):
                 typer.secho(
-                    f"the ServerApp ended ({st}) before shard {k} started; FLWR_HOME={paths.flwr_home} "
+                    f"the ServerApp ended ({how_it_ended(paths, flwr_run, st)}) before shard {k} started; FLWR_HOME={paths.flwr_home} "
                     f"flwr log {flwr_run} shows why",
                     fg=typer.colors.RED,
                     err=True,

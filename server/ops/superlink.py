@@ -54,6 +54,7 @@ flwr/cli; worth knowing before touching this module):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -67,6 +68,7 @@ from typing import Any
 
 from facefed.common.childproc import flower_env, run_foreground
 from facefed.common.errors import Unavailable
+from facefed.server.ops.stale import stop_stale
 from facefed.server.state import CONNECTION, ServerInfo, StatePaths
 
 TLS_CA, TLS_CERT, TLS_KEY = "ca.crt", "server.crt", "server.key"
@@ -206,6 +208,9 @@ def serve(
 def _serve(paths: StatePaths, *, host: str, port: int, control_port: int, tls: TlsFiles | None, node_auth: bool) -> int:
     if not port_free(host, port):
         raise SuperLinkError(f"port {port} on {host} is already in use: stop the other server or pick another --port")
+    if paths.server_json.is_file():  # a previous server's SuperExec and ServerApps may outlive it
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            stop_stale(paths.server_info().address, log=lambda line: print(f"facefed-server: {line}", flush=True))
     control_port = control_port or free_port(CONTROL_HOST)
     if control_port == port or not port_free(CONTROL_HOST, control_port):
         raise SuperLinkError(f"control port {control_port} on {CONTROL_HOST} is in use: pick another --control-port")
