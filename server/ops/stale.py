@@ -2,11 +2,12 @@
 
 `flower-superlink` starts `flower-superexec` in a session of its own (Flower's
 `get_popen_detach_kwargs`), and that SuperExec starts each run's `flwr-serverapp` in the same
-session. Killing the server (SIGKILL, an OOM kill, a lost container) therefore leaves them running:
-they notice their parent is gone only through Flower's parent monitor, and a ServerApp keeps
-training, writing the ledger and holding its run's lock (server/runs.py) until it does. A
-resumed run whose new ServerApp waits for that lock can fail. So `facefed-server start` stops them
-first, by process group, and says so.
+session. Killing the server (SIGKILL, an OOM kill) does not kill them: they notice their parent is
+gone only through Flower's parent monitor (`kill(pid, 0)`), which a dead parent nobody reaped (a
+zombie, under an init or child subreaper that does not reap) passes forever. Meanwhile a ServerApp
+keeps holding its run's lock (server/runs.py), and the resumed run's new ServerApp fails waiting for
+it. So `facefed-server start` stops them first, by process group, and says so; the SuperLink process
+(server/ops/linkd.py) does the same for its own when it stops.
 
 They are found by what the previous server recorded (STATE/server.json): its Control/Runtime address,
 which every SuperExec and ServerApp of that server was started with (`--runtime-api-address`). The
@@ -69,7 +70,7 @@ def stop_stale(
     if not stale:
         return []
     log(
-        f"stopping {len(stale)} Flower process(es) the previous server left running "
+        f"stopping {len(stale)} Flower process(es) left running by the SuperLink of {runtime_address} "
         f"({', '.join(f'{p.name} pid {p.pid}' for p in stale)})"
     )
     groups = {p.pgid for p in stale}
