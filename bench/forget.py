@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from train import Tee  # noqa: E402
-from train_data import load_eval, load_faces, train_people  # noqa: E402
+from train_data import load_eval, load_faces  # noqa: E402
 
 from facefed.client.training.faces import SiteFaces  # noqa: E402
 from facefed.client.training.trainer import train_local  # noqa: E402
@@ -340,7 +340,7 @@ def main() -> None:
     lfw = LFW()
     pretrained = pretrained_path()
     counts = lfw.counts()
-    names = train_people(lfw)
+    names = lfw.trainable_people()
     faces = load_faces(lfw, names, pretrained, log=log)
     model = build_embedder(pretrained)  # train_from = "features": the recipes' trainable stage
     key = ("prefix", prefix_fingerprint(model))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from train_data import load_eval, load_faces, train_people  # noqa: E402
+from train_data import load_eval, load_faces  # noqa: E402
 
 from facefed.client.training.dprandom import DPRandom
 from facefed.client.training.sampling import PersonSampler  # noqa: E402
@@ -116,16 +116,6 @@ def run_row(name, model, faces, cfg: TrainConfig, evalc, log, seed: int = 0):
     return report, result, time.perf_counter() - t
 
 
-def restrict_pairs(evalc: EvalCache, people: set[str], log) -> None:
-    """Keep the pairs of `evalc` whose two people are both outside `people` (their folds unchanged)."""
-    keep = [i for i, p in enumerate(evalc.pairs) if p.a.name not in people and p.b.name not in people]
-    idx = torch.tensor(keep, dtype=torch.long)
-    log(f"  {evalc.pairs_file}: {len(keep)} of {len(evalc.pairs)} pairs have no training person in them; scoring those")
-    evalc.pairs = [evalc.pairs[i] for i in keep]
-    evalc.folds = [evalc.folds[i] for i in keep]
-    evalc.ia, evalc.ib, evalc.same = evalc.ia[idx], evalc.ib[idx], evalc.same[idx]
-
-
 def fmt_row(name, results, reports=None, train_s=None) -> str:
     """One table row: the mean over seeds (the DP noise and sampling differ per seed), the spread
     over seeds, and for a single result the spread over the 10 folds; `errors`: pairs misclassified at
@@ -178,12 +168,10 @@ def main() -> None:
     lfw = LFW()
     pretrained = pretrained_path()
     model = build_embedder(pretrained)  # train_from = "features", the recipe's trainable stage
-    names = train_people(lfw)
+    names = lfw.trainable_people()
     log("training people: peopleDevTrain with >= 2 images")
     faces = load_faces(lfw, names, pretrained, log=log)
-    evalc = load_eval(lfw, pretrained, args.pairs, log=log)
-    if args.disjoint:
-        restrict_pairs(evalc, set(names), log)
+    evalc = load_eval(lfw, pretrained, args.pairs, log=log, unseen=args.disjoint)
 
     if not args.skip_throughput:
         log("\n1. Throughput: DP-SGD vs non-private SGD (same model, batches and images; frozen prefix cached)")

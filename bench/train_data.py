@@ -26,11 +26,6 @@ CACHE = Path(__file__).resolve().parent.parent / "bench-out" / "cache"
 PREPROCESS = "aligned:dlib-canonical"  # part of the cache keys: fixed-crop features must never be reused
 
 
-def train_people(lfw: LFW, min_images: int = 2) -> list[str]:
-    counts = lfw.counts()
-    return [n for n in lfw.people("peopleDevTrain.txt") if counts[n] >= min_images]
-
-
 def _cached(key: str, compute, what: str, log=print):
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"{key}.pt"
@@ -89,15 +84,25 @@ class MultiEvalCache(EvalCache):
 
 
 def load_eval(
-    lfw: LFW, pretrained, pairs_file: str = "pairsDevTest.txt", stages=("conv_5", "features"), log=print
+    lfw: LFW,
+    pretrained,
+    pairs_file: str = "pairsDevTest.txt",
+    stages=("conv_5", "features"),
+    log=print,
+    *,
+    unseen: bool = False,
 ) -> EvalCache:
-    cache = MultiEvalCache(lfw, pairs_file, flip=True)
+    """`unseen`: only the pairs with no training person (EvalCache)."""
+    cache = MultiEvalCache(lfw, pairs_file, flip=True, unseen=unseen)
     cache.by_prefix = {}
     model = build_embedder(pretrained, train_from=stages[0])
-    key = hashlib.sha256("\n".join([PREPROCESS, prefix_fingerprint(model), pairs_file]).encode()).hexdigest()[:24]
-    feats = _cached(f"eval-{key}", lambda: cache._features(model), f"{pairs_file} prefix features", log)
+    key = "\n".join([PREPROCESS, prefix_fingerprint(model), cache.label])
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
+    feats = _cached(f"eval-{key}", lambda: cache._features(model), f"{cache.label} prefix features", log)
+    if unseen:
+        log(f"  {cache.label}: {len(cache.pairs)} pairs with no training person in them")
     if cache.fallbacks:
-        log(f"  {pairs_file}: {len(cache.fallbacks)} image(s) with no detected face scored through the fixed crop")
+        log(f"  {cache.label}: {len(cache.fallbacks)} image(s) with no detected face scored through the fixed crop")
     cache.by_prefix = {
         prefix_fingerprint(build_embedder(pretrained, train_from=s)): feats
         if s == stages[0]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from train import OUT, Tee  # noqa: E402
-from train_data import load_faces, train_people  # noqa: E402
+from train_data import load_faces  # noqa: E402
 
 from facefed.client.training.faces import SiteFaces  # noqa: E402
 from facefed.client.training.trainer import train_local  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(2)
     log = Tee(OUT / "tune.txt")
     lfw, pretrained = LFW(), pretrained_path()
-    faces = load_faces(lfw, train_people(lfw), pretrained, log=log)
+    faces = load_faces(lfw, lfw.trainable_people(), pretrained, log=log)
     train_ids, val_ids = split_people(faces)
     train, val = faces.subset(train_ids), faces.subset(val_ids)
     ia, ib, same = validation_pairs(val)

@@ -202,8 +202,12 @@ class EvalCache:
         preprocess: str = "aligned",
         device: str | torch.device = "cpu",
         backend: str | None = None,
+        unseen: bool = False,
     ):
-        """`max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
+        """`unseen` keeps only the pairs with no person LFW-built sites train on
+        (`LFW.trainable_people`), in their official folds: the honest test of a model fine-tuned on them
+        with View 2's `pairs.txt` (pairsDevTest's people are disjoint already).
+        `max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
         look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop";
         `backend`: the face detector for "aligned" (default $FACEFED_ALIGNER or dlib).
         `device` runs the model there (auto: cuda when available); images and features stay on the CPU."""
@@ -214,8 +218,14 @@ class EvalCache:
             raise ValueError(f"pairs file must be one of {', '.join(PAIR_FILES)}, got {pairs_file!r}")
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
-        self.pairs_file, self.flip, self.preprocess = pairs_file, flip, preprocess
+        self.pairs_file, self.flip, self.preprocess, self.unseen = pairs_file, flip, preprocess, unseen
+        self.label = f"{pairs_file}, unseen people" if unseen else pairs_file
         self.pair_folds = lfw.pairs(pairs_file)
+        if unseen:
+            seen = set(lfw.trainable_people())
+            self.pair_folds = [
+                [p for p in fold if p.a.name not in seen and p.b.name not in seen] for fold in self.pair_folds
+            ]
         if max_pairs is not None:
             if max_pairs < 20:
                 raise ValueError(
@@ -295,7 +305,7 @@ class EvalCache:
         return (embeddings[self.ia] * embeddings[self.ib]).sum(1)
 
     def _result(self, scores: torch.Tensor) -> EvalResult:
-        r = metrics_from_scores(scores, self.same, self.folds, pairs_file=self.pairs_file, flip=self.flip)
+        r = metrics_from_scores(scores, self.same, self.folds, pairs_file=self.label, flip=self.flip)
         r.preprocess, r.fallbacks = self.preprocess, list(self.fallbacks)
         return r
 

@@ -32,12 +32,22 @@ class EvalConfig(BaseModel):
         "pairsDevTest.txt", description="pairsDevTest's people are disjoint from peopleDevTrain (the sites)"
     )
     every: int = Field(1, ge=0, description="evaluate every N rounds (and always after the last); 0 = never")
+    unseen: bool = Field(
+        False,
+        description="score only the pairs with no person LFW-built sites train on (peopleDevTrain's people "
+        "with >= 2 images), in their official folds: for pairs.txt, whose people overlap the sites'",
+    )
     max_pairs: int | None = Field(
         None,
         ge=20,
         description="a balanced subset of the pairs, for smoke tests only "
         "(not the protocol; leave unset for reported figures)",
     )
+
+    @property
+    def label(self) -> str:
+        """The test set as output names it (EvalCache.label)."""
+        return f"{self.pairs}, unseen people" if self.unseen else self.pairs
 
 
 def _default_eval() -> EvalConfig:

@@ -171,6 +171,9 @@ def partition_people(names: Iterable[str], num_sites: int, *, seed: str = "facef
     return [sorted(s) for s in sites]
 
 
+SITE_MIN_IMAGES = 2  # a site's person has at least this many images (one matched pair)
+
+
 class LFW:
     """An LFW archive (`.tgz`/`.tar.gz`/`.tar`) or extracted tree, opened read-only."""
 
@@ -244,6 +247,11 @@ class LFW:
 
     def pairs(self, fname: str = "pairsDevTest.txt") -> list[list[Pair]]:
         return parse_pairs(self.text(fname))
+
+    def trainable_people(self) -> list[str]:
+        """The people LFW-built sites train on (the demo's, the benchmarks'): peopleDevTrain's people
+        with at least SITE_MIN_IMAGES images. View 2 pairs with none of them are pairs of unseen people."""
+        return [n for n in self.people("peopleDevTrain.txt") if self._counts.get(n, 0) >= SITE_MIN_IMAGES]
 
     # -- image bytes ---------------------------------------------------------------------------
     def iter_images(self, keys: Iterable[ImageKey]) -> Iterator[tuple[ImageKey, bytes]]:

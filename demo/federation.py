@@ -1,14 +1,16 @@
 """The federated part of `make demo`: three sites, one server, real processes, TLS, node authentication.
 
-    python demo/federation.py [--workdir demo-state/federation] [--rounds 3] [--people 40]
+    python demo/federation.py [--workdir demo-state/federation] [--config configs/federation.toml] [--people N]
 
 What it does, step by step (each step is the CLI a real operator or site would run):
-1. three site vaults from disjoint LFW peopleDevTrain people (Shamir 2-of-3 over three store dirs);
+1. three site vaults from disjoint LFW peopleDevTrain people (all 1,184 with >= 2 images, ~395 per site:
+   sites of 40 people cannot move the model, bench/small_sites.py), Shamir 2-of-3 over three store dirs;
 2. `facefed-server certs`, `facefed-client keygen` per site, `facefed-server start` (TLS + node auth),
    `facefed-server sites register` per site;
 3. `facefed-client start` per site (a Flower SuperNode each, on 127.0.0.1);
 4. `facefed-server train` with configs/federation.toml: per-person DP-SGD at the sites, backbone-only
-   FedAvg at the server, LFW pairsDevTest accuracy and each site's epsilon printed per round;
+   FedAvg at the server, LFW accuracy (View 2, pairs of people no site holds) and each site's epsilon
+   printed per round;
 5. `facefed-server status`, then every process is stopped by its PID.
 
 The module doubles as the harness the federation tests and bench/federation.py drive (`Federation`,
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from facefed.common.lfw import LFW, partition_people  # noqa: E402
+from facefed.common.lfw import LFW, SITE_MIN_IMAGES, partition_people  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SERVER, CLIENT = str(BIN / "facefed-server"), str(BIN / "facefed-client")
@@ -56,11 +58,14 @@ def wait_port(port: int, timeout: float = 60.0) -> bool:
     return False
 
 
-def pick_people(lfw: LFW, sites: int, per_site: int, *, min_images: int = 4) -> list[list[str]]:
-    """Disjoint people per site from peopleDevTrain (>= min_images each): the deployment's own split."""
+def pick_people(lfw: LFW, sites: int, per_site: int | None, *, min_images: int = 4) -> list[list[str]]:
+    """Disjoint people per site from peopleDevTrain (>= min_images each): the deployment's own split;
+    `per_site` None gives every such person to some site."""
     counts = lfw.counts()
     names = [n for n in lfw.people("peopleDevTrain.txt") if counts.get(n, 0) >= min_images]
     parts = partition_people(names, sites)
+    if per_site is None:
+        return parts
     if any(len(p) < per_site for p in parts):
         raise ValueError(f"peopleDevTrain has too few people with >= {min_images} images for {sites} x {per_site}")
     return [p[:per_site] for p in parts]
@@ -368,6 +373,14 @@ def files_mentioning(root: Path, *needles: str) -> list[str]:
     return found
 
 
+def test_set(config: Path) -> str:
+    """The test pairs a federation config evaluates on, as output names them."""
+    from facefed.common.config import load_config
+    from facefed.common.fedconfig import FederationConfig
+
+    return load_config(config, FederationConfig).evaluate.label
+
+
 def accuracy_by_round(state: Path) -> str:
     """One line: the latest run's LFW accuracy and AUC before training and after every committed round."""
     from facefed.server.ledger.db import Ledger
@@ -400,7 +413,12 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=ROOT / "demo-state" / "federation")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "federation.toml")
-    ap.add_argument("--people", type=int, default=40, help="people per site")
+    ap.add_argument(
+        "--people",
+        type=int,
+        default=None,
+        help="people per site (default: all peopleDevTrain people with >= 2 images, ~395 per site)",
+    )
     ap.add_argument("--max-images", type=int, default=8, help="images per person in the vaults")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per site (3 sites share the cores)")
     args = ap.parse_args(argv)
@@ -416,13 +434,17 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
     t0 = time.monotonic()
     lfw = LFW()
     fed = Federation(args.workdir, sites, threads=args.threads)
+    split = pick_people(lfw, len(sites), args.people, min_images=SITE_MIN_IMAGES)
     print(
-        f"[demo] building 3 site vaults ({args.people} disjoint peopleDevTrain people each, "
-        f"<= {args.max_images} images, detected + aligned into canonical crops, Shamir 2-of-3)",
+        f"[demo] building 3 site vaults ({' / '.join(str(len(n)) for n in split)} disjoint peopleDevTrain people, "
+        f"<= {args.max_images} images each, detected + aligned into canonical crops, Shamir 2-of-3; "
+        f"a few minutes the first time, then the landmarks are cached)",
         flush=True,
     )
-    for site, names in zip(sites, pick_people(lfw, len(sites), args.people)):
+    for site, names in zip(sites, split):
+        t_site = time.monotonic()
         build_vault(lfw, names, fed.site_dir(site), max_images=args.max_images)
+        print(f"[demo]   {site}: {len(names)} people in {time.monotonic() - t_site:.0f} s", flush=True)
     print(
         f"[demo] server on {fed.address} with TLS and node authentication; registering {', '.join(sites)}", flush=True
     )
@@ -447,7 +469,7 @@ def main(argv: list[str] | None = None, after: Callable[[Federation], int] | Non
                 proc.terminate()
                 proc.wait(30)
         print(fed.status(), flush=True)
-        print(f"[demo] LFW pairsDevTest (aligned) per round: {accuracy_by_round(fed.state)}", flush=True)
+        print(f"[demo] LFW {test_set(args.config)} (aligned) per round: {accuracy_by_round(fed.state)}", flush=True)
         print(
             f"[demo] federation done in {time.monotonic() - t0:.0f} s (exit {code}); state in {args.workdir}",
             flush=True,

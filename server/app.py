@@ -23,6 +23,7 @@ from facefed.common.fedconfig import FederationConfig
 from facefed.common.model.mobilefacenet import MobileFaceNet, build_embedder, sha256_file
 from facefed.server.evaluation import Evaluator, Evaluators, evaluate_ensemble, save_roc
 from facefed.server.forget.replay import Unlearning
+from facefed.server.ledger.best import score, score_text
 from facefed.server.ledger.checkpoints import CheckpointStore
 from facefed.server.ledger.db import Ledger
 from facefed.server.ops.submission import Submission, read_submission
@@ -196,12 +197,15 @@ class Coordinator:
         self.log(f"[facefed] new run {ctx.run_id}: {cfg.rounds} rounds, base {base.checkpoint_id}")
         evaluator = self.evaluators.for_config(cfg)
         if evaluator is not None:
-            self.paths.write_phase(f"evaluating the base model on LFW {cfg.evaluate.pairs} (decoding the images first)")
+            self.paths.write_phase(f"evaluating the base model on LFW {cfg.evaluate.label} (decoding the images first)")
             metrics = evaluator(model) | val_metrics
             save_roc(evaluator, base.path)
             self.ledger.set_base_metrics(ctx.run_id, metrics)  # a candidate for the run's best model
-            val = f", validation {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""
-            self.log(f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}{val}")
+            val = score(metrics)
+            self.log(
+                f"[facefed] base model: LFW accuracy {metrics['lfw_accuracy']:.4f}"
+                + (f", validation {score_text(val)}" if val is not None else "")
+            )
         return ctx
 
 

@@ -39,8 +39,8 @@ class Evaluator:
     `max_pairs` (smoke runs) if fewer; the stored threshold says how many it rests on.
     Its images are aligned once per process (and their landmarks cached across processes)."""
 
-    def __init__(self, lfw_path: str | None, pairs: str, max_pairs: int | None = None):
-        self.lfw_path, self.pairs, self.max_pairs = lfw_path, pairs, max_pairs
+    def __init__(self, lfw_path: str | None, pairs: str, max_pairs: int | None = None, unseen: bool = False):
+        self.lfw_path, self.pairs, self.max_pairs, self.unseen = lfw_path, pairs, max_pairs, unseen
         self._cache: Any = None
         self._validation: Any = None
         self.last_roc: dict[str, Any] | None = None  # the last evaluation's ROC (saved beside the checkpoint)
@@ -73,12 +73,14 @@ class Evaluator:
 
         t = time.monotonic()
         if self._cache is None:
-            self._cache = EvalCache(LFW(self.lfw_path), self.pairs, flip=PROTOCOL_FLIP, max_pairs=self.max_pairs)
+            self._cache = EvalCache(
+                LFW(self.lfw_path), self.pairs, flip=PROTOCOL_FLIP, max_pairs=self.max_pairs, unseen=self.unseen
+            )
         c = self._cache
         scores = c.scores(c.embeddings(model))
         res = metrics_from_scores(scores, c.same, c.folds, pairs_file=c.pairs_file, flip=c.flip)
         self.last_roc = {
-            "pairs": c.pairs_file,
+            "pairs": c.label,
             "n_pairs": res.n_pairs,
             "flip": c.flip,
             "accuracy": res.accuracy_mean,
@@ -100,7 +102,7 @@ class Evaluators:
 
     def __init__(self, lfw: str | None, injected: EvalFn | None = None):
         self.lfw, self.injected = lfw, injected
-        self._made: dict[tuple[str, int | None], Evaluator] = {}
+        self._made: dict[tuple[str, int | None, bool], Evaluator] = {}
 
     def for_config(self, cfg: FederationConfig) -> EvalFn | None:
         if self.injected is not None:
@@ -108,9 +110,9 @@ class Evaluators:
         ev = cfg.evaluate
         if not ev.every:
             return None
-        key = (ev.pairs, ev.max_pairs)
+        key = (ev.pairs, ev.max_pairs, ev.unseen)
         if key not in self._made:
-            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.max_pairs)
+            self._made[key] = Evaluator(self.lfw, ev.pairs, ev.max_pairs, ev.unseen)
         return self._made[key]
 
     def validator_for(self, cfg: FederationConfig) -> ValidateFn | None:
@@ -160,7 +162,7 @@ def evaluate_ensemble(
 
     heads = [ledger.best(r.run_id) or ledger.head(r.run_id)[1] for r in live]
     ev = cfg.evaluate
-    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=PROTOCOL_FLIP, max_pairs=ev.max_pairs)
+    cache = EvalCache(LFW(evaluators.lfw), ev.pairs, flip=PROTOCOL_FLIP, max_pairs=ev.max_pairs, unseen=ev.unseen)
     res = cache.evaluate_ensemble([store.load(h)[0] for h in heads])
     metrics = {
         "lfw_accuracy": float(res.accuracy_mean),

@@ -381,7 +381,7 @@ class RoundRunner:
         validator = self.evaluators.validator_for(cfg)
         eval_metrics: dict[str, float] = {}
         if evaluator is not None and due:
-            self.phase(f"{where}: evaluating the new model on LFW {cfg.evaluate.pairs}")
+            self.phase(f"{where}: evaluating the new model on LFW {cfg.evaluate.label}")
             eval_metrics = evaluator(new_model)
         meta: dict[str, Any] = {"participants": participants, "weighting": cfg.weighting}
         if validator is not None and due:

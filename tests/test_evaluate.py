@@ -106,3 +106,37 @@ def test_cli_evaluate_json(pretrained_file, lfw_file):
     assert set(data["tar_at_far"]) == {"0.01", "0.001"} and data["tar_at_far"]["0.01"]["n_impostor"] == 20
     bad = subprocess.run(cmd[:-3] + ["--pairs", "pairsDevTrain.txt"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "training people" in bad.stderr
+
+
+def test_unseen_view2_pairs_hold_no_person_a_site_trains_on(lfw, model):
+    """`unseen`: View 2's pairs.txt without every pair that holds a trainable person (peopleDevTrain
+    with >= 2 images), each remaining pair in its official fold; the protocol runs on what is left."""
+    trainable = set(lfw.trainable_people())
+    counts = lfw.counts()
+    assert trainable and all(counts[n] >= 2 for n in trainable)
+    assert trainable <= set(lfw.people("peopleDevTrain.txt"))
+    official = lfw.pairs("pairs.txt")
+    cache = EvalCache(lfw, "pairs.txt", unseen=True, max_pairs=40)
+    assert cache.label == "pairs.txt, unseen people" and len(cache.pairs) == 40
+    assert all(p.a.name not in trainable and p.b.name not in trainable for p in cache.pairs)
+    fold_of = {(p.a, p.b, p.same): f for f, fold in enumerate(official) for p in fold}
+    assert [fold_of[(p.a, p.b, p.same)] for p in cache.pairs] == cache.folds and set(cache.folds) == set(range(10))
+    # Without `unseen`, the same subset is full of training people: the filter is what removes them.
+    plain = EvalCache(lfw, "pairs.txt", max_pairs=40)
+    assert any(p.a.name in trainable or p.b.name in trainable for p in plain.pairs)
+    result = cache.evaluate(model)
+    assert result.pairs_file == "pairs.txt, unseen people" and result.n_pairs == 40 and result.auc > 0.9
+
+
+def test_the_server_evaluates_the_configured_unseen_pairs(lfw_file, model):
+    """`[evaluate] unseen = true` reaches the server's per-round evaluation and its ROC file's name."""
+    from facefed.common.fedconfig import FederationConfig
+    from facefed.server.evaluation import Evaluators
+
+    evaluate_cfg = {"pairs": "pairs.txt", "unseen": True, "max_pairs": 40}
+    cfg = FederationConfig.model_validate({"train": {"noise_multiplier": 1.0}, "evaluate": evaluate_cfg})
+    evaluate = Evaluators(str(lfw_file)).for_config(cfg)
+    assert evaluate is not None and cfg.evaluate.label == "pairs.txt, unseen people"
+    metrics = evaluate(model)
+    assert metrics["lfw_pairs"] == 40 and metrics["lfw_auc"] > 0.9
+    assert evaluate.last_roc["pairs"] == "pairs.txt, unseen people"  # type: ignore[attr-defined]

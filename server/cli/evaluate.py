@@ -82,6 +82,14 @@ def evaluate(
     pairs: Annotated[
         str, typer.Option("--pairs", help="pairsDevTest.txt (View 1 test) or pairs.txt (View 2, 10 folds)")
     ] = "pairsDevTest.txt",
+    unseen: Annotated[
+        bool,
+        typer.Option(
+            "--unseen",
+            help="only the pairs with no person LFW-built sites train on (peopleDevTrain's people with >= 2 "
+            "images; official folds): the honest View 2 figure for a model trained on them",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of the table")] = False,
     max_pairs: Annotated[
         int | None,
@@ -126,7 +134,13 @@ def evaluate(
         where = lfw_path(lfw or recorded.get("lfw"), how="pass --lfw PATH (or --state of a server that trained)")
         _say(f"reading {pairs} from {where}, detecting and aligning its faces ({preprocess}) ...")
         cache = EvalCache(
-            LFW(where), pairs, flip=PROTOCOL_FLIP, max_pairs=max_pairs, preprocess=preprocess, device=device
+            LFW(where),
+            pairs,
+            flip=PROTOCOL_FLIP,
+            max_pairs=max_pairs,
+            preprocess=preprocess,
+            device=device,
+            unseen=unseen,
         )
     except (DataNotFound, LFWFormatError, FacefedError) as e:
         fail(str(e))
@@ -148,7 +162,7 @@ def evaluate(
             }
         )
         return
-    table = Table(title=f"LFW {pairs}{' (subset)' if max_pairs else ''}: {name}")
+    table = Table(title=f"LFW {cache.label}{' (subset)' if max_pairs else ''}: {name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("note")

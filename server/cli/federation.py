@@ -387,7 +387,9 @@ def _acc_text(base: float | None, acc: float | None) -> str:
 def _best_text(r: dict[str, Any]) -> str:
     if not r["best"]:
         return "-"
-    return r["best"] + (f" ({r['best_val_accuracy']:.4f})" if r["best_val_accuracy"] is not None else "")
+    if r["best_val_accuracy"] is None:
+        return r["best"]
+    return f"{r['best']} (AUC {r['best_val_auc']:.4f}, {r['best_val_accuracy']:.4f})"
 
 
 def runs_rows(ledger: Ledger) -> list[dict[str, Any]]:
@@ -414,7 +416,8 @@ def runs_rows(ledger: Ledger) -> list[dict[str, Any]]:
                 "accuracy": last.metrics["lfw_accuracy"] if last else None,
                 "model": done[-1].checkpoint_id if done else r.base_checkpoint,
                 "best": best.checkpoint_id if best else None,
-                "best_val_accuracy": best_score[0] if best_score else None,
+                "best_val_auc": best_score[0] if best_score else None,
+                "best_val_accuracy": best_score[1] if best_score else None,
                 "flwr_run": str(attempts[-1]["flwr_run_id"]) if attempts else None,
                 "detail": r.detail,
             }
@@ -510,7 +513,7 @@ def print_status(doc: dict[str, Any]) -> None:
     console.print(t)
     if doc["run"]:
         t = Table(title=f"rounds of {doc['run']}")
-        cols = ("round", "try", "status", "ended", "sites", "missing", "LFW acc", "val acc", "epsilon per site")
+        cols = ("round", "try", "status", "ended", "sites", "missing", "LFW acc", "val AUC, acc", "epsilon per site")
         for col in (*cols, "checkpoint"):
             t.add_column(col)
         for rr in doc["rounds"]:
@@ -527,7 +530,7 @@ def print_status(doc: dict[str, Any]) -> None:
                 ", ".join(rr["participants"]) or "-",
                 ", ".join(rr["missing"]) or "-",
                 f"{rr['accuracy']:.4f}" if rr["accuracy"] is not None else "-",
-                (f"{rr['val_accuracy']:.4f}" if rr["val_accuracy"] is not None else "-")
+                (f"{rr['val_auc'] or 0:.4f}, {rr['val_accuracy']:.4f}" if rr["val_accuracy"] is not None else "-")
                 + (" (worse)" if rr["worse_than"] else ""),
                 eps or "-",
                 (rr["checkpoint"] or "-") + (" (best)" if rr["best"] else ""),

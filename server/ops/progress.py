@@ -14,6 +14,7 @@ from typing import Any
 import tomli_w
 import typer
 
+from facefed.server.ledger.best import score, score_text
 from facefed.server.ledger.db import Ledger, LedgerError, RoundRow, refusal_line
 from facefed.server.ops.flwr_app import write_app_dir
 from facefed.server.ops.superlink import SuperLinkError, flwr_cli
@@ -76,14 +77,14 @@ def print_round(r: RoundRow, planned: int, ledger: Ledger) -> None:
             fg=typer.colors.YELLOW,
         )
         return
-    acc, val = r.metrics.get("lfw_accuracy"), r.metrics.get("val_accuracy")
+    acc, val = r.metrics.get("lfw_accuracy"), score(r.metrics)
     eps = ", ".join(
         f"{s.site} {s.epsilon:.3f}" for s in r.sites if s.status == "ok" and s.epsilon is not None and s.epsilon >= 0
     )
     typer.echo(
         f"round {r.round}/{planned}: "
-        + (f"LFW accuracy {acc:.4f}; " if acc is not None else "")
-        + (f"validation {val:.4f}; " if val is not None else "")
+        + (f"LFW accuracy {acc:.4f} (AUC {r.metrics.get('lfw_auc', 0):.4f}); " if acc is not None else "")
+        + (f"validation {score_text(val)}; " if val is not None else "")
         + (f"epsilon {eps}; " if eps else "")
         + f"sites {', '.join(r.participants)}"
         + (f"; missing {', '.join(r.missing)}" if r.missing else "")
@@ -145,10 +146,11 @@ def follow(paths: StatePaths, run_id: str, flwr_run: str, *, timeout: float = 0.
             if run is not None and run.base_metrics and (0, 0) not in shown:
                 shown.add((0, 0))
                 if not quiet and "lfw_accuracy" in run.base_metrics:
-                    val = run.base_metrics.get("val_accuracy")
+                    val = score(run.base_metrics)
                     typer.echo(
-                        f"round 0 (base model): LFW accuracy {run.base_metrics['lfw_accuracy']:.4f}"
-                        + (f"; validation {val:.4f}" if val is not None else "")
+                        f"round 0 (base model): LFW accuracy {run.base_metrics['lfw_accuracy']:.4f} "
+                        f"(AUC {run.base_metrics.get('lfw_auc', 0):.4f})"
+                        + (f"; validation {score_text(val)}" if val is not None else "")
                     )
             for r in rows:
                 if (r.round, r.attempt) not in shown:
