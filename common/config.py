@@ -170,7 +170,7 @@ class TrainConfig(BaseModel):
                     f"centring on {n_units} {self.privacy_unit}s would be mostly noise (expected noise "
                     f"norm {noise:.2f} > center_clip {self.center_clip:g}); it needs at least "
                     f"{math.ceil(self.center_noise * EMBEDDING_DIM**0.5)} {self.privacy_unit}s at "
-                    f"center_noise {self.center_noise:g}: leave center_noise unset at this site"
+                    f"center_noise {self.center_noise:g}: leave center_noise unset (for a federation, in the server's [train] table)"
                 )
         if self.privacy_unit != "none" and self.delta >= 1.0 / n_units:
             raise ValueError(
