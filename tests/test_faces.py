@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from photo_support import jpeg, raw_photo
 from PIL import Image
 from typer.testing import CliRunner
 from vault_support import make_stores
@@ -56,22 +57,6 @@ def embed(model, faces: list[Image.Image]) -> torch.Tensor:
     x = torch.stack([torch.from_numpy(np.asarray(f, np.uint8).copy()).permute(2, 0, 1) for f in faces])
     with torch.no_grad():
         return F.normalize(model(to_input(x)) + model(to_input(x, flip=True)), dim=1)
-
-
-def raw_photo(face: Image.Image, *, angle: float, scale: float, at: tuple[int, int]) -> Image.Image:
-    """A 640x480 'photo': the LFW image rotated and scaled, pasted off-centre on a textured canvas."""
-    rng = np.random.default_rng(0)
-    canvas = Image.fromarray(rng.integers(90, 160, (480, 640, 3), dtype=np.uint8)).resize((640, 480))
-    img = face.resize((round(250 * scale), round(250 * scale)), Image.Resampling.BICUBIC)
-    img = img.rotate(angle, resample=Image.Resampling.BICUBIC, expand=False, fillcolor=(120, 120, 120))
-    canvas.paste(img, at)
-    return canvas
-
-
-def jpeg(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=92)
-    return buf.getvalue()
 
 
 def test_alignment_puts_the_landmarks_on_the_template(photos):

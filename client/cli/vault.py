@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Protocol
 
 import typer
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from facefed.client.vault import Vault, VaultError
+from facefed.client.vault.errors import InvalidImage
 from facefed.client.vault.sharefile import MAX_IMAGE_BYTES
 from facefed.client.vault.stores.base import StoreError
 from facefed.client.vault.tombstones import tombstoned
@@ -35,6 +36,10 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 IMPORT_BATCH = 32  # images per put_many: one directory fsync per store and one manifest commit each
+LFW_PEOPLE_DEFAULT = "peopleDevTrain.txt"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+# (person id, source name kept in the manifest, full path for messages, canonical crop or None: no face)
+Crop = tuple[str, str, str, bytes | None]
 
 VaultOpt = Annotated[
     Path,
@@ -84,6 +89,15 @@ def init(
 @clean_errors
 def import_(
     vault: VaultOpt,
+    folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            file_okay=False,
+            help="Your own photos: one subfolder per person, named by the person's id, holding JPEG/PNG photos "
+            "of any size. Each photo must show exactly one face; any other is refused and listed.",
+        ),
+    ] = None,
     lfw: Annotated[
         str | None,
         typer.Option("--lfw", help="LFW archive (lfw-deepfunneled.tgz) or extracted tree; default $FACEFED_LFW."),
@@ -91,9 +105,9 @@ def import_(
     people: Annotated[
         str,
         typer.Option("--people", help="LFW people file to take names from, or `all` for every person in the archive."),
-    ] = "peopleDevTrain.txt",
-    site_index: Annotated[int, typer.Option("--site-index", help="This site's index, 0..num-sites-1.")] = 0,
-    num_sites: Annotated[int, typer.Option("--num-sites", help="Sites the people are split over (disjoint).")] = 1,
+    ] = LFW_PEOPLE_DEFAULT,
+    site_index: Annotated[int, typer.Option("--site-index", help="This site's index, 0..num-sites-1 (LFW).")] = 0,
+    num_sites: Annotated[int, typer.Option("--num-sites", help="Sites the LFW people are split over (disjoint).")] = 1,
     min_images: Annotated[int, typer.Option("--min-images", help="Only people with at least this many images.")] = 1,
     max_people: Annotated[
         int | None,
@@ -106,36 +120,38 @@ def import_(
         ),
     ] = False,
 ) -> None:
-    """Import this site's share of LFW people into the vault (resumable: images already stored are skipped).
+    """Import many people at once: a folder of your own photos (--dir), or this site's share of LFW.
 
-    Each image is detected and aligned (the face nearest the centre, as LFW's protocol has it) and
-    stored as its canonical 224x224 crop; an image with no detectable face is skipped and listed."""
-    if num_sites < 1:
-        fail(f"--num-sites {num_sites}: must be at least 1")
-    if not 0 <= site_index < num_sites:
-        fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
+    Resumable: files already stored are skipped. Each photo is detected and aligned and stored as its
+    canonical 224x224 crop. From --dir a photo must show exactly one face (as `vault add` requires);
+    from LFW the face nearest the centre is taken (LFW's convention) and an image with none is skipped.
+    Files refused are listed with their full path and reason, and the command exits 1."""
     if min_images < 1:
         fail(f"--min-images {min_images}: must be at least 1")
     if max_people is not None and max_people < 1:
         fail(f"--max-people {max_people}: must be at least 1")
-    people_files = [f for f in PROTOCOL_FILES if f.startswith("people")]
-    if people != "all" and people not in people_files:
-        fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
-    dataset = LFW(lfw_path(lfw))
-    counts = dataset.counts()
-    names = list(counts) if people == "all" else list(dict.fromkeys(dataset.people(people)))
-    missing = [n for n in names if n not in counts]
-    if missing:
-        fail(f"{people} lists {len(missing)} people without images in {dataset.path}, e.g. {missing[0]}")
-    names = [n for n in names if counts[n] >= min_images]
-    mine = partition_people(names, num_sites)[site_index]
+    if folder is not None:
+        lfw_options = [
+            name
+            for name, given in (
+                ("--lfw", lfw is not None),
+                ("--people", people != LFW_PEOPLE_DEFAULT),
+                ("--site-index", site_index != 0),
+                ("--num-sites", num_sites != 1),
+            )
+            if given
+        ]
+        if lfw_options:
+            fail(f"--dir imports your own photos; {', '.join(lfw_options)} select LFW people: drop them")
+        source: _ImportSource = _PhotoFolder(folder)
+    else:
+        source = _LfwShare(lfw, people, site_index, num_sites)
+    counts = source.counts()
+    mine = [n for n in counts if counts[n] >= min_images]
     if max_people is not None:
         mine = mine[:max_people]
     if not mine:
-        fail(
-            f"no people left to import (people file {people}, --min-images {min_images}, site {site_index} "
-            f"of {num_sites})"
-        )
+        fail(f"no people left to import ({source.label}, --min-images {min_images})")
     with _open(vault) as v:
         forgotten = set() if allow_reenrol else set(tombstoned(v.path, mine))
         if forgotten:  # a forgotten person stays forgotten when the site re-runs its import
@@ -145,22 +161,16 @@ def import_(
             )
             mine = [n for n in mine if n not in forgotten]
         done = v.sources()
-        keys = [k for name in mine for k in dataset.keys(name) if (name, Path(k.relpath).name) not in done]
+        todo = [(name, f) for name in mine for f in source.files(name) if (name, source.source_name(f)) not in done]
         total = sum(counts[n] for n in mine)
         out.print(
-            f"site {site_index} of {num_sites}: {len(mine)} people, {total} images "
-            f"({total - len(keys)} already in the vault)"
+            f"{source.label}: {len(mine)} people, {total} images ({total - len(todo)} already in the vault)",
+            markup=False,
         )
-        from facefed.common.faces import CANONICAL_MARGIN, encode_canonical
-        from facefed.common.faces.lfw import AlignReport, align_public
-
         started = time.perf_counter()
         batch: list[tuple[str, bytes, str]] = []
         paths: list[str] = []
-        stored, duplicates, refused, skipped, aligned = 0, [], [], [], AlignReport()
-
-        def where(relpath: str) -> str:
-            return f"{dataset.path}/{relpath}" if dataset.path.is_dir() else f"{dataset.path}:{relpath}"
+        stored, duplicates, refused, skipped = 0, [], [], []
 
         def flush() -> None:  # one batch; bad files are reported (full path) and the import goes on
             nonlocal stored
@@ -176,30 +186,21 @@ def import_(
             batch.clear()
             paths.clear()
 
+        def refuse(problem: str) -> None:
+            refused.append(problem)
+            err.print(f"[yellow]skipped {escape(problem)}[/yellow]")
+            progress.advance(task)
+
         columns = (TextColumn("aligning + importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=False) as progress:
-            task = progress.add_task("import", total=len(keys))
-
-            def sound(items: Iterable[tuple[ImageKey, bytes]]) -> Iterator[tuple[ImageKey, bytes]]:
-                """The source files that decode fully; a damaged one is reported by path and skipped."""
-                for key, data in items:
-                    try:
-                        check_image(data, where(key.relpath), aligned=False)
-                    except FacefedError as e:
-                        refused.append(str(e))
-                        err.print(f"[yellow]skipped {escape(str(e))}[/yellow]")
-                        progress.advance(task)
-                        continue
-                    yield key, data
-
-            faces = align_public(sound(dataset.iter_images(keys)), margin=CANONICAL_MARGIN, report=aligned)
-            for key, _, crop in faces:
-                if crop is None:  # no detectable face: skipped, reported below
-                    skipped.append(where(key.relpath))
+            task = progress.add_task("import", total=len(todo))
+            for name, source_name, where, crop in source.crops(todo, refuse):
+                if crop is None:  # LFW image with no detectable face: skipped, reported below
+                    skipped.append(where)
                     progress.advance(task)
                     continue
-                batch.append((key.name, encode_canonical(crop), Path(key.relpath).name))
-                paths.append(where(key.relpath))
+                batch.append((name, crop, source_name))
+                paths.append(where)
                 if len(batch) == IMPORT_BATCH:
                     flush()
             if batch:
@@ -207,13 +208,129 @@ def import_(
         elapsed = time.perf_counter() - started
         rate = f" ({stored / elapsed:.0f} images/s)" if stored and elapsed > 0 else ""
         out.print(f"imported {stored} images of {len(mine)} people in {elapsed:.1f} s{rate}", markup=False)
-        out.print(f"aligned: {aligned.detected} detected, {aligned.cached} from the landmarks cache", markup=False)
+        for line in source.summary():
+            out.print(line, markup=False)
         _print_some("LFW images skipped, no face detected", skipped)
         _print_some("duplicate images skipped", duplicates)
         _print_some("files refused", refused)
         if refused:
             out.print(f"[red]{len(refused)} file(s) were not imported[/red]: fix or remove them, then run it again")
             raise typer.Exit(1)
+
+
+class _ImportSource(Protocol):
+    """Where `vault import` takes people and their photos from."""
+
+    label: str
+
+    def counts(self) -> dict[str, int]: ...  # person -> images, in import order
+    def files(self, person: str) -> list[Any]: ...
+    def source_name(self, file: Any) -> str: ...  # what the manifest keeps, so a re-run skips it
+    def crops(self, todo: list[tuple[str, Any]], refuse: Callable[[str], None]) -> Iterator[Crop]: ...
+    def summary(self) -> list[str]: ...
+
+
+class _PhotoFolder:
+    """A site's own photos: FOLDER/<person id>/<photo>.jpg|png, any size, exactly one face each."""
+
+    def __init__(self, folder: Path) -> None:
+        if not folder.is_dir():
+            fail(f"--dir {folder}: no such directory; give a folder with one subfolder of photos per person")
+        self.folder = folder.absolute()
+        self.label = f"photos in {self.folder}"
+        self.people: dict[str, list[Path]] = {}
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            photos = sorted(f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES)
+            if photos:
+                self.people[sub.name] = photos
+        loose = [f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES]
+        if loose:
+            err.print(
+                f"[yellow]{len(loose)} photo(s) directly in {escape(str(self.folder))} are not imported "
+                f"(e.g. {escape(loose[0])}): put each person's photos in a subfolder named by their id[/yellow]"
+            )
+        if not self.people:
+            fail(f"--dir {self.folder}: no subfolder holds JPEG/PNG photos; lay it out as DIR/<person id>/photo.jpg")
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(files) for name, files in self.people.items()}
+
+    def files(self, person: str) -> list[Path]:
+        return self.people[person]
+
+    def source_name(self, file: Path) -> str:
+        return file.name[:255]  # as `vault add` names it
+
+    def crops(self, todo: list[tuple[str, Path]], refuse: Callable[[str], None]) -> Iterator[Crop]:
+        for name, path in todo:
+            try:
+                crop = photo_crop(path)
+            except FacefedError as e:
+                refuse(str(e))
+                continue
+            yield name, self.source_name(path), str(path.absolute()), crop
+
+    def summary(self) -> list[str]:
+        return []
+
+
+class _LfwShare:
+    """This site's disjoint share of the people of an LFW people file; the central face of each image."""
+
+    def __init__(self, lfw: str | None, people: str, site_index: int, num_sites: int) -> None:
+        from facefed.common.faces.lfw import AlignReport
+
+        if num_sites < 1:
+            fail(f"--num-sites {num_sites}: must be at least 1")
+        if not 0 <= site_index < num_sites:
+            fail(f"--site-index {site_index}: must be in 0..{num_sites - 1} for --num-sites {num_sites}")
+        people_files = [f for f in PROTOCOL_FILES if f.startswith("people")]
+        if people != "all" and people not in people_files:
+            fail(f"--people {people!r}: use one of {', '.join(people_files)}, or `all`")
+        self.dataset = LFW(lfw_path(lfw))
+        self._counts = self.dataset.counts()
+        names = list(self._counts) if people == "all" else list(dict.fromkeys(self.dataset.people(people)))
+        missing = [n for n in names if n not in self._counts]
+        if missing:
+            fail(f"{people} lists {len(missing)} people without images in {self.dataset.path}, e.g. {missing[0]}")
+        self.names = partition_people(names, num_sites)[site_index]
+        self.label = f"LFW {people}, site {site_index} of {num_sites}"
+        self.aligned = AlignReport()
+
+    def counts(self) -> dict[str, int]:
+        return {n: self._counts[n] for n in self.names}
+
+    def files(self, person: str) -> list[ImageKey]:
+        return self.dataset.keys(person)
+
+    def source_name(self, file: ImageKey) -> str:
+        return Path(file.relpath).name
+
+    def where(self, key: ImageKey) -> str:
+        path = self.dataset.path
+        return f"{path}/{key.relpath}" if path.is_dir() else f"{path}:{key.relpath}"
+
+    def crops(self, todo: list[tuple[str, ImageKey]], refuse: Callable[[str], None]) -> Iterator[Crop]:
+        from facefed.common.faces import CANONICAL_MARGIN, encode_canonical
+        from facefed.common.faces.lfw import align_public
+
+        def sound(items: Iterable[tuple[ImageKey, bytes]]) -> Iterator[tuple[ImageKey, bytes]]:
+            """The source files that decode fully; a damaged one is reported by path and skipped."""
+            for key, data in items:
+                try:
+                    check_image(data, self.where(key), aligned=False)
+                except FacefedError as e:
+                    refuse(str(e))
+                    continue
+                yield key, data
+
+        keys = [k for _, k in todo]
+        faces = align_public(sound(self.dataset.iter_images(keys)), margin=CANONICAL_MARGIN, report=self.aligned)
+        for key, _, crop in faces:
+            yield key.name, self.source_name(key), self.where(key), None if crop is None else encode_canonical(crop)
+
+    def summary(self) -> list[str]:
+        return [f"aligned: {self.aligned.detected} detected, {self.aligned.cached} from the landmarks cache"]
 
 
 @app.command()
@@ -236,7 +353,7 @@ def add(
     """Add photos of one person (JPEG/PNG, any size). Each must show exactly one face, which is detected,
     aligned and stored as its canonical 224x224 crop. All files are checked first; if any is bad, nothing
     is stored. A photo already stored is skipped (same person) or refused (another person): exit 1."""
-    items = [(person, enrol_file(path), path.name[:255]) for path in images]
+    items = [(person, photo_crop(path), path.name[:255]) for path in images]
     with _open(vault) as v:
         outcomes = v.add_images(items, allow_reenrol=allow_reenrol)
         stored = sum(o.status == "stored" for o in outcomes)
@@ -248,21 +365,19 @@ def add(
             raise typer.Exit(1)
 
 
-def enrol_file(path: Path) -> bytes:
-    """The canonical crop of the one face in the photo at `path`; errors name its full path."""
+def photo_crop(path: Path) -> bytes:
+    """The canonical crop of the one face in the photo at `path`; a FacefedError naming its full path if
+    the file is missing, too large, not a sound JPEG/PNG, or shows no usable face or several."""
     from facefed.common.faces import enrolment_crop
 
     full = str(path.absolute())
     if not path.is_file():
-        fail(f"{full}: no such file")
+        raise InvalidImage(f"{full}: no such file")
     if path.stat().st_size > MAX_IMAGE_BYTES:
-        fail(f"{full}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
+        raise InvalidImage(f"{full}: {path.stat().st_size} bytes is larger than the {MAX_IMAGE_BYTES} byte limit")
     data = path.read_bytes()
     check_image(data, full, aligned=False)
-    try:
-        return enrolment_crop(data, what=full)
-    except FacefedError as e:
-        fail(str(e), e.exit_code)
+    return enrolment_crop(data, what=full)
 
 
 @app.command("ls")
