@@ -26,6 +26,7 @@ per-round evaluation in the federation runs only the trainable tail.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -183,6 +184,41 @@ def metrics_from_scores(
     )
 
 
+# -- which pairs -------------------------------------------------------------------------------
+def select_pairs(
+    lfw: LFW,
+    pairs_file: str,
+    *,
+    unseen: bool = False,
+    without: Collection[str] = (),
+    max_pairs: int | None = None,
+) -> list[list[Pair]]:
+    """The pairs an evaluation uses, in their official folds. `unseen` keeps only the pairs with no
+    person LFW-built sites train on (`LFW.trainable_people`): the honest test of a model fine-tuned on
+    them with View 2's `pairs.txt` (pairsDevTest's people are disjoint already). `without` drops the
+    pairs holding any of these people (validation pairs kept apart from the test pairs' people).
+    `max_pairs` then keeps a balanced subset (first matched and mismatched of each fold): a quick look
+    for tests and smoke runs, not the protocol."""
+    drop = set(without) | (set(lfw.trainable_people()) if unseen else set())
+    folds = [[p for p in fold if p.a.name not in drop and p.b.name not in drop] for fold in lfw.pairs(pairs_file)]
+    if max_pairs is not None:
+        if max_pairs < 20:
+            raise ValueError(f"max_pairs must be >= 20 (10 folds of a matched and a mismatched pair), got {max_pairs}")
+        k = max_pairs // (2 * len(folds))
+        folds = [[p for p in fold if p.same][:k] + [p for p in fold if not p.same][:k] for fold in folds]
+    return folds
+
+
+def people_of(folds: list[list[Pair]]) -> set[str]:
+    return {name for fold in folds for p in fold for name in (p.a.name, p.b.name)}
+
+
+def pairs_label(pairs_file: str, *, unseen: bool = False, without_test_people: bool = False) -> str:
+    """How results name their pairs, e.g. "pairs.txt, unseen people"."""
+    unseen_text = ", unseen people" if unseen else ""
+    return pairs_file + unseen_text + (", without the test pairs' people" if without_test_people else "")
+
+
 # -- embeddings --------------------------------------------------------------------------------
 class EvalCache:
     """Decoded evaluation images and frozen-prefix features, computed once, reused per evaluation.
@@ -203,12 +239,10 @@ class EvalCache:
         device: str | torch.device = "cpu",
         backend: str | None = None,
         unseen: bool = False,
+        without: Collection[str] = (),
     ):
-        """`unseen` keeps only the pairs with no person LFW-built sites train on
-        (`LFW.trainable_people`), in their official folds: the honest test of a model fine-tuned on them
-        with View 2's `pairs.txt` (pairsDevTest's people are disjoint already).
-        `max_pairs` keeps a balanced subset (first matched and mismatched of each fold): a quick
-        look for tests and smoke runs, not the protocol. `preprocess`: "aligned" or "fixed-crop";
+        """The pairs are `select_pairs(lfw, pairs_file, unseen=, without=, max_pairs=)`.
+        `preprocess`: "aligned" or "fixed-crop";
         `backend`: the face detector for "aligned" (default $FACEFED_ALIGNER or dlib).
         `device` runs the model there (auto: cuda when available); images and features stay on the CPU."""
         from facefed.common.device import resolve_device
@@ -219,22 +253,9 @@ class EvalCache:
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
         self.pairs_file, self.flip, self.preprocess, self.unseen = pairs_file, flip, preprocess, unseen
-        self.label = f"{pairs_file}, unseen people" if unseen else pairs_file
-        self.pair_folds = lfw.pairs(pairs_file)
-        if unseen:
-            seen = set(lfw.trainable_people())
-            self.pair_folds = [
-                [p for p in fold if p.a.name not in seen and p.b.name not in seen] for fold in self.pair_folds
-            ]
-        if max_pairs is not None:
-            if max_pairs < 20:
-                raise ValueError(
-                    f"max_pairs must be >= 20 (10 folds of a matched and a mismatched pair), got {max_pairs}"
-                )
-            k = max_pairs // (2 * len(self.pair_folds))
-            self.pair_folds = [
-                [p for p in fold if p.same][:k] + [p for p in fold if not p.same][:k] for fold in self.pair_folds
-            ]
+        self.pair_folds = select_pairs(lfw, pairs_file, unseen=unseen, without=without, max_pairs=max_pairs)
+        dropped = bool(without) and self.pair_folds != select_pairs(lfw, pairs_file, unseen=unseen, max_pairs=max_pairs)
+        self.label = pairs_label(pairs_file, unseen=unseen, without_test_people=dropped)
         self.pairs = [p for fold in self.pair_folds for p in fold]
         self.keys: list[ImageKey] = sorted({k for p in self.pairs for k in (p.a, p.b)})
         self.index = {k: i for i, k in enumerate(self.keys)}

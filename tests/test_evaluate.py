@@ -140,3 +140,27 @@ def test_the_server_evaluates_the_configured_unseen_pairs(lfw_file, model):
     metrics = evaluate(model)
     assert metrics["lfw_pairs"] == 40 and metrics["lfw_auc"] > 0.9
     assert evaluate.last_roc["pairs"] == "pairs.txt, unseen people"  # type: ignore[attr-defined]
+
+
+def test_validation_pairs_hold_no_person_of_the_test_pairs(lfw):
+    """The server's validation pairs (threshold and best checkpoint) are kept apart from the people of
+    the configured test pairs: pairsDevTest's are apart already, View 2's unseen pairs share 671 people
+    with pairsDevTrain (single-image people), all of View 2 leaves too few apart and says so."""
+    from facefed.common.calibration import VALIDATION_MAX_PAIRS, VALIDATION_PAIRS
+    from facefed.common.evaluate import people_of, select_pairs
+    from facefed.server.evaluation import validation_apart
+
+    validation = select_pairs(lfw, VALIDATION_PAIRS, max_pairs=VALIDATION_MAX_PAIRS)
+    for pairs, unseen, shared in (("pairsDevTest.txt", False, 0), ("pairs.txt", True, 671)):
+        test = people_of(select_pairs(lfw, pairs, unseen=unseen))
+        assert len(test & people_of(lfw.pairs(VALIDATION_PAIRS))) == shared  # the overlap as LFW ships it
+        drop, n = validation_apart(lfw, pairs, unseen=unseen, max_pairs=None)
+        assert n == shared and drop == test
+        kept = select_pairs(lfw, VALIDATION_PAIRS, without=drop, max_pairs=VALIDATION_MAX_PAIRS)
+        assert not people_of(kept) & test
+        genuine = sum(p.same for fold in kept for p in fold)
+        impostor = sum(not p.same for fold in kept for p in fold)
+        assert (genuine, impostor) == ((500, 500) if shared == 0 else (500, 405))
+    assert people_of(validation) & people_of(select_pairs(lfw, "pairs.txt", unseen=True))  # what is dropped
+    drop, n = validation_apart(lfw, "pairs.txt", unseen=False, max_pairs=None)
+    assert drop == set() and n > 1000
