@@ -254,8 +254,7 @@ class EvalCache:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
         self.pairs_file, self.flip, self.preprocess, self.unseen = pairs_file, flip, preprocess, unseen
         self.pair_folds = select_pairs(lfw, pairs_file, unseen=unseen, without=without, max_pairs=max_pairs)
-        dropped = bool(without) and self.pair_folds != select_pairs(lfw, pairs_file, unseen=unseen, max_pairs=max_pairs)
-        self.label = pairs_label(pairs_file, unseen=unseen, without_test_people=dropped)
+        self.label = pairs_label(pairs_file, unseen=unseen, without_test_people=bool(without))
         self.pairs = [p for fold in self.pair_folds for p in fold]
         self.keys: list[ImageKey] = sorted({k for p in self.pairs for k in (p.a, p.b)})
         self.index = {k: i for i, k in enumerate(self.keys)}
